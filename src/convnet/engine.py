@@ -1,0 +1,101 @@
+"""Engine: the device and the fast path, decided in one place.
+
+:func:`resolve_device` turns ``auto|cpu|cuda`` into a device once, at the boundary.
+:class:`Engine` says how tensors go through a model on it: memory format, autocast
+precision, batch size for inference. ``Engine.faithful()`` is the tutorial's plain fp32
+NCHW arithmetic; ``Engine.fast(device)`` is what measured fastest there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from convnet.data import to_float
+from convnet.errors import ConvnetError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is ``cuda`` when a GPU is visible, else ``cpu``.
+
+    Raises:
+        ConvnetError: unknown name, or ``cuda`` asked for where none is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConvnetError(f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu")
+        return torch.device(name)
+    raise ConvnetError(f"unknown --device {name!r}; choose one of: {', '.join(DEVICES)}")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How a model computes on a device.
+
+    Attributes:
+        device: where the model, the data set and every batch live.
+        channels_last: NHWC memory format for model and batches (faster convolutions
+            on recent CPUs and on GPUs' tensor cores).
+        autocast: a lower precision for the forward pass (``torch.bfloat16``), or
+            ``None`` for plain fp32.
+        infer_batch_size: images per forward pass when only predicting.
+    """
+
+    device: torch.device
+    channels_last: bool = False
+    autocast: torch.dtype | None = None
+    infer_batch_size: int = 128
+
+    @classmethod
+    def faithful(cls, device: torch.device | None = None) -> Engine:
+        """The tutorial's arithmetic: fp32, NCHW, predictions in batches of 128."""
+        return cls(device or torch.device("cpu"))
+
+    @classmethod
+    def fast(cls, device: torch.device | None = None) -> Engine:
+        """The measured fast path for ``device`` (see ``convnet bench``)."""
+        device = device or torch.device("cpu")
+        if device.type == "cuda":
+            return cls(device, channels_last=True, autocast=torch.bfloat16, infer_batch_size=10_000)
+        return cls(device, channels_last=False, autocast=None, infer_batch_size=1024)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device, in the engine's memory format."""
+        return model.to(device=self.device, memory_format=self.memory_format)
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, C, H, W)`` anywhere -> float in [0, 1] on the device, in the engine's layout."""
+        x = to_float(images.to(self.device, non_blocking=True))
+        return x.contiguous(memory_format=self.memory_format)
+
+    @contextlib.contextmanager
+    def precision(self) -> Iterator[None]:
+        """The forward pass's autocast context (a no-op in fp32)."""
+        if self.autocast is None:
+            yield
+        else:
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                yield
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "device": str(self.device),
+            "channels_last": self.channels_last,
+            "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
+            "infer_batch_size": self.infer_batch_size,
+            "torch_threads": torch.get_num_threads(),
+        }

@@ -1,0 +1,29 @@
+"""The one exception type users see.
+
+Every mistake a user can make (an unknown model name, a missing data set, a broken
+file, a bad flag value) raises :class:`ConvnetError` with a message that names the bad
+value and says what to do. The command line prints that message as one line and exits
+with a non-zero status; anything else escaping is a bug in convnet.
+"""
+
+from __future__ import annotations
+
+
+class ConvnetError(Exception):
+    """A user-facing error: bad input, missing data, an impossible request."""
+
+
+class DataError(ConvnetError):
+    """A data file or data set is missing, unreadable or inconsistent."""
+
+
+class InputError(ConvnetError):
+    """An input given for prediction (image, array, IDX file) cannot be used."""
+
+
+class RunError(ConvnetError):
+    """A run folder is missing, incomplete or inconsistent."""
+
+
+class TrainingDiverged(ConvnetError):
+    """The loss became NaN or infinite."""

@@ -1,0 +1,204 @@
+"""The run folder: everything one training run leaves behind, written atomically.
+
+::
+
+    runs/NAME/
+      config.json          resolved training config, data set, engine, library versions
+      history.json         one record per epoch: loss, accuracy, seconds, images/s
+      model.safetensors    final weights (tensors only: loading them runs no code)
+      checkpoint.safetensors  weights, optimizer state, random states and epoch, for --resume
+      metrics.json         written by `convnet evaluate`
+
+Every file is written to a temporary name in the same folder, flushed to disk and then
+renamed over the old one, so a crash at any moment leaves the previous version whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from convnet.data import Dataset, load_dataset
+from convnet.errors import RunError
+
+CONFIG, HISTORY, WEIGHTS, CHECKPOINT, METRICS = (
+    "config.json", "history.json", "model.safetensors", "checkpoint.safetensors", "metrics.json")
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(file)`` so that it is either old or new, never half."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise RunError(f"cannot write in {path.parent}: {e.strerror or e}; choose another --out") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: not valid JSON ({e}); the run folder is damaged") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors, atomically."""
+    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, lambda f: f.write(blob))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; anything else (a pickle above all) is refused unread."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{path}: not a valid safetensors file ({e}); convnet loads weights only as safetensors") from None
+
+
+def library_versions() -> dict[str, str]:
+    import sklearn
+
+    from convnet import __version__
+
+    return {
+        "convnet": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def new_run_dir(out: str | os.PathLike[str] | None, name: str, root: str | os.PathLike[str] = "runs") -> Path:
+    """``out`` if given (created; must be empty or absent), else ``root/NAME-YYYYmmdd-HHMMSS``."""
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(root) / f"{name}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(root) / f"{name}-{stamp}-{n}"
+    else:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RunError(f"--out {path} already exists and is not empty; choose a new folder or use --resume {path}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {path}: cannot create the run folder ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK):
+        raise RunError(f"--out {path}: folder is not writable")
+    return path
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished (or resumable) run folder, read back."""
+
+    path: Path
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def model_name(self) -> str:
+        return str(self.config["train"]["model"])
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.config["data"]["classes"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.config["data"]["image_shape"]
+        return int(c), int(h), int(w)
+
+
+def open_run(path: str | os.PathLike[str]) -> Run:
+    """Read a run folder's config and history.
+
+    Raises:
+        RunError: not a folder, or its config is missing or damaged.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise RunError(f"{p}: no such run folder")
+    if not (p / CONFIG).is_file():
+        raise RunError(f"{p}: not a run folder (no {CONFIG}); give the folder `convnet train` wrote")
+    config = read_json(p / CONFIG)
+    for key in ("train", "data"):
+        if not isinstance(config, dict) or key not in config:
+            raise RunError(f"{p / CONFIG}: no {key!r} section; the run folder is damaged")
+    history = read_json(p / HISTORY) if (p / HISTORY).is_file() else []
+    return Run(p, config, history)
+
+
+def run_dataset(run: Run, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
+    """The data set a run was trained on (same subset), from ``data_dir`` if given, else
+    from the folder it was read from if that still exists, else found as usual."""
+    data = run.config["data"]
+    if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
+        data_dir = data["source"]
+    return load_dataset(data["name"], data_dir, subset=data.get("subset"))
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights into ``model``, naming what does not fit."""
+    state = load_tensors(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                 "wrong shape for " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                                                 for k in wrong[:3]) if wrong else ""]
+        raise RunError(f"{path}: weights do not fit the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state)
+
+
+def command_line() -> str:
+    return " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))

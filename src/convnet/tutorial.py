@@ -1,0 +1,151 @@
+"""The tutorial's whole story, told with this package: data, model, SGD, predictions and
+scores, Adam, the two side by side, and channels first vs channels last."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch import nn
+
+from convnet.data import Dataset, to_float
+from convnet.engine import Engine
+from convnet.evaluate import Evaluation, evaluate
+from convnet.models import count_parameters, create_model
+from convnet.predict import images_from_array, predict
+from convnet.runs import new_run_dir, write_json
+from convnet.train import ConsolePrinter, TrainConfig, TrainResult, train
+
+SGD = TrainConfig(model="seed", optimizer="sgd", lr=1e-3, epochs=25, batch_size=128, seed=42, shuffle=False)
+ADAM = replace(SGD, optimizer="adam", epochs=15)
+QUICK_SUBSET, QUICK_SGD_EPOCHS, QUICK_ADAM_EPOCHS = 12_000, 5, 3
+
+
+@dataclass
+class TutorialRun:
+    name: str
+    config: TrainConfig
+    result: TrainResult
+    evaluation: Evaluation
+
+
+def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool = False, quick: bool = False,
+                 stream: TextIO | None = None, progress: bool = True) -> list[TutorialRun]:
+    """Run the tutorial end to end, printing as it goes; the two runs go in ``out/sgd``
+    and ``out/adam``.
+
+    Args:
+        dataset: Fashion-MNIST (or any 1-channel 28x28 set).
+        out: a new or empty folder.
+        engine: the device and fast path for both runs.
+        faithful: the tutorial's exact arithmetic (same numbers as the tutorial).
+        quick: a first look: the first 12,000 training images, 5 SGD and 3 Adam epochs.
+    """
+    s = stream or sys.stdout
+
+    def say(text: str = "") -> None:
+        print(text, file=s, flush=True)
+
+    sgd, adam = replace(SGD, faithful=faithful), replace(ADAM, faithful=faithful)
+    if quick:
+        dataset = replace(dataset, train=replace(dataset.train, images=dataset.train.images[:QUICK_SUBSET],
+                                                 labels=dataset.train.labels[:QUICK_SUBSET]), subset=QUICK_SUBSET)
+        sgd, adam = replace(sgd, epochs=QUICK_SGD_EPOCHS), replace(adam, epochs=QUICK_ADAM_EPOCHS)
+
+    say("== Load dataset")
+    say(f"{dataset.name} from {dataset.source}")
+    say(f"X_train {tuple(dataset.train.images.shape)} {dataset.train.images.dtype}, "
+        f"X_test {tuple(dataset.test.images.shape)}, Y_train {tuple(dataset.train.labels.shape)}, "
+        f"Y_test {tuple(dataset.test.labels.shape)}")
+    say("Images stay uint8 in [0, 255] (channels first: N, C, H, W) and are scaled to [0, 1] batch by batch.")
+    say("Classes: " + ", ".join(f"{i} {c}" for i, c in enumerate(dataset.classes)))
+
+    say("\n== Create neural network")
+    torch.manual_seed(42)
+    net = create_model("seed", dataset.num_classes)
+    say(str(net))
+    say(f"{count_parameters(net):,} parameters")
+    sample_x, sample_y = to_float(dataset.train.images[:5]), dataset.train.labels[:5]
+    logits = net(sample_x)
+    say(f"preds = conv_net(X_train[:5]) -> shape {tuple(logits.shape)}")
+    say(f"cross entropy on those 5 (untrained): {nn.CrossEntropyLoss()(logits, sample_y).item():.4f}")
+
+    runs: list[TutorialRun] = []
+    out.mkdir(parents=True, exist_ok=True)
+    for name, config, title in (("sgd", sgd, "SGD"), ("adam", adam, "Adam")):
+        say(f"\n== Train model ({title} optimizer): {config.epochs} epochs, lr {config.lr}, batch {config.batch_size}")
+        run_dir = new_run_dir(out / name, name)
+        result = train(config, dataset, engine=engine, events=ConsolePrinter(s, progress), run_dir=run_dir)
+        say(f"\n== Make predictions ({title})")
+        ev = evaluate(result.model, dataset, engine=engine)
+        write_json(run_dir / "metrics.json", ev.to_json())
+        say(f"test predictions  {ev.test.predictions[:5].tolist()}   labels {dataset.test.labels[:5].tolist()}")
+        say(f"train predictions {ev.train.predictions[:5].tolist()}   labels {dataset.train.labels[:5].tolist()}")
+        say(f"\n== Evaluate model performance ({title})")
+        say(f"Train Accuracy : {ev.train.accuracy:.3f}")
+        say(f"Test  Accuracy : {ev.test.accuracy:.3f}")
+        say("Test Data Classification Report :")
+        say(ev.report_text)
+        runs.append(TutorialRun(name, config, result, ev))
+
+    say("== SGD vs Adam")
+    say(side_by_side(runs))
+
+    say("\n== Channels first vs channels last")
+    say(channels_demo(runs[-1].result.model, dataset, engine))
+    write_json(out / "tutorial.json", {r.name: {"train_accuracy": r.evaluation.train.accuracy,
+                                                "test_accuracy": r.evaluation.test.accuracy,
+                                                "losses": [h.loss for h in r.result.history]} for r in runs})
+    say(f"\nRuns written to {out / 'sgd'} and {out / 'adam'}")
+    return runs
+
+
+def side_by_side(runs: list[TutorialRun]) -> str:
+    """Per-epoch losses, accuracies and per-class f1 of the runs, in columns."""
+    names = [r.name.upper() for r in runs]
+    lines = ["epoch  " + "".join(f"{n:>10}" for n in names)]
+    for e in range(max(len(r.result.history) for r in runs)):
+        cells = [f"{r.result.history[e].loss:10.3f}" if e < len(r.result.history) else " " * 10 for r in runs]
+        lines.append(f"{e + 1:>5}  " + "".join(cells))
+    lines.append("train  " + "".join(f"{r.evaluation.train.accuracy:10.3f}" for r in runs) + "   accuracy")
+    lines.append("test   " + "".join(f"{r.evaluation.test.accuracy:10.3f}" for r in runs) + "   accuracy")
+    lines.append("seconds" + "".join(f"{r.result.seconds:10.1f}" for r in runs) + "   training")
+    lines.append("\nf1 per class " + "".join(f"{n:>10}" for n in names))
+    for c in runs[0].evaluation.classes:
+        lines.append(f"{c:<13}" + "".join(f"{r.evaluation.report[c]['f1-score']:10.2f}" for r in runs))
+    return "\n".join(lines)
+
+
+def channels_demo(model: nn.Module, dataset: Dataset, engine: Engine) -> str:
+    """The tutorial's last section: PyTorch's convolutions want channels first."""
+    conv1 = nn.Conv2d(1, 16, (3, 3), padding="same")
+    conv2 = nn.Conv2d(16, 32, (3, 3), padding="same")
+    x = torch.rand(50, 1, 28, 28)
+    with torch.no_grad():
+        y1 = conv1(x)
+        y2 = conv2(y1)
+    lines = [
+        f"Conv Layer 1 Weights Shape : {conv1.weight.shape}   (out channels, in channels, kH, kW)",
+        f"Conv Layer 2 Weights Shape : {conv2.weight.shape}",
+        f"Input Shape               : {tuple(x.shape)}   (N, C, H, W): channels first",
+        f"Conv Layer 1 Output Shape : {y1.shape}",
+        f"Conv Layer 2 Output Shape : {y2.shape}",
+    ]
+    first = dataset.test.images[:8]  # (8, 1, 28, 28)  channels first
+    last = first.permute(0, 2, 3, 1).numpy()  # (8, 28, 28, 1) channels last, as Keras or PIL would give it
+    back = images_from_array(last, "channels-last array", (1, 28, 28), "auto")
+    p_first = predict(model, first, engine=engine).labels
+    p_last = predict(model, back, engine=engine).labels
+    lines += [
+        "",
+        f"The same 8 test images channels last {tuple(last.shape)} are detected as NHWC and turned to "
+        f"{tuple(back.shape)}.",
+        f"predictions from channels first: {p_first.tolist()}",
+        f"predictions from channels last : {p_last.tolist()}   identical: {bool(torch.equal(p_first, p_last))}",
+        "Inside convnet's fast engine a model may still *store* activations channels last "
+        "(torch.channels_last) for speed; the tensor's shape stays (N, C, H, W).",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import convnet.data as data_module
+from convnet.data import (
+    FASHION_MNIST,
+    DatasetSpec,
+    IdxFile,
+    batches,
+    download_dataset,
+    load_dataset,
+    parse_idx,
+    read_idx,
+    to_float,
+)
+from convnet.errors import DataError
+
+from .conftest import idx_bytes, make_dataset_dir, write_idx
+
+
+def test_idx_round_trip_gzipped_and_plain(tmp_path: Path) -> None:
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    for gz in (True, False):
+        p = write_idx(tmp_path / f"x-{gz}", a, gz)
+        np.testing.assert_array_equal(read_idx(p), a)
+
+
+def test_idx_big_endian_int32() -> None:
+    raw = bytes([0, 0, 0x0C, 1]) + (3).to_bytes(4, "big") + np.array([1, -2, 70000], ">i4").tobytes()
+    np.testing.assert_array_equal(parse_idx(raw), [1, -2, 70000])
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x00\x00", "truncated IDX file"),
+        (b"\x12\x34\x08\x01" + b"\x00" * 8, "wrong magic number"),
+        (b"\x00\x00\x07\x01" + b"\x00" * 8, "wrong magic number"),
+        (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
+        (idx_bytes(np.zeros((4, 5), np.uint8))[:-3], "truncated"),
+        (idx_bytes(np.zeros((4, 5), np.uint8)) + b"\x00", "trailing bytes"),
+        (b"\x00\x00\x08\x00", "0 dimensions"),
+    ],
+)
+def test_idx_errors_name_the_problem(raw: bytes, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        parse_idx(raw, name="bad.idx")
+
+
+def test_idx_errors_name_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    p.write_bytes(b"plain bytes, not gzip")
+    with pytest.raises(DataError, match=f"{p}.*not a gzip"):
+        read_idx(p)
+    good = gzip.compress(idx_bytes(np.zeros((10, 28, 28), np.uint8)))
+    p.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match="corrupt or truncated gzip"):
+        read_idx(p)
+    with pytest.raises(DataError, match="no such file"):
+        read_idx(tmp_path / "missing")
+
+
+def test_load_dataset_from_dir(toy_dir: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    assert ds.train.images.shape == (256, 1, 28, 28) and ds.train.images.dtype == torch.uint8
+    assert ds.train.labels.dtype == torch.int64 and ds.test.images.shape == (128, 1, 28, 28)
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
+    x = to_float(ds.train.images[:4])
+    assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert load_dataset("fashion-mnist", toy_dir, subset=10).train.images.shape[0] == 10
+
+
+def test_load_dataset_uncompressed_files(tmp_path: Path) -> None:
+    folder = make_dataset_dir(tmp_path / "plain", gz=False)
+    assert len(load_dataset("fashion-mnist", folder).train) == 256
+
+
+def test_label_count_mismatch(tmp_path: Path) -> None:
+    folder = make_dataset_dir(tmp_path / "d")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(255, np.uint8))
+    with pytest.raises(DataError, match="256 train images but 255 labels"):
+        load_dataset("fashion-mnist", folder)
+
+
+def test_missing_dir_and_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such folder"):
+        load_dataset("fashion-mnist", tmp_path / "nope")
+    with pytest.raises(DataError, match="expected the IDX files"):
+        load_dataset("fashion-mnist", tmp_path)
+    with pytest.raises(DataError, match="unknown data set 'cifar'.*fashion-mnist"):
+        load_dataset("cifar")
+    with pytest.raises(DataError, match="--subset"):
+        load_dataset("fashion-mnist", tmp_path, subset=0)
+
+
+def test_batches_cover_everything() -> None:
+    assert batches(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert batches(8, 4) == [slice(0, 4), slice(4, 8)]
+    assert batches(10, 4, drop_last=True) == [slice(0, 4), slice(4, 8)]
+
+
+# --- download, against a local HTTP server
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = lambda *a, **k: _Handler(*a, directory=str(root), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", root
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _spec_for(folder: Path, mirrors: tuple[str, ...]) -> DatasetSpec:
+    """FASHION_MNIST's shape, with the digests of the fixture files in ``folder``."""
+    files = {}
+    for key, f in FASHION_MNIST.files.items():
+        data = (folder / f.name).read_bytes()
+        files[key] = IdxFile(f.name, hashlib.sha256(gzip.decompress(data)).hexdigest(), hashlib.md5(data).hexdigest())
+    return dataclasses.replace(FASHION_MNIST, files=files, mirrors=mirrors, system_dirs=())
+
+
+def test_download_verifies_and_is_atomic(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, root = server
+    make_dataset_dir(root / "good")
+    spec = _spec_for(root / "good", (url + "missing/", url + "good/"))  # first mirror 404s, second serves
+    cache = tmp_path / "cache"
+    download_dataset(spec, cache)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f.name for f in spec.files.values())
+    for f in spec.files.values():
+        assert (cache / f.name).read_bytes() == (root / "good" / f.name).read_bytes()
+
+
+def test_download_corrupt_file_is_refused_and_leaves_nothing(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, root = server
+    make_dataset_dir(root / "good")
+    spec = _spec_for(root / "good", (url + "bad/",))
+    bad = make_dataset_dir(root / "bad")
+    name = spec.files["train_images"].name
+    flipped = bytearray(gzip.decompress((bad / name).read_bytes()))
+    flipped[-1] ^= 0xFF  # one pixel changed: still valid IDX and gzip, wrong content
+    (bad / name).write_bytes(gzip.compress(bytes(flipped)))
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="checksum mismatch"):
+        download_dataset(spec, cache)
+    assert not (cache / name).exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")], "temporary files were left behind"
+
+
+def test_download_recompressed_copy_passes(server: tuple[str, Path], tmp_path: Path) -> None:
+    """A copy compressed differently (as Debian's is) holds the same content: accepted."""
+    url, root = server
+    make_dataset_dir(root / "good")
+    spec = _spec_for(root / "good", (url + "re/",))
+    (root / "re").mkdir()
+    for f in spec.files.values():
+        raw = gzip.decompress((root / "good" / f.name).read_bytes())
+        (root / "re" / f.name).write_bytes(gzip.compress(raw, compresslevel=1, mtime=12345))
+    download_dataset(spec, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+
+
+def test_load_dataset_downloads_into_cache(server: tuple[str, Path], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    url, root = server
+    make_dataset_dir(root / "good")
+    spec = _spec_for(root / "good", (url + "good/",))
+    monkeypatch.setitem(data_module.DATASETS, "fashion-mnist", spec)
+    ds = load_dataset("fashion-mnist", cache_dir=tmp_path / "cache")
+    assert ds.source == str(tmp_path / "cache" / "fashion-mnist") and len(ds.train) == 256
+    with pytest.raises(DataError, match="not found"):
+        load_dataset("fashion-mnist", cache_dir=tmp_path / "empty", download=False)
+
+
+def test_download_unreachable_mirror_says_what_to_do(tmp_path: Path) -> None:
+    spec = dataclasses.replace(FASHION_MNIST, mirrors=("http://127.0.0.1:9/",), system_dirs=())
+    with pytest.raises(DataError, match="--data-dir"):
+        download_dataset(spec, tmp_path / "cache", timeout_s=2)
+
+
+def test_real_fashion_mnist(real_fashion: Path) -> None:
+    ds = load_dataset("fashion-mnist", real_fashion)
+    assert ds.train.images.shape == (60000, 1, 28, 28) and ds.test.images.shape == (10000, 1, 28, 28)
+    assert ds.train.labels[:5].tolist() == [9, 0, 0, 3, 0]  # the tutorial's Y_train[:5]
+    assert ds.test.labels[:5].tolist() == [9, 2, 1, 1, 6]
+    assert torch.bincount(ds.test.labels).tolist() == [1000] * 10

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from convnet.errors import ConvnetError
+from convnet.models import create_model, list_models
+
+
+class TutorialConvNet(nn.Module):
+    """The tutorial's class, copied as it was printed."""
+
+    def __init__(self) -> None:
+        super(TutorialConvNet, self).__init__()  # noqa: UP008
+        self.seq = nn.Sequential(
+            nn.Conv2d(in_channels=1, out_channels=32, kernel_size=(3, 3), padding="same"),
+            nn.ReLU(),
+            nn.Conv2d(in_channels=32, out_channels=16, kernel_size=(3, 3), padding="same"),
+            nn.ReLU(),
+            nn.Conv2d(in_channels=16, out_channels=8, kernel_size=(3, 3), padding="same"),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 28 * 28, 10),
+        )
+
+    def forward(self, x_batch: torch.Tensor) -> torch.Tensor:
+        return self.seq(x_batch)
+
+
+def test_seed_model_has_the_tutorials_initial_weights() -> None:
+    torch.manual_seed(42)
+    ours = create_model("seed").state_dict()
+    torch.manual_seed(42)
+    theirs = TutorialConvNet().state_dict()
+    assert list(ours) == list(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    assert str(create_model("seed")).replace("ConvNet", "X") == str(TutorialConvNet()).replace("TutorialConvNet", "X")
+
+
+@pytest.mark.parametrize("name", list(list_models()))
+@pytest.mark.parametrize(("num_classes", "in_channels"), [(10, 1), (3, 3)])
+def test_every_model_contract(name: str, num_classes: int, in_channels: int) -> None:
+    model = create_model(name, num_classes=num_classes, in_channels=in_channels)
+    x = torch.rand(4, in_channels, 28, 28)
+    logits = model(x)
+    assert logits.shape == (4, num_classes)
+    assert torch.isfinite(logits).all()
+    nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0]) % num_classes).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {pname}"
+
+
+@pytest.mark.parametrize("name", list(list_models()))
+def test_every_model_channels_last_matches(name: str) -> None:
+    model = create_model(name).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        a = model(x)
+        b = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_model_lists_the_valid_ones() -> None:
+    with pytest.raises(ConvnetError, match="unknown model 'resnet9000'.*seed"):
+        create_model("resnet9000")
+    with pytest.raises(ConvnetError, match="num_classes"):
+        create_model("seed", num_classes=1)

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from convnet import runs
+from convnet.data import load_dataset
+from convnet.engine import Engine
+from convnet.errors import ConvnetError, RunError, TrainingDiverged
+from convnet.train import TrainConfig, TrainEvents, TrainState, resume, train
+
+TUTORIAL_SGD = [2.288, 2.031, 0.959, 0.694, 0.628, 0.590, 0.564, 0.545, 0.529, 0.516, 0.505, 0.496, 0.487,
+                0.480, 0.473, 0.467, 0.462, 0.457, 0.452, 0.448, 0.444, 0.441, 0.438, 0.434, 0.432]
+# The tutorial's own code on torch 2.13 (its printed Adam table differs by <= 0.002: other conv kernels).
+TODAY_ADAM = [0.499, 0.325, 0.284, 0.254, 0.230, 0.209, 0.192, 0.178, 0.165, 0.154, 0.144, 0.134, 0.124,
+              0.116, 0.109]
+
+
+def test_config_validation_names_the_flag() -> None:
+    for bad, flag in [(dict(optimizer="lbfgs"), "--optimizer"), (dict(epochs=0), "--epochs"),
+                      (dict(batch_size=0), "--batch-size"), (dict(lr=-1.0), "--lr"), (dict(lr=float("nan")), "--lr"),
+                      (dict(momentum=1.0), "--momentum")]:
+        with pytest.raises(ConvnetError, match=flag):
+            TrainConfig(**bad).validate()  # type: ignore[arg-type]
+    assert TrainConfig(faithful=True).shuffle is False
+
+
+def test_training_learns_the_toy_problem(toy_dir: Path, tmp_path: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    config = TrainConfig(model="seed", optimizer="adam", epochs=4, batch_size=32)
+    result = train(config, ds, run_dir=runs.new_run_dir(tmp_path / "run", "x"))
+    losses = [r.loss for r in result.history]
+    assert losses[-1] < losses[0] * 0.5, losses
+    for name in (runs.CONFIG, runs.HISTORY, runs.WEIGHTS, runs.CHECKPOINT):
+        assert (tmp_path / "run" / name).is_file(), name
+    config_json = json.loads((tmp_path / "run" / runs.CONFIG).read_text())
+    assert config_json["train"]["epochs"] == 4 and config_json["versions"]["torch"] == torch.__version__
+    assert len(json.loads((tmp_path / "run" / runs.HISTORY).read_text())) == 4
+
+
+def test_same_seed_same_weights(toy_dir: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    config = TrainConfig(model="fastnet", optimizer="sgd", lr=0.05, momentum=0.9, epochs=2, batch_size=64)
+    a, b = train(config, ds).model.state_dict(), train(config, ds).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = train(replace(config, seed=1), ds).model.state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+class _StopAfter(TrainEvents):
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        state.stop = state.epoch >= self.epochs
+
+
+@pytest.mark.parametrize(("model", "optimizer", "faithful"),
+                         [("seed", "adam", False), ("fastnet", "sgd", False), ("seed", "sgd", True)])
+def test_resume_gives_the_same_weights_bit_for_bit(toy_dir: Path, tmp_path: Path, model: str, optimizer: str,
+                                                   faithful: bool) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    config = TrainConfig(model=model, optimizer=optimizer, lr=0.01, momentum=0.9 if optimizer == "sgd" else 0.0,
+                         epochs=3, batch_size=48, faithful=faithful)
+    whole = train(config, ds, run_dir=runs.new_run_dir(tmp_path / "whole", "x")).model.state_dict()
+    part_dir = runs.new_run_dir(tmp_path / "part", "x")
+    train(config, ds, run_dir=part_dir, events=_StopAfter(1))  # "crashes" after epoch 1
+    torch.manual_seed(1234)  # whatever the process did since must not matter
+    resumed = resume(part_dir, data_dir=toy_dir)
+    assert [r.epoch for r in resumed.history] == [1, 2, 3]
+    for k, v in whole.items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    final = runs.load_tensors(part_dir / runs.WEIGHTS)
+    assert all(torch.equal(final[k], v) for k, v in whole.items())
+
+
+def test_resume_without_checkpoint(tmp_path: Path, toy_dir: Path) -> None:
+    with pytest.raises(RunError, match="not a run folder"):
+        resume(tmp_path)
+    (tmp_path / runs.CONFIG).write_text('{"train": {}, "data": {}}')
+    with pytest.raises(RunError, match="no checkpoint"):
+        resume(tmp_path)
+
+
+def test_divergence_stops_with_epoch_and_batch(toy_dir: Path, tmp_path: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    config = TrainConfig(model="seed", optimizer="sgd", lr=1e6, epochs=3, batch_size=32)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, batch \d+.*lower --lr"):
+        train(config, ds, run_dir=runs.new_run_dir(tmp_path / "run", "x"))
+
+
+# --- the tutorial's numbers, on the real data
+
+
+def _losses(config: TrainConfig, data_dir: Path) -> list[str]:
+    ds = load_dataset("fashion-mnist", data_dir)
+    result = train(config, ds, engine=Engine.faithful())
+    return [f"{r.loss:.3f}" for r in result.history]
+
+
+def test_faithful_sgd_first_epochs(real_fashion: Path) -> None:
+    config = TrainConfig(model="seed", optimizer="sgd", lr=0.001, epochs=2, batch_size=128, seed=42, faithful=True)
+    assert _losses(config, real_fashion) == [f"{x:.3f}" for x in TUTORIAL_SGD[:2]]
+
+
+def test_faithful_adam_first_epoch(real_fashion: Path) -> None:
+    config = TrainConfig(model="seed", optimizer="adam", lr=0.001, epochs=1, batch_size=128, seed=42, faithful=True)
+    assert _losses(config, real_fashion) == [f"{x:.3f}" for x in TODAY_ADAM[:1]]
