@@ -38,6 +38,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise ConvnetError(f"unknown --device {name!r}; choose one of: {', '.join(DEVICES)}")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
 @dataclass(frozen=True)
 class Engine:
     """How a model computes on a device.
@@ -67,7 +73,11 @@ class Engine:
         device = device or torch.device("cpu")
         if device.type == "cuda":
             return cls(device, channels_last=True, autocast=torch.bfloat16, infer_batch_size=10_000)
-        return cls(device, channels_last=False, autocast=None, infer_batch_size=1024)
+        # Measured on 2 cores with AVX512-BF16, seed model, batch 128: channels_last 1.14x, bf16
+        # autocast 1.6x, both 2.1x over plain fp32; torch.compile was slower. Without native bf16
+        # instructions autocast emulates it slowly, so it is used only where the CPU has them.
+        return cls(device, channels_last=True, autocast=torch.bfloat16 if cpu_has_bf16() else None,
+                   infer_batch_size=1024)
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -1,0 +1,177 @@
+"""Benchmark: convnet's training and prediction against the tutorial's own loop, side
+by side in one process on one device.
+
+The reference is a faithful copy of the tutorial's ``TrainModelInBatches`` and
+``MakePredictions``. Each measurement runs both on the same model, batch size and images;
+warm-up runs are excluded, A and B alternate, and the median of the repeats is reported.
+GPU work is synchronised before a clock is read.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from convnet.data import Dataset, Split
+from convnet.engine import Engine
+from convnet.predict import infer
+from convnet.train import TrainConfig, train
+
+
+# --- the tutorial's code, as printed (only the per-epoch print is dropped)
+def TrainModelInBatches(model, loss_func, optimizer, X, Y, batch_size=32, epochs=5):  # type: ignore[no-untyped-def]  # noqa: N802
+    for i in range(epochs):
+        batches = torch.arange((X.shape[0] // batch_size) + 1)  ### Batch Indices
+
+        losses = []  ## Record loss of each batch
+        for batch in batches:
+            if batch != batches[-1]:
+                start, end = int(batch * batch_size), int(batch * batch_size + batch_size)
+            else:
+                start, end = int(batch * batch_size), None
+
+            X_batch, Y_batch = X[start:end], Y[start:end]  ## Single batch of data
+
+            preds = model(X_batch)  ## Make Predictions by forward pass through network
+
+            loss = loss_func(preds, Y_batch)  ## Calculate Loss
+            losses.append(loss)  ## Record Loss
+
+            optimizer.zero_grad()  ## Zero weights before calculating gradients
+            loss.backward()  ## Calculate Gradients
+            optimizer.step()  ## Update Weights
+
+        torch.tensor(losses).mean()  # the tutorial prints this
+
+
+def MakePredictions(model, input_data, batch_size=32):  # type: ignore[no-untyped-def]  # noqa: N802
+    batches = torch.arange((input_data.shape[0] // batch_size) + 1)  ### Batch Indices
+
+    with torch.no_grad():  ## Disables automatic gradients calculations
+        preds = []
+        for batch in batches:
+            if batch != batches[-1]:
+                start, end = int(batch * batch_size), int(batch * batch_size + batch_size)
+            else:
+                start, end = int(batch * batch_size), None
+
+            X_batch = input_data[start:end]
+
+            preds.append(model(X_batch))
+
+    return preds
+
+
+@dataclass
+class BenchResult:
+    device: str
+    model: str
+    batch_size: int
+    train_images: int
+    predict_images: int
+    repeats: int
+    tutorial_train_images_per_s: float
+    convnet_train_images_per_s: float
+    tutorial_predict_images_per_s: float
+    convnet_predict_images_per_s: float
+    train_speedup: float
+    predict_speedup: float
+    engine: dict[str, Any]
+    torch: str
+    threads: int
+    cpu: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def run_bench(dataset: Dataset, *, engine: Engine, model: str = "seed", batch_size: int = 128,
+              train_images: int = 12_800, repeats: int = 5, warmup: int = 1) -> BenchResult:
+    """Images/s of the tutorial's loop and of convnet's, training and predicting.
+
+    Training: one epoch over the first ``train_images`` training images with Adam,
+    lr 0.001. Prediction: the whole test split. Both sides start from the same weights.
+    """
+    device = engine.device
+    sub = Split(dataset.train.images[:train_images], dataset.train.labels[:train_images])
+    small = replace(dataset, train=sub)
+    config = TrainConfig(model=model, optimizer="adam", lr=1e-3, epochs=1, batch_size=batch_size, shuffle=True)
+    # the tutorial's side: float32 tensors scaled once, on the device, its own model and optimizer
+    x_train = (sub.images.float() / 255.0).to(device)
+    y_train = sub.labels.to(device)
+    x_test = (dataset.test.images.float() / 255.0).to(device)
+    test_uint8 = dataset.test.images.to(device)
+
+    def tutorial_train() -> None:
+        torch.manual_seed(config.seed)
+        from convnet.models import create_model
+
+        net = create_model(model, dataset.num_classes).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=torch.tensor(1 / 1e3))
+        TrainModelInBatches(net, nn.CrossEntropyLoss(), opt, x_train, y_train, batch_size=batch_size, epochs=1)
+
+    def convnet_train() -> None:
+        train(config, small, engine=engine)
+
+    torch.manual_seed(0)
+    from convnet.models import create_model
+
+    net = create_model(model, dataset.num_classes).to(device).eval()
+    fast_net = engine.prepare_model(create_model(model, dataset.num_classes))
+    fast_net.load_state_dict(net.state_dict())
+
+    def tutorial_predict() -> None:
+        torch.cat(MakePredictions(net, x_test, batch_size=batch_size)).argmax(dim=1)
+
+    def convnet_predict() -> None:
+        infer(fast_net, test_uint8, engine=engine).argmax(dim=1)
+
+    times: dict[str, list[float]] = {k: [] for k in ("tt", "ct", "tp", "cp")}
+    for i in range(warmup + repeats):
+        pairs = [("tt", tutorial_train), ("ct", convnet_train), ("tp", tutorial_predict), ("cp", convnet_predict)]
+        if i % 2:  # alternate which side goes first
+            pairs = [pairs[1], pairs[0], pairs[3], pairs[2]]
+        for key, fn in pairs:
+            t = _timed(fn, device)
+            if i >= warmup:
+                times[key].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n_test = len(dataset.test)
+    return BenchResult(
+        device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        model=model, batch_size=batch_size, train_images=len(sub), predict_images=n_test, repeats=repeats,
+        tutorial_train_images_per_s=len(sub) / med["tt"], convnet_train_images_per_s=len(sub) / med["ct"],
+        tutorial_predict_images_per_s=n_test / med["tp"], convnet_predict_images_per_s=n_test / med["cp"],
+        train_speedup=med["tt"] / med["ct"], predict_speedup=med["tp"] / med["cp"],
+        engine=engine.describe(), torch=torch.__version__, threads=torch.get_num_threads(),
+        cpu=platform.processor() or platform.machine(),
+    )
+
+
+def format_bench(r: BenchResult) -> str:
+    return "\n".join([
+        f"device {r.device}, torch {r.torch}, {r.threads} threads, model {r.model}, batch {r.batch_size}, "
+        f"median of {r.repeats} (warm-up excluded)",
+        f"{'':<10}{'tutorial':>14}{'convnet':>14}{'speed-up':>10}",
+        f"{'train':<10}{r.tutorial_train_images_per_s:>10,.0f} i/s{r.convnet_train_images_per_s:>10,.0f} i/s"
+        f"{r.train_speedup:>9.2f}x",
+        f"{'predict':<10}{r.tutorial_predict_images_per_s:>10,.0f} i/s{r.convnet_predict_images_per_s:>10,.0f} i/s"
+        f"{r.predict_speedup:>9.2f}x",
+    ])
