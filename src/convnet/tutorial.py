@@ -16,6 +16,7 @@ from convnet.engine import Engine
 from convnet.evaluate import Evaluation, evaluate
 from convnet.models import count_parameters, create_model
 from convnet.predict import images_from_array, predict
+from convnet.report import build_report, format_comparison, load_summaries, write_plots
 from convnet.runs import new_run_dir, write_json
 from convnet.train import ConsolePrinter, TrainConfig, TrainResult, train
 
@@ -35,7 +36,7 @@ class TutorialRun:
 def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool = False, quick: bool = False,
                  stream: TextIO | None = None, progress: bool = True) -> list[TutorialRun]:
     """Run the tutorial end to end, printing as it goes; the two runs go in ``out/sgd``
-    and ``out/adam``.
+    and ``out/adam`` (each with its plots), their HTML report in ``out/report.html``.
 
     Args:
         dataset: Fashion-MNIST (or any 1-channel 28x28 set).
@@ -82,6 +83,7 @@ def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool 
         say(f"\n== Make predictions ({title})")
         ev = evaluate(result.model, dataset, engine=engine)
         write_json(run_dir / "metrics.json", ev.to_json())
+        write_plots(run_dir, ev, dataset.test.images)
         say(f"test predictions  {ev.test.predictions[:5].tolist()}   labels {dataset.test.labels[:5].tolist()}")
         say(f"train predictions {ev.train.predictions[:5].tolist()}   labels {dataset.train.labels[:5].tolist()}")
         say(f"\n== Evaluate model performance ({title})")
@@ -91,8 +93,9 @@ def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool 
         say(ev.report_text)
         runs.append(TutorialRun(name, config, result, ev))
 
+    run_dirs = [out / r.name for r in runs]
     say("== SGD vs Adam")
-    say(side_by_side(runs))
+    say(format_comparison(load_summaries(run_dirs, engine=engine)))
 
     say("\n== Channels first vs channels last")
     say(channels_demo(runs[-1].result.model, dataset, engine))
@@ -100,23 +103,9 @@ def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool 
                                                 "test_accuracy": r.evaluation.test.accuracy,
                                                 "losses": [h.loss for h in r.result.history]} for r in runs})
     say(f"\nRuns written to {out / 'sgd'} and {out / 'adam'}")
+    report = build_report(run_dirs, out / "report.html", engine=engine)
+    say(f"Report (scores, plots, SGD vs Adam side by side): {report}")
     return runs
-
-
-def side_by_side(runs: list[TutorialRun]) -> str:
-    """Per-epoch losses, accuracies and per-class f1 of the runs, in columns."""
-    names = [r.name.upper() for r in runs]
-    lines = ["epoch  " + "".join(f"{n:>10}" for n in names)]
-    for e in range(max(len(r.result.history) for r in runs)):
-        cells = [f"{r.result.history[e].loss:10.3f}" if e < len(r.result.history) else " " * 10 for r in runs]
-        lines.append(f"{e + 1:>5}  " + "".join(cells))
-    lines.append("train  " + "".join(f"{r.evaluation.train.accuracy:10.3f}" for r in runs) + "   accuracy")
-    lines.append("test   " + "".join(f"{r.evaluation.test.accuracy:10.3f}" for r in runs) + "   accuracy")
-    lines.append("seconds" + "".join(f"{r.result.seconds:10.1f}" for r in runs) + "   training")
-    lines.append("\nf1 per class " + "".join(f"{n:>10}" for n in names))
-    for c in runs[0].evaluation.classes:
-        lines.append(f"{c:<13}" + "".join(f"{r.evaluation.report[c]['f1-score']:10.2f}" for r in runs))
-    return "\n".join(lines)
 
 
 def channels_demo(model: nn.Module, dataset: Dataset, engine: Engine) -> str:

@@ -1,0 +1,392 @@
+"""Reports: a run's plots in its folder, one self-contained HTML page for one or more
+runs, and the same comparison as a table in the terminal.
+
+::
+
+    runs/NAME/plots/       written by `convnet evaluate` (or `convnet report` when missing)
+      history.png          loss and accuracy per epoch
+      confusion_matrix.png counts, rows true class, columns predicted class
+      class_scores.png     precision, recall, f1 per class
+      mistakes.png         the most confidently wrong test images
+      samples.png          the first test images and their predictions
+
+The HTML page embeds every image as base64 and needs nothing else to be read: no network,
+no files beside it. matplotlib (in :mod:`convnet.plots`) is imported only when a picture
+is drawn, so the other commands do not pay for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from convnet import runs
+from convnet.engine import Engine
+from convnet.errors import ConvnetError, RunError
+from convnet.evaluate import Evaluation, evaluate_run
+
+PLOTS = "plots"
+PLOT_FILES = ("history", "confusion_matrix", "class_scores", "mistakes", "samples")
+GRID_IMAGES = 18  # images in the mistakes and samples grids (3 rows of 6)
+AVERAGES = ("macro avg", "weighted avg")
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run folder read back for reporting: its config, history and scores."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]  # metrics.json
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metrics["classes"])
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.metrics["test"]["report"]  # type: ignore[no-any-return]
+
+    @property
+    def train_accuracy(self) -> float:
+        return float(self.metrics["train"]["accuracy"])
+
+    @property
+    def test_accuracy(self) -> float:
+        return float(self.metrics["test"]["accuracy"])
+
+    @property
+    def training_seconds(self) -> float:
+        return float(sum(h.get("seconds") or 0.0 for h in self.history))
+
+    def plot(self, name: str) -> Path:
+        return self.path / PLOTS / f"{name}.png"
+
+
+# --- plots in the run folder
+
+
+def write_plots(run_dir: PathLike, evaluation: Evaluation, test_images: torch.Tensor) -> dict[str, Path]:
+    """Draw a run's pictures into ``RUN/plots/`` (each file written atomically).
+
+    Args:
+        run_dir: the run folder (its history is read from it).
+        evaluation: the run's scores, with test predictions and probabilities.
+        test_images: the test split's uint8 images ``(N, C, H, W)``, in the order scored.
+
+    Returns:
+        The path of each picture, by name (see :data:`PLOT_FILES`).
+    """
+    from convnet import plots  # matplotlib only when drawing
+
+    run = runs.open_run(run_dir)
+    folder = run.path / PLOTS
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{folder}: cannot create the plots folder ({e.strerror or e})") from None
+    classes, title = evaluation.classes, run.path.name
+    probs = evaluation.test.probabilities.detach().cpu().float().numpy()  # (N, C)
+    labels = evaluation.test_labels.cpu().numpy()
+    predicted = evaluation.test.predictions.cpu().numpy()
+    images = test_images.cpu().numpy()  # (N, C, H, W) uint8
+
+    def save(name: str, fig: Any) -> None:
+        png = plots.save(fig)
+        runs.atomic_write(folder / f"{name}.png", lambda f: f.write(png))
+
+    def grid(idx: np.ndarray, heading: str) -> Any:
+        return plots.plot_image_grid(images[idx], labels[idx], predicted[idx], probs[idx, predicted[idx]],
+                                     classes, heading)
+
+    save("history", plots.plot_history(run.history, title))
+    save("confusion_matrix", plots.plot_confusion(evaluation.confusion_matrix, classes, title))
+    save("class_scores", plots.plot_class_scores(evaluation.report, classes, title))
+    mistakes, n_wrong = plots.top_mistakes(probs, labels, GRID_IMAGES), int((predicted != labels).sum())
+    save("mistakes", grid(mistakes, f"The {len(mistakes)} most confidently wrong of {n_wrong:,} mistakes on "
+                                    f"{len(labels):,} test images: {title}" if n_wrong else f"No mistakes: {title}"))
+    first = np.arange(min(GRID_IMAGES, len(labels)))
+    save("samples", grid(first, f"Predictions on the first {len(first)} test images: {title}"))
+    return {name: folder / f"{name}.png" for name in PLOT_FILES}
+
+
+def evaluate_and_plot(run_dir: PathLike, *, data_dir: PathLike | None = None,
+                      engine: Engine | None = None) -> Evaluation:
+    """What ``convnet evaluate RUN`` does: score the run (writing ``metrics.json``) and
+    draw its pictures into ``RUN/plots/``."""
+    run = runs.open_run(run_dir)
+    dataset = runs.run_dataset(run, data_dir)
+    evaluation = evaluate_run(run.path, engine=engine, dataset=dataset)
+    write_plots(run.path, evaluation, dataset.test.images)
+    return evaluation
+
+
+def _outdated(path: Path, plots: bool) -> bool:
+    """True when the run has no scores, older scores than weights, or (``plots``) missing
+    or older pictures."""
+    metrics, weights = path / runs.METRICS, path / runs.WEIGHTS
+    if not metrics.is_file():
+        return True
+    scored = metrics.stat().st_mtime
+    if weights.is_file() and weights.stat().st_mtime > scored:
+        return True
+    pictures = [path / PLOTS / f"{name}.png" for name in PLOT_FILES]
+    return plots and any(not p.is_file() or p.stat().st_mtime < scored for p in pictures)
+
+
+def load_summary(run_dir: PathLike, *, name: str | None = None, plots: bool = True,
+                 data_dir: PathLike | None = None, engine: Engine | None = None) -> RunSummary:
+    """Read a run for reporting, evaluating it first (and drawing its pictures when
+    ``plots``) if its scores are missing or older than its weights.
+
+    Raises:
+        RunError: not a run folder, or its files are missing or damaged.
+    """
+    run = runs.open_run(run_dir)
+    if _outdated(run.path, plots):
+        if plots:
+            evaluate_and_plot(run.path, data_dir=data_dir, engine=engine)
+        else:
+            evaluate_run(run.path, data_dir=data_dir, engine=engine)
+    metrics = runs.read_json(run.path / runs.METRICS)
+    try:
+        classes = metrics["classes"]
+        _ = [metrics["test"]["report"][c]["f1-score"] for c in classes], metrics["train"]["accuracy"]
+    except (KeyError, TypeError):
+        raise RunError(f"{run.path / runs.METRICS}: incomplete; run `convnet evaluate {run.path}` again") from None
+    return RunSummary(name or run.path.name, run.path, run.config, run.history, metrics)
+
+
+def load_summaries(run_dirs: Sequence[PathLike], *, plots: bool = True, data_dir: PathLike | None = None,
+                   engine: Engine | None = None) -> list[RunSummary]:
+    """:func:`load_summary` for each run, named by folder (by path where two folders share a name)."""
+    if not run_dirs:
+        raise ConvnetError("give at least one run folder")
+    names = [Path(p).name for p in run_dirs]
+    names = [str(p) if names.count(n) > 1 else n for p, n in zip(run_dirs, names, strict=True)]
+    summaries = [load_summary(p, name=n, plots=plots, data_dir=data_dir, engine=engine)
+                 for p, n in zip(run_dirs, names, strict=True)]
+    if len({tuple(s.classes) for s in summaries}) > 1:
+        raise RunError("the runs were trained on different classes; compare runs of one data set")
+    return summaries
+
+
+# --- the comparison in the terminal
+
+
+def format_comparison(summaries: Sequence[RunSummary]) -> str:
+    """Runs in columns: config, accuracies, loss per epoch, f1 per class (and its
+    difference from the first run)."""
+    names = [s.name for s in summaries]
+    w = max(10, *(len(n) + 2 for n in names))
+    deltas = [f"{n}-{names[0]}" for n in names[1:]]
+    dw = max([8, *(len(d) + 2 for d in deltas)])
+
+    def row(label: str, cells: Sequence[str], extra: Sequence[str] = ()) -> str:
+        return f"{label:<16}" + "".join(f"{c:>{w}}" for c in cells) + "".join(f"{c:>{dw}}" for c in extra)
+
+    lines = [row("run", names)]
+    for label, key in (("model", "model"), ("optimizer", "optimizer"), ("lr", "lr"), ("epochs", "epochs"),
+                       ("batch size", "batch_size"), ("seed", "seed")):
+        lines.append(row(label, [str(s.config["train"].get(key, "")) for s in summaries]))
+    lines.append(row("train images", [f"{s.config['data'].get('train_images', 0):,}" for s in summaries]))
+    lines.append(row("training s", [f"{s.training_seconds:.1f}" for s in summaries]))
+    lines.append(row("train accuracy", [f"{s.train_accuracy:.3f}" for s in summaries]))
+    lines.append(row("test accuracy", [f"{s.test_accuracy:.3f}" for s in summaries]))
+    for key, label in (("loss", "training loss"), ("val_loss", "validation loss"), ("val_accuracy", "val accuracy")):
+        curves = [[h.get(key) for h in s.history] for s in summaries]
+        if not any(v is not None for c in curves for v in c):
+            continue
+        lines += ["", row(f"{label}", names)]
+        for e in range(max(len(c) for c in curves)):
+            lines.append(row(f"  epoch {e + 1}", [f"{c[e]:.3f}" if e < len(c) and c[e] is not None else "-"
+                                                   for c in curves]))
+    lines += ["", row("f1 per class", names, deltas)]
+    for c in [*summaries[0].classes, *AVERAGES]:
+        f1 = [s.report[c]["f1-score"] for s in summaries]
+        lines.append(row(c[:15], [f"{v:.3f}" for v in f1], [f"{v - f1[0]:+.3f}" for v in f1[1:]]))
+    return "\n".join(lines)
+
+
+def compare(run_dirs: Sequence[PathLike], *, data_dir: PathLike | None = None,
+            engine: Engine | None = None) -> str:
+    """What ``convnet compare RUN...`` prints: :func:`format_comparison` of the runs
+    (evaluated first where they have no scores yet)."""
+    return format_comparison(load_summaries(run_dirs, plots=False, data_dir=data_dir, engine=engine))
+
+
+# --- the HTML report
+
+CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; color: #1f2328; margin: 0 auto; max-width: 1200px; padding: 1.5em; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #d0d7de; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #d0d7de; padding: 0.25em 0.7em; text-align: right; }
+th:first-child, td:first-child { text-align: left; } thead th { background: #f6f8fa; }
+td.better { color: #1a7f37; } td.worse { color: #cf222e; } .muted { color: #59636e; }
+.kv td, .kv th { text-align: left; max-width: 60em; overflow-wrap: anywhere; }
+figure { margin: 0.8em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
+.row { display: flex; flex-wrap: wrap; gap: 1.2em; align-items: flex-start; } .row figure { flex: 1 1 440px; }
+"""
+
+# Written by the page itself once it has loaded: how many images decoded (a test reads these).
+SCRIPT = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var loaded = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute("data-images-loaded", String(loaded));
+  document.body.setAttribute("data-images-total", String(images.length));
+});
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(c if isinstance(c, _Raw) else f"<td>{e(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+class _Raw(str):
+    """A table cell already rendered as HTML."""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", ", ".join(map(str, v)) if isinstance(v, list) else str(v)))
+    return out
+
+
+def _comparison_html(summaries: Sequence[RunSummary]) -> str:
+    from convnet import plots  # matplotlib only when drawing
+
+    names, classes = [s.name for s in summaries], summaries[0].classes
+    reports = [s.report for s in summaries]
+    train_config = [(k, [str(s.config["train"].get(k, "")) for s in summaries])
+                    for k in ("model", "optimizer", "lr", "epochs", "batch_size", "seed")]
+    rows = [[k, *v] for k, v in train_config] + [
+        ["train accuracy", *(f"{s.train_accuracy:.3f}" for s in summaries)],
+        ["test accuracy", *(f"{s.test_accuracy:.3f}" for s in summaries)],
+        ["final training loss", *(f"{s.history[-1]['loss']:.3f}" if s.history else "-" for s in summaries)],
+        ["training seconds", *(f"{s.training_seconds:.1f}" for s in summaries)],
+    ]
+
+    def delta(v: float) -> _Raw:
+        cls = "better" if v > 0.0005 else "worse" if v < -0.0005 else ""
+        return _Raw(f'<td class="{cls}">{v:+.3f}</td>')
+
+    f1_rows = []
+    for c in [*classes, *AVERAGES]:
+        f1 = [r[c]["f1-score"] for r in reports]
+        f1_rows.append([c, *(f"{v:.3f}" for v in f1), *(delta(v - f1[0]) for v in f1[1:])])
+    return "".join([
+        '<h2>Comparison</h2><div class="row"><div>',
+        _table(["", *names], rows),
+        "</div>",
+        _img(plots.save(plots.plot_accuracies(names, [s.train_accuracy for s in summaries],
+                                              [s.test_accuracy for s in summaries])), "accuracy of each run"),
+        "</div>",
+        _img(plots.save(plots.plot_histories([s.history for s in summaries], names)), "loss curves overlaid"),
+        "<h3>f1 per class (test set)</h3>",
+        '<div class="row"><div>',
+        _table(["class", *names, *(f"{n} − {names[0]}" for n in names[1:])], f1_rows),
+        "</div>",
+        _img(plots.save(plots.plot_f1_differences(reports, names, classes)), "per-class f1 differences"),
+        "</div>",
+    ])
+
+
+def _run_html(s: RunSummary, anchor: str) -> str:
+    e = html.escape
+    report_rows = [[c, *(f"{s.report[c][k]:.3f}" for k in ("precision", "recall", "f1-score")),
+                    int(s.report[c]["support"])] for c in [*s.classes, *AVERAGES]]
+    history_rows = [[h.get("epoch", i + 1), f"{h['loss']:.4f}",
+                     *(f"{h[k]:.4f}" if h.get(k) is not None else "-" for k in ("val_loss", "val_accuracy")),
+                     f"{h.get('seconds', 0):.1f}", f"{h.get('images_per_s', 0):,.0f}"]
+                    for i, h in enumerate(s.history)]
+    pictures = {"history": "loss and accuracy per epoch", "confusion_matrix": "confusion matrix",
+                "class_scores": "precision, recall and f1 per class", "mistakes": "most confidently wrong",
+                "samples": "sample predictions"}
+    images = {k: _img(s.plot(k).read_bytes(), alt) for k, alt in pictures.items()}
+    return "".join([
+        f'<section id="{anchor}"><h2>Run {e(s.name)}</h2><p class="muted">{e(str(s.path))}</p>',
+        _table(["", "train", "test"], [["accuracy", f"{s.train_accuracy:.3f}", f"{s.test_accuracy:.3f}"]]),
+        images["history"],
+        '<div class="row"><div><h3>Classification report (test set)</h3>',
+        _table(["class", "precision", "recall", "f1-score", "support"], report_rows),
+        "</div>", images["class_scores"], "</div>",
+        images["confusion_matrix"], images["mistakes"], images["samples"],
+        f"<h3>Epochs ({s.training_seconds:.1f} s of training)</h3>",
+        _table(["epoch", "loss", "val loss", "val accuracy", "seconds", "images/s"], history_rows),
+        "<h3>Config</h3>",
+        _table(["key", "value"], _flat(s.config), cls="kv"),
+        "</section>",
+    ])
+
+
+def render_html(summaries: Sequence[RunSummary]) -> str:
+    """The report page: with several runs a comparison first, then each run in full."""
+    e = html.escape
+    title = "convnet report: " + " vs ".join(s.name for s in summaries)
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>',
+        f"<style>{CSS}</style><script>{SCRIPT}</script></head><body>",
+        f"<h1>{e(title)}</h1><p class='muted'>written {e(time.strftime('%Y-%m-%d %H:%M:%S'))}; "
+        f"{len(summaries)} run{'s' if len(summaries) > 1 else ''}: "
+        + ", ".join(f'<a href="#run-{i}">{e(s.name)}</a>' for i, s in enumerate(summaries, 1)) + "</p>",
+    ]
+    if len(summaries) > 1:
+        parts.append(_comparison_html(summaries))
+    parts += [_run_html(s, f"run-{i}") for i, s in enumerate(summaries, 1)]
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def build_report(run_dirs: Sequence[PathLike], out: PathLike | None = None, *, data_dir: PathLike | None = None,
+                 engine: Engine | None = None) -> Path:
+    """Write one self-contained HTML report of the runs (evaluating and drawing any run
+    whose scores or pictures are missing or out of date).
+
+    Args:
+        run_dirs: run folders; with several, the page opens with their comparison.
+        out: the HTML file, or a folder for ``report.html``; default ``report.html`` in the
+            runs' common folder (the run folder itself for one run).
+        data_dir: where to find the data set, if a run needs evaluating.
+        engine: device for that evaluation.
+
+    Returns:
+        The report's path.
+    """
+    summaries = load_summaries(run_dirs, data_dir=data_dir, engine=engine)
+    if out is None:
+        path = Path(os.path.commonpath([os.path.abspath(p) for p in run_dirs])) / "report.html"
+    else:
+        path = Path(out) / "report.html" if Path(out).is_dir() else Path(out)
+    if not path.parent.is_dir():
+        raise RunError(f"-o/--out {path}: folder {path.parent} does not exist")
+    page = render_html(summaries).encode()
+    runs.atomic_write(path, lambda f: f.write(page))
+    return path
