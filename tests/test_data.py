@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import hashlib
 import http.server
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +207,78 @@ def test_real_fashion_mnist(real_fashion: Path) -> None:
     assert ds.train.labels[:5].tolist() == [9, 0, 0, 3, 0]  # the tutorial's Y_train[:5]
     assert ds.test.labels[:5].tolist() == [9, 2, 1, 1, 6]
     assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
+
+
+# --- damaged headers, bombs, inconsistent splits
+
+
+def test_idx_header_that_declares_too_much(tmp_path: Path) -> None:
+    huge = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 100_000, 1000, 1000)  # 100 GB promised, 16 bytes held
+    with pytest.raises(DataError, match="more than the .* bytes allowed"):
+        parse_idx(huge)
+    empty_but_absurd = bytes([0, 0, 0x08, 4]) + struct.pack(">4I", 0, 2**32 - 1, 2**32 - 1, 2**32 - 1)
+    with pytest.raises(DataError, match="more than the"):  # numpy would overflow on such a shape
+        parse_idx(empty_but_absurd)
+    p = tmp_path / "bomb-idx3-ubyte.gz"
+    p.write_bytes(gzip.compress(huge))
+    with pytest.raises(DataError, match=f"{p}.*more than the"):
+        read_idx(p)
+
+
+def test_gzip_bomb_is_not_decompressed_past_the_header(tmp_path: Path) -> None:
+    """10 bytes declared, 20 MB of zeros after them: refused after reading one byte more."""
+    p = tmp_path / "x-idx1-ubyte.gz"
+    p.write_bytes(gzip.compress(idx_bytes(np.zeros(10, np.uint8)) + bytes(20_000_000)))
+    assert p.stat().st_size < 100_000
+    with pytest.raises(DataError, match="has trailing bytes"):
+        read_idx(p)
+    plain = tmp_path / "y-idx1-ubyte"
+    plain.write_bytes(idx_bytes(np.zeros(10, np.uint8)) + b"\x00")
+    with pytest.raises(DataError, match="has trailing bytes"):
+        read_idx(plain)
+
+
+def test_gzip_multi_member_file_reads_whole(tmp_path: Path) -> None:
+    raw = idx_bytes(np.arange(100, dtype=np.uint8).reshape(10, 10))
+    p = tmp_path / "m-idx2-ubyte.gz"
+    p.write_bytes(gzip.compress(raw[:30]) + gzip.compress(raw[30:]))  # what `cat a.gz b.gz` makes
+    np.testing.assert_array_equal(read_idx(p), np.arange(100).reshape(10, 10))
+
+
+@pytest.mark.parametrize(
+    ("file", "array", "message"),
+    [
+        ("t10k-images-idx3-ubyte.gz", np.zeros((128, 32, 32), np.uint8), "same size"),
+        ("train-labels-idx1-ubyte.gz", np.zeros((256, 2), np.uint8), "3 dimensions"),
+        ("train-images-idx3-ubyte.gz", np.zeros((256, 28, 0), np.uint8), "nothing to learn from"),
+        ("train-labels-idx1-ubyte.gz", np.full(256, 10, np.uint8), "label 10 is outside 0..9"),
+    ],
+)
+def test_inconsistent_data_sets(tmp_path: Path, file: str, array: np.ndarray, message: str) -> None:
+    folder = make_dataset_dir(tmp_path / "d")
+    write_idx(folder / file, array)
+    with pytest.raises(DataError, match=message):
+        load_dataset("fashion-mnist", folder)
+
+
+def test_empty_training_split_is_refused(tmp_path: Path) -> None:
+    folder = make_dataset_dir(tmp_path / "d")
+    write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((0, 28, 28), np.uint8))
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(0, np.uint8))
+    with pytest.raises(DataError, match="train images have shape .0, 28, 28.; there is nothing to learn from"):
+        load_dataset("fashion-mnist", folder)
+
+
+def test_float_labels_are_refused(tmp_path: Path) -> None:
+    folder = make_dataset_dir(tmp_path / "d")
+    raw = bytes([0, 0, 0x0D, 1]) + struct.pack(">I", 256) + np.zeros(256, ">f4").tobytes()
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw))
+    with pytest.raises(DataError, match="labels must be integers"):
+        load_dataset("fashion-mnist", folder)
+
+
+def test_source_is_recorded_as_an_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_dataset_dir(tmp_path / "d")
+    monkeypatch.chdir(tmp_path)
+    ds = load_dataset("fashion-mnist", "d")
+    assert Path(ds.source).is_absolute() and Path(ds.source) == tmp_path / "d"

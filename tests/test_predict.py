@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import io
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -7,10 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
+from convnet import runs
 from convnet.engine import Engine
 from convnet.errors import InputError
 from convnet.models import create_model
-from convnet.predict import images_from_array, infer, load_array, load_image, load_input, predict
+from convnet.predict import (
+    Batch,
+    NpyFile,
+    array_batches,
+    images_from_array,
+    infer,
+    input_batches,
+    load_array,
+    load_image,
+    load_input,
+    predict,
+)
 
 from .conftest import write_idx
 
@@ -20,9 +35,10 @@ def test_infer_matches_a_plain_forward_pass() -> None:
     images = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8)
     with torch.no_grad():
         expected = model(images.float() / 255.0)
-    for engine in (Engine.faithful(), Engine.fast()):
-        torch.testing.assert_close(infer(model, images, engine=engine, batch_size=128), expected)
-    pred = predict(model, images)
+    torch.testing.assert_close(infer(model, images, engine=Engine.faithful(), batch_size=128), expected)
+    fast = infer(model, images, engine=Engine.fast())  # may compute in bf16: close, not equal
+    torch.testing.assert_close(fast, expected, rtol=0, atol=0.02)
+    pred = predict(model, images, engine=Engine.faithful())
     assert pred.labels.shape == (300,) and torch.equal(pred.labels, expected.argmax(1))
     torch.testing.assert_close(pred.probabilities.sum(1), torch.ones(300))
 
@@ -130,3 +146,117 @@ def test_idx_input(tmp_path: Path) -> None:
     got = load_input(p)
     assert got.images.shape == (7, 1, 28, 28) and torch.equal(got.images[:, 0], torch.from_numpy(a))
     assert got.names[3] == f"{p}[3]"
+
+
+# --- streaming: bounded batches, same results
+
+
+def test_input_batches_group_files_and_split_arrays(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (10, 28, 28)).astype(np.uint8)
+    np.save(tmp_path / "a.npy", arr)
+    for i in range(3):
+        Image.fromarray(arr[i], "L").save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths = [tmp_path / "0.png", tmp_path / "a.npy", tmp_path / "bad.png", tmp_path / "1.png", tmp_path / "2.png"]
+    items = list(input_batches(paths, batch_size=4))
+    kinds = [len(i.images) if isinstance(i, Batch) else "error" for i in items]
+    assert kinds == [4, 4, 3, "error", 2]  # full batches across files; what came before an error comes first
+    batches = [i for i in items if isinstance(i, Batch)]
+    assert all(b.images.shape[1:] == (1, 28, 28) and b.images.dtype == torch.uint8 for b in batches)
+    names = [n for i in items if isinstance(i, Batch) for n in i.names]
+    assert names == [str(paths[0]), *(f"{paths[1]}[{k}]" for k in range(10)), str(paths[3]), str(paths[4])]
+    streamed = torch.cat([i.images for i in items if isinstance(i, Batch)])
+    assert torch.equal(streamed[1:11, 0], torch.from_numpy(arr))
+    assert "bad.png" in str(items[3])
+
+
+def test_array_batches_check_everything_before_the_first_batch() -> None:
+    arr = np.zeros((10, 28, 28), np.float32)
+    arr[9, 0, 0] = np.nan  # in the last batch
+    with pytest.raises(InputError, match="NaN"):
+        next(array_batches(arr, "x.npy", batch_size=2))
+    arr[9, 0, 0] = 2.0  # floats must be in [0, 1] (or [0, 255]) as a whole, not batch by batch
+    arr[0, 0, 0] = 0.5
+    first = next(array_batches(arr, "x.npy", batch_size=2))
+    assert int(first[0, 0, 0, 0]) == 0  # 0.5 is read on the [0, 255] scale, as the whole array says
+    arr[9, 0, 0] = -1
+    with pytest.raises(InputError, match=r"values in \[-1, 0.5\]"):
+        next(array_batches(arr, "x.npy", batch_size=2))
+
+
+def test_npy_file_reads_rows_without_loading_the_whole(tmp_path: Path) -> None:
+    arr = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1)).astype(np.uint8)
+    for order in ("C", "F"):
+        np.save(tmp_path / "a.npy", np.asarray(arr, order=order))
+        npy = NpyFile(tmp_path / "a.npy")
+        assert npy.shape == arr.shape and len(npy) == 50
+        np.testing.assert_array_equal(npy[7:19], arr[7:19])
+        np.testing.assert_array_equal(npy[45:99], arr[45:])
+        assert torch.equal(load_array(tmp_path / "a.npy"), torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: np.save(p, np.zeros((0, 28, 28), np.uint8)), "holds no images"),
+        (lambda p: p.write_bytes(_npy_bytes(np.zeros((5, 28, 28), np.uint8))[:-100]), "truncated .npy file"),
+        (lambda p: p.write_bytes(_npy_bytes(np.zeros((5, 28, 28), np.uint8)).replace(b"'shape'", b"'shap'")),
+         "header is damaged"),
+        (lambda p: p.write_bytes(b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 20), "header is damaged"),
+        (lambda p: np.save(p, np.zeros((5, 28, 28), "U1")), "<U1 values"),
+        (lambda p: np.save(p, np.zeros((5, 28, 28), [("a", "u1")])), "values"),
+        (lambda p: np.save(p, np.array([[1, 2]], dtype=object), allow_pickle=True), "unpickling"),
+    ],
+    ids=["empty", "truncated", "bad-header-key", "garbage-header", "strings", "structured", "objects"],
+)
+def test_bad_npy_files(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "x.npy"
+    make(p)
+    with pytest.raises(InputError, match=message):
+        load_input(p)
+    assert [type(i) for i in input_batches([p])] == [InputError]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def random_run(tmp_path: Path) -> Path:
+    """A run folder with an untrained seed model: enough for the predict command."""
+    run = tmp_path / "run"
+    run.mkdir()
+    runs.write_json(run / runs.CONFIG, {"train": {"model": "seed"}, "data": {
+        "name": "fashion-mnist", "classes": [f"class {i}" for i in range(10)], "image_shape": [1, 28, 28]}})
+    runs.save_tensors(run / runs.WEIGHTS, create_model("seed").state_dict())
+    return run
+
+
+def test_predict_command_output_is_unchanged_by_streaming(random_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from convnet.cli import main
+    from convnet.predict import load_model
+
+    arr = np.random.default_rng(0).integers(0, 256, (9000, 28, 28)).astype(np.uint8)  # three batches of 4096
+    np.save(tmp_path / "a.npy", arr)
+    Image.fromarray(arr[0], "L").save(tmp_path / "b.png")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    assert main(["predict", str(random_run), str(tmp_path / "a.npy"), str(tmp_path / "empty.npy"),
+                 str(tmp_path / "b.png"), "--json"]) == 1
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert out == json.dumps(rows, indent=2) + "\n"  # what printing the whole list at once gave
+    assert err.count("\n") == 2 and "empty.npy" in err and "1 of 3 inputs could not be read" in err
+    model, _ = load_model(random_run)
+    whole = predict(model, torch.from_numpy(arr[:, None]))
+    assert [r["label"] for r in rows[:9000]] == whole.labels.tolist()
+    assert [r["input"] for r in rows] == [f"{tmp_path / 'a.npy'}[{i}]" for i in range(9000)] + [str(tmp_path / "b.png")]
+    assert main(["predict", str(random_run), str(tmp_path / "empty.npy"), "--json"]) == 1
+    assert capsys.readouterr().out == "[]\n"
+    assert main(["predict", str(random_run), str(tmp_path / "b.png"), str(tmp_path / "a.npy")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    label_column = {re.match(r"\S+ +", line).end() for line in lines}  # type: ignore[union-attr]
+    assert len(lines) == 9001 and len(label_column) == 1  # one column width throughout

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import tempfile
 import urllib.error
@@ -23,6 +24,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -41,8 +43,15 @@ _IDX_DTYPES = {
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
+MAX_IDX_BYTES = 1 << 31  # larger IDX files are refused: a guard against gzip bombs (Fashion-MNIST's largest: 47 MB)
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (``*-idx3-ubyte``, ``*-idx1-ubyte``, gzipped or not).
+
+    The header is read first and only the bytes it declares are then read (or
+    decompressed), so a damaged header or a gzip bomb costs no more than
+    :data:`MAX_IDX_BYTES` of memory.
 
     Args:
         path: the file; gzip is detected from its first bytes, not its name.
@@ -51,28 +60,51 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         The array, with the file's dimensions and native byte order.
 
     Raises:
-        DataError: naming the file and what is wrong with it (not gzip, truncated,
-            wrong magic number, size that disagrees with the header).
+        DataError: naming the file and what is wrong with it (not gzip, corrupt gzip,
+            truncated, wrong magic number, size that disagrees with the header).
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == _GZIP_MAGIC
+            f.seek(0)
+            if not gzipped:
+                if path.suffix == ".gz":
+                    raise DataError(f"{path}: not a gzip file although its name ends in .gz")
+                return _read_idx_stream(f, str(path))
+            try:
+                with gzip.GzipFile(fileobj=f) as g:
+                    return _read_idx_stream(g, str(path))
+            except (OSError, EOFError, zlib.error) as e:
+                raise DataError(f"{path}: corrupt or truncated gzip data ({e}); delete it and fetch it again") from None
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({e}); delete it and fetch it again") from None
-    elif path.suffix == ".gz":
-        raise DataError(f"{path}: not a gzip file although its name ends in .gz")
-    return parse_idx(raw, name=str(path))
 
 
-def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Parse the bytes of an uncompressed IDX file; see :func:`read_idx`."""
+def _read_idx_stream(stream: IO[bytes], name: str) -> np.ndarray:
+    head = _read_up_to(stream, 4)
+    if len(head) == 4:
+        head += _read_up_to(stream, 4 * head[3])
+    header, shape, _, expected = _idx_header(bytes(head), name)
+    raw = head + _read_up_to(stream, expected - header)
+    if len(raw) == expected and stream.read(1):
+        raise DataError(f"{name}: has trailing bytes: dimensions {shape} need {expected} bytes, the file has more")
+    return parse_idx(raw, name)
+
+
+def _read_up_to(stream: IO[bytes], n: int) -> bytearray:
+    """``n`` bytes of ``stream``, fewer at its end; read in pieces, so a header that
+    promises much more than the file holds allocates nothing ahead."""
+    out = bytearray()
+    while len(out) < n and (piece := stream.read(min(n - len(out), 1 << 24))):
+        out += piece
+    return out
+
+
+def _idx_header(raw: bytes, name: str) -> tuple[int, tuple[int, ...], np.dtype, int]:
+    """Check an IDX header; return its length, the shape, the item type and the file size it implies."""
     if len(raw) < 4:
         raise DataError(f"{name}: truncated IDX file ({len(raw)} bytes, the header alone needs 4)")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -86,8 +118,16 @@ def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{name}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions need {header})")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if math.prod(d for d in shape if d) * dtype.itemsize > MAX_IDX_BYTES:
+        raise DataError(f"{name}: IDX dimensions {shape} declare more than the {MAX_IDX_BYTES:,} bytes allowed "
+                        "(a damaged header, or a guard against gzip bombs)")
+    return header, shape, dtype, header + math.prod(shape) * dtype.itemsize
+
+
+def parse_idx(raw: bytes | bytearray, name: str = "<bytes>") -> np.ndarray:
+    """Parse the bytes of an uncompressed IDX file; see :func:`read_idx`."""
+    header, shape, dtype, expected = _idx_header(bytes(raw[:1024]), name)
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "has trailing bytes"
         raise DataError(f"{name}: {what}: dimensions {shape} need {expected} bytes, the file has {len(raw)}")
@@ -245,9 +285,13 @@ def load_dataset(
     arrays = {key: read_idx(_find_file(folder, f.name)) for key, f in spec.files.items()}
     train = _split(arrays["train_images"], arrays["train_labels"], folder, spec, "train")
     test = _split(arrays["test_images"], arrays["test_labels"], folder, spec, "test")
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"{folder}: train images are {tuple(train.images.shape[2:])} but test images "
+                        f"{tuple(test.images.shape[2:])}; both splits need the same size")
     if subset is not None:
         train = Split(train.images[:subset], train.labels[:subset])
-    return Dataset(spec.name, spec.classes, train, test, str(folder), subset)
+    # the folder made absolute, so that a run folder's record of it holds from any working directory
+    return Dataset(spec.name, spec.classes, train, test, os.path.abspath(folder), subset)
 
 
 def _find_file(folder: Path, gz_name: str) -> Path:
@@ -296,6 +340,10 @@ def _split(images: np.ndarray, labels: np.ndarray, folder: Path, spec: DatasetSp
         raise DataError(f"{folder}: {images.shape[0]} {which} images but {labels.shape[0]} labels")
     if images.dtype != np.uint8:
         raise DataError(f"{folder}: {which} images must be unsigned bytes, got {images.dtype}")
+    if labels.dtype.kind not in "ui":
+        raise DataError(f"{folder}: {which} labels must be integers, got {labels.dtype}")
+    if 0 in images.shape:
+        raise DataError(f"{folder}: {which} images have shape {images.shape}; there is nothing to learn from")
     bad = (labels < 0) | (labels >= len(spec.classes))
     if bad.any():
         raise DataError(f"{folder}: {which} label {int(labels[bad][0])} is outside 0..{len(spec.classes) - 1}")
@@ -380,3 +428,27 @@ def batches(n: int, batch_size: int, *, drop_last: bool = False) -> Sequence[sli
     """Slices ``[0:b], [b:2b], …`` covering ``n`` items; the last may be short."""
     stop = n - n % batch_size if drop_last else n
     return [slice(start, min(start + batch_size, n)) for start in range(0, stop, batch_size)]
+
+
+def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out ``fraction`` of ``split``, the same share of every class (stratified),
+    chosen by ``seed``. Both parts keep the original order.
+
+    Returns:
+        ``(train, validation)``.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-split must be a fraction between 0 and 1, got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    labels = split.labels.cpu()
+    held = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        k = round(len(idx) * fraction)
+        held.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[torch.cat(held)] = True
+    if mask.all() or not mask.any():
+        raise DataError(f"--val-split {fraction} leaves no {'training' if mask.all() else 'validation'} images")
+    keep, val = (~mask).nonzero().flatten(), mask.nonzero().flatten()
+    return (Split(split.images[keep], split.labels[keep]), Split(split.images[val], split.labels[val]))

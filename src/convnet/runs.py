@@ -52,8 +52,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:  # Ctrl-C included: never leave the temporary file behind
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, a folder in the way, …
+            raise RunError(f"cannot write {path}: {e.strerror or e}; its previous version is kept") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -170,10 +172,30 @@ def open_run(path: str | os.PathLike[str]) -> Run:
         raise RunError(f"{p}: not a run folder (no {CONFIG}); give the folder `convnet train` wrote")
     config = read_json(p / CONFIG)
     for key in ("train", "data"):
-        if not isinstance(config, dict) or key not in config:
+        if not isinstance(config, dict) or not isinstance(config.get(key), dict):
             raise RunError(f"{p / CONFIG}: no {key!r} section; the run folder is damaged")
+    for section, key, ok in _REQUIRED:
+        if not ok(config[section].get(key)):
+            raise RunError(f"{p / CONFIG}: missing or malformed {section}.{key} "
+                           f"({config[section].get(key)!r}); the run folder is damaged")
     history = read_json(p / HISTORY) if (p / HISTORY).is_file() else []
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise RunError(f"{p / HISTORY}: not a list of epoch records; the run folder is damaged")
     return Run(p, config, history)
+
+
+def _is_shape(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(type(d) is int and d > 0 for d in v)
+
+
+# What the rest of convnet reads from a config.json without looking further: checked once, here.
+_REQUIRED: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+    ("train", "model", lambda v: isinstance(v, str)),
+    ("data", "name", lambda v: isinstance(v, str)),
+    ("data", "classes", lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v)),
+    ("data", "image_shape", _is_shape),
+    ("data", "subset", lambda v: v is None or (type(v) is int and v > 0)),
+)
 
 
 def run_dataset(run: Run, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
@@ -182,7 +204,12 @@ def run_dataset(run: Run, data_dir: str | os.PathLike[str] | None = None) -> Dat
     data = run.config["data"]
     if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
         data_dir = data["source"]
-    return load_dataset(data["name"], data_dir, subset=data.get("subset"))
+    dataset = load_dataset(data["name"], data_dir, subset=data.get("subset"))
+    if data.get("train_images") not in (None, len(dataset.train)):
+        raise RunError(f"{run.path} was trained on {data['train_images']} {data['name']} images from "
+                       f"{data.get('source')}, but {dataset.source} holds {len(dataset.train)}; "
+                       "pass --data-dir with the run's own data")
+    return dataset
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
