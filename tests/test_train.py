@@ -81,9 +81,11 @@ def test_resume_gives_the_same_weights_bit_for_bit(toy_dir: Path, tmp_path: Path
 def test_resume_without_checkpoint(tmp_path: Path, toy_dir: Path) -> None:
     with pytest.raises(RunError, match="not a run folder"):
         resume(tmp_path)
-    (tmp_path / runs.CONFIG).write_text('{"train": {}, "data": {}}')
+    run = runs.new_run_dir(tmp_path / "run", "x")
+    train(TrainConfig(epochs=1, batch_size=64), load_dataset("fashion-mnist", toy_dir), run_dir=run)
+    (run / runs.CHECKPOINT).unlink()
     with pytest.raises(RunError, match="no checkpoint"):
-        resume(tmp_path)
+        resume(run)
 
 
 def test_divergence_stops_with_epoch_and_batch(toy_dir: Path, tmp_path: Path) -> None:

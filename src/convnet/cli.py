@@ -10,18 +10,31 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from convnet import __version__
+from convnet.bench import format_bench, run_bench
 from convnet.data import DATASETS, load_dataset
 from convnet.engine import DEVICES, Engine, resolve_device
 from convnet.errors import ConvnetError, InputError
 from convnet.evaluate import evaluate, evaluate_run
 from convnet.models import count_parameters, create_model, list_models
-from convnet.predict import LAYOUTS, load_inputs, load_model, predict
+from convnet.predict import LAYOUTS, input_batches, load_model, predict
+from convnet.report import build_report, compare, evaluate_and_plot
 from convnet.runs import new_run_dir, write_json
-from convnet.train import OPTIMIZERS, ConsolePrinter, TrainConfig, resume, train
+from convnet.augment import AUGMENTS
+from convnet.train import (
+    DEFAULT_RECIPE,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+    ConsolePrinter,
+    TrainConfig,
+    recipe,
+    resume,
+    train,
+)
 from convnet.tutorial import run_tutorial
 
 D = TrainConfig()  # defaults, shown in --help
@@ -42,16 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"convnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model; writes a run folder")
-    p.add_argument("--model", default=D.model, help=f"registered model (default: {D.model}; see `convnet models`)")
-    p.add_argument("--optimizer", default=D.optimizer, choices=OPTIMIZERS, help=f"(default: {D.optimizer})")
-    p.add_argument("--lr", type=float, default=D.lr, help=f"learning rate (default: {D.lr})")
-    p.add_argument("--epochs", type=int, default=D.epochs, help=f"(default: {D.epochs})")
-    p.add_argument("--batch-size", type=int, default=D.batch_size, help=f"(default: {D.batch_size})")
-    p.add_argument("--seed", type=int, default=D.seed, help=f"initial weights and shuffle order (default: {D.seed})")
-    p.add_argument("--momentum", type=float, default=D.momentum, help=f"SGD momentum (default: {D.momentum})")
-    p.add_argument("--weight-decay", type=float, default=D.weight_decay, help=f"(default: {D.weight_decay})")
-    p.add_argument("--no-shuffle", action="store_true", help="keep the data's order every epoch (default: shuffle)")
+    p = sub.add_parser("train", help="train a model; writes a run folder",
+                       description="Train a model. Settings come from a recipe (see `convnet recipes`); "
+                                   "each flag given overrides the recipe's value.")
+    p.add_argument("--recipe", default=None, choices=list(RECIPES),
+                   help="named settings (default: cpu on a CPU, gpu on a GPU; tutorial with --faithful)")
+    p.add_argument("--model", help="registered model (default: the recipe's; see `convnet models`)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="(default: the recipe's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--epochs", type=int, help="(default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="(default: the recipe's)")
+    p.add_argument("--seed", type=int, help=f"initial weights, shuffle order, augmentation (default: {D.seed})")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default: the recipe's)")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum (default: the recipe's)")
+    p.add_argument("--weight-decay", type=float, help="(default: the recipe's)")
+    p.add_argument("--label-smoothing", type=float, help="(default: the recipe's)")
+    p.add_argument("--augment", choices=AUGMENTS, help="batched augmentation (default: the recipe's)")
+    p.add_argument("--translate-px", type=int, help="largest random shift (default: the recipe's)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: the recipe's)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up length (default: the recipe's)")
+    p.add_argument("--val-split", type=float, help="share of training images held out for validation (default: 0)")
+    p.add_argument("--target-accuracy", type=float,
+                   help="stop when the test accuracy, checked every epoch, reaches this (default: off)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="predict with the mean of each image and its mirror (default: the recipe's)")
+    p.add_argument("--shuffle", action=argparse.BooleanOptionalAction,
+                   help="a new order every epoch (default: on, off with --faithful)")
     p.add_argument("--faithful", action="store_true",
                    help="the tutorial's exact arithmetic: fp32, no shuffling, its float32 learning rate")
     p.add_argument("--subset", type=int, default=None, help="train on the first N training images only")
@@ -84,8 +113,45 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p)
     _device_flag(p)
 
+    p = sub.add_parser("bench", help="images/s of convnet vs the tutorial's loop, side by side")
+    p.add_argument("--model", default="seed", help="model to time (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument("--train-images", type=int, default=12_800, help="images per timed epoch (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _data_flags(p)
+    _device_flag(p)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of runs: scores, plots, comparison")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders; several are compared first")
+    p.add_argument("-o", "--out", type=Path, default=None,
+                   help="HTML file or folder (default: report.html in the runs' common folder)")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with the IDX files (default: as trained)")
+    _device_flag(p)
+
+    p = sub.add_parser("compare", help="runs side by side in the terminal: accuracies, losses, f1 per class")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with the IDX files (default: as trained)")
+    _device_flag(p)
+
     sub.add_parser("models", help="list the registered models")
+    sub.add_parser("recipes", help="list the named training recipes and their settings")
     return parser
+
+
+def train_config(a: argparse.Namespace, device_type: str) -> TrainConfig:
+    """The recipe's config with every flag that was given laid over it."""
+    name = a.recipe or ("tutorial" if a.faithful else DEFAULT_RECIPE.get(device_type, "cpu"))
+    config = recipe(name)
+    if a.optimizer not in (None, "sgd") and a.nesterov is None:  # the recipe's SGD momentum does not carry over
+        config.nesterov, config.momentum = False, 0.0
+    for f in fields(TrainConfig):
+        value = getattr(a, f.name, None)
+        if value is not None and f.name != "faithful":
+            setattr(config, f.name, value)
+    if a.faithful:
+        config.faithful, config.shuffle = True, False
+    return config
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -96,9 +162,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         engine = Engine.faithful(device) if config.faithful else Engine.fast(device)
         result = resume(a.resume, engine=engine, events=printer, data_dir=a.data_dir)
     else:
-        config = TrainConfig(model=a.model, optimizer=a.optimizer, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size,
-                             seed=a.seed, shuffle=not a.no_shuffle, momentum=a.momentum,
-                             weight_decay=a.weight_decay, faithful=a.faithful)
+        config = train_config(a, device.type)
         config.validate()  # before anything is loaded or written
         dataset = load_dataset(a.dataset, a.data_dir, subset=a.subset)
         engine = Engine.faithful(device) if config.faithful else Engine.fast(device)
@@ -121,7 +185,7 @@ def _read_train_config(run: Path) -> dict:  # type: ignore[type-arg]
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    ev = evaluate_run(a.run, engine=Engine.fast(resolve_device(a.device)), data_dir=a.data_dir)
+    ev = evaluate_and_plot(a.run, engine=Engine.fast(resolve_device(a.device)), data_dir=a.data_dir)
     if a.json:
         print(json.dumps(ev.to_json(), indent=2))
         return 0
@@ -134,28 +198,43 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(" " * 13 + "".join(f"{i:>{width + 1}}" for i in range(len(ev.classes))))
     for i, (name, row) in enumerate(zip(ev.classes, ev.confusion_matrix, strict=True)):
         print(f"{i} {name[:10]:<11}" + "".join(f"{int(v):>{width + 1}}" for v in row))
+    print(f"Plots in {a.run / 'plots'}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    path = build_report(a.runs, a.out, data_dir=a.data_dir, engine=Engine.fast(resolve_device(a.device)))
+    print(f"Report written to {path}")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    print(compare(a.runs, data_dir=a.data_dir, engine=Engine.fast(resolve_device(a.device))))
     return 0
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
     engine = Engine.fast(resolve_device(a.device))
     model, run = load_model(a.run, engine)
-    rows, failed = [], 0
-    for item in load_inputs(a.inputs, run.image_shape, layout=a.layout):
+    failed, printed, width = 0, 0, 0
+    for item in input_batches(a.inputs, run.image_shape, layout=a.layout):  # bounded memory for inputs of any size
         if isinstance(item, InputError):
             print(f"convnet: error: {item}", file=sys.stderr)
             failed += 1
             continue
         pred = predict(model, item.images, engine=engine)
-        for name, label, probs in zip(item.names, pred.labels.tolist(), pred.probabilities, strict=True):
-            rows.append({"input": name, "label": label, "class": run.classes[label],
-                         "probability": round(float(probs[label]), 6)})
+        width = max(width, *map(len, item.names))
+        top = pred.probabilities.max(dim=1).values.tolist()  # the probability of each predicted label
+        for name, label, probability in zip(item.names, pred.labels.tolist(), top, strict=True):
+            row = {"input": name, "label": label, "class": run.classes[label], "probability": round(probability, 6)}
+            if a.json:  # one JSON list, printed a row at a time
+                text = json.dumps(row, indent=2).replace("\n", "\n  ")
+                print("[\n  " if not printed else ",\n  ", text, sep="", end="")
+            else:
+                print(f"{name:<{width}}  {label}  {row['class']:<12}  {row['probability']:.3f}")
+            printed += 1
     if a.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        width = max((len(r["input"]) for r in rows), default=5)
-        for r in rows:
-            print(f"{r['input']:<{width}}  {r['label']}  {r['class']:<12}  {r['probability']:.3f}")
+        print("\n]" if printed else "[]")
     if failed:
         print(f"convnet: {failed} of {len(a.inputs)} inputs could not be read", file=sys.stderr)
     return 1 if failed else 0
@@ -170,6 +249,28 @@ def cmd_tutorial(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    if a.repeats < 1 or a.train_images < a.batch_size:
+        raise ConvnetError("--repeats must be >= 1 and --train-images at least one --batch-size")
+    dataset = load_dataset(a.dataset, a.data_dir)
+    result = run_bench(dataset, engine=Engine.fast(resolve_device(a.device)), model=a.model,
+                       batch_size=a.batch_size, train_images=a.train_images, repeats=a.repeats)
+    print(json.dumps(result.to_json(), indent=2) if a.json else format_bench(result))
+    return 0
+
+
+def cmd_recipes(a: argparse.Namespace) -> int:
+    plain = TrainConfig()
+    for name, config in RECIPES.items():
+        changed = {k: v for k, v in asdict(config).items() if v != getattr(plain, k)}
+        default = [d for d, r in DEFAULT_RECIPE.items() if r == name]
+        note = f" (default on {', '.join(default)})" if default else " (the tutorial's settings; base of --faithful)"
+        print(f"{name}{note}")
+        for k, v in (asdict(config) if not changed else changed).items():
+            print(f"  --{k.replace('_', '-'):<17} {v}")
+    return 0
+
+
 def cmd_models(a: argparse.Namespace) -> int:
     for name, description in list_models().items():
         print(f"{name:<10} {count_parameters(create_model(name)):>9,} parameters  {description}")
@@ -177,7 +278,8 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tutorial": cmd_tutorial,
-            "models": cmd_models}
+            "models": cmd_models, "recipes": cmd_recipes, "bench": cmd_bench, "report": cmd_report,
+            "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConvnetError as e:
         print(f"convnet: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `convnet recipes | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         hint = " (resume with `convnet train --resume RUN`)" if args.command == "train" else ""
         print(f"convnet: interrupted{hint}", file=sys.stderr)

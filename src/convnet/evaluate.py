@@ -46,17 +46,19 @@ class Evaluation:
         }
 
 
-def score_split(model: nn.Module, split: Split, engine: Engine) -> SplitScores:
-    probs = infer(model, split.images, engine=engine).softmax(dim=1)
+def score_split(model: nn.Module, split: Split, engine: Engine, tta: bool = False) -> SplitScores:
+    probs = infer(model, split.images, engine=engine, tta=tta).softmax(dim=1)
     preds = probs.argmax(dim=1)
     return SplitScores(metrics.accuracy(preds, split.labels), preds, probs)
 
 
-def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None) -> Evaluation:
-    """Accuracy on both splits; classification report and confusion matrix on the test split."""
+def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None, tta: bool = False) -> Evaluation:
+    """Accuracy on both splits; classification report and confusion matrix on the test split.
+
+    ``tta`` predicts each image as the mean of it and its mirror (see :func:`infer`)."""
     engine = engine or Engine.fast()
-    train = score_split(model, dataset.train, engine)
-    test = score_split(model, dataset.test, engine)
+    train = score_split(model, dataset.train, engine, tta)
+    test = score_split(model, dataset.test, engine, tta)
     y = dataset.test.labels
     return Evaluation(
         classes=dataset.classes,
@@ -76,6 +78,6 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike
     engine = engine or Engine.fast()
     model, run = load_model(run_dir, engine)
     dataset = dataset or runs.run_dataset(run, data_dir)
-    result = evaluate(model, dataset, engine=engine)
+    result = evaluate(model, dataset, engine=engine, tta=bool(run.config["train"].get("tta", False)))
     runs.write_json(run.path / runs.METRICS, result.to_json())
     return result

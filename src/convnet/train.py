@@ -10,42 +10,58 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 from torch import nn
 
 from convnet import runs
-from convnet.data import Dataset, batches
+from convnet.augment import AUGMENTS, augment
+from convnet.data import Dataset, Split, batches, split_validation
 from convnet.engine import Engine
 from convnet.errors import ConvnetError, RunError, TrainingDiverged
 from convnet.models import count_parameters, create_model
+from convnet.predict import infer
 from convnet.progress import Bar
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
 class TrainConfig:
-    """What to train and how. Defaults are convnet's own; ``faithful=True`` switches off
-    everything that departs from the tutorial's arithmetic (shuffling, the fast engine),
-    so the tutorial's exact numbers come back.
+    """What to train and how. The defaults are the tutorial's plain setting; named
+    recipes (:data:`RECIPES`) bundle the stronger ones. ``faithful=True`` keeps the
+    tutorial's exact arithmetic, so the tutorial's numbers come back.
 
     Attributes:
         model: a registered model name (see ``convnet models``).
         optimizer: ``sgd``, ``adam`` or ``adamw``.
-        lr: learning rate per step (not scaled by batch size).
+        lr: peak learning rate per step (not scaled by batch size).
         epochs: full passes over the training images.
         batch_size: images per step.
-        seed: seeds the initial weights (``torch.manual_seed``) and the shuffle order.
+        seed: seeds the initial weights (``torch.manual_seed``), the shuffle order, the
+            augmentation and the validation split.
         shuffle: a new random order every epoch; the tutorial did not shuffle.
         momentum: SGD momentum (0 = plain SGD, the tutorial's).
+        nesterov: Nesterov momentum for SGD.
         weight_decay: L2 penalty (decoupled for ``adamw``).
-        faithful: reproduce the tutorial's arithmetic exactly.
+        label_smoothing: share of the target spread over all classes (0 = none).
+        augment: ``none``, ``flip``, ``translate`` or ``flip-translate``, batched on the device.
+        translate_px: largest random shift in pixels for ``translate``.
+        schedule: ``constant``, or linear warm-up then ``linear`` or ``cosine`` decay to 0.
+        warmup_epochs: length of the warm-up, in epochs (may be fractional).
+        val_split: share of the training images held out for per-epoch validation.
+        target_accuracy: stop once the test accuracy, measured after every epoch,
+            reaches this (a time-to-accuracy run); 0 = off.
+        tta: predict with test-time augmentation (mean of the image and its mirror).
+        faithful: the tutorial's exact arithmetic (see README).
     """
 
     model: str = "seed"
@@ -56,7 +72,16 @@ class TrainConfig:
     seed: int = 42
     shuffle: bool = True
     momentum: float = 0.0
+    nesterov: bool = False
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    augment: str = "none"
+    translate_px: int = 2
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    val_split: float = 0.0
+    target_accuracy: float = 0.0
+    tta: bool = False
     faithful: bool = False
 
     def __post_init__(self) -> None:
@@ -65,43 +90,120 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConvnetError` naming the flag of the first bad value."""
-        if self.optimizer not in OPTIMIZERS:
-            raise ConvnetError(f"unknown --optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        for flag, value, choices in (("--optimizer", self.optimizer, OPTIMIZERS), ("--augment", self.augment, AUGMENTS),
+                                     ("--schedule", self.schedule, SCHEDULES)):
+            if value not in choices:
+                raise ConvnetError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+             "--nesterov needs --optimizer sgd and a --momentum above 0"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.translate_px <= 8, f"--translate-px must be in 0..8, got {self.translate_px}"),
+            (0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in 0..--epochs, got {self.warmup_epochs}"),
+            (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
+            (0 <= self.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {self.target_accuracy}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConvnetError(message)
+        if self.faithful:
+            plain = TrainConfig()
+            for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta"):
+                if getattr(self, name) != getattr(plain, name):
+                    raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
+                                       f"--{name.replace('_', '-')} {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """A config from a run's ``config.json`` section; unknown keys are ignored.
+
+        Raises:
+            RunError: a value of the wrong type.
+        """
+        plain = cls()
+        values = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            value, want = d[f.name], type(getattr(plain, f.name))
+            ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok:
+                raise RunError(f"config value {f.name}={value!r} should be a {want.__name__}; the run folder is damaged")
+            values[f.name] = value
+        return cls(**values)
+
+
+# Named recipes: `convnet train --recipe NAME`; flags given on the command line override them.
+# Chosen on a validation split (--val-split 0.1), never on the test set; see README for their numbers.
+RECIPES: dict[str, TrainConfig] = {
+    "tutorial": TrainConfig(shuffle=False),
+    "cpu": TrainConfig(model="fastnet", optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                       epochs=16, batch_size=128, label_smoothing=0.1, augment="flip-translate", translate_px=2,
+                       schedule="linear", warmup_epochs=1.0, tta=True),
+    "gpu": TrainConfig(model="fastnet", optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                       epochs=16, batch_size=512, label_smoothing=0.1, augment="flip-translate", translate_px=2,
+                       schedule="linear", warmup_epochs=1.0, tta=True),
+}
+DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
+
+
+def recipe(name: str) -> TrainConfig:
+    """A copy of the named recipe's config."""
+    if name not in RECIPES:
+        raise ConvnetError(f"unknown --recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return replace(RECIPES[name])
+
+
+def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) under ``config.schedule``."""
+    if config.schedule == "constant":
+        return config.lr
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1 over the decay
+    if config.schedule == "linear":
+        return config.lr * (1 - progress)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer the config names. In faithful mode the learning rate is passed as
-    the tutorial passed it, a float32 tensor (``torch.tensor(1/1e3)``), which rounds it."""
+    the tutorial passed it, a float32 tensor (``torch.tensor(1/1e3)``), which rounds it.
+    Weight decay is not applied to batch-norm and bias parameters."""
     lr: float | torch.Tensor = torch.tensor(config.lr) if config.faithful else config.lr
-    params = model.parameters()
+    if config.weight_decay:
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        params: Any = [{"params": decay, "weight_decay": config.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        params = model.parameters()
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # decay, if any, is set per group above
 
 
 @dataclass
 class EpochRecord:
     epoch: int  # 1-based
     loss: float  # mean of the batch losses, as the tutorial prints it
-    seconds: float
+    seconds: float  # training only, without the evaluation below
     images_per_s: float
+    lr: float  # at the epoch's last step
+    val_loss: float | None = None  # on the held-out --val-split images
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None  # only measured for --target-accuracy
 
 
 @dataclass
@@ -112,6 +214,7 @@ class TrainState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     shuffle_rng: torch.Generator
+    augment_rng: torch.Generator
     epoch: int = 0  # epochs completed
     history: list[EpochRecord] = field(default_factory=list)
     stop: bool = False  # an event sets this to end training after the current epoch
@@ -174,8 +277,13 @@ class ConsolePrinter(TrainEvents):
             self.bar = None
         r = state.history[-1]
         width = len(str(state.config.epochs))
+        extra = ""
+        if r.val_loss is not None:
+            extra += f"  val loss {r.val_loss:.3f} accuracy {r.val_accuracy:.4f}"
+        if r.test_accuracy is not None:
+            extra += f"  test accuracy {r.test_accuracy:.4f}"
         print(f"Categorical Cross Entropy : {r.loss:.3f}   epoch {r.epoch:>{width}}/{state.config.epochs}"
-              f"  {r.seconds:6.1f} s  {r.images_per_s:8,.0f} images/s", file=self.stream, flush=True)
+              f"  {r.seconds:6.1f} s  {r.images_per_s:8,.0f} images/s{extra}", file=self.stream, flush=True)
 
 
 class RunWriter(TrainEvents):
@@ -227,11 +335,15 @@ def train(
     config.validate()
     engine = engine or (Engine.faithful() if config.faithful else Engine.fast())
     num_classes, (in_channels, height, _) = dataset.num_classes, dataset.image_shape
+    train_split, val_split = dataset.train, None
+    if config.val_split:
+        train_split, val_split = split_validation(dataset.train, config.val_split, config.seed)
 
     torch.manual_seed(config.seed)  # the initial weights, as the tutorial seeds them
     model = engine.prepare_model(create_model(config.model, num_classes, in_channels, height))
     optimizer = make_optimizer(config, model)
-    state = TrainState(config, model, optimizer, torch.Generator().manual_seed(config.seed))
+    state = TrainState(config, model, optimizer, torch.Generator().manual_seed(config.seed),
+                       torch.Generator(engine.device).manual_seed(config.seed + 1))
     if resume:
         if run_dir is None:
             raise ConvnetError("resume needs the run folder")
@@ -240,9 +352,10 @@ def train(
         write_config(run_dir, config, dataset, engine, model)
     events = EventList(*(e for e in (events, RunWriter(run_dir) if run_dir else None) if e is not None))
 
-    images, labels = dataset.train.images.to(engine.device), dataset.train.labels.to(engine.device)
+    images, labels = train_split.images.to(engine.device), train_split.labels.to(engine.device)  # (N, C, H, W) uint8
     n = len(labels)
-    loss_fn = nn.CrossEntropyLoss()
+    steps_per_epoch = len(batches(n, config.batch_size))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     check_each_batch = engine.device.type == "cpu"  # a finite-check costs a GPU sync; there, check per epoch
     events.on_train_start(state, n)
     start = time.perf_counter()
@@ -254,6 +367,11 @@ def train(
         for i, rows in enumerate(batches(n, config.batch_size)):
             idx = order[rows] if order is not None else rows
             x, y = engine.batch(images[idx]), labels[idx]  # (B, C, H, W) float in [0, 1], (B,)
+            if config.augment != "none":
+                x = augment(x, config.augment, config.translate_px, state.augment_rng)
+            if config.schedule != "constant":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(config, epoch * steps_per_epoch + i, steps_per_epoch)
             with engine.precision():
                 logits = model(x)  # (B, num_classes)
             loss = loss_fn(logits.float(), y)
@@ -269,13 +387,27 @@ def train(
             bad = int((~torch.isfinite(epoch_losses)).nonzero()[0])
             raise _diverged(epoch, bad, epoch_losses[bad])
         seconds = time.perf_counter() - t0
-        state.history.append(EpochRecord(epoch + 1, float(epoch_losses.mean()), seconds, n / seconds))
+        record = EpochRecord(epoch + 1, float(epoch_losses.mean()), seconds, n / seconds,
+                             float(optimizer.param_groups[0]["lr"]))
+        if val_split is not None:
+            record.val_loss, record.val_accuracy = _score(model, val_split, engine, config.tta)
+        if config.target_accuracy:
+            _, record.test_accuracy = _score(model, dataset.test, engine, config.tta)
+            state.stop = record.test_accuracy >= config.target_accuracy
+        state.history.append(record)
         state.epoch = epoch + 1
         events.on_epoch_end(state)
         if state.stop:
             break
     events.on_train_end(state)
     return TrainResult(model, state.history, run_dir, time.perf_counter() - start)
+
+
+def _score(model: nn.Module, split: Split, engine: Engine, tta: bool) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split``."""
+    logits = infer(model, split.images, engine=engine, tta=tta)
+    labels = split.labels.cpu()
+    return float(nn.functional.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
 
 
 def _diverged(epoch: int, batch: int, loss: torch.Tensor) -> TrainingDiverged:
@@ -321,47 +453,66 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
     groups = [{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in g.items()} for g in opt["param_groups"]]
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.shuffle"] = state.shuffle_rng.get_state()
+    tensors["rng.augment"] = state.augment_rng.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
     meta = {
         "epoch": state.epoch,
         "history": [asdict(r) for r in state.history],
         "optimizer_scalars": opt_scalars,
         "param_groups": groups,
+        "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "rng_python": random.getstate(),
     }
     runs.save_tensors(path, tensors, {"convnet": json.dumps(meta)})
 
 
 def load_checkpoint(path: Path, state: TrainState) -> None:
-    """Restore ``state`` (model, optimizer, random states, epoch, history) in place."""
+    """Restore ``state`` (model, optimizer, random states, epoch, history) in place.
+
+    Raises:
+        RunError: the file is not a convnet checkpoint or does not fit the model.
+    """
     from safetensors import safe_open
 
     tensors = runs.load_tensors(path)
     with safe_open(path, "pt") as f:  # type: ignore[no-untyped-call]
         meta = json.loads((f.metadata() or {}).get("convnet", "{}"))
-    if "epoch" not in meta:
-        raise RunError(f"{path}: not a convnet checkpoint (no epoch in its metadata)")
-    runs_model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    own = state.model.state_dict()
+    if set(model_state) != set(own) or any(own[k].shape != v.shape for k, v in model_state.items()):
+        raise RunError(f"{path}: the checkpoint's weights do not fit model {state.config.model!r}")
     try:
-        state.model.load_state_dict(runs_model)
-    except RuntimeError as e:
-        raise RunError(f"{path}: weights do not fit model {state.config.model!r}: {e}") from None
-    current = state.optimizer.state_dict()
-    opt_state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, key = k.split(".", 2)
-            opt_state.setdefault(int(pid), {})[key] = v
-    for pid, scalars in meta["optimizer_scalars"].items():
-        opt_state.setdefault(int(pid), {}).update(scalars)
-    groups = []
-    for saved, fresh in zip(meta["param_groups"], current["param_groups"], strict=True):
-        # keep a tensor learning rate a tensor (faithful mode), with the saved value
-        groups.append({k: (torch.tensor(saved[k], dtype=v.dtype) if isinstance(v, torch.Tensor) else saved.get(k, v))
-                       for k, v in fresh.items()})
-    state.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.torch"])
-    state.shuffle_rng.set_state(tensors["rng.shuffle"])
-    state.epoch = int(meta["epoch"])
-    state.history = [EpochRecord(**r) for r in meta["history"]]
+        state.model.load_state_dict(model_state)
+        opt_state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, key = k.split(".", 2)
+                opt_state.setdefault(int(pid), {})[key] = v
+        for pid, scalars in meta["optimizer_scalars"].items():
+            opt_state.setdefault(int(pid), {}).update(scalars)
+        groups = []
+        for saved, fresh in zip(meta["param_groups"], state.optimizer.state_dict()["param_groups"], strict=True):
+            # keep a tensor learning rate a tensor (faithful mode), with the saved value
+            groups.append({k: (torch.tensor(saved[k], dtype=v.dtype) if isinstance(v, torch.Tensor) else saved.get(k, v))
+                           for k, v in fresh.items()})
+        state.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.torch"])
+        state.shuffle_rng.set_state(tensors["rng.shuffle"])
+        state.augment_rng.set_state(tensors["rng.augment"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        kind, pos, has_gauss, cached = meta["rng_numpy"]
+        np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = meta["rng_python"]
+        random.setstate((version, tuple(internal), gauss))
+        state.epoch = int(meta["epoch"])
+        state.history = [EpochRecord(**r) for r in meta["history"]]
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise RunError(f"{path}: damaged checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
+                       "start the run again") from None
 
 
 def resume(run_dir: str | Path, *, engine: Engine | None = None, events: TrainEvents | None = None,
