@@ -112,3 +112,57 @@ def test_faithful_sgd_first_epochs(real_fashion: Path) -> None:
 def test_faithful_adam_first_epoch(real_fashion: Path) -> None:
     config = TrainConfig(model="seed", optimizer="adam", lr=0.001, epochs=1, batch_size=128, seed=42, faithful=True)
     assert _losses(config, real_fashion) == [f"{x:.3f}" for x in TODAY_ADAM[:1]]
+
+
+def test_schedules() -> None:
+    from convnet.train import lr_at
+
+    c = TrainConfig(lr=1.0, epochs=10, schedule="linear", warmup_epochs=1.0)
+    lrs = [lr_at(c, s, 10) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    cos = replace(c, schedule="cosine")
+    assert lr_at(cos, 9, 10) == 1.0 and abs(lr_at(cos, 54, 10) - 0.5) < 0.02
+    assert lr_at(replace(c, schedule="constant"), 50, 10) == 1.0
+
+
+def test_recipes_are_valid_and_named() -> None:
+    from convnet.train import RECIPES, recipe
+
+    for name in RECIPES:
+        recipe(name).validate()
+    assert recipe("tutorial").shuffle is False and recipe("cpu").model == "fastnet"
+    with pytest.raises(ConvnetError, match="unknown --recipe 'fast'.*cpu"):
+        recipe("fast")
+    with pytest.raises(ConvnetError, match="--faithful.*cannot be combined with --nesterov"):
+        replace(recipe("cpu"), faithful=True).validate()
+
+
+def test_config_from_dict_checks_types() -> None:
+    assert TrainConfig.from_dict({"epochs": 3, "lr": 1, "unknown": 0}).lr == 1.0
+    with pytest.raises(RunError, match="epochs='4' should be a int"):
+        TrainConfig.from_dict({"epochs": "4"})
+
+
+def test_resume_with_every_recipe_feature(toy_dir: Path, tmp_path: Path) -> None:
+    """Augmentation, schedule, EMA, label smoothing, validation split: resumed = uninterrupted."""
+    ds = load_dataset("fashion-mnist", toy_dir)
+    config = replace(TrainConfig(model="fastnet", optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True,
+                                 weight_decay=5e-4, epochs=3, batch_size=32, label_smoothing=0.1,
+                                 augment="flip-translate", schedule="linear", warmup_epochs=1, ema=0.9,
+                                 val_split=0.2, tta=True))
+    whole = train(config, ds, run_dir=runs.new_run_dir(tmp_path / "whole", "x"))
+    part = runs.new_run_dir(tmp_path / "part", "x")
+    train(config, ds, run_dir=part, events=_StopAfter(2))
+    resumed = resume(part, data_dir=toy_dir)
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert [r.val_accuracy for r in whole.history] == [r.val_accuracy for r in resumed.history]
+    assert all(r.val_loss is not None for r in resumed.history)
+
+
+def test_target_accuracy_stops_early(toy_dir: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    config = TrainConfig(model="fastnet", optimizer="adam", lr=3e-3, epochs=30, batch_size=32, target_accuracy=0.5)
+    result = train(config, ds)
+    assert len(result.history) < 30 and result.history[-1].test_accuracy >= 0.5
+    assert all(r.test_accuracy < 0.5 for r in result.history[:-1])

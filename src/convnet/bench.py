@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -125,7 +126,9 @@ def run_bench(dataset: Dataset, *, engine: Engine, model: str = "seed", batch_si
 
         net = create_model(model, dataset.num_classes).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=torch.tensor(1 / 1e3))
-        TrainModelInBatches(net, nn.CrossEntropyLoss(), opt, x_train, y_train, batch_size=batch_size, epochs=1)
+        with warnings.catch_warnings():  # its torch.tensor(losses) warns about grad-carrying scalars
+            warnings.simplefilter("ignore", UserWarning)
+            TrainModelInBatches(net, nn.CrossEntropyLoss(), opt, x_train, y_train, batch_size=batch_size, epochs=1)
 
     def convnet_train() -> None:
         train(config, small, engine=engine)
@@ -175,3 +178,73 @@ def format_bench(r: BenchResult) -> str:
         f"{'predict':<10}{r.tutorial_predict_images_per_s:>10,.0f} i/s{r.convnet_predict_images_per_s:>10,.0f} i/s"
         f"{r.predict_speedup:>9.2f}x",
     ])
+
+
+@dataclass
+class TimeToAccuracy:
+    """Seconds of training until the test accuracy reached ``target``, per seed."""
+
+    device: str
+    recipe: str
+    target: float
+    seeds: list[int]
+    seconds: list[float]  # training time to the target, or to the end when it was not reached
+    epochs: list[int]
+    accuracies: list[float]  # test accuracy when training stopped
+    reference: dict[str, float] | None  # the tutorial's Adam-15 run: seconds and test accuracy
+    torch: str
+    threads: int
+
+    @property
+    def reached(self) -> int:
+        return sum(a >= self.target for a in self.accuracies)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(reached=self.reached, mean_seconds=statistics.fmean(self.seconds),
+                 std_seconds=statistics.stdev(self.seconds) if len(self.seconds) > 1 else 0.0)
+        return d
+
+
+def time_to_accuracy(dataset: Dataset, *, engine: Engine, recipe_name: str, target: float, seeds: int = 3,
+                     reference: bool = True) -> TimeToAccuracy:
+    """Train ``recipe_name`` with ``--target-accuracy target`` once per seed (0, 1, …) and
+    time it; optionally the tutorial's Adam-15 run on the same engine as a reference.
+
+    The time is the training loop's own clock, including the per-epoch test evaluation
+    that decides when to stop, excluding start-up and data loading.
+    """
+    from convnet.train import recipe
+
+    secs, epochs, accs = [], [], []
+    for seed in range(seeds):
+        config = replace(recipe(recipe_name), seed=seed, target_accuracy=target)
+        result = train(config, dataset, engine=engine)
+        secs.append(result.seconds)
+        epochs.append(len(result.history))
+        accs.append(float(result.history[-1].test_accuracy or 0.0))
+    ref = None
+    if reference:
+        from convnet.evaluate import evaluate
+
+        tutorial_adam = replace(recipe("tutorial"), optimizer="adam", epochs=15, seed=42)
+        result = train(tutorial_adam, dataset, engine=engine)
+        ref = {"seconds": result.seconds, "test_accuracy": evaluate(result.model, dataset, engine=engine).test.accuracy}
+    return TimeToAccuracy(
+        device=str(engine.device) if engine.device.type == "cpu" else torch.cuda.get_device_name(engine.device),
+        recipe=recipe_name, target=target, seeds=list(range(seeds)), seconds=secs, epochs=epochs, accuracies=accs,
+        reference=ref, torch=torch.__version__, threads=torch.get_num_threads(),
+    )
+
+
+def format_time_to_accuracy(r: TimeToAccuracy) -> str:
+    d = r.to_json()
+    lines = [
+        f"device {r.device}, torch {r.torch}, {r.threads} threads, recipe {r.recipe}, target test accuracy {r.target}",
+        f"reached in {r.reached}/{len(r.seeds)} seeds: {d['mean_seconds']:.1f} ± {d['std_seconds']:.1f} s of training "
+        f"(epochs {r.epochs}, accuracies {[round(a, 4) for a in r.accuracies]})",
+    ]
+    if r.reference:
+        lines.append(f"reference, the tutorial's Adam-15 on the same engine: {r.reference['seconds']:.1f} s, "
+                     f"test accuracy {r.reference['test_accuracy']:.4f}")
+    return "\n".join(lines)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import torch
+
 from convnet import __version__
-from convnet.bench import format_bench, run_bench
+from convnet.bench import format_bench, format_time_to_accuracy, run_bench, time_to_accuracy
 from convnet.data import DATASETS, load_dataset
-from convnet.engine import DEVICES, Engine, resolve_device
+from convnet.engine import DEVICES, DistributedInfo, Engine, init_distributed, resolve_device
 from convnet.errors import ConvnetError, InputError
 from convnet.evaluate import evaluate, evaluate_run
 from convnet.models import count_parameters, create_model, list_models
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when the test accuracy, checked every epoch, reaches this (default: off)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="predict with the mean of each image and its mirror (default: the recipe's)")
+    p.add_argument("--ema", type=float,
+                   help="keep and evaluate a moving average of the weights, decay per step (default: the recipe's)")
     p.add_argument("--shuffle", action=argparse.BooleanOptionalAction,
                    help="a new order every epoch (default: on, off with --faithful)")
     p.add_argument("--faithful", action="store_true",
@@ -119,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=12_800, help="images per timed epoch (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--target", type=float, default=None,
+                   help="instead: seconds of training to this test accuracy, per seed, for --recipe")
+    p.add_argument("--recipe", default=None, choices=list(RECIPES),
+                   help="with --target (default: the device's default recipe)")
+    p.add_argument("--seeds", type=int, default=3, help="with --target: runs, seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="with --target: skip the tutorial's Adam-15 reference run")
     _data_flags(p)
     _device_flag(p)
 
@@ -155,23 +167,46 @@ def train_config(a: argparse.Namespace, device_type: str) -> TrainConfig:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    """Train in this process, or as one of several under torchrun (DistributedDataParallel)."""
+    info = init_distributed(a.device, dict(os.environ))
+    try:
+        return _train(a, info)
+    finally:
+        if info is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(a: argparse.Namespace, info: DistributedInfo | None) -> int:
     device = resolve_device(a.device)
-    printer = ConsolePrinter(progress=not a.no_progress)
-    if a.resume is not None:
-        config = TrainConfig.from_dict(_read_train_config(a.resume))
+    if info is not None and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)  # one GPU per process
+    rank, world = (info.rank, info.world_size) if info else (0, 1)
+    printer = ConsolePrinter(progress=not a.no_progress) if rank == 0 else None  # one process prints
+
+    def engine_for(config: TrainConfig) -> Engine:
         engine = Engine.faithful(device) if config.faithful else Engine.fast(device)
+        return replace(engine, rank=rank, world_size=world)
+
+    if a.resume is not None:
+        engine = engine_for(TrainConfig.from_dict(_read_train_config(a.resume)))
         result = resume(a.resume, engine=engine, events=printer, data_dir=a.data_dir)
     else:
         config = train_config(a, device.type)
         config.validate()  # before anything is loaded or written
         dataset = load_dataset(a.dataset, a.data_dir, subset=a.subset)
-        engine = Engine.faithful(device) if config.faithful else Engine.fast(device)
-        run_dir = new_run_dir(a.out, f"{config.model}-{config.optimizer}")
-        print(f"training {config.model} on {len(dataset.train):,} {dataset.name} images, {engine.device}; "
-              f"run folder {run_dir}", flush=True)
+        engine = engine_for(config)
+        run_dir = new_run_dir(a.out, f"{config.model}-{config.optimizer}") if rank == 0 else None
+        if rank == 0:
+            procs = f" x {world} processes" if world > 1 else ""
+            print(f"training {config.model} on {len(dataset.train):,} {dataset.name} images, {engine.device}{procs}; "
+                  f"run folder {run_dir}", flush=True)
         result = train(config, dataset, engine=engine, events=printer, run_dir=run_dir)
+    if rank != 0:
+        return 0
     assert result.run_dir is not None
-    ev = evaluate_run(result.run_dir, engine=engine, data_dir=a.data_dir)
+    ev = evaluate_run(result.run_dir, engine=replace(engine, rank=0, world_size=1), data_dir=a.data_dir)
     print(f"Train Accuracy : {ev.train.accuracy:.3f}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
     print(f"trained in {result.seconds:.1f} s; weights in {result.run_dir / 'model.safetensors'}")
@@ -253,6 +288,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.repeats < 1 or a.train_images < a.batch_size:
         raise ConvnetError("--repeats must be >= 1 and --train-images at least one --batch-size")
     dataset = load_dataset(a.dataset, a.data_dir)
+    if a.target is not None:
+        if not 0 < a.target <= 1 or a.seeds < 1:
+            raise ConvnetError(f"--target must be an accuracy in (0, 1] and --seeds >= 1, got {a.target}, {a.seeds}")
+        engine = Engine.fast(resolve_device(a.device))
+        tta = time_to_accuracy(dataset, engine=engine, recipe_name=a.recipe or DEFAULT_RECIPE[engine.device.type],
+                               target=a.target, seeds=a.seeds, reference=not a.no_reference)
+        print(json.dumps(tta.to_json(), indent=2) if a.json else format_time_to_accuracy(tta))
+        return 0
     result = run_bench(dataset, engine=Engine.fast(resolve_device(a.device)), model=a.model,
                        batch_size=a.batch_size, train_images=a.train_images, repeats=a.repeats)
     print(json.dumps(result.to_json(), indent=2) if a.json else format_bench(result))

@@ -55,12 +55,16 @@ class Engine:
         autocast: a lower precision for the forward pass (``torch.bfloat16``), or
             ``None`` for plain fp32.
         infer_batch_size: images per forward pass when only predicting.
+        rank, world_size: under torchrun, this process's rank and the number of
+            processes (see :func:`init_distributed`); 0 and 1 otherwise.
     """
 
     device: torch.device
     channels_last: bool = False
     autocast: torch.dtype | None = None
     infer_batch_size: int = 128
+    rank: int = 0  # this process's place among world_size data-parallel processes
+    world_size: int = 1
 
     @classmethod
     def faithful(cls, device: torch.device | None = None) -> Engine:
@@ -108,4 +112,67 @@ class Engine:
             "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
             "infer_batch_size": self.infer_batch_size,
             "torch_threads": torch.get_num_threads(),
+            "processes": self.world_size,
         }
+
+    @property
+    def is_main(self) -> bool:
+        """The one process that prints and writes files (rank 0)."""
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` inside DistributedDataParallel when there are several processes.
+
+        Gradients are averaged across processes after each backward pass. Batch norm is
+        synchronised across GPUs (SyncBatchNorm); on CPU (gloo) PyTorch has no
+        synchronised batch norm, so each process normalises its own share of the batch.
+        """
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            return DistributedDataParallel(model, device_ids=[self.device])
+        return DistributedDataParallel(model)
+
+    def all_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of ``t`` over all processes (``t`` itself in one process)."""
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t / self.world_size
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def init_distributed(device: str, env: dict[str, str]) -> DistributedInfo | None:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA), or return
+    ``None`` when not started by torchrun with more than one process.
+
+    Args:
+        device: the ``--device`` choice; ``auto``/``cuda`` use one GPU per process.
+        env: the environment torchrun filled in (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+            ``MASTER_ADDR``, ``MASTER_PORT``), passed in by the command line.
+    """
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import datetime
+
+    import torch.distributed as dist
+
+    info = DistributedInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", "0")), int(env["WORLD_SIZE"]))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    # A rank that dies makes the others fail within the timeout instead of waiting forever.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=5))
+    return info

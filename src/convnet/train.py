@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from convnet import runs
 from convnet.augment import AUGMENTS, augment
@@ -61,6 +62,8 @@ class TrainConfig:
         target_accuracy: stop once the test accuracy, measured after every epoch,
             reaches this (a time-to-accuracy run); 0 = off.
         tta: predict with test-time augmentation (mean of the image and its mirror).
+        ema: decay per step of an exponential moving average of the weights (e.g.
+            0.995), which is what gets evaluated and kept; 0 = off.
         faithful: the tutorial's exact arithmetic (see README).
     """
 
@@ -82,6 +85,7 @@ class TrainConfig:
     val_split: float = 0.0
     target_accuracy: float = 0.0
     tta: bool = False
+    ema: float = 0.0
     faithful: bool = False
 
     def __post_init__(self) -> None:
@@ -107,13 +111,14 @@ class TrainConfig:
             (0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in 0..--epochs, got {self.warmup_epochs}"),
             (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
             (0 <= self.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {self.target_accuracy}"),
+            (0 <= self.ema < 1, f"--ema must be a decay in [0, 1), got {self.ema}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConvnetError(message)
         if self.faithful:
             plain = TrainConfig()
-            for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta"):
+            for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema"):
                 if getattr(self, name) != getattr(plain, name):
                     raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
                                        f"--{name.replace('_', '-')} {getattr(self, name)}")
@@ -145,11 +150,11 @@ class TrainConfig:
 RECIPES: dict[str, TrainConfig] = {
     "tutorial": TrainConfig(shuffle=False),
     "cpu": TrainConfig(model="fastnet", optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                       epochs=16, batch_size=128, label_smoothing=0.1, augment="flip-translate", translate_px=2,
-                       schedule="linear", warmup_epochs=1.0, tta=True),
+                       epochs=24, batch_size=128, label_smoothing=0.1, augment="flip-translate", translate_px=2,
+                       schedule="linear", warmup_epochs=1.0, tta=True, ema=0.995),
     "gpu": TrainConfig(model="fastnet", optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
                        epochs=16, batch_size=512, label_smoothing=0.1, augment="flip-translate", translate_px=2,
-                       schedule="linear", warmup_epochs=1.0, tta=True),
+                       schedule="linear", warmup_epochs=1.0, tta=True, ema=0.99),
 }
 DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
 
@@ -215,9 +220,15 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     shuffle_rng: torch.Generator
     augment_rng: torch.Generator
+    ema: AveragedModel | None = None  # the moving average of the weights, with --ema
     epoch: int = 0  # epochs completed
     history: list[EpochRecord] = field(default_factory=list)
     stop: bool = False  # an event sets this to end training after the current epoch
+
+    @property
+    def final_model(self) -> nn.Module:
+        """The model to evaluate and keep: the weights' moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 class TrainEvents:
@@ -298,7 +309,7 @@ class RunWriter(TrainEvents):
         save_checkpoint(self.run_dir / runs.CHECKPOINT, state)
 
     def on_train_end(self, state: TrainState) -> None:
-        runs.save_tensors(self.run_dir / runs.WEIGHTS, state.model.state_dict(), {"model": state.config.model})
+        runs.save_tensors(self.run_dir / runs.WEIGHTS, state.final_model.state_dict(), {"model": state.config.model})
 
 
 @dataclass
@@ -342,15 +353,18 @@ def train(
     torch.manual_seed(config.seed)  # the initial weights, as the tutorial seeds them
     model = engine.prepare_model(create_model(config.model, num_classes, in_channels, height))
     optimizer = make_optimizer(config, model)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
     state = TrainState(config, model, optimizer, torch.Generator().manual_seed(config.seed),
-                       torch.Generator(engine.device).manual_seed(config.seed + 1))
+                       torch.Generator(engine.device).manual_seed(config.seed + 1), ema)
     if resume:
         if run_dir is None:
             raise ConvnetError("resume needs the run folder")
         load_checkpoint(run_dir / runs.CHECKPOINT, state)
-    elif run_dir is not None:
+    elif run_dir is not None and engine.is_main:
         write_config(run_dir, config, dataset, engine, model)
-    events = EventList(*(e for e in (events, RunWriter(run_dir) if run_dir else None) if e is not None))
+    writer = RunWriter(run_dir) if run_dir is not None and engine.is_main else None  # one process writes
+    events = EventList(*(e for e in (events, writer) if e is not None))
+    net = engine.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
 
     images, labels = train_split.images.to(engine.device), train_split.labels.to(engine.device)  # (N, C, H, W) uint8
     n = len(labels)
@@ -369,20 +383,25 @@ def train(
             x, y = engine.batch(images[idx]), labels[idx]  # (B, C, H, W) float in [0, 1], (B,)
             if config.augment != "none":
                 x = augment(x, config.augment, config.translate_px, state.augment_rng)
+            batch_images = len(y)
+            if engine.world_size > 1:  # this process's share of the global batch
+                x, y = x.tensor_split(engine.world_size)[engine.rank], y.tensor_split(engine.world_size)[engine.rank]
             if config.schedule != "constant":
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(config, epoch * steps_per_epoch + i, steps_per_epoch)
             with engine.precision():
-                logits = model(x)  # (B, num_classes)
+                logits = net(x)  # (B, num_classes)
             loss = loss_fn(logits.float(), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(loss.detach())
             if check_each_batch and not torch.isfinite(losses[-1]):
                 raise _diverged(epoch, i, losses[-1])
-            events.on_batch_end(state, len(y))
-        epoch_losses = torch.stack(losses)
+            events.on_batch_end(state, batch_images)
+        epoch_losses = engine.all_mean(torch.stack(losses))  # each process's batch losses, averaged
         if not check_each_batch and not torch.isfinite(epoch_losses).all():
             bad = int((~torch.isfinite(epoch_losses)).nonzero()[0])
             raise _diverged(epoch, bad, epoch_losses[bad])
@@ -390,9 +409,9 @@ def train(
         record = EpochRecord(epoch + 1, float(epoch_losses.mean()), seconds, n / seconds,
                              float(optimizer.param_groups[0]["lr"]))
         if val_split is not None:
-            record.val_loss, record.val_accuracy = _score(model, val_split, engine, config.tta)
+            record.val_loss, record.val_accuracy = _score(state.final_model, val_split, engine, config.tta)
         if config.target_accuracy:
-            _, record.test_accuracy = _score(model, dataset.test, engine, config.tta)
+            _, record.test_accuracy = _score(state.final_model, dataset.test, engine, config.tta)
             state.stop = record.test_accuracy >= config.target_accuracy
         state.history.append(record)
         state.epoch = epoch + 1
@@ -400,7 +419,7 @@ def train(
         if state.stop:
             break
     events.on_train_end(state)
-    return TrainResult(model, state.history, run_dir, time.perf_counter() - start)
+    return TrainResult(state.final_model, state.history, run_dir, time.perf_counter() - start)
 
 
 def _score(model: nn.Module, split: Split, engine: Engine, tta: bool) -> tuple[float, float]:
@@ -442,6 +461,8 @@ def write_config(run_dir: Path, config: TrainConfig, dataset: Dataset, engine: E
 
 def save_checkpoint(path: Path, state: TrainState) -> None:
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    if state.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in state.ema.state_dict().items()})
     opt = state.optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in opt["state"].items():
@@ -486,6 +507,8 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
         raise RunError(f"{path}: the checkpoint's weights do not fit model {state.config.model!r}")
     try:
         state.model.load_state_dict(model_state)
+        if state.ema is not None:
+            state.ema.load_state_dict({k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")})
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):

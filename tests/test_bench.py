@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from convnet.bench import format_bench, run_bench, time_to_accuracy
+from convnet.cli import main
+from convnet.data import load_dataset
+from convnet.engine import Engine
+
+
+def test_bench_measures_both_sides(toy_dir: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    r = run_bench(ds, engine=Engine.fast(), train_images=64, batch_size=32, repeats=2)
+    for v in (r.tutorial_train_images_per_s, r.convnet_train_images_per_s, r.tutorial_predict_images_per_s,
+              r.convnet_predict_images_per_s):
+        assert v > 0
+    assert abs(r.train_speedup - r.convnet_train_images_per_s / r.tutorial_train_images_per_s) < 1e-9
+    assert "speed-up" in format_bench(r)
+
+
+def test_bench_json_from_cli(toy_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "--data-dir", str(toy_dir), "--train-images", "64", "--batch-size", "32",
+                 "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train_speedup"] > 0 and out["predict_speedup"] > 0 and out["device"] == "cpu"
+
+
+def test_time_to_accuracy(toy_dir: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    r = time_to_accuracy(ds, engine=Engine.fast(), recipe_name="tutorial", target=0.3, seeds=2, reference=False)
+    assert len(r.seconds) == 2 and r.reached == 2 and all(s > 0 for s in r.seconds)
+    assert r.to_json()["mean_seconds"] > 0

@@ -1,0 +1,59 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) give the same model
+as one process with the same seed and global batch size."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from convnet import runs
+
+from .conftest import make_dataset_dir
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="this torch build has no gloo backend")
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_two_processes_match_one(tmp_path: Path, resume: bool) -> None:
+    data = make_dataset_dir(tmp_path / "data", n_train=512, n_test=64)
+    common = ["train", "--data-dir", str(data), "--recipe", "tutorial", "--model", "seed", "--optimizer", "sgd",
+              "--momentum", "0.9", "--lr", "0.05", "--epochs", "3", "--batch-size", "64", "--faithful",
+              "--device", "cpu", "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                "-m", "convnet"]
+    single = _run([sys.executable, "-m", "convnet", *common, "--out", str(tmp_path / "single")], tmp_path)
+    assert single.returncode == 0, single.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    if resume:  # stop after the first epoch, then continue under torchrun
+        first = _run([*torchrun, *[c if c != "3" else "1" for c in common], "--out", str(tmp_path / "multi")], work)
+        assert first.returncode == 0, first.stderr
+        config = runs.read_json(tmp_path / "multi" / runs.CONFIG)
+        config["train"]["epochs"] = 3
+        runs.write_json(tmp_path / "multi" / runs.CONFIG, config)
+        multi = _run([*torchrun, "train", "--resume", str(tmp_path / "multi"), "--device", "cpu", "--no-progress"],
+                     work)
+    else:
+        multi = _run([*torchrun, *common, "--out", str(tmp_path / "multi")], work)
+    assert multi.returncode == 0, multi.stderr
+    a = runs.load_tensors(tmp_path / "single" / runs.WEIGHTS)
+    b = runs.load_tensors(tmp_path / "multi" / runs.WEIGHTS)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    # one process printed, one wrote
+    assert multi.stdout.count("Test  Accuracy") == 1
+    assert multi.stdout.count("Categorical Cross Entropy") == (2 if resume else 3)
+    assert not list(work.iterdir()), "a second process wrote files"
+    assert len(runs.read_json(tmp_path / "multi" / runs.HISTORY)) == 3
+    assert runs.read_json(tmp_path / "multi" / runs.CONFIG)["engine"]["processes"] == 2
