@@ -28,7 +28,7 @@ from convnet.train import TrainConfig, train
 
 # --- the tutorial's code, as printed (only the per-epoch print is dropped)
 def TrainModelInBatches(model, loss_func, optimizer, X, Y, batch_size=32, epochs=5):  # type: ignore[no-untyped-def]  # noqa: N802
-    for i in range(epochs):
+    for i in range(epochs):  # noqa: B007 (the tutorial's code, verbatim)
         batches = torch.arange((X.shape[0] // batch_size) + 1)  ### Batch Indices
 
         losses = []  ## Record loss of each batch

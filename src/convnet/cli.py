@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 
 from convnet import __version__
+from convnet.augment import AUGMENTS
 from convnet.bench import format_bench, format_time_to_accuracy, run_bench, time_to_accuracy
 from convnet.data import DATASETS, load_dataset
 from convnet.engine import DEVICES, DistributedInfo, Engine, init_distributed, resolve_device
 from convnet.errors import ConvnetError, InputError
-from convnet.evaluate import evaluate, evaluate_run
+from convnet.evaluate import evaluate_run
 from convnet.models import count_parameters, create_model, list_models
 from convnet.predict import LAYOUTS, input_batches, load_model, predict
 from convnet.report import build_report, compare, evaluate_and_plot
-from convnet.runs import new_run_dir, write_json
-from convnet.augment import AUGMENTS
+from convnet.runs import new_run_dir
 from convnet.train import (
     DEFAULT_RECIPE,
     OPTIMIZERS,
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="(default: the recipe's)")
     p.add_argument("--seed", type=int, help=f"initial weights, shuffle order, augmentation (default: {D.seed})")
     p.add_argument("--momentum", type=float, help="SGD momentum (default: the recipe's)")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum (default: the recipe's)")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, 
+                   help="Nesterov momentum (default: the recipe's)")
     p.add_argument("--weight-decay", type=float, help="(default: the recipe's)")
     p.add_argument("--label-smoothing", type=float, help="(default: the recipe's)")
     p.add_argument("--augment", choices=AUGMENTS, help="batched augmentation (default: the recipe's)")
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="seed", help="model to time (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--train-images", type=int, default=12_800, help="images per timed epoch (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, 
+                   help="timed repeats; the median is reported (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--target", type=float, default=None,
                    help="instead: seconds of training to this test accuracy, per seed, for --recipe")
@@ -251,13 +253,14 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     engine = Engine.fast(resolve_device(a.device))
     model, run = load_model(a.run, engine)
+    tta = bool(run.config["train"].get("tta", False))  # predict the way the run was evaluated
     failed, printed, width = 0, 0, 0
     for item in input_batches(a.inputs, run.image_shape, layout=a.layout):  # bounded memory for inputs of any size
         if isinstance(item, InputError):
             print(f"convnet: error: {item}", file=sys.stderr)
             failed += 1
             continue
-        pred = predict(model, item.images, engine=engine)
+        pred = predict(model, item.images, engine=engine, tta=tta)
         width = max(width, *map(len, item.names))
         top = pred.probabilities.max(dim=1).values.tolist()  # the probability of each predicted label
         for name, label, probability in zip(item.names, pred.labels.tolist(), top, strict=True):
@@ -303,14 +306,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_recipes(a: argparse.Namespace) -> int:
-    plain = TrainConfig()
+    per_run = {"seed", "val_split", "target_accuracy", "faithful"}  # not part of a recipe
     for name, config in RECIPES.items():
-        changed = {k: v for k, v in asdict(config).items() if v != getattr(plain, k)}
         default = [d for d, r in DEFAULT_RECIPE.items() if r == name]
         note = f" (default on {', '.join(default)})" if default else " (the tutorial's settings; base of --faithful)"
         print(f"{name}{note}")
-        for k, v in (asdict(config) if not changed else changed).items():
-            print(f"  --{k.replace('_', '-'):<17} {v}")
+        for k, v in asdict(config).items():
+            if k not in per_run:
+                print(f"  --{k.replace('_', '-'):<17} {v}")
     return 0
 
 

@@ -97,7 +97,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise RunError(f"{path}: not a valid safetensors file ({e}); convnet loads weights only as safetensors") from None
+        raise RunError(f"{path}: not a valid safetensors file ({e}); "
+                       "convnet loads weights only as safetensors") from None
 
 
 def library_versions() -> dict[str, str]:

@@ -108,7 +108,8 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.translate_px <= 8, f"--translate-px must be in 0..8, got {self.translate_px}"),
-            (0 <= self.warmup_epochs <= self.epochs, f"--warmup-epochs must be in 0..--epochs, got {self.warmup_epochs}"),
+            (0 <= self.warmup_epochs <= self.epochs, 
+             f"--warmup-epochs must be in 0..--epochs, got {self.warmup_epochs}"),
             (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
             (0 <= self.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {self.target_accuracy}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1), got {self.ema}"),
@@ -140,7 +141,8 @@ class TrainConfig:
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value, ok = float(value), True
             if not ok:
-                raise RunError(f"config value {f.name}={value!r} should be a {want.__name__}; the run folder is damaged")
+                raise RunError(f"config value {f.name}={value!r} should be a {want.__name__}; "
+                               "the run folder is damaged")
             values[f.name] = value
         return cls(**values)
 
@@ -519,7 +521,7 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
         groups = []
         for saved, fresh in zip(meta["param_groups"], state.optimizer.state_dict()["param_groups"], strict=True):
             # keep a tensor learning rate a tensor (faithful mode), with the saved value
-            groups.append({k: (torch.tensor(saved[k], dtype=v.dtype) if isinstance(v, torch.Tensor) else saved.get(k, v))
+            groups.append({k: torch.tensor(saved[k], dtype=v.dtype) if isinstance(v, torch.Tensor) else saved.get(k, v)
                            for k, v in fresh.items()})
         state.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         torch.set_rng_state(tensors["rng.torch"])
