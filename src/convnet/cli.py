@@ -20,7 +20,14 @@ from convnet import __version__
 from convnet.augment import AUGMENTS
 from convnet.bench import format_bench, format_time_to_accuracy, run_bench, time_to_accuracy
 from convnet.data import DATASETS, load_dataset
-from convnet.engine import DEVICES, DistributedInfo, Engine, init_distributed, resolve_device
+from convnet.engine import (
+    DEVICES,
+    DistributedInfo,
+    Engine,
+    init_distributed,
+    keep_freed_memory,
+    resolve_device,
+)
 from convnet.errors import ConvnetError, InputError
 from convnet.evaluate import evaluate_run
 from convnet.models import count_parameters, create_model, list_models
@@ -330,6 +337,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # steady step times on glibc (see engine.keep_freed_memory)
     try:
         return COMMANDS[args.command](args)
     except ConvnetError as e:
