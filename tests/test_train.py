@@ -35,6 +35,8 @@ def test_training_learns_the_toy_problem(toy_dir: Path, tmp_path: Path) -> None:
     result = train(config, ds, run_dir=runs.new_run_dir(tmp_path / "run", "x"))
     losses = [r.loss for r in result.history]
     assert losses[-1] < losses[0] * 0.5, losses
+    accuracies = [r.accuracy for r in result.history]  # on the training batches, during each epoch
+    assert all(a is not None and 0 <= a <= 1 for a in accuracies) and accuracies[-1] > accuracies[0] + 0.2
     for name in (runs.CONFIG, runs.HISTORY, runs.WEIGHTS, runs.CHECKPOINT):
         assert (tmp_path / "run" / name).is_file(), name
     config_json = json.loads((tmp_path / "run" / runs.CONFIG).read_text())

@@ -208,6 +208,7 @@ class EpochRecord:
     seconds: float  # training only, without the evaluation below
     images_per_s: float
     lr: float  # at the epoch's last step
+    accuracy: float | None = None  # on the training batches as they were trained on (augmented), during the epoch
     val_loss: float | None = None  # on the held-out --val-split images
     val_accuracy: float | None = None
     test_accuracy: float | None = None  # only measured for --target-accuracy
@@ -290,7 +291,7 @@ class ConsolePrinter(TrainEvents):
             self.bar = None
         r = state.history[-1]
         width = len(str(state.config.epochs))
-        extra = ""
+        extra = f"  accuracy {r.accuracy:.4f}" if r.accuracy is not None else ""
         if r.val_loss is not None:
             extra += f"  val loss {r.val_loss:.3f} accuracy {r.val_accuracy:.4f}"
         if r.test_accuracy is not None:
@@ -379,7 +380,7 @@ def train(
         model.train()
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=state.shuffle_rng).to(engine.device) if config.shuffle else None
-        losses = []
+        losses, correct = [], torch.zeros((), device=engine.device)
         for i, rows in enumerate(batches(n, config.batch_size)):
             idx = order[rows] if order is not None else rows
             x, y = engine.batch(images[idx]), labels[idx]  # (B, C, H, W) float in [0, 1], (B,)
@@ -400,6 +401,7 @@ def train(
             if ema is not None:
                 ema.update_parameters(model)
             losses.append(loss.detach())
+            correct += (logits.detach().argmax(dim=1) == y).sum()
             if check_each_batch and not torch.isfinite(losses[-1]):
                 raise _diverged(epoch, i, losses[-1])
             events.on_batch_end(state, batch_images)
@@ -408,8 +410,9 @@ def train(
             bad = int((~torch.isfinite(epoch_losses)).nonzero()[0])
             raise _diverged(epoch, bad, epoch_losses[bad])
         seconds = time.perf_counter() - t0
+        accuracy = float(engine.all_mean(correct)) * engine.world_size / n  # all processes' hits over all images
         record = EpochRecord(epoch + 1, float(epoch_losses.mean()), seconds, n / seconds,
-                             float(optimizer.param_groups[0]["lr"]))
+                             float(optimizer.param_groups[0]["lr"]), accuracy)
         if val_split is not None:
             record.val_loss, record.val_accuracy = _score(state.final_model, val_split, engine, config.tta)
         if config.target_accuracy:
