@@ -178,13 +178,16 @@ def train_config(a: argparse.Namespace, device_type: str) -> TrainConfig:
 def cmd_train(a: argparse.Namespace) -> int:
     """Train in this process, or as one of several under torchrun (DistributedDataParallel)."""
     info = init_distributed(a.device, dict(os.environ))
-    try:
+    if info is None:
         return _train(a, info)
-    finally:
-        if info is not None:
-            import torch.distributed as dist
+    import torch.distributed as dist
 
-            dist.destroy_process_group()
+    try:
+        status = _train(a, info)
+        dist.barrier()  # rank 0 evaluates after training: the others wait, so no process tears down early
+        return status
+    finally:
+        dist.destroy_process_group()
 
 
 def _train(a: argparse.Namespace, info: DistributedInfo | None) -> int:
