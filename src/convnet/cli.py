@@ -19,7 +19,7 @@ import torch
 from convnet import __version__
 from convnet.augment import AUGMENTS
 from convnet.bench import format_bench, format_time_to_accuracy, run_bench, time_to_accuracy
-from convnet.data import DATASETS, load_dataset
+from convnet.data import DATASETS, Dataset, load_dataset
 from convnet.engine import (
     DEVICES,
     DistributedInfo,
@@ -201,6 +201,7 @@ def _train(a: argparse.Namespace, info: DistributedInfo | None) -> int:
         engine = Engine.faithful(device) if config.faithful else Engine.fast(device)
         return replace(engine, rank=rank, world_size=world)
 
+    dataset: Dataset | None = None  # on --resume the run reads its own data
     if a.resume is not None:
         engine = engine_for(TrainConfig.from_dict(_read_train_config(a.resume)))
         result = resume(a.resume, engine=engine, events=printer, data_dir=a.data_dir)
@@ -218,7 +219,8 @@ def _train(a: argparse.Namespace, info: DistributedInfo | None) -> int:
     if rank != 0:
         return 0
     assert result.run_dir is not None
-    ev = evaluate_run(result.run_dir, engine=replace(engine, rank=0, world_size=1), data_dir=a.data_dir)
+    ev = evaluate_run(result.run_dir, engine=replace(engine, rank=0, world_size=1), data_dir=a.data_dir,
+                      dataset=dataset)  # the data set already in memory, not read a second time
     print(f"Train Accuracy : {ev.train.accuracy:.3f}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
     print(f"trained in {result.seconds:.1f} s; weights in {result.run_dir / 'model.safetensors'}")
