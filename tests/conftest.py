@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from convnet.data import FASHION_MNIST, _has_all
+from convnet.sources import FASHION_MNIST, has_all
 
 SYSTEM_FASHION = Path(FASHION_MNIST.system_dirs[0])
 
@@ -60,6 +60,6 @@ def toy_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def real_fashion() -> Path:
     """The real Fashion-MNIST (Debian's dataset-fashion-mnist); skipped where absent."""
-    if not _has_all(SYSTEM_FASHION, FASHION_MNIST):
+    if not has_all(SYSTEM_FASHION, FASHION_MNIST):
         pytest.skip(f"Fashion-MNIST not installed in {SYSTEM_FASHION} (apt-get install dataset-fashion-mnist)")
     return SYSTEM_FASHION

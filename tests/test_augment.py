@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import torch
 
-from convnet.augment import augment, random_flip, random_translate
+from convnet.augment import Draws, apply, augment, draw
+
+
+def random_translate(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    return augment(x, "translate", pad, g)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return augment(x, "flip", 0, g)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -26,7 +34,7 @@ def test_translate_shifts_by_at_most_pad_and_fills_black() -> None:
 
 def test_translate_zero_pad_is_identity_and_seeded() -> None:
     x = torch.rand(8, 3, 28, 28)
-    assert random_translate(x, 0, _gen()) is x
+    assert random_translate(x, 0, _gen()) is x  # nothing drawn, nothing done
     assert torch.equal(random_translate(x, 2, _gen(5)), random_translate(x, 2, _gen(5)))
 
 
@@ -42,3 +50,16 @@ def test_augment_kinds() -> None:
     x = torch.rand(16, 1, 28, 28)
     assert torch.equal(augment(x, "none", 2, _gen()), x)
     assert augment(x, "flip-translate", 2, _gen()).shape == x.shape
+
+
+def test_draws_then_apply_equals_augment() -> None:
+    """The step takes draws as inputs (so a CUDA graph can replay it): drawing and
+    applying must give what augmenting at once gives, from the same generator state."""
+    x = torch.rand(32, 3, 20, 24)
+    d = draw(32, "flip-translate", 3, _gen(7), x.device)
+    assert d.shifts is not None and d.shifts.shape == (32, 2) and int(d.shifts.max()) <= 6
+    assert d.flips is not None and d.flips.dtype == torch.bool
+    assert torch.equal(apply(x, d, 3), augment(x, "flip-translate", 3, _gen(7)))
+    assert torch.equal(apply(x, Draws(), 3), x)
+    none = draw(32, "none", 3, _gen(7), x.device)
+    assert none.shifts is None and none.flips is None

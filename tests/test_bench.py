@@ -5,7 +5,7 @@ from pathlib import Path
 
 from convnet.bench import format_bench, run_bench, time_to_accuracy
 from convnet.cli import main
-from convnet.data import load_dataset
+from convnet.sources import load_dataset
 from convnet.engine import Engine
 
 

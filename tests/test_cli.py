@@ -14,7 +14,7 @@ from PIL import Image
 
 from convnet import runs
 from convnet.cli import main
-from convnet.data import load_dataset
+from convnet.sources import load_dataset
 
 
 def convnet(*args: str) -> subprocess.CompletedProcess[str]:

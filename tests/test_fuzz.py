@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from convnet.data import parse_idx, read_idx
+from convnet.formats import parse_idx, read_idx
 from convnet.errors import DataError, InputError
-from convnet.predict import images_from_array, input_batches, load_input
+from convnet.inputs import images_from_array, input_batches, load_input
 
 from .conftest import idx_bytes
 

@@ -14,18 +14,17 @@ from convnet import runs
 from convnet.engine import Engine
 from convnet.errors import InputError
 from convnet.models import create_model
-from convnet.predict import (
+from convnet.formats import NpyFile
+from convnet.inputs import (
     Batch,
-    NpyFile,
     array_batches,
     images_from_array,
-    infer,
     input_batches,
     load_array,
     load_image,
     load_input,
-    predict,
 )
+from convnet.predict import infer, predict
 
 from .conftest import write_idx
 

@@ -25,9 +25,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from convnet import runs
+from convnet.experiment import data_record
 from convnet.cli import main
-from convnet.data import load_dataset
-from convnet.train import TrainConfig, train
+from convnet.config import TrainConfig
+from convnet.sources import load_dataset
+from convnet.train import train
 
 from .conftest import make_dataset_dir
 
@@ -243,7 +245,8 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = make_dataset_dir(base / "toy")
     config = TrainConfig(model="seed", optimizer="adam", epochs=1, batch_size=64)
     run = runs.new_run_dir(base / "run", "x")
-    train(config, load_dataset("fashion-mnist", data), run_dir=run)
+    ds = load_dataset("fashion-mnist", data)
+    train(config, ds.train, ds.spec, run_dir=run, data_record=data_record(ds))
     Image.new("L", (28, 28)).save(base / "shirt.png")
     return run
 

@@ -17,10 +17,12 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from convnet import plots, report, runs
+from convnet.experiment import data_record
 from convnet.cli import main
-from convnet.data import load_dataset
+from convnet.sources import load_dataset
 from convnet.evaluate import evaluate_run
-from convnet.train import TrainConfig, train
+from convnet.config import TrainConfig
+from convnet.train import train
 
 CLASSES = [f"class {i}" for i in range(4)]
 
@@ -126,7 +128,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
     for optimizer, lr in (("sgd", 0.05), ("adam", 0.003)):  # no evaluation yet: `report` and `compare` must do it
         config = TrainConfig(model="seed", optimizer=optimizer, lr=lr, epochs=2, batch_size=32)
         run = runs.new_run_dir(base / optimizer, optimizer)
-        train(config, dataset, run_dir=run)
+        train(config, dataset.train, dataset.spec, run_dir=run, data_record=data_record(dataset))
         out.append(run)
     return data, out[0], out[1]
 

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from convnet import runs
-from convnet.data import load_dataset
+from convnet.experiment import data_record
+from convnet.config import TrainConfig
 from convnet.engine import Engine
 from convnet.errors import ConvnetError, RunError, TrainingDiverged
-from convnet.train import TrainConfig, TrainEvents, TrainState, resume, train
+from convnet.events import StopAtAccuracy, TrainEvents
+from convnet.sources import load_dataset
+from convnet.train import TrainState, resume, train
 
 TUTORIAL_SGD = [2.288, 2.031, 0.959, 0.694, 0.628, 0.590, 0.564, 0.545, 0.529, 0.516, 0.505, 0.496, 0.487,
                 0.480, 0.473, 0.467, 0.462, 0.457, 0.452, 0.448, 0.444, 0.441, 0.438, 0.434, 0.432]
@@ -32,7 +35,7 @@ def test_config_validation_names_the_flag() -> None:
 def test_training_learns_the_toy_problem(toy_dir: Path, tmp_path: Path) -> None:
     ds = load_dataset("fashion-mnist", toy_dir)
     config = TrainConfig(model="seed", optimizer="adam", epochs=4, batch_size=32)
-    result = train(config, ds, run_dir=runs.new_run_dir(tmp_path / "run", "x"))
+    result = train(config, ds.train, ds.spec, run_dir=runs.new_run_dir(tmp_path / "run", "x"))
     losses = [r.loss for r in result.history]
     assert losses[-1] < losses[0] * 0.5, losses
     accuracies = [r.accuracy for r in result.history]  # on the training batches, during each epoch
@@ -47,9 +50,9 @@ def test_training_learns_the_toy_problem(toy_dir: Path, tmp_path: Path) -> None:
 def test_same_seed_same_weights(toy_dir: Path) -> None:
     ds = load_dataset("fashion-mnist", toy_dir)
     config = TrainConfig(model="fastnet", optimizer="sgd", lr=0.05, momentum=0.9, epochs=2, batch_size=64)
-    a, b = train(config, ds).model.state_dict(), train(config, ds).model.state_dict()
+    a, b = train(config, ds.train, ds.spec).model.state_dict(), train(config, ds.train, ds.spec).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = train(replace(config, seed=1), ds).model.state_dict()
+    c = train(replace(config, seed=1), ds.train, ds.spec).model.state_dict()
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
@@ -68,9 +71,9 @@ def test_resume_gives_the_same_weights_bit_for_bit(toy_dir: Path, tmp_path: Path
     ds = load_dataset("fashion-mnist", toy_dir)
     config = TrainConfig(model=model, optimizer=optimizer, lr=0.01, momentum=0.9 if optimizer == "sgd" else 0.0,
                          epochs=3, batch_size=48, faithful=faithful)
-    whole = train(config, ds, run_dir=runs.new_run_dir(tmp_path / "whole", "x")).model.state_dict()
+    whole = train(config, ds.train, ds.spec, run_dir=runs.new_run_dir(tmp_path / "whole", "x")).model.state_dict()
     part_dir = runs.new_run_dir(tmp_path / "part", "x")
-    train(config, ds, run_dir=part_dir, events=_StopAfter(1))  # "crashes" after epoch 1
+    train(config, ds.train, ds.spec, run_dir=part_dir, events=_StopAfter(1), data_record=data_record(ds))  # "crashes" after epoch 1
     torch.manual_seed(1234)  # whatever the process did since must not matter
     resumed = resume(part_dir, data_dir=toy_dir)
     assert [r.epoch for r in resumed.history] == [1, 2, 3]
@@ -84,7 +87,8 @@ def test_resume_without_checkpoint(tmp_path: Path, toy_dir: Path) -> None:
     with pytest.raises(RunError, match="not a run folder"):
         resume(tmp_path)
     run = runs.new_run_dir(tmp_path / "run", "x")
-    train(TrainConfig(epochs=1, batch_size=64), load_dataset("fashion-mnist", toy_dir), run_dir=run)
+    ds = load_dataset("fashion-mnist", toy_dir)
+    train(TrainConfig(epochs=1, batch_size=64), ds.train, ds.spec, run_dir=run, data_record=data_record(ds))
     (run / runs.CHECKPOINT).unlink()
     with pytest.raises(RunError, match="no checkpoint"):
         resume(run)
@@ -94,7 +98,7 @@ def test_divergence_stops_with_epoch_and_batch(toy_dir: Path, tmp_path: Path) ->
     ds = load_dataset("fashion-mnist", toy_dir)
     config = TrainConfig(model="seed", optimizer="sgd", lr=1e6, epochs=3, batch_size=32)
     with pytest.raises(TrainingDiverged, match=r"epoch 1, batch \d+.*lower --lr"):
-        train(config, ds, run_dir=runs.new_run_dir(tmp_path / "run", "x"))
+        train(config, ds.train, ds.spec, run_dir=runs.new_run_dir(tmp_path / "run", "x"))
 
 
 # --- the tutorial's numbers, on the real data
@@ -102,7 +106,7 @@ def test_divergence_stops_with_epoch_and_batch(toy_dir: Path, tmp_path: Path) ->
 
 def _losses(config: TrainConfig, data_dir: Path) -> list[str]:
     ds = load_dataset("fashion-mnist", data_dir)
-    result = train(config, ds, engine=Engine.faithful())
+    result = train(config, ds.train, ds.spec, engine=Engine.faithful())
     return [f"{r.loss:.3f}" for r in result.history]
 
 
@@ -117,7 +121,7 @@ def test_faithful_adam_first_epoch(real_fashion: Path) -> None:
 
 
 def test_schedules() -> None:
-    from convnet.train import lr_at
+    from convnet.config import lr_at
 
     c = TrainConfig(lr=1.0, epochs=10, schedule="linear", warmup_epochs=1.0)
     lrs = [lr_at(c, s, 10) for s in range(100)]
@@ -129,7 +133,7 @@ def test_schedules() -> None:
 
 
 def test_recipes_are_valid_and_named() -> None:
-    from convnet.train import RECIPES, recipe
+    from convnet.config import RECIPES, recipe
 
     for name in RECIPES:
         recipe(name).validate()
@@ -153,9 +157,9 @@ def test_resume_with_every_recipe_feature(toy_dir: Path, tmp_path: Path) -> None
                                  weight_decay=5e-4, epochs=3, batch_size=32, label_smoothing=0.1,
                                  augment="flip-translate", schedule="linear", warmup_epochs=1, ema=0.9,
                                  val_split=0.2, tta=True))
-    whole = train(config, ds, run_dir=runs.new_run_dir(tmp_path / "whole", "x"))
+    whole = train(config, ds.train, ds.spec, run_dir=runs.new_run_dir(tmp_path / "whole", "x"))
     part = runs.new_run_dir(tmp_path / "part", "x")
-    train(config, ds, run_dir=part, events=_StopAfter(2))
+    train(config, ds.train, ds.spec, run_dir=part, events=_StopAfter(2), data_record=data_record(ds))
     resumed = resume(part, data_dir=toy_dir)
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
@@ -166,6 +170,6 @@ def test_resume_with_every_recipe_feature(toy_dir: Path, tmp_path: Path) -> None
 def test_target_accuracy_stops_early(toy_dir: Path) -> None:
     ds = load_dataset("fashion-mnist", toy_dir)
     config = TrainConfig(model="fastnet", optimizer="adam", lr=3e-3, epochs=30, batch_size=32, target_accuracy=0.5)
-    result = train(config, ds)
+    result = train(config, ds.train, ds.spec, events=[StopAtAccuracy(ds.test, 0.5)])
     assert len(result.history) < 30 and result.history[-1].test_accuracy >= 0.5
     assert all(r.test_accuracy < 0.5 for r in result.history[:-1])

@@ -2,29 +2,78 @@
 
 The pipeline, one module per stage::
 
-    data      load_dataset, read_idx       -> uint8 images (N, 1, 28, 28), int64 labels
-    models    create_model, list_models    -> nn.Module returning logits
-    engine    Engine, resolve_device       -> device, precision, memory format
-    train     TrainConfig, train, resume   -> the one training loop, run folders
-    predict   infer, predict, load_model   -> logits, labels, probabilities
-    evaluate  evaluate, evaluate_run       -> accuracy, report, confusion matrix
+    formats    IDX, CIFAR binary, image files, .npy  -> uint8 arrays
+    datasets   InputSpec, Split, Dataset              -> uint8 images (N, C, H, W), int64 labels
+    sources    load_dataset, load_data                -> named data sets, downloads; folders via folders.py
+    models     create_model, list_models              -> nn.Module returning logits
+    engine     Engine, make_engine                    -> device, precision, memory format, CUDA graphs
+    config     TrainConfig, RECIPES                   -> what to train
+    train      train, resume, train_step              -> the one training loop, run folders
+    inputs     images_from_array, load_image          -> files and arrays in a run's input spec
+    predict    infer, predict, load_model             -> logits, labels, probabilities
+    evaluate   evaluate, evaluate_run                 -> accuracy, report, confusion matrix
+
+Names are imported on first use, so ``import convnet`` (and the command line's start)
+stays fast.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from convnet.data import DATASETS, Dataset, Split, load_dataset, read_idx, to_float
-from convnet.engine import Engine, resolve_device
-from convnet.errors import ConvnetError, DataError, InputError, RunError, TrainingDiverged
-from convnet.evaluate import Evaluation, evaluate, evaluate_run
-from convnet.metrics import accuracy, classification_report, confusion_matrix
-from convnet.models import count_parameters, create_model, list_models, register_model
-from convnet.predict import Prediction, images_from_array, infer, load_image, load_inputs, load_model, predict
-from convnet.train import TrainConfig, TrainEvents, TrainResult, resume, train
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "ConvnetError": "errors", "DataError": "errors", "InputError": "errors", "RunError": "errors",
+    "TrainingDiverged": "errors",
+    "InputSpec": "datasets", "Split": "datasets", "Dataset": "datasets", "to_float": "datasets",
+    "DATASETS": "sources", "DataOptions": "sources", "load_dataset": "sources", "load_data": "sources",
+    "read_idx": "formats",
+    "Engine": "engine", "make_engine": "engine", "resolve_device": "engine",
+    "TrainConfig": "config", "RECIPES": "config",
+    "TrainEvents": "events", "StopAtAccuracy": "events",
+    "TrainResult": "train", "train": "train", "resume": "train",
+    "count_parameters": "models", "create_model": "models", "list_models": "models", "register_model": "models",
+    "images_from_array": "inputs", "load_image": "inputs", "load_inputs": "inputs",
+    "Prediction": "predict", "infer": "predict", "load_model": "predict", "predict": "predict",
+    "Evaluation": "evaluate", "evaluate": "evaluate", "evaluate_run": "evaluate",
+    "accuracy": "metrics", "classification_report": "metrics", "confusion_matrix": "metrics",
+}
 
 __all__ = [
-    "DATASETS", "ConvnetError", "DataError", "Dataset", "Engine", "Evaluation", "InputError", "Prediction",
-    "RunError", "Split", "TrainConfig", "TrainEvents", "TrainResult", "TrainingDiverged", "__version__",
-    "accuracy", "classification_report", "confusion_matrix", "count_parameters", "create_model", "evaluate",
-    "evaluate_run", "images_from_array", "infer", "list_models", "load_dataset", "load_image", "load_inputs",
-    "load_model", "predict", "read_idx", "register_model", "resolve_device", "resume", "to_float", "train",
+    "DATASETS", "RECIPES", "ConvnetError", "DataError", "DataOptions", "Dataset", "Engine", "Evaluation",
+    "InputError", "InputSpec", "Prediction", "RunError", "Split", "StopAtAccuracy", "TrainConfig", "TrainEvents",
+    "TrainResult", "TrainingDiverged", "__version__", "accuracy", "classification_report", "confusion_matrix",
+    "count_parameters", "create_model", "evaluate", "evaluate_run", "images_from_array", "infer", "list_models",
+    "load_data", "load_dataset", "load_image", "load_inputs", "load_model", "make_engine", "predict", "read_idx",
+    "register_model", "resolve_device", "resume", "to_float", "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"convnet.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'convnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from convnet.config import RECIPES, TrainConfig
+    from convnet.datasets import Dataset, InputSpec, Split, to_float
+    from convnet.engine import Engine, make_engine, resolve_device
+    from convnet.errors import ConvnetError, DataError, InputError, RunError, TrainingDiverged
+    from convnet.evaluate import Evaluation, evaluate, evaluate_run
+    from convnet.events import StopAtAccuracy, TrainEvents
+    from convnet.formats import read_idx
+    from convnet.inputs import images_from_array, load_image, load_inputs
+    from convnet.metrics import accuracy, classification_report, confusion_matrix
+    from convnet.models import count_parameters, create_model, list_models, register_model
+    from convnet.predict import Prediction, infer, load_model, predict
+    from convnet.sources import DATASETS, DataOptions, load_data, load_dataset
+    from convnet.train import TrainResult, resume, train

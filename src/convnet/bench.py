@@ -14,16 +14,21 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from convnet.data import Dataset, Split
-from convnet.engine import Engine
+from convnet.config import TrainConfig, resolve_config
+from convnet.datasets import Dataset
+from convnet.engine import Engine, make_engine
+from convnet.errors import ConvnetError
+from convnet.events import StopAtAccuracy
+from convnet.models import create_model
 from convnet.predict import infer
-from convnet.train import TrainConfig, train
+from convnet.sources import DataOptions, load_data
+from convnet.train import train
 
 
 # --- the tutorial's code, as printed (only the per-epoch print is dropped)
@@ -110,9 +115,8 @@ def run_bench(dataset: Dataset, *, engine: Engine, model: str = "seed", batch_si
     Training: one epoch over the first ``train_images`` training images with Adam,
     lr 0.001. Prediction: the whole test split. Both sides start from the same weights.
     """
-    device = engine.device
-    sub = Split(dataset.train.images[:train_images], dataset.train.labels[:train_images])
-    small = replace(dataset, train=sub)
+    device, spec = engine.device, dataset.spec
+    sub = dataset.train.first(train_images).to(device)
     config = TrainConfig(model=model, optimizer="adam", lr=1e-3, epochs=1, batch_size=batch_size, shuffle=True)
     # the tutorial's side: float32 tensors scaled once, on the device, its own model and optimizer
     x_train = (sub.images.float() / 255.0).to(device)
@@ -120,24 +124,23 @@ def run_bench(dataset: Dataset, *, engine: Engine, model: str = "seed", batch_si
     x_test = (dataset.test.images.float() / 255.0).to(device)
     test_uint8 = dataset.test.images.to(device)
 
+    def new_model() -> nn.Module:
+        return create_model(model, spec.num_classes, spec.channels, (spec.height, spec.width))
+
     def tutorial_train() -> None:
         torch.manual_seed(config.seed)
-        from convnet.models import create_model
-
-        net = create_model(model, dataset.num_classes).to(device)
+        net = new_model().to(device)
         opt = torch.optim.Adam(net.parameters(), lr=torch.tensor(1 / 1e3))
         with warnings.catch_warnings():  # its torch.tensor(losses) warns about grad-carrying scalars
             warnings.simplefilter("ignore", UserWarning)
             TrainModelInBatches(net, nn.CrossEntropyLoss(), opt, x_train, y_train, batch_size=batch_size, epochs=1)
 
     def convnet_train() -> None:
-        train(config, small, engine=engine)
+        train(config, sub, spec, engine=engine)
 
     torch.manual_seed(0)
-    from convnet.models import create_model
-
-    net = create_model(model, dataset.num_classes).to(device).eval()
-    fast_net = engine.prepare_model(create_model(model, dataset.num_classes))
+    net = new_model().to(device).eval()
+    fast_net = engine.prepare_model(new_model())
     fast_net.load_state_dict(net.state_dict())
 
     def tutorial_predict() -> None:
@@ -214,22 +217,21 @@ def time_to_accuracy(dataset: Dataset, *, engine: Engine, recipe_name: str, targ
     The time is the training loop's own clock, including the per-epoch test evaluation
     that decides when to stop, excluding start-up and data loading.
     """
-    from convnet.train import recipe
-
     secs, epochs, accs = [], [], []
     for seed in range(seeds):
-        config = replace(recipe(recipe_name), seed=seed, target_accuracy=target)
-        result = train(config, dataset, engine=engine)
+        config = resolve_config(recipe_name, {"seed": seed, "target_accuracy": target}, hflip=dataset.spec.hflip)
+        result = train(config, dataset.train, dataset.spec, engine=engine,
+                       events=[StopAtAccuracy(dataset.test, target, tta=config.tta)])
         secs.append(result.seconds)
         epochs.append(len(result.history))
         accs.append(float(result.history[-1].test_accuracy or 0.0))
     ref = None
     if reference:
-        from convnet.evaluate import evaluate
+        from convnet.evaluate import score_split
 
-        tutorial_adam = replace(recipe("tutorial"), optimizer="adam", epochs=15, seed=42)
-        result = train(tutorial_adam, dataset, engine=engine)
-        ref = {"seconds": result.seconds, "test_accuracy": evaluate(result.model, dataset, engine=engine).test.accuracy}
+        tutorial_adam = resolve_config("tutorial", {"optimizer": "adam", "epochs": 15, "seed": 42})
+        result = train(tutorial_adam, dataset.train, dataset.spec, engine=engine)
+        ref = {"seconds": result.seconds, "test_accuracy": score_split(result.model, dataset.test, engine).accuracy}
     return TimeToAccuracy(
         device=str(engine.device) if engine.device.type == "cpu" else torch.cuda.get_device_name(engine.device),
         recipe=recipe_name, target=target, seeds=list(range(seeds)), seconds=secs, epochs=epochs, accuracies=accs,
@@ -248,3 +250,30 @@ def format_time_to_accuracy(r: TimeToAccuracy) -> str:
         lines.append(f"reference, the tutorial's Adam-15 on the same engine: {r.reference['seconds']:.1f} s, "
                      f"test accuracy {r.reference['test_accuracy']:.4f}")
     return "\n".join(lines)
+
+
+def bench(data: DataOptions, *, device: str = "auto", model: str = "seed", batch_size: int = 128,
+          train_images: int = 12_800, repeats: int = 5, target: float | None = None, recipe: str | None = None,
+          seeds: int = 3, reference: bool = True) -> BenchResult | TimeToAccuracy:
+    """What ``convnet bench`` does: :func:`run_bench`, or with ``target``
+    :func:`time_to_accuracy` of ``recipe`` (default: the device's), on the fast engine.
+
+    Raises:
+        ConvnetError: a bad value, named, before the data is read.
+    """
+    if repeats < 1 or train_images < batch_size or batch_size < 1:
+        raise ConvnetError("--repeats must be >= 1, --batch-size >= 1 and --train-images at least one --batch-size")
+    if target is not None and (not 0 < target <= 1 or seeds < 1):
+        raise ConvnetError(f"--target must be an accuracy in (0, 1] and --seeds >= 1, got {target}, {seeds}")
+    engine = make_engine(device)
+    create_model(model)  # an unknown name is refused before the data is read
+    if recipe is not None:
+        resolve_config(recipe)
+    dataset = load_data(data)
+    if target is not None:
+        from convnet.config import DEFAULT_RECIPE
+
+        return time_to_accuracy(dataset, engine=engine, recipe_name=recipe or DEFAULT_RECIPE[engine.device.type],
+                                target=target, seeds=seeds, reference=reference)
+    return run_bench(dataset, engine=engine, model=model, batch_size=batch_size, train_images=train_images,
+                     repeats=repeats)

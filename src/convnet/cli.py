@@ -1,7 +1,9 @@
-"""The command line: argparse sub-commands, each mapped to library calls.
+"""The command line: argparse sub-commands, each parsed and handed to one library call.
 
 Only this module knows argparse. User errors (:class:`ConvnetError`) become one line on
 stderr and exit status 1; bad flags exit 2 (argparse's own convention); Ctrl-C exits 130.
+The library is imported inside each command, so ``convnet --help`` and ``--version``
+start without loading PyTorch.
 """
 
 from __future__ import annotations
@@ -11,49 +13,43 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import fields
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from convnet import __version__
-from convnet.augment import AUGMENTS
-from convnet.bench import format_bench, format_time_to_accuracy, run_bench, time_to_accuracy
-from convnet.data import DATASETS, Dataset, load_dataset
-from convnet.engine import (
-    DEVICES,
-    DistributedInfo,
-    Engine,
-    init_distributed,
-    keep_freed_memory,
-    resolve_device,
-)
-from convnet.errors import ConvnetError, InputError
-from convnet.evaluate import evaluate_run
-from convnet.models import count_parameters, create_model, list_models
-from convnet.predict import LAYOUTS, input_batches, load_model, predict
-from convnet.report import build_report, compare, evaluate_and_plot
-from convnet.runs import new_run_dir
-from convnet.train import (
-    DEFAULT_RECIPE,
-    OPTIMIZERS,
-    RECIPES,
-    SCHEDULES,
-    ConsolePrinter,
-    TrainConfig,
-    recipe,
-    resume,
-    train,
-)
-from convnet.tutorial import run_tutorial
+from convnet.config import AUGMENTS, DEVICES, LAYOUTS, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig
+from convnet.errors import ConvnetError
 
 D = TrainConfig()  # defaults, shown in --help
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10")  # checked against the registry by the library
 
 
-def _data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="fashion-mnist", choices=list(DATASETS), help="data set (default: %(default)s)")
+def _named_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES,
+                   help="named data set, see `convnet datasets` (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with the four IDX files (default: cache, then system copy, then download)")
+                   help="folder with the named data set's files (default: cache, then system copy, then download)")
+
+
+def _folder_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="a folder of images, one subfolder per class (or train/ and test/ of them) "
+                        "(default: the named --dataset)")
+    p.add_argument("--image-size", default=None, metavar="N|HxW",
+                   help="with --data: size images are converted to (default: the most common, at most 64)")
+    p.add_argument("--channels", type=int, default=None, choices=(1, 3),
+                   help="with --data: 1 grey or 3 colour (default: 3 when any image has colour)")
+    p.add_argument("--test-split", type=float, default=0.2,
+                   help="with --data and no test/ folder: share held out for testing (default: %(default)s)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be decoded, listed in the run folder (default: stop)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether a mirrored image keeps its class, for flip augmentation and --tta "
+                        "(default: the data set's: yes, but no for mnist)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="MB",
+                   help="a folder's images larger than this are read from the cache a batch at a time "
+                        "(default: half the memory available)")
 
 
 def _device_flag(p: argparse.ArgumentParser) -> None:
@@ -77,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="(default: the recipe's)")
     p.add_argument("--seed", type=int, help=f"initial weights, shuffle order, augmentation (default: {D.seed})")
     p.add_argument("--momentum", type=float, help="SGD momentum (default: the recipe's)")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, 
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
                    help="Nesterov momentum (default: the recipe's)")
     p.add_argument("--weight-decay", type=float, help="(default: the recipe's)")
     p.add_argument("--label-smoothing", type=float, help="(default: the recipe's)")
@@ -101,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, metavar="RUN",
                    help="continue RUN from its last complete epoch, with its own config")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar (default: bar in a terminal)")
-    _data_flags(p)
+    _named_data_flags(p)
+    _folder_flags(p)
     _device_flag(p)
 
     p = sub.add_parser("evaluate", help="accuracy, classification report and confusion matrix of a run")
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder with the IDX files (default: as trained)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the run's data is now, if it moved (default: where it was trained)")
     _device_flag(p)
 
     p = sub.add_parser("predict", help="classify image files, .npy arrays or IDX files with a trained run")
@@ -123,14 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faithful", action="store_true", help="the tutorial's exact arithmetic and numbers")
     p.add_argument("--out", type=Path, default=None, help="folder for the two runs (default: runs/tutorial-TIME)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    _data_flags(p)
+    _named_data_flags(p)
     _device_flag(p)
 
     p = sub.add_parser("bench", help="images/s of convnet vs the tutorial's loop, side by side")
     p.add_argument("--model", default="seed", help="model to time (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--train-images", type=int, default=12_800, help="images per timed epoch (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5, 
+    p.add_argument("--repeats", type=int, default=5,
                    help="timed repeats; the median is reported (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--target", type=float, default=None,
@@ -140,101 +138,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="with --target: runs, seeds 0..N-1 (default: %(default)s)")
     p.add_argument("--no-reference", action="store_true",
                    help="with --target: skip the tutorial's Adam-15 reference run")
-    _data_flags(p)
+    _named_data_flags(p)
     _device_flag(p)
 
     p = sub.add_parser("report", help="one self-contained HTML report of runs: scores, plots, comparison")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders; several are compared first")
     p.add_argument("-o", "--out", type=Path, default=None,
                    help="HTML file or folder (default: report.html in the runs' common folder)")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder with the IDX files (default: as trained)")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the runs' data is now (default: as trained)")
     _device_flag(p)
 
     p = sub.add_parser("compare", help="runs side by side in the terminal: accuracies, losses, f1 per class")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder with the IDX files (default: as trained)")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the runs' data is now (default: as trained)")
     _device_flag(p)
 
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("recipes", help="list the named training recipes and their settings")
+    sub.add_parser("datasets", help="list the named data sets: image size, channels, classes, where each is found")
     return parser
 
 
-def train_config(a: argparse.Namespace, device_type: str) -> TrainConfig:
-    """The recipe's config with every flag that was given laid over it."""
-    name = a.recipe or ("tutorial" if a.faithful else DEFAULT_RECIPE.get(device_type, "cpu"))
-    config = recipe(name)
-    if a.optimizer not in (None, "sgd") and a.nesterov is None:  # the recipe's SGD momentum does not carry over
-        config.nesterov, config.momentum = False, 0.0
-    for f in fields(TrainConfig):
-        value = getattr(a, f.name, None)
-        if value is not None and f.name != "faithful":
-            setattr(config, f.name, value)
-    if a.faithful:
-        config.faithful, config.shuffle = True, False
-    return config
+def data_options(a: argparse.Namespace) -> Any:
+    """The data flags as the library's :class:`~convnet.sources.DataOptions`."""
+    from convnet.folders import parse_image_size
+    from convnet.sources import DataOptions
+
+    folder = getattr(a, "data", None)
+    return DataOptions(
+        dataset=a.dataset, data_dir=str(a.data_dir) if a.data_dir is not None else None,
+        folder=str(folder) if folder is not None else None, subset=getattr(a, "subset", None),
+        image_size=parse_image_size(a.image_size) if getattr(a, "image_size", None) else None,
+        channels=getattr(a, "channels", None), test_split=getattr(a, "test_split", 0.2),
+        skip_bad_images=getattr(a, "skip_bad_images", False), hflip=getattr(a, "hflip", None),
+        memory_budget_mb=getattr(a, "memory_budget", None))
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    """Train in this process, or as one of several under torchrun (DistributedDataParallel)."""
-    info = init_distributed(a.device, dict(os.environ))
-    if info is None:
-        return _train(a, info)
-    import torch.distributed as dist
+    from convnet.experiment import TrainRequest, run_training
 
-    try:
-        status = _train(a, info)
-        dist.barrier()  # rank 0 evaluates after training: the others wait, so no process tears down early
-        return status
-    finally:
-        dist.destroy_process_group()
-
-
-def _train(a: argparse.Namespace, info: DistributedInfo | None) -> int:
-    device = resolve_device(a.device)
-    if info is not None and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)  # one GPU per process
-    rank, world = (info.rank, info.world_size) if info else (0, 1)
-    printer = ConsolePrinter(progress=not a.no_progress) if rank == 0 else None  # one process prints
-
-    def engine_for(config: TrainConfig) -> Engine:
-        engine = Engine.faithful(device) if config.faithful else Engine.fast(device)
-        return replace(engine, rank=rank, world_size=world)
-
-    dataset: Dataset | None = None  # on --resume the run reads its own data
-    if a.resume is not None:
-        engine = engine_for(TrainConfig.from_dict(_read_train_config(a.resume)))
-        result = resume(a.resume, engine=engine, events=printer, data_dir=a.data_dir)
-    else:
-        config = train_config(a, device.type)
-        config.validate()  # before anything is loaded or written
-        dataset = load_dataset(a.dataset, a.data_dir, subset=a.subset)
-        engine = engine_for(config)
-        run_dir = new_run_dir(a.out, f"{config.model}-{config.optimizer}") if rank == 0 else None
-        if rank == 0:
-            procs = f" x {world} processes" if world > 1 else ""
-            print(f"training {config.model} on {len(dataset.train):,} {dataset.name} images, {engine.device}{procs}; "
-                  f"run folder {run_dir}", flush=True)
-        result = train(config, dataset, engine=engine, events=printer, run_dir=run_dir)
-    if rank != 0:
+    overrides = {f.name: getattr(a, f.name, None) for f in fields(TrainConfig) if f.name != "faithful"}
+    request = TrainRequest(overrides=overrides, data=data_options(a), recipe=a.recipe, faithful=a.faithful,
+                           device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress)
+    outcome = run_training(request, env=dict(os.environ))
+    if outcome.evaluation is None:  # not the main process under torchrun
         return 0
-    assert result.run_dir is not None
-    ev = evaluate_run(result.run_dir, engine=replace(engine, rank=0, world_size=1), data_dir=a.data_dir,
-                      dataset=dataset)  # the data set already in memory, not read a second time
+    ev, result = outcome.evaluation, outcome.result
     print(f"Train Accuracy : {ev.train.accuracy:.3f}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
+    assert result.run_dir is not None
     print(f"trained in {result.seconds:.1f} s; weights in {result.run_dir / 'model.safetensors'}")
     return 0
 
 
-def _read_train_config(run: Path) -> dict:  # type: ignore[type-arg]
-    from convnet.runs import open_run
-
-    return open_run(run).config["train"]  # type: ignore[no-any-return]
-
-
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    ev = evaluate_and_plot(a.run, engine=Engine.fast(resolve_device(a.device)), data_dir=a.data_dir)
+    from convnet.report import evaluate_and_plot
+
+    ev = evaluate_and_plot(a.run, data_dir=a.data_dir, device=a.device)
     if a.json:
         print(json.dumps(ev.to_json(), indent=2))
         return 0
@@ -252,36 +212,37 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    path = build_report(a.runs, a.out, data_dir=a.data_dir, engine=Engine.fast(resolve_device(a.device)))
+    from convnet.report import build_report
+
+    path = build_report(a.runs, a.out, data_dir=a.data_dir, device=a.device)
     print(f"Report written to {path}")
     return 0
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    print(compare(a.runs, data_dir=a.data_dir, engine=Engine.fast(resolve_device(a.device))))
+    from convnet.report import compare
+
+    print(compare(a.runs, data_dir=a.data_dir, device=a.device))
     return 0
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    engine = Engine.fast(resolve_device(a.device))
-    model, run = load_model(a.run, engine)
-    tta = bool(run.config["train"].get("tta", False))  # predict the way the run was evaluated
+    from convnet.errors import InputError
+    from convnet.predict import predict_files
+
     failed, printed, width = 0, 0, 0
-    for item in input_batches(a.inputs, run.image_shape, layout=a.layout):  # bounded memory for inputs of any size
+    for item in predict_files(a.run, a.inputs, layout=a.layout, device=a.device):  # bounded memory for any input
         if isinstance(item, InputError):
             print(f"convnet: error: {item}", file=sys.stderr)
             failed += 1
             continue
-        pred = predict(model, item.images, engine=engine, tta=tta)
-        width = max(width, *map(len, item.names))
-        top = pred.probabilities.max(dim=1).values.tolist()  # the probability of each predicted label
-        for name, label, probability in zip(item.names, pred.labels.tolist(), top, strict=True):
-            row = {"input": name, "label": label, "class": run.classes[label], "probability": round(probability, 6)}
+        width = max(width, *(len(r.input) for r in item))
+        for row in item:
             if a.json:  # one JSON list, printed a row at a time
-                text = json.dumps(row, indent=2).replace("\n", "\n  ")
+                text = json.dumps(row.to_json(), indent=2).replace("\n", "\n  ")
                 print("[\n  " if not printed else ",\n  ", text, sep="", end="")
             else:
-                print(f"{name:<{width}}  {label}  {row['class']:<12}  {row['probability']:.3f}")
+                print(f"{row.input:<{width}}  {row.label}  {row.cls:<12}  {row.probability:.3f}")
             printed += 1
     if a.json:
         print("\n]" if printed else "[]")
@@ -291,59 +252,75 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_tutorial(a: argparse.Namespace) -> int:
-    device = resolve_device(a.device)
-    engine = Engine.faithful(device) if a.faithful else Engine.fast(device)
-    dataset = load_dataset(a.dataset, a.data_dir)
-    out = new_run_dir(a.out, "tutorial")
-    run_tutorial(dataset, out, engine=engine, faithful=a.faithful, quick=a.quick, progress=not a.no_progress)
+    from convnet.sources import DataOptions
+    from convnet.tutorial import run_tutorial
+
+    data = DataOptions(dataset=a.dataset, data_dir=str(a.data_dir) if a.data_dir is not None else None)
+    run_tutorial(data, a.out, device=a.device, faithful=a.faithful, quick=a.quick, progress=not a.no_progress)
     return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    if a.repeats < 1 or a.train_images < a.batch_size:
-        raise ConvnetError("--repeats must be >= 1 and --train-images at least one --batch-size")
-    dataset = load_dataset(a.dataset, a.data_dir)
-    if a.target is not None:
-        if not 0 < a.target <= 1 or a.seeds < 1:
-            raise ConvnetError(f"--target must be an accuracy in (0, 1] and --seeds >= 1, got {a.target}, {a.seeds}")
-        engine = Engine.fast(resolve_device(a.device))
-        tta = time_to_accuracy(dataset, engine=engine, recipe_name=a.recipe or DEFAULT_RECIPE[engine.device.type],
-                               target=a.target, seeds=a.seeds, reference=not a.no_reference)
-        print(json.dumps(tta.to_json(), indent=2) if a.json else format_time_to_accuracy(tta))
-        return 0
-    result = run_bench(dataset, engine=Engine.fast(resolve_device(a.device)), model=a.model,
-                       batch_size=a.batch_size, train_images=a.train_images, repeats=a.repeats)
-    print(json.dumps(result.to_json(), indent=2) if a.json else format_bench(result))
+    from convnet.bench import BenchResult, bench, format_bench, format_time_to_accuracy
+    from convnet.sources import DataOptions
+
+    data = DataOptions(dataset=a.dataset, data_dir=str(a.data_dir) if a.data_dir is not None else None)
+    result = bench(data, device=a.device, model=a.model, batch_size=a.batch_size, train_images=a.train_images,
+                   repeats=a.repeats, target=a.target, recipe=a.recipe, seeds=a.seeds, reference=not a.no_reference)
+    if a.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_bench(result) if isinstance(result, BenchResult) else format_time_to_accuracy(result))
     return 0
 
 
 def cmd_recipes(a: argparse.Namespace) -> int:
-    per_run = {"seed", "val_split", "target_accuracy", "faithful"}  # not part of a recipe
+    from dataclasses import asdict
+
+    from convnet.config import DEFAULT_RECIPE, PER_RUN
+
     for name, config in RECIPES.items():
         default = [d for d, r in DEFAULT_RECIPE.items() if r == name]
-        note = f" (default on {', '.join(default)})" if default else " (the tutorial's settings; base of --faithful)"
+        note = (f" (default on {', '.join(default)})" if default else
+                " (the tutorial's settings; base of --faithful)" if name == "tutorial" else "")
         print(f"{name}{note}")
         for k, v in asdict(config).items():
-            if k not in per_run:
+            if k not in PER_RUN:
                 print(f"  --{k.replace('_', '-'):<17} {v}")
     return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
+    from convnet.models import count_parameters, create_model, list_models
+
     for name, description in list_models().items():
-        print(f"{name:<10} {count_parameters(create_model(name)):>9,} parameters  {description}")
+        print(f"{name:<12} {count_parameters(create_model(name)):>10,} parameters  {description}")
+    return 0
+
+
+def cmd_datasets(a: argparse.Namespace) -> int:
+    from convnet.sources import describe_datasets
+
+    for d in describe_datasets():
+        print(f"{d['name']:<14} {d['height']}x{d['width']}, {d['channels']} channel{'s' if d['channels'] > 1 else ''}, "
+              f"{d['classes']} classes, {d['train_images']:,} + {d['test_images']:,} images, "
+              f"flips {'allowed' if d['hflip'] else 'not allowed'}")
+        print(f"{'':<14} {d['where']}")
+    print("Your own images: convnet train --data DIR (one subfolder per class)")
     return 0
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tutorial": cmd_tutorial,
-            "models": cmd_models, "recipes": cmd_recipes, "bench": cmd_bench, "report": cmd_report,
-            "compare": cmd_compare}
+            "models": cmd_models, "recipes": cmd_recipes, "datasets": cmd_datasets, "bench": cmd_bench,
+            "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # steady step times on glibc (see engine.keep_freed_memory)
     try:
+        from convnet.engine import keep_freed_memory
+
+        keep_freed_memory()  # steady step times on glibc (see engine.keep_freed_memory)
         return COMMANDS[args.command](args)
     except ConvnetError as e:
         print(f"convnet: error: {e}", file=sys.stderr)

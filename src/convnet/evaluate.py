@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from convnet import metrics, runs
-from convnet.data import Dataset, Split
-from convnet.engine import Engine
+from convnet.datasets import Dataset, Split
+from convnet.engine import Engine, make_engine
 from convnet.predict import infer, load_model
 
 
@@ -46,19 +46,26 @@ class Evaluation:
         }
 
 
-def score_split(model: nn.Module, split: Split, engine: Engine, tta: bool = False) -> SplitScores:
-    probs = infer(model, split.images, engine=engine, tta=tta).softmax(dim=1)
+def scores(logits: torch.Tensor, labels: torch.Tensor) -> SplitScores:
+    """Accuracy, predicted classes and probabilities from a split's logits."""
+    probs = logits.softmax(dim=1)
     preds = probs.argmax(dim=1)
-    return SplitScores(metrics.accuracy(preds, split.labels), preds, probs)
+    return SplitScores(metrics.accuracy(preds, labels), preds, probs)
 
 
-def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None, tta: bool = False) -> Evaluation:
+def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None, tta: bool = False,
+             test_logits: torch.Tensor | None = None) -> Evaluation:
     """Accuracy on both splits; classification report and confusion matrix on the test split.
 
-    ``tta`` predicts each image as the mean of it and its mirror (see :func:`infer`)."""
+    Args:
+        tta: predict each image as the mean of it and its mirror (see :func:`infer`).
+        test_logits: the test split's logits when they are already known (the last
+            measurement of a ``--target-accuracy`` run), so they are not computed again.
+    """
     engine = engine or Engine.fast()
-    train = score_split(model, dataset.train, engine, tta)
-    test = score_split(model, dataset.test, engine, tta)
+    train = scores(infer(model, dataset.train.images, engine=engine, tta=tta), dataset.train.labels)
+    test = scores(test_logits if test_logits is not None else infer(model, dataset.test.images, engine=engine,
+                                                                     tta=tta), dataset.test.labels)
     y = dataset.test.labels
     return Evaluation(
         classes=dataset.classes,
@@ -71,13 +78,32 @@ def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None
     )
 
 
+def score_split(model: nn.Module, split: Split, engine: Engine, tta: bool = False) -> SplitScores:
+    return scores(infer(model, split.images, engine=engine, tta=tta), split.labels)
+
+
 def evaluate_run(run_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
-                 engine: Engine | None = None, dataset: Dataset | None = None) -> Evaluation:
-    """Evaluate a run folder's model on the data set it was trained on (same subset), and
-    write the scores to its ``metrics.json``."""
-    engine = engine or Engine.fast()
-    model, run = load_model(run_dir, engine)
-    dataset = dataset or runs.run_dataset(run, data_dir)
-    result = evaluate(model, dataset, engine=engine, tta=bool(run.config["train"].get("tta", False)))
+                 engine: Engine | None = None, dataset: Dataset | None = None, device: str = "auto",
+                 test_logits: torch.Tensor | None = None, progress: bool = True) -> Evaluation:
+    """Evaluate a run folder's model on the data it was trained on (same subset, same
+    split), with the run's own engine (faithful runs in fp32) and test-time augmentation,
+    and write the scores to its ``metrics.json``."""
+    return evaluate_run_data(run_dir, data_dir=data_dir, engine=engine, dataset=dataset, device=device,
+                             test_logits=test_logits, progress=progress)[0]
+
+
+def evaluate_run_data(run_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
+                      engine: Engine | None = None, dataset: Dataset | None = None, device: str = "auto",
+                      test_logits: torch.Tensor | None = None,
+                      progress: bool = True) -> tuple[Evaluation, Dataset]:
+    """:func:`evaluate_run`, also returning the data it was scored on. The model is
+    loaded (and checked) before the data is read."""
+    from convnet.sources import run_data
+
+    run = runs.open_run(run_dir)
+    engine = engine or make_engine(device, faithful=run.faithful)
+    model, run = load_model(run.path, engine)
+    dataset = dataset or run_data(run, data_dir, progress=progress)
+    result = evaluate(model, dataset, engine=engine, tta=run.tta, test_logits=test_logits)
     runs.write_json(run.path / runs.METRICS, result.to_json())
-    return result
+    return result, dataset

@@ -1,8 +1,9 @@
 """Models: a tiny registry and the networks in it.
 
 Every model follows one contract: built by ``create_model(name, num_classes, in_channels,
-image_size)``, it takes float images ``(B, C, H, W)`` in [0, 1] and returns logits
-``(B, num_classes)``. Nothing in a model knows which device it runs on.
+image_size)``, it takes float images ``(B, C, H, W)`` in [0, 1] of that size (any size of
+at least 8x8 pixels, square or not) and returns logits ``(B, num_classes)``. Nothing in a
+model knows which device it runs on.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from torch import nn
 
 from convnet.errors import ConvnetError
 
-ModelFactory = Callable[[int, int, int], nn.Module]
+Size = tuple[int, int]  # (H, W) in pixels
+ModelFactory = Callable[[int, int, Size], nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 
 
 def register_model(name: str, description: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator: make a factory ``f(num_classes, in_channels, image_size)`` creatable by name."""
+    """Decorator: make a factory ``f(num_classes, in_channels, (H, W))`` creatable by name."""
 
     def add(factory: ModelFactory) -> ModelFactory:
         _MODELS[name] = factory
@@ -34,20 +36,28 @@ def list_models() -> dict[str, str]:
     return dict(_DESCRIPTIONS)
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Module:
+def create_model(name: str, num_classes: int = 10, in_channels: int = 1,
+                 image_size: int | Size = 28) -> nn.Module:
     """Build a registered model with freshly initialised weights (from torch's global RNG).
+
+    Args:
+        name: a registered name (:func:`list_models`).
+        num_classes: outputs (logits) per image.
+        in_channels: 1 (grey) or 3 (RGB), or any other count.
+        image_size: ``H`` for square images, or ``(H, W)``.
 
     Raises:
         ConvnetError: unknown name (the message lists the valid ones) or bad sizes.
     """
     if name not in _MODELS:
         raise ConvnetError(f"unknown model {name!r}; choose one of: {', '.join(_MODELS)}")
-    if num_classes < 2 or in_channels < 1 or image_size < 8:
+    size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    if num_classes < 2 or in_channels < 1 or min(size) < 8:
         raise ConvnetError(
-            f"model {name!r} needs num_classes >= 2, in_channels >= 1 and image_size >= 8, "
-            f"got {num_classes}, {in_channels}, {image_size}"
+            f"model {name!r} needs num_classes >= 2, in_channels >= 1 and images of at least 8x8 pixels, "
+            f"got {num_classes}, {in_channels}, {size[0]}x{size[1]}"
         )
-    return _MODELS[name](num_classes, in_channels, image_size)
+    return _MODELS[name](num_classes, in_channels, size)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -59,7 +69,7 @@ class ConvNet(nn.Module):
     ``torch.manual_seed(42)`` gives the tutorial's initial weights (and its state-dict
     keys, ``seq.0.weight`` …)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: Size = (28, 28)) -> None:
         super().__init__()
         self.seq = nn.Sequential(
             nn.Conv2d(in_channels=in_channels, out_channels=32, kernel_size=(3, 3), padding="same"),  # (B, 32, H, W)
@@ -69,7 +79,7 @@ class ConvNet(nn.Module):
             nn.Conv2d(in_channels=16, out_channels=8, kernel_size=(3, 3), padding="same"),  # (B, 8, H, W)
             nn.ReLU(),
             nn.Flatten(),  # (B, 8*H*W)
-            nn.Linear(8 * image_size * image_size, num_classes),  # (B, num_classes) logits; softmax lives in the loss
+            nn.Linear(8 * image_size[0] * image_size[1], num_classes),  # (B, num_classes) logits; softmax: in the loss
         )
 
     def forward(self, x):  # type: ignore[no-untyped-def]
@@ -77,7 +87,7 @@ class ConvNet(nn.Module):
 
 
 @register_model("seed", "the tutorial's 3-conv CNN (no pooling, no batch norm)")
-def seed(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def seed(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
     return ConvNet(num_classes, in_channels, image_size)
 
 
@@ -99,12 +109,12 @@ class FastNet(nn.Module):
         super().__init__()
         w1, w2, w3 = widths
         self.features = nn.Sequential(
-            _conv_bn(in_channels, w1),  # (B, w1, 28, 28)
-            nn.MaxPool2d(2),  # (B, w1, 14, 14)
+            _conv_bn(in_channels, w1),  # (B, w1, H, W), e.g. 28x28
+            nn.MaxPool2d(2),  # (B, w1, H/2, W/2): 14x14
             _conv_bn(w1, w2),
-            nn.MaxPool2d(2),  # (B, w2, 7, 7)
+            nn.MaxPool2d(2),  # (B, w2, H/4, W/4): 7x7
             _conv_bn(w2, w3),
-            nn.MaxPool2d(2),  # (B, w3, 3, 3)
+            nn.MaxPool2d(2),  # (B, w3, H/8, W/8): 3x3 (at least 1x1 from 8x8)
         )
         self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes))
 
@@ -113,5 +123,42 @@ class FastNet(nn.Module):
 
 
 @register_model("fastnet", "3 conv-BN-ReLU-pool stages (32-64-128), the CPU default")
-def fastnet(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+def fastnet(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
     return FastNet(num_classes, in_channels, (32, 64, 128))
+
+
+def _conv_bn_gelu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+
+
+class AirNet(nn.Module):
+    """A GPU-sized network in the manner of airbench: a conv-BN-GELU stem, three blocks of
+    conv, 2x2 max-pool, BN, GELU, conv, BN, GELU, then a global max pool and a linear
+    layer (logits scaled by 1/4, which steadies the start of training)."""
+
+    def __init__(self, num_classes: int, in_channels: int, widths: tuple[int, int, int]) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+                                 nn.MaxPool2d(2, ceil_mode=True),  # (B, c_out, ceil(H/2), ceil(W/2))
+                                 nn.BatchNorm2d(c_out), nn.GELU(), *_conv_bn_gelu(c_out, c_out))
+
+        w1, w2, w3 = widths
+        self.stem = nn.Sequential(*_conv_bn_gelu(in_channels, w1 // 2))  # (B, w1/2, H, W)
+        self.blocks = nn.Sequential(block(w1 // 2, w1), block(w1, w2), block(w2, w3))  # (B, w3, H/8, W/8)
+        self.head = nn.Linear(w3, num_classes, bias=False)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        features = self.blocks(self.stem(x)).amax(dim=(2, 3))  # (B, w3): global max pool
+        return self.head(features) / 4
+
+
+@register_model("airnet", "airbench-style GELU net, widths 64-128-256 (1.2 M parameters), the GPU default")
+def airnet(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
+    return AirNet(num_classes, in_channels, (64, 128, 256))
+
+
+@register_model("airnet-wide", "airnet with widths 128-256-512 (4.7 M parameters), for the best recipe")
+def airnet_wide(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
+    return AirNet(num_classes, in_channels, (128, 256, 512))

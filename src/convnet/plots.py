@@ -126,8 +126,8 @@ def plot_class_scores(report: Mapping[str, Any], classes: Sequence[str], title: 
 
 def plot_image_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
                     classes: Sequence[str], title: str, cols: int = 6) -> Figure:
-    """Images ``(N, 1, H, W)`` in a grid, each captioned with its true and predicted class
-    and the predicted probability; green when right, red when wrong."""
+    """Images ``(N, C, H, W)`` (grey or colour) in a grid, each captioned with its true and
+    predicted class and the predicted probability; green when right, red when wrong."""
     n = len(images)
     rows = max(1, -(-n // cols))
     fig = Figure(figsize=(cols * 1.75, rows * 2.05 + 0.7), layout="constrained")
@@ -137,7 +137,11 @@ def plot_image_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarra
         ax.set_axis_off()
         if i >= n:
             continue
-        ax.imshow(np.asarray(images[i])[0], cmap="gray", vmin=0, vmax=255)
+        image = np.asarray(images[i])  # (C, H, W) uint8
+        if image.shape[0] == 1:
+            ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(image.transpose(1, 2, 0))  # (H, W, 3): colour
         right = labels[i] == predicted[i]
         ax.set_title(f"true: {classes[labels[i]]}\npred: {classes[predicted[i]]} {confidence[i]:.0%}",
                      fontsize=8, color=RIGHT if right else WRONG)

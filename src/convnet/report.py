@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from convnet import runs
-from convnet.engine import Engine
+from convnet.datasets import Images
 from convnet.errors import ConvnetError, RunError
-from convnet.evaluate import Evaluation, evaluate_run
+from convnet.evaluate import Evaluation, evaluate_run, evaluate_run_data
 
 PLOTS = "plots"
 PLOT_FILES = ("history", "confusion_matrix", "class_scores", "mistakes", "samples")
@@ -79,13 +79,14 @@ class RunSummary:
 # --- plots in the run folder
 
 
-def write_plots(run_dir: PathLike, evaluation: Evaluation, test_images: torch.Tensor) -> dict[str, Path]:
+def write_plots(run_dir: PathLike, evaluation: Evaluation, test_images: Images) -> dict[str, Path]:
     """Draw a run's pictures into ``RUN/plots/`` (each file written atomically).
 
     Args:
         run_dir: the run folder (its history is read from it).
         evaluation: the run's scores, with test predictions and probabilities.
-        test_images: the test split's uint8 images ``(N, C, H, W)``, in the order scored.
+        test_images: the test split's uint8 images ``(N, C, H, W)``, in the order scored
+            (in memory or on disk: only the pictured ones are read).
 
     Returns:
         The path of each picture, by name (see :data:`PLOT_FILES`).
@@ -102,14 +103,14 @@ def write_plots(run_dir: PathLike, evaluation: Evaluation, test_images: torch.Te
     probs = evaluation.test.probabilities.detach().cpu().float().numpy()  # (N, C)
     labels = evaluation.test_labels.cpu().numpy()
     predicted = evaluation.test.predictions.cpu().numpy()
-    images = test_images.cpu().numpy()  # (N, C, H, W) uint8
 
     def save(name: str, fig: Any) -> None:
         png = plots.save(fig)
         runs.atomic_write(folder / f"{name}.png", lambda f: f.write(png))
 
     def grid(idx: np.ndarray, heading: str) -> Any:
-        return plots.plot_image_grid(images[idx], labels[idx], predicted[idx], probs[idx, predicted[idx]],
+        images = test_images[torch.from_numpy(idx)].cpu().numpy() if len(idx) else np.empty((0, 1, 1, 1))
+        return plots.plot_image_grid(images, labels[idx], predicted[idx], probs[idx, predicted[idx]],
                                      classes, heading)
 
     save("history", plots.plot_history(run.history, title))
@@ -123,14 +124,12 @@ def write_plots(run_dir: PathLike, evaluation: Evaluation, test_images: torch.Te
     return {name: folder / f"{name}.png" for name in PLOT_FILES}
 
 
-def evaluate_and_plot(run_dir: PathLike, *, data_dir: PathLike | None = None,
-                      engine: Engine | None = None) -> Evaluation:
-    """What ``convnet evaluate RUN`` does: score the run (writing ``metrics.json``) and
-    draw its pictures into ``RUN/plots/``."""
-    run = runs.open_run(run_dir)
-    dataset = runs.run_dataset(run, data_dir)
-    evaluation = evaluate_run(run.path, engine=engine, dataset=dataset)
-    write_plots(run.path, evaluation, dataset.test.images)
+def evaluate_and_plot(run_dir: PathLike, *, data_dir: PathLike | None = None, device: str = "auto",
+                      progress: bool = True) -> Evaluation:
+    """What ``convnet evaluate RUN`` does: score the run with its own engine (writing
+    ``metrics.json``) and draw its pictures into ``RUN/plots/``."""
+    evaluation, dataset = evaluate_run_data(run_dir, data_dir=data_dir, device=device, progress=progress)
+    write_plots(run_dir, evaluation, dataset.test.images)
     return evaluation
 
 
@@ -148,7 +147,7 @@ def _outdated(path: Path, plots: bool) -> bool:
 
 
 def load_summary(run_dir: PathLike, *, name: str | None = None, plots: bool = True,
-                 data_dir: PathLike | None = None, engine: Engine | None = None) -> RunSummary:
+                 data_dir: PathLike | None = None, device: str = "auto") -> RunSummary:
     """Read a run for reporting, evaluating it first (and drawing its pictures when
     ``plots``) if its scores are missing or older than its weights.
 
@@ -158,9 +157,9 @@ def load_summary(run_dir: PathLike, *, name: str | None = None, plots: bool = Tr
     run = runs.open_run(run_dir)
     if _outdated(run.path, plots):
         if plots:
-            evaluate_and_plot(run.path, data_dir=data_dir, engine=engine)
+            evaluate_and_plot(run.path, data_dir=data_dir, device=device)
         else:
-            evaluate_run(run.path, data_dir=data_dir, engine=engine)
+            evaluate_run(run.path, data_dir=data_dir, device=device)
     metrics = runs.read_json(run.path / runs.METRICS)
     try:
         classes = metrics["classes"]
@@ -171,13 +170,13 @@ def load_summary(run_dir: PathLike, *, name: str | None = None, plots: bool = Tr
 
 
 def load_summaries(run_dirs: Sequence[PathLike], *, plots: bool = True, data_dir: PathLike | None = None,
-                   engine: Engine | None = None) -> list[RunSummary]:
+                   device: str = "auto") -> list[RunSummary]:
     """:func:`load_summary` for each run, named by folder (by path where two folders share a name)."""
     if not run_dirs:
         raise ConvnetError("give at least one run folder")
     names = [Path(p).name for p in run_dirs]
     names = [str(p) if names.count(n) > 1 else n for p, n in zip(run_dirs, names, strict=True)]
-    summaries = [load_summary(p, name=n, plots=plots, data_dir=data_dir, engine=engine)
+    summaries = [load_summary(p, name=n, plots=plots, data_dir=data_dir, device=device)
                  for p, n in zip(run_dirs, names, strict=True)]
     if len({tuple(s.classes) for s in summaries}) > 1:
         raise RunError("the runs were trained on different classes; compare runs of one data set")
@@ -221,11 +220,10 @@ def format_comparison(summaries: Sequence[RunSummary]) -> str:
     return "\n".join(lines)
 
 
-def compare(run_dirs: Sequence[PathLike], *, data_dir: PathLike | None = None,
-            engine: Engine | None = None) -> str:
+def compare(run_dirs: Sequence[PathLike], *, data_dir: PathLike | None = None, device: str = "auto") -> str:
     """What ``convnet compare RUN...`` prints: :func:`format_comparison` of the runs
     (evaluated first where they have no scores yet)."""
-    return format_comparison(load_summaries(run_dirs, plots=False, data_dir=data_dir, engine=engine))
+    return format_comparison(load_summaries(run_dirs, plots=False, data_dir=data_dir, device=device))
 
 
 # --- the HTML report
@@ -366,7 +364,7 @@ def render_html(summaries: Sequence[RunSummary]) -> str:
 
 
 def build_report(run_dirs: Sequence[PathLike], out: PathLike | None = None, *, data_dir: PathLike | None = None,
-                 engine: Engine | None = None) -> Path:
+                 device: str = "auto") -> Path:
     """Write one self-contained HTML report of the runs (evaluating and drawing any run
     whose scores or pictures are missing or out of date).
 
@@ -375,12 +373,12 @@ def build_report(run_dirs: Sequence[PathLike], out: PathLike | None = None, *, d
         out: the HTML file, or a folder for ``report.html``; default ``report.html`` in the
             runs' common folder (the run folder itself for one run).
         data_dir: where to find the data set, if a run needs evaluating.
-        engine: device for that evaluation.
+        device: where to compute that evaluation (``auto``, ``cpu``, ``cuda``).
 
     Returns:
         The report's path.
     """
-    summaries = load_summaries(run_dirs, data_dir=data_dir, engine=engine)
+    summaries = load_summaries(run_dirs, data_dir=data_dir, device=device)
     if out is None:
         path = Path(os.path.commonpath([os.path.abspath(p) for p in run_dirs])) / "report.html"
     else:

@@ -8,6 +8,8 @@
       model.safetensors    final weights (tensors only: loading them runs no code)
       checkpoint.safetensors  weights, optimizer state, random states and epoch, for --resume
       metrics.json         written by `convnet evaluate`
+      split.json           for a folder of images: the files of the training and the test split
+      skipped_images.txt   images left out with --skip-bad-images, one per line
 
 Every file is written to a temporary name in the same folder, flushed to disk and then
 renamed over the old one, so a crash at any moment leaves the previous version whole.
@@ -31,11 +33,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from convnet.data import Dataset, load_dataset
+from convnet.datasets import InputSpec
 from convnet.errors import RunError
 
-CONFIG, HISTORY, WEIGHTS, CHECKPOINT, METRICS = (
-    "config.json", "history.json", "model.safetensors", "checkpoint.safetensors", "metrics.json")
+CONFIG, HISTORY, WEIGHTS, CHECKPOINT, METRICS, SPLIT, SKIPPED = (
+    "config.json", "history.json", "model.safetensors", "checkpoint.safetensors", "metrics.json", "split.json",
+    "skipped_images.txt")
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -116,6 +119,19 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def check_out(out: str | os.PathLike[str] | None) -> None:
+    """Refuse an ``--out`` that exists and is not an empty folder, before anything is done.
+
+    Raises:
+        RunError: saying to choose a new folder or resume that one.
+    """
+    if out is None:
+        return
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise RunError(f"--out {path} already exists and is not empty; choose a new folder or use --resume {path}")
+
+
 def new_run_dir(out: str | os.PathLike[str] | None, name: str, root: str | os.PathLike[str] = "runs") -> Path:
     """``out`` if given (created; must be empty or absent), else ``root/NAME-YYYYmmdd-HHMMSS``."""
     if out is None:
@@ -126,9 +142,8 @@ def new_run_dir(out: str | os.PathLike[str] | None, name: str, root: str | os.Pa
             n += 1
             path = Path(root) / f"{name}-{stamp}-{n}"
     else:
+        check_out(out)
         path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise RunError(f"--out {path} already exists and is not empty; choose a new folder or use --resume {path}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -151,13 +166,33 @@ class Run:
         return str(self.config["train"]["model"])
 
     @property
+    def spec(self) -> InputSpec:
+        """The input spec the model was trained for (runs older than the spec: derived
+        from their data section)."""
+        if "input" in self.config:
+            return InputSpec.from_json(self.config["input"], str(self.path / CONFIG))
+        c, h, w = self.config["data"]["image_shape"]
+        name = self.config["data"]["name"]
+        return InputSpec(int(c), int(h), int(w), tuple(self.config["data"]["classes"]),
+                         dark_background=name in ("fashion-mnist", "mnist"), hflip=name != "mnist")
+
+    @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.config["data"]["classes"])
+        return self.spec.classes
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.config["data"]["image_shape"]
-        return int(c), int(h), int(w)
+        return self.spec.shape
+
+    @property
+    def faithful(self) -> bool:
+        """Trained with the tutorial's arithmetic: scored with it too."""
+        return bool(self.config["train"].get("faithful", False))
+
+    @property
+    def tta(self) -> bool:
+        """Evaluated with test-time flips: predicted with them too."""
+        return bool(self.config["train"].get("tta", False))
 
 
 def open_run(path: str | os.PathLike[str]) -> Run:
@@ -179,6 +214,8 @@ def open_run(path: str | os.PathLike[str]) -> Run:
         if not ok(config[section].get(key)):
             raise RunError(f"{p / CONFIG}: missing or malformed {section}.{key} "
                            f"({config[section].get(key)!r}); the run folder is damaged")
+    if "input" in config:
+        InputSpec.from_json(config["input"], str(p / CONFIG))
     history = read_json(p / HISTORY) if (p / HISTORY).is_file() else []
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
         raise RunError(f"{p / HISTORY}: not a list of epoch records; the run folder is damaged")
@@ -199,20 +236,6 @@ _REQUIRED: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
 )
 
 
-def run_dataset(run: Run, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
-    """The data set a run was trained on (same subset), from ``data_dir`` if given, else
-    from the folder it was read from if that still exists, else found as usual."""
-    data = run.config["data"]
-    if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
-        data_dir = data["source"]
-    dataset = load_dataset(data["name"], data_dir, subset=data.get("subset"))
-    if data.get("train_images") not in (None, len(dataset.train)):
-        raise RunError(f"{run.path} was trained on {data['train_images']} {data['name']} images from "
-                       f"{data.get('source')}, but {dataset.source} holds {len(dataset.train)}; "
-                       "pass --data-dir with the run's own data")
-    return dataset
-
-
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load safetensors weights into ``model``, naming what does not fit."""
     state = load_tensors(path)
@@ -229,4 +252,6 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def command_line() -> str:
-    return " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))
+    import shlex
+
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])

@@ -11,14 +11,19 @@ from typing import TextIO
 import torch
 from torch import nn
 
-from convnet.data import Dataset, to_float
-from convnet.engine import Engine
+from convnet.config import TrainConfig
+from convnet.datasets import Dataset, to_float
+from convnet.engine import Engine, make_engine
 from convnet.evaluate import Evaluation, evaluate
+from convnet.events import ConsolePrinter
+from convnet.experiment import data_record
+from convnet.inputs import images_from_array
 from convnet.models import count_parameters, create_model
-from convnet.predict import images_from_array, predict
+from convnet.predict import predict
 from convnet.report import build_report, format_comparison, load_summaries, write_plots
-from convnet.runs import new_run_dir, write_json
-from convnet.train import ConsolePrinter, TrainConfig, TrainResult, train
+from convnet.runs import check_out, new_run_dir, write_json
+from convnet.sources import DataOptions, load_data
+from convnet.train import TrainResult, train
 
 SGD = TrainConfig(model="seed", optimizer="sgd", lr=1e-3, epochs=25, batch_size=128, seed=42, shuffle=False)
 ADAM = replace(SGD, optimizer="adam", epochs=15)
@@ -33,27 +38,32 @@ class TutorialRun:
     evaluation: Evaluation
 
 
-def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool = False, quick: bool = False,
-                 stream: TextIO | None = None, progress: bool = True) -> list[TutorialRun]:
+def run_tutorial(data: DataOptions | Dataset | None = None, out: str | Path | None = None, *, device: str = "auto",
+                 faithful: bool = False, quick: bool = False, stream: TextIO | None = None,
+                 progress: bool = True) -> list[TutorialRun]:
     """Run the tutorial end to end, printing as it goes; the two runs go in ``out/sgd``
     and ``out/adam`` (each with its plots), their HTML report in ``out/report.html``.
 
     Args:
-        dataset: Fashion-MNIST (or any 1-channel 28x28 set).
-        out: a new or empty folder.
-        engine: the device and fast path for both runs.
+        data: Fashion-MNIST by default (any named data set or folder works: the seed
+            model is built for its size and channels).
+        out: a new or empty folder; default ``runs/tutorial-TIME``.
+        device: ``auto``, ``cpu`` or ``cuda``, for both runs.
         faithful: the tutorial's exact arithmetic (same numbers as the tutorial).
         quick: a first look: the first 12,000 training images, 5 SGD and 3 Adam epochs.
     """
     s = stream or sys.stdout
+    engine = make_engine(device, faithful=faithful)
+    check_out(out)
+    dataset = data if isinstance(data, Dataset) else load_data(data or DataOptions(), progress=progress)
+    out = new_run_dir(out, "tutorial")
 
     def say(text: str = "") -> None:
         print(text, file=s, flush=True)
 
     sgd, adam = replace(SGD, faithful=faithful), replace(ADAM, faithful=faithful)
     if quick:
-        dataset = replace(dataset, train=replace(dataset.train, images=dataset.train.images[:QUICK_SUBSET],
-                                                 labels=dataset.train.labels[:QUICK_SUBSET]), subset=QUICK_SUBSET)
+        dataset = dataset.first(QUICK_SUBSET)
         sgd, adam = replace(sgd, epochs=QUICK_SGD_EPOCHS), replace(adam, epochs=QUICK_ADAM_EPOCHS)
 
     say("== Load dataset")
@@ -66,7 +76,8 @@ def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool 
 
     say("\n== Create neural network")
     torch.manual_seed(42)
-    net = create_model("seed", dataset.num_classes)
+    c, h, w = dataset.image_shape
+    net = create_model("seed", dataset.num_classes, c, (h, w))
     say(str(net))
     say(f"{count_parameters(net):,} parameters")
     sample_x, sample_y = to_float(dataset.train.images[:5]), dataset.train.labels[:5]
@@ -79,7 +90,8 @@ def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool 
     for name, config, title in (("sgd", sgd, "SGD"), ("adam", adam, "Adam")):
         say(f"\n== Train model ({title} optimizer): {config.epochs} epochs, lr {config.lr}, batch {config.batch_size}")
         run_dir = new_run_dir(out / name, name)
-        result = train(config, dataset, engine=engine, events=ConsolePrinter(s, progress), run_dir=run_dir)
+        result = train(config, dataset.train, dataset.spec, engine=engine, events=ConsolePrinter(s, progress),
+                       run_dir=run_dir, data_record=data_record(dataset))
         say(f"\n== Make predictions ({title})")
         ev = evaluate(result.model, dataset, engine=engine)
         write_json(run_dir / "metrics.json", ev.to_json())
@@ -95,7 +107,7 @@ def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool 
 
     run_dirs = [out / r.name for r in runs]
     say("== SGD vs Adam")
-    say(format_comparison(load_summaries(run_dirs, engine=engine)))
+    say(format_comparison(load_summaries(run_dirs, device=str(engine.device))))
 
     say("\n== Channels first vs channels last")
     say(channels_demo(runs[-1].result.model, dataset, engine))
@@ -103,16 +115,17 @@ def run_tutorial(dataset: Dataset, out: Path, *, engine: Engine, faithful: bool 
                                                 "test_accuracy": r.evaluation.test.accuracy,
                                                 "losses": [h.loss for h in r.result.history]} for r in runs})
     say(f"\nRuns written to {out / 'sgd'} and {out / 'adam'}")
-    report = build_report(run_dirs, out / "report.html", engine=engine)
+    report = build_report(run_dirs, out / "report.html", device=str(engine.device))
     say(f"Report (scores, plots, SGD vs Adam side by side): {report}")
     return runs
 
 
 def channels_demo(model: nn.Module, dataset: Dataset, engine: Engine) -> str:
     """The tutorial's last section: PyTorch's convolutions want channels first."""
-    conv1 = nn.Conv2d(1, 16, (3, 3), padding="same")
+    c, h, w = dataset.image_shape
+    conv1 = nn.Conv2d(c, 16, (3, 3), padding="same")
     conv2 = nn.Conv2d(16, 32, (3, 3), padding="same")
-    x = torch.rand(50, 1, 28, 28)
+    x = torch.rand(50, c, h, w)
     with torch.no_grad():
         y1 = conv1(x)
         y2 = conv2(y1)
@@ -123,9 +136,9 @@ def channels_demo(model: nn.Module, dataset: Dataset, engine: Engine) -> str:
         f"Conv Layer 1 Output Shape : {y1.shape}",
         f"Conv Layer 2 Output Shape : {y2.shape}",
     ]
-    first = dataset.test.images[:8]  # (8, 1, 28, 28)  channels first
-    last = first.permute(0, 2, 3, 1).numpy()  # (8, 28, 28, 1) channels last, as Keras or PIL would give it
-    back = images_from_array(last, "channels-last array", (1, 28, 28), "auto")
+    first = dataset.test.images[:8]  # (8, C, H, W)  channels first
+    last = first.permute(0, 2, 3, 1).numpy()  # (8, H, W, C) channels last, as Keras or PIL would give it
+    back = images_from_array(last, "channels-last array", dataset.spec, "auto")
     p_first = predict(model, first, engine=engine).labels
     p_last = predict(model, back, engine=engine).labels
     lines += [

@@ -1,0 +1,227 @@
+"""Training settings as plain data: the config, the named recipes, the learning-rate
+schedule and the record kept of each epoch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from convnet.errors import ConvnetError, RunError
+
+# Choices, kept here (a module that imports no torch) so that the command line builds fast.
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "linear", "cosine")
+AUGMENTS = ("none", "flip", "translate", "flip-translate")
+DEVICES = ("auto", "cpu", "cuda")
+LAYOUTS = ("auto", "nchw", "nhwc")
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how. The defaults are the tutorial's plain setting; named
+    recipes (:data:`RECIPES`) bundle the stronger ones. ``faithful=True`` keeps the
+    tutorial's exact arithmetic, so the tutorial's numbers come back.
+
+    Attributes:
+        model: a registered model name (see ``convnet models``).
+        optimizer: ``sgd``, ``adam`` or ``adamw``.
+        lr: peak learning rate per step (not scaled by batch size).
+        epochs: full passes over the training images.
+        batch_size: images per step.
+        seed: seeds the initial weights (``torch.manual_seed``), the shuffle order, the
+            augmentation and the validation split.
+        shuffle: a new random order every epoch; the tutorial did not shuffle.
+        momentum: SGD momentum (0 = plain SGD, the tutorial's).
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: L2 penalty (decoupled for ``adamw``).
+        label_smoothing: share of the target spread over all classes (0 = none).
+        augment: ``none``, ``flip``, ``translate`` or ``flip-translate``, batched on the device.
+        translate_px: largest random shift in pixels for ``translate``.
+        schedule: ``constant``, or linear warm-up then ``linear`` or ``cosine`` decay to 0.
+        warmup_epochs: length of the warm-up, in epochs (may be fractional).
+        val_split: share of the training images held out for per-epoch validation.
+        target_accuracy: stop once the test accuracy, measured after every epoch,
+            reaches this (a time-to-accuracy run); 0 = off.
+        tta: predict with test-time augmentation (mean of the image and its mirror).
+        ema: decay per step of an exponential moving average of the weights (e.g.
+            0.995), which is what gets evaluated and kept; 0 = off.
+        faithful: the tutorial's exact arithmetic (see README).
+    """
+
+    model: str = "seed"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    epochs: int = 15
+    batch_size: int = 128
+    seed: int = 42
+    shuffle: bool = True
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    augment: str = "none"
+    translate_px: int = 2
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    val_split: float = 0.0
+    target_accuracy: float = 0.0
+    tta: bool = False
+    ema: float = 0.0
+    faithful: bool = False
+
+    def __post_init__(self) -> None:
+        if self.faithful:
+            self.shuffle = False
+
+    @property
+    def flips(self) -> bool:
+        """Whether training or prediction mirrors images."""
+        return self.tta or "flip" in self.augment
+
+    def validate(self) -> None:
+        """Raise :class:`ConvnetError` naming the flag of the first bad value."""
+        for flag, value, choices in (("--optimizer", self.optimizer, OPTIMIZERS), ("--augment", self.augment, AUGMENTS),
+                                     ("--schedule", self.schedule, SCHEDULES)):
+            if value not in choices:
+                raise ConvnetError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
+        from convnet.models import list_models
+
+        if self.model not in list_models():
+            raise ConvnetError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+             "--nesterov needs --optimizer sgd and a --momentum above 0"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.translate_px <= 8, f"--translate-px must be in 0..8, got {self.translate_px}"),
+            (0 <= self.warmup_epochs <= self.epochs,
+             f"--warmup-epochs must be in 0..--epochs, got {self.warmup_epochs}"),
+            (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
+            (0 <= self.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {self.target_accuracy}"),
+            (0 <= self.ema < 1, f"--ema must be a decay in [0, 1), got {self.ema}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConvnetError(message)
+        if self.faithful:
+            plain = TrainConfig()
+            for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema"):
+                if getattr(self, name) != getattr(plain, name):
+                    raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
+                                       f"--{name.replace('_', '-')} {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A config from a run's ``config.json`` section; unknown keys are ignored.
+
+        Raises:
+            RunError: a value of the wrong type.
+        """
+        plain = cls()
+        values = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            value, want = d[f.name], type(getattr(plain, f.name))
+            ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok:
+                raise RunError(f"config value {f.name}={value!r} should be a {want.__name__}; "
+                               "the run folder is damaged")
+            values[f.name] = value
+        return cls(**values)
+
+
+# Named recipes: `convnet train --recipe NAME`; flags given on the command line override them.
+# Chosen on a validation split (--val-split 0.1), never on the test set; see README for their numbers.
+RECIPES: dict[str, TrainConfig] = {
+    "tutorial": TrainConfig(shuffle=False),
+    "cpu": TrainConfig(model="fastnet", optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                       epochs=24, batch_size=128, label_smoothing=0.1, augment="flip-translate", translate_px=2,
+                       schedule="linear", warmup_epochs=1.0, tta=True, ema=0.995),
+    "gpu": TrainConfig(model="airnet", optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                       epochs=12, batch_size=512, label_smoothing=0.1, augment="flip-translate", translate_px=2,
+                       schedule="linear", warmup_epochs=1.0, tta=True, ema=0.0),
+    "best": TrainConfig(model="airnet-wide", optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                        epochs=60, batch_size=512, label_smoothing=0.1, augment="flip-translate", translate_px=2,
+                        schedule="linear", warmup_epochs=2.0, tta=True, ema=0.0),
+}
+DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
+PER_RUN = ("seed", "val_split", "target_accuracy", "faithful")  # settings of one run, not part of a recipe
+
+
+def recipe(name: str) -> TrainConfig:
+    """A copy of the named recipe's config."""
+    if name not in RECIPES:
+        raise ConvnetError(f"unknown --recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return replace(RECIPES[name])
+
+
+def resolve_config(recipe_name: str | None = None, overrides: dict[str, Any] | None = None, *,
+                   device_type: str = "cpu", faithful: bool = False, hflip: bool = True) -> TrainConfig:
+    """The config a run trains with: the recipe (by default the device's, or the
+    tutorial's with ``faithful``) with every given override laid over it, fitted to the
+    data: where a mirror changes an image's class (``hflip=False``: digits, letters) the
+    recipe's flips are left out.
+
+    Args:
+        recipe_name: a name in :data:`RECIPES`, or None for the default.
+        overrides: field values that were set explicitly (None values are ignored).
+        device_type: ``cpu`` or ``cuda``: picks the default recipe.
+        faithful: the tutorial's exact arithmetic.
+        hflip: whether the data set allows mirrored images.
+
+    Raises:
+        ConvnetError: an unknown recipe, or flips asked for explicitly on data that forbids them.
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    config = recipe(recipe_name or ("tutorial" if faithful else DEFAULT_RECIPE.get(device_type, "cpu")))
+    if given.get("optimizer", "sgd") != "sgd" and "nesterov" not in given:
+        config.nesterov, config.momentum = False, 0.0  # the recipe's SGD momentum does not carry over
+    for f in fields(TrainConfig):
+        if f.name in given and f.name != "faithful":
+            setattr(config, f.name, given[f.name])
+    if faithful:
+        config.faithful, config.shuffle = True, False
+    if not hflip:
+        if "flip" in given.get("augment", "") or given.get("tta"):
+            raise ConvnetError("this data set's images change class when mirrored (its spec forbids flips); "
+                               "use --augment translate or none, and no --tta, or pass --hflip if mirrors are fine")
+        config.augment = {"flip": "none", "flip-translate": "translate"}.get(config.augment, config.augment)
+        config.tta = False
+    return config
+
+
+def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) under ``config.schedule``."""
+    if config.schedule == "constant":
+        return config.lr
+    total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1 over the decay
+    if config.schedule == "linear":
+        return config.lr * (1 - progress)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of training, as ``history.json`` keeps it."""
+
+    epoch: int  # 1-based
+    loss: float  # mean of the batch losses, as the tutorial prints it
+    seconds: float  # training only, without the evaluation below
+    images_per_s: float
+    lr: float  # at the epoch's last step
+    accuracy: float | None = None  # on the training batches as they were trained on (augmented), during the epoch
+    val_loss: float | None = None  # on the held-out --val-split images
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None  # only measured for --target-accuracy

@@ -1,0 +1,145 @@
+"""The training loop's events: hooks that do nothing unless overridden, and the ones
+convnet uses: validation, stopping at a target accuracy, printing, keeping the run folder.
+
+The loop calls them in the order given; an event that fills in the epoch's record
+(validation, test accuracy) comes before one that prints or writes it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+import torch
+from torch import nn
+
+from convnet import runs
+from convnet.datasets import Split
+from convnet.progress import Bar
+
+if TYPE_CHECKING:
+    from convnet.train import TrainState
+
+
+class TrainEvents:
+    """Hooks the loop calls; each does nothing unless a subclass overrides it."""
+
+    def on_train_start(self, state: TrainState, num_images: int) -> None: ...
+
+    def on_batch_end(self, state: TrainState, num_images: int) -> None: ...
+
+    def on_epoch_end(self, state: TrainState) -> None: ...
+
+    def on_train_end(self, state: TrainState) -> None: ...
+
+
+class EventList(TrainEvents):
+    """Several events, called in order."""
+
+    def __init__(self, *events: TrainEvents) -> None:
+        self.events = events
+
+    def on_train_start(self, state: TrainState, num_images: int) -> None:
+        for e in self.events:
+            e.on_train_start(state, num_images)
+
+    def on_batch_end(self, state: TrainState, num_images: int) -> None:
+        for e in self.events:
+            e.on_batch_end(state, num_images)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        for e in self.events:
+            e.on_epoch_end(state)
+
+    def on_train_end(self, state: TrainState) -> None:
+        for e in self.events:
+            e.on_train_end(state)
+
+
+def score(model: nn.Module, split: Split, state: TrainState, tta: bool) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split``."""
+    from convnet.predict import infer
+
+    logits = infer(model, split.images, engine=state.engine, tta=tta)
+    labels = split.labels.cpu()
+    return float(nn.functional.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
+
+
+class Validation(TrainEvents):
+    """Loss and accuracy on held-out images after every epoch (``val_loss``, ``val_accuracy``)."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        record = state.history[-1]
+        record.val_loss, record.val_accuracy = score(state.final_model, self.split, state, state.config.tta)
+
+
+class StopAtAccuracy(TrainEvents):
+    """Measure the accuracy on ``split`` after every epoch (``test_accuracy``) and stop
+    training once it reaches ``target``: a time-to-accuracy run."""
+
+    def __init__(self, split: Split, target: float, *, tta: bool = False) -> None:
+        self.split, self.target, self.tta = split, target, tta
+        self.logits: torch.Tensor | None = None  # of the last measurement, for whoever scores the final model
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        from convnet.predict import infer
+
+        self.logits = infer(state.final_model, self.split.images, engine=state.engine, tta=self.tta)
+        accuracy = float((self.logits.argmax(1) == self.split.labels.cpu()).float().mean())
+        state.history[-1].test_accuracy = accuracy
+        state.stop = state.stop or accuracy >= self.target
+
+
+class ConsolePrinter(TrainEvents):
+    """A live bar during each epoch (terminals only) and one line per epoch, in the
+    tutorial's words: ``Categorical Cross Entropy : 0.432``."""
+
+    def __init__(self, stream: TextIO | None = None, progress: bool = True) -> None:
+        self.stream = stream or sys.stdout
+        self.progress = progress
+        self.bar: Bar | None = None
+        self.num_images = 0
+
+    def on_train_start(self, state: TrainState, num_images: int) -> None:
+        self.num_images = num_images
+
+    def on_batch_end(self, state: TrainState, num_images: int) -> None:
+        if self.bar is None:
+            self.bar = Bar(self.num_images, f"epoch {state.epoch + 1}/{state.config.epochs}", enabled=self.progress)
+        self.bar.update(num_images)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        r = state.history[-1]
+        width = len(str(state.config.epochs))
+        extra = f"  accuracy {r.accuracy:.4f}" if r.accuracy is not None else ""
+        if r.val_loss is not None:
+            extra += f"  val loss {r.val_loss:.3f} accuracy {r.val_accuracy:.4f}"
+        if r.test_accuracy is not None:
+            extra += f"  test accuracy {r.test_accuracy:.4f}"
+        print(f"Categorical Cross Entropy : {r.loss:.3f}   epoch {r.epoch:>{width}}/{state.config.epochs}"
+              f"  {r.seconds:6.1f} s  {r.images_per_s:8,.0f} images/s{extra}", file=self.stream, flush=True)
+
+
+class RunWriter(TrainEvents):
+    """Keeps the run folder current: history every epoch, a checkpoint every epoch
+    (weights, optimizer state, random states), the final weights at the end."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        from convnet.checkpoint import save_checkpoint
+
+        runs.write_json(self.run_dir / runs.HISTORY, [asdict(r) for r in state.history])
+        save_checkpoint(self.run_dir / runs.CHECKPOINT, state)
+
+    def on_train_end(self, state: TrainState) -> None:
+        runs.save_tensors(self.run_dir / runs.WEIGHTS, state.final_model.state_dict(), {"model": state.config.model})

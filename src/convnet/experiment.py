@@ -1,0 +1,142 @@
+"""One training run from settings to a scored run folder: what ``convnet train`` does, as
+one Python call (:func:`run_training`).
+
+The order matters for a user's files: every setting and input is checked first (config,
+data options, the output folder), then the data is read, then the run folder is made,
+trained into and scored. A command rejected at any check leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from convnet import runs
+from convnet.config import TrainConfig, resolve_config
+from convnet.datasets import Dataset
+from convnet.distributed import DistributedInfo, finish, init_distributed
+from convnet.engine import make_engine, resolve_device, single_process
+from convnet.evaluate import Evaluation, evaluate_run
+from convnet.events import ConsolePrinter, StopAtAccuracy
+from convnet.sources import DATASETS, DataOptions, load_data
+from convnet.train import TrainResult, resume, train
+
+
+@dataclass
+class TrainRequest:
+    """Everything ``convnet train`` is asked to do.
+
+    Attributes:
+        overrides: training settings given explicitly (TrainConfig field names); they
+            are laid over the recipe's.
+        data: which data, and how to read it.
+        recipe: a named recipe; None: the device's default (the tutorial's with ``faithful``).
+        faithful: the tutorial's exact arithmetic.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        out: the run folder; None: ``runs/MODEL-OPTIMIZER-TIME``.
+        resume: continue this run folder instead of starting a new one.
+        progress: live bars in a terminal.
+    """
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    data: DataOptions = field(default_factory=DataOptions)
+    recipe: str | None = None
+    faithful: bool = False
+    device: str = "auto"
+    out: Path | None = None
+    resume: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainOutcome:
+    result: TrainResult
+    evaluation: Evaluation | None  # None in the processes other than rank 0
+
+
+def run_training(request: TrainRequest, *, env: dict[str, str] | None = None,
+                 stream: TextIO | None = None) -> TrainOutcome:
+    """Train as ``request`` says, in this process or as one of several under torchrun
+    (``env`` holds torchrun's variables), and score the result on both splits.
+
+    Raises:
+        ConvnetError: a bad setting or input, named, before anything is written.
+    """
+    out = stream or sys.stdout
+    info = init_distributed(request.device, env if env is not None else dict(os.environ))
+    try:
+        return _run(request, info, out)
+    finally:
+        finish(info)
+
+
+def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> TrainOutcome:
+    import torch
+
+    device = resolve_device(request.device)
+    if info is not None and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)  # one GPU per process
+    rank, world = (info.rank, info.world_size) if info else (0, 1)
+    printer = ConsolePrinter(out, progress=request.progress) if rank == 0 else None  # one process prints
+
+    if request.resume is not None:
+        run = runs.open_run(request.resume)
+        config = TrainConfig.from_dict(run.config["train"])
+        engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
+        result = resume(run.path, engine=engine, events=printer, data_dir=request.data.data_dir,
+                        progress=request.progress and rank == 0)
+        dataset = None  # evaluate_run reads the run's own data
+    else:
+        config = resolve_config(request.recipe, request.overrides, device_type=device.type,
+                                faithful=request.faithful, hflip=hflip_of(request.data))
+        config.validate()  # every check before anything is loaded or written
+        request.data.validate()
+        runs.check_out(request.out)
+        dataset = load_data(request.data, progress=request.progress and rank == 0)
+        engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
+        run_dir = runs.new_run_dir(request.out, f"{config.model}-{config.optimizer}") if rank == 0 else None
+        if rank == 0:
+            for note in dataset.notes:
+                print(f"convnet: {note}", file=out)
+            procs = f" x {world} processes" if world > 1 else ""
+            c, h, w = dataset.image_shape
+            print(f"training {config.model} on {len(dataset.train):,} {dataset.name} images ({c}x{h}x{w}), "
+                  f"{engine.device}{procs}; run folder {run_dir}", file=out, flush=True)
+            assert run_dir is not None
+            write_data_files(run_dir, dataset)
+        stop = [StopAtAccuracy(dataset.test, config.target_accuracy, tta=config.tta)] if config.target_accuracy else []
+        result = train(config, dataset.train, dataset.spec, engine=engine, events=[*stop, printer],
+                       run_dir=run_dir, data_record=data_record(dataset))
+    if rank != 0:
+        return TrainOutcome(result, None)
+    assert result.run_dir is not None
+    evaluation = evaluate_run(result.run_dir, engine=single_process(engine), data_dir=request.data.data_dir,
+                              dataset=dataset)  # the data set already in memory, not read a second time
+    return TrainOutcome(result, evaluation)
+
+
+def hflip_of(options: DataOptions) -> bool:
+    """Whether the data ``options`` name allows mirrored images, known before it is read."""
+    if options.hflip is not None:
+        return options.hflip
+    return True if options.folder is not None else DATASETS[options.dataset].hflip if options.dataset in DATASETS \
+        else True
+
+
+def data_record(dataset: Dataset) -> dict[str, Any]:
+    """What ``config.json`` keeps of the data: enough to read the same images again."""
+    return {"name": dataset.name, "source": dataset.source, "subset": dataset.subset,
+            "train_images": len(dataset.train), "test_images": len(dataset.test), **dataset.origin}
+
+
+def write_data_files(run_dir: Path, dataset: Dataset) -> None:
+    """For a folder of images: the files of each split (``split.json``) and the images
+    left out (``skipped_images.txt``)."""
+    if dataset.files is not None:
+        runs.write_json(run_dir / runs.SPLIT, dataset.files)
+    if dataset.skipped:
+        text = "".join(f"{name}\n" for name in dataset.skipped).encode()
+        runs.atomic_write(run_dir / runs.SKIPPED, lambda f: f.write(text))

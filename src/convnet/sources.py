@@ -1,0 +1,525 @@
+"""Named data sets: what each is, where it is found, how it is downloaded and verified.
+
+A named data set is looked for, in this order: an explicit ``data_dir``; the user's cache
+(``~/.cache/convnet/NAME``); a system copy (Debian's ``dataset-fashion-mnist`` installs one
+in ``/usr/share/datasets/fashion-mnist``); else it is downloaded from its official
+mirrors into the cache. A download goes to a hidden ``.NAME.part`` file that survives an
+interruption and is continued (an HTTP range request) the next time; it is checked
+against the published digest and only then renamed into place.
+
+:func:`load_data` is the one entry point for every kind of data: a named set, or a
+folder of images (:mod:`convnet.folders`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tarfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from convnet import runs
+from convnet.datasets import Dataset, InputSpec, Split, source_path
+from convnet.errors import DataError, RunError
+from convnet.formats import CIFAR_RECORD, GZIP_MAGIC, parse_cifar, read_idx
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One file of a named data set and the digests that identify it."""
+
+    name: str  # e.g. "train-images-idx3-ubyte.gz"
+    md5: str  # the digest the publisher gives for the file as served
+    sha256: str | None = None  # of the *decompressed* bytes, where known: recompressed copies (Debian's) still match
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    """A data set convnet knows by name: its images, classes, files and mirrors."""
+
+    name: str
+    description: str
+    classes: tuple[str, ...]
+    channels: int
+    height: int
+    width: int
+    dark_background: bool  # a light object drawn on black
+    hflip: bool  # a mirrored image keeps its class
+    format: str  # "idx" (four files) or "cifar" (one archive of binary batches)
+    files: dict[str, DataFile]
+    mirrors: tuple[str, ...]
+    system_dirs: tuple[str, ...] = ()
+    train_images: int = 0
+    test_images: int = 0
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(self.channels, self.height, self.width, self.classes, self.dark_background, self.hflip)
+
+    @property
+    def download_bytes(self) -> int:
+        return {"fashion-mnist": 30_878_645, "mnist": 11_594_722, "cifar10": 170_052_171}.get(self.name, 0)
+
+
+FASHION_MNIST = NamedDataset(
+    name="fashion-mnist",
+    description="Zalando's clothes and shoes, 28x28 grey (the tutorial's data set)",
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    channels=1, height=28, width=28, dark_background=True, hflip=True, format="idx",
+    files={
+        "train_images": DataFile("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                                 "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        "train_labels": DataFile("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe",
+                                 "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        "test_images": DataFile("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79",
+                                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        "test_labels": DataFile("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310",
+                                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    },
+    mirrors=(
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    ),
+    system_dirs=("/usr/share/datasets/fashion-mnist",),
+    train_images=60_000, test_images=10_000,
+)
+
+MNIST = NamedDataset(
+    name="mnist",
+    description="handwritten digits, 28x28 grey (no flips: a mirrored digit is another sign)",
+    classes=tuple(str(d) for d in range(10)),
+    channels=1, height=28, width=28, dark_background=True, hflip=False, format="idx",
+    files={
+        "train_images": DataFile("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        "train_labels": DataFile("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+        "test_images": DataFile("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+        "test_labels": DataFile("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+    },
+    mirrors=(
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "http://yann.lecun.com/exdb/mnist/",
+    ),
+    train_images=60_000, test_images=10_000,
+)
+
+CIFAR10 = NamedDataset(
+    name="cifar10",
+    description="small photos of 10 kinds of object, 32x32 colour (the binary version)",
+    classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    channels=3, height=32, width=32, dark_background=False, hflip=True, format="cifar",
+    files={"archive": DataFile("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")},
+    mirrors=("https://www.cs.toronto.edu/~kriz/",),
+    train_images=50_000, test_images=10_000,
+)
+
+DATASETS: dict[str, NamedDataset] = {d.name: d for d in (FASHION_MNIST, MNIST, CIFAR10)}
+CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR_TEST = "test_batch.bin"
+CIFAR_FOLDER = "cifar-10-batches-bin"  # the folder inside the archive
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/convnet``, or ``~/.cache/convnet``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "convnet"
+
+
+def named(name: str) -> NamedDataset:
+    """The named data set, or a :class:`DataError` listing the names."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)} "
+                        "(or --data DIR for a folder of images)")
+    return DATASETS[name]
+
+
+# --- where a data set is found
+
+
+def _idx_file(folder: Path, gz_name: str) -> Path | None:
+    """The file of that name in ``folder``, gzipped or not."""
+    for candidate in (folder / gz_name, folder / gz_name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _cifar_batches(folder: Path) -> Path | None:
+    """The folder holding CIFAR-10's extracted ``.bin`` files: ``folder`` or its ``cifar-10-batches-bin``."""
+    for candidate in (folder, folder / CIFAR_FOLDER):
+        if all((candidate / n).is_file() for n in (*CIFAR_TRAIN, CIFAR_TEST)):
+            return candidate
+    return None
+
+
+def has_all(folder: Path, ds: NamedDataset) -> bool:
+    """Whether ``folder`` holds a complete copy of ``ds``."""
+    if ds.format == "cifar":
+        return (folder / ds.files["archive"].name).is_file() or _cifar_batches(folder) is not None
+    return all(_idx_file(folder, f.name) is not None for f in ds.files.values())
+
+
+def locate(ds: NamedDataset, data_dir: str | os.PathLike[str] | None = None,
+           cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The folder ``ds`` would be read from, or None when it would have to be downloaded.
+
+    Raises:
+        DataError: ``data_dir`` given but missing, or without the data set's files.
+    """
+    if data_dir is not None:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise DataError(f"--data-dir {folder}: no such folder")
+        if not has_all(folder, ds):
+            names = ", ".join(f.name for f in ds.files.values())
+            what = (f"the archive {names} or the extracted {CIFAR_FOLDER} files" if ds.format == "cifar"
+                    else f"the IDX files {names} (gzipped or not)")
+            raise DataError(f"--data-dir {folder}: expected {what}")
+        return folder
+    cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / ds.name
+    for folder in (cache, *map(Path, ds.system_dirs)):
+        if has_all(folder, ds):
+            return folder
+    return None
+
+
+def load_dataset(
+    name: str = "fashion-mnist",
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    subset: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+) -> Dataset:
+    """Load a named data set as uint8 tensors, fetching it first if need be.
+
+    Args:
+        name: one of :data:`DATASETS` (``fashion-mnist``, ``mnist``, ``cifar10``).
+        data_dir: a folder holding its files; when given, nothing else is tried.
+        subset: keep only the first ``subset`` training images (the test split whole).
+        cache_dir: where downloads go; defaults to :func:`default_cache_dir`.
+        download: fetch from the mirrors when no local copy is found.
+
+    Raises:
+        DataError: unknown name, no copy found, a corrupt file, a failed download.
+    """
+    ds = named(name)
+    if subset is not None and subset <= 0:
+        raise DataError(f"--subset must be a positive number of images, got {subset}")
+    folder = locate(ds, data_dir, cache_dir)
+    if folder is None:
+        cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / ds.name
+        if not download:
+            raise DataError(f"{ds.name} not found in {cache} or {', '.join(ds.system_dirs) or 'a system folder'}; "
+                            "pass --data-dir, or allow the download")
+        download_dataset(ds, cache)
+        folder = cache
+    train, test = (_read_cifar(folder, ds) if ds.format == "cifar" else _read_idx_set(folder, ds))
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"{folder}: train images are {tuple(train.images.shape[2:])} but test images "
+                        f"{tuple(test.images.shape[2:])}; both splits need the same size")
+    spec = ds.spec
+    if tuple(train.images.shape[1:]) != spec.shape:  # a folder of IDX files of another size, read as this set
+        c, h, w = (int(d) for d in train.images.shape[1:])
+        spec = InputSpec(c, h, w, spec.classes, spec.dark_background, spec.hflip)
+    dataset = Dataset(ds.name, spec, train, test, source_path(folder), origin={"kind": "named"})
+    return dataset.first(subset)
+
+
+def _read_idx_set(folder: Path, ds: NamedDataset) -> tuple[Split, Split]:
+    arrays = {}
+    for key, f in ds.files.items():
+        path = _idx_file(folder, f.name)
+        if path is None:
+            raise DataError(f"{folder}: missing {f.name} (or its uncompressed form)")
+        arrays[key] = read_idx(path)
+    return (_split(arrays["train_images"][:, None], arrays["train_labels"], folder, ds, "train"),
+            _split(arrays["test_images"][:, None], arrays["test_labels"], folder, ds, "test"))
+
+
+def _read_cifar(folder: Path, ds: NamedDataset) -> tuple[Split, Split]:
+    """CIFAR-10 from its extracted ``.bin`` files, else straight from the archive."""
+    raw: dict[str, bytes] = {}
+    batches = _cifar_batches(folder)
+    if batches is not None:
+        raw = {n: (batches / n).read_bytes() for n in (*CIFAR_TRAIN, CIFAR_TEST)}
+    else:
+        archive = folder / ds.files["archive"].name
+        wanted = {f"{CIFAR_FOLDER}/{n}": n for n in (*CIFAR_TRAIN, CIFAR_TEST)}
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for member in tar:
+                    if member.name in wanted and member.isfile():
+                        if member.size > 20_000 * CIFAR_RECORD:  # the real batches hold 10,000 records
+                            raise DataError(f"{archive}: {member.name} declares {member.size:,} bytes; "
+                                            "the archive is damaged")
+                        handle = tar.extractfile(member)
+                        assert handle is not None
+                        raw[wanted[member.name]] = handle.read()
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{archive}: damaged archive ({e}); delete it and fetch it again") from None
+        missing = sorted(set(wanted.values()) - set(raw))
+        if missing:
+            raise DataError(f"{archive}: lacks {', '.join(missing)}; is it CIFAR-10's binary version?")
+    parts = [parse_cifar(raw[n], f"{folder}/{n}", len(ds.classes)) for n in CIFAR_TRAIN]
+    train_images = np.concatenate([p[0] for p in parts])
+    train_labels = np.concatenate([p[1] for p in parts])
+    test_images, test_labels = parse_cifar(raw[CIFAR_TEST], f"{folder}/{CIFAR_TEST}", len(ds.classes))
+    return (_split(train_images, train_labels, folder, ds, "train"),
+            _split(test_images, test_labels, folder, ds, "test"))
+
+
+def _split(images: np.ndarray, labels: np.ndarray, folder: Path, ds: NamedDataset, which: str) -> Split:
+    """Check one split's arrays (images already ``(N, C, H, W)``) and make tensors of them."""
+    if images.ndim != 4 or labels.ndim != 1:
+        raise DataError(f"{folder}: {which} images must have 3 dimensions (N, H, W) and labels 1, "
+                        f"got {images.shape[:1] + images.shape[2:]} and {labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{folder}: {images.shape[0]} {which} images but {labels.shape[0]} labels")
+    if images.dtype != np.uint8:
+        raise DataError(f"{folder}: {which} images must be unsigned bytes, got {images.dtype}")
+    if labels.dtype.kind not in "ui":
+        raise DataError(f"{folder}: {which} labels must be integers, got {labels.dtype}")
+    if 0 in images.shape:
+        shown = images.shape[:1] + images.shape[2:] if images.shape[1] == 1 else images.shape
+        raise DataError(f"{folder}: {which} images have shape {shown}; there is nothing to learn from")
+    bad = (labels < 0) | (labels >= len(ds.classes))
+    if bad.any():
+        raise DataError(f"{folder}: {which} label {int(labels[bad][0])} is outside 0..{len(ds.classes) - 1}")
+    return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+
+
+# --- download
+
+
+def file_digest(path: Path, f: DataFile) -> tuple[str, str, str]:
+    """``(digest, expected, what)`` for ``path`` as ``f``: the SHA-256 of its content where
+    that is known (so a recompressed copy passes), else the published MD5 of the file."""
+    if f.sha256 is not None:
+        raw = path.read_bytes()
+        if raw[:2] == GZIP_MAGIC:
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError, zlib.error) as e:
+                raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
+        return hashlib.sha256(raw).hexdigest(), f.sha256, "SHA-256 of content"
+    md5 = hashlib.md5()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            md5.update(chunk)
+    return md5.hexdigest(), f.md5, "MD5"
+
+
+def verify(path: Path, f: DataFile, name: str | None = None) -> None:
+    """Check that ``path`` holds ``f``; raise :class:`DataError` on a mismatch."""
+    digest, expected, what = file_digest(path, f)
+    if digest != expected:
+        raise DataError(f"{name or path}: checksum mismatch ({what} {digest[:12]}…, expected {expected[:12]}…)")
+
+
+def download_dataset(ds: NamedDataset, folder: Path, *, timeout_s: float = 60.0, progress: bool = True) -> None:
+    """Fetch each file of ``ds`` into ``folder`` from the first mirror that serves it.
+
+    Each file grows in a hidden ``.NAME.part`` beside its final name; an interrupted
+    download is continued from there next time (where the server honours range
+    requests). The whole file is then checked against its digest, and only then
+    renamed into place: a file under its real name is always complete and verified.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data cache {folder}: {e.strerror or e}; pass --data-dir") from None
+    for f in ds.files.values():
+        target = folder / f.name
+        if target.is_file():
+            continue
+        errors: list[str] = []
+        for mirror in ds.mirrors:
+            try:
+                _fetch_verified(mirror + f.name, target, f, timeout_s, progress)
+                break
+            except DataError as e:
+                errors.append(str(e))
+        else:
+            raise DataError(
+                f"could not download {ds.name} ({f.name}): " + "; ".join(errors)
+                + f". Put its files in a folder and pass --data-dir, or place them in {folder}"
+            )
+
+
+def _fetch_verified(url: str, target: Path, f: DataFile, timeout_s: float, progress: bool) -> None:
+    from convnet.progress import Bar
+
+    part = target.with_name(f".{target.name}.part")
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (fixed mirrors)
+            resumed = have > 0 and response.status == 206
+            size = int(response.headers.get("Content-Length") or 0) + (have if resumed else 0)
+            bar = Bar(size or None, f"downloading {target.name}", unit="B", enabled=progress)
+            bar.update(have if resumed else 0)
+            with open(part, "ab" if resumed else "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+            bar.close()
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the part is already whole: verify it below
+            pass
+        else:
+            raise DataError(f"{url}: {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        # the part stays (a hidden file) so that the next attempt continues it
+        raise DataError(f"{url}: {getattr(e, 'reason', None) or e}") from None
+    try:
+        verify(part, f, name=url)
+    except DataError:
+        part.unlink(missing_ok=True)  # a wrong file is never continued
+        raise
+    os.replace(part, target)
+
+
+# --- one entry point for every kind of data
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Which data to train on, and how to read it.
+
+    Attributes:
+        dataset: a named data set (``convnet datasets``), used when ``folder`` is None.
+        data_dir: a folder holding the named data set's files.
+        folder: a folder of images, one subfolder per class (or ``train/`` and ``test/``).
+        subset: only the first N training images.
+        image_size: ``(H, W)`` images are converted to (folders; default: the most common size, capped at 64).
+        channels: 1 or 3 (folders; default: 3 when any image has colour).
+        test_split: share of a folder's images held out for testing when it has no ``test/``.
+        skip_bad_images: leave out images that cannot be decoded, instead of stopping.
+        hflip: whether a mirrored image keeps its class; None = the data set's own answer.
+        memory_budget_mb: a folder data set larger than this is read from its cache file a
+            batch at a time; None = half the memory available.
+        cache_dir: where downloads and decoded folders are kept.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    folder: str | None = None
+    subset: int | None = None
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    test_split: float = 0.2
+    skip_bad_images: bool = False
+    hflip: bool | None = None
+    memory_budget_mb: float | None = None
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        """Check every value before anything is read or written."""
+        if self.folder is not None:
+            if self.data_dir is not None:
+                raise DataError("--data (a folder of images) and --data-dir (a named data set's files) "
+                                "cannot be combined; give one")
+            if not Path(self.folder).is_dir():
+                raise DataError(f"--data {self.folder}: no such folder")
+        else:
+            named(self.dataset)
+            for flag, value in (("--image-size", self.image_size), ("--channels", self.channels)):
+                if value is not None:
+                    raise DataError(f"{flag} applies to folders of images (--data DIR); {self.dataset} images are "
+                                    f"{named(self.dataset).channels}x{named(self.dataset).height}x"
+                                    f"{named(self.dataset).width}")
+        if self.subset is not None and self.subset <= 0:
+            raise DataError(f"--subset must be a positive number of images, got {self.subset}")
+        if self.channels not in (None, 1, 3):
+            raise DataError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.image_size is not None and not (8 <= min(self.image_size) and max(self.image_size) <= 1024):
+            raise DataError(f"--image-size must be between 8 and 1024 pixels, got {self.image_size}")
+        if not 0 < self.test_split < 1:
+            raise DataError(f"--test-split must be a fraction between 0 and 1, got {self.test_split}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb < 0:
+            raise DataError(f"--memory-budget must be >= 0 MB, got {self.memory_budget_mb}")
+
+
+def load_data(options: DataOptions, *, progress: bool = True, files: dict[str, list[str]] | None = None) -> Dataset:
+    """The data ``options`` name: a named data set or a folder of images.
+
+    Args:
+        options: what to load (validated here).
+        progress: show a bar while a folder's images are decoded.
+        files: for a folder, the files of each split (``{"train": [...], "test": [...]}``)
+            as a run recorded them, instead of dividing the folder anew.
+    """
+    options.validate()
+    if options.folder is not None:
+        from convnet.folders import load_folder
+
+        dataset = load_folder(options, progress=progress, files=files)
+    else:
+        dataset = load_dataset(options.dataset, options.data_dir, subset=options.subset, cache_dir=options.cache_dir)
+    if options.hflip is not None and options.hflip != dataset.spec.hflip:
+        dataset = replace(dataset, spec=replace(dataset.spec, hflip=options.hflip))
+    return dataset
+
+
+def describe_datasets(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """What ``convnet datasets`` lists: each named data set, its images and where it is found."""
+    rows = []
+    for ds in DATASETS.values():
+        folder = locate(ds, None, cache_dir)
+        where = str(folder) if folder is not None else (
+            f"not here: downloaded from {ds.mirrors[0]} on first use ({ds.download_bytes / 1e6:.0f} MB)")
+        rows.append({"name": ds.name, "image": f"{ds.channels}x{ds.height}x{ds.width}",
+                     "channels": ds.channels, "height": ds.height, "width": ds.width, "classes": len(ds.classes),
+                     "train_images": ds.train_images, "test_images": ds.test_images, "hflip": ds.hflip,
+                     "found": folder is not None, "where": where, "description": ds.description})
+    return rows
+
+
+def run_data(run: runs.Run, data_dir: str | os.PathLike[str] | None = None, *, progress: bool = True) -> Dataset:
+    """The data set a run was trained on, split as it was: for a folder of images the
+    recorded files of each split; for a named set the same subset, from ``data_dir`` if
+    given, else from the folder it was read from if that still exists, else found as usual.
+
+    Raises:
+        RunError: the data found is not the run's (other counts, sizes or classes).
+    """
+    data = run.config["data"]
+    spec = run.spec
+    if data.get("kind") == "folder":
+        split = runs.read_json(run.path / runs.SPLIT) if (run.path / runs.SPLIT).is_file() else None
+        if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "test")):
+            raise RunError(f"{run.path / runs.SPLIT}: missing or damaged; it lists the files of each split")
+        options = DataOptions(folder=str(data_dir or data["source"]), subset=data.get("subset"),
+                              image_size=(spec.height, spec.width), channels=spec.channels,
+                              test_split=float(data.get("test_split", 0.2)),
+                              skip_bad_images=bool(data.get("skip_bad_images", False)), hflip=spec.hflip)
+        dataset = load_data(options, progress=progress, files=split)
+    elif data.get("name") not in DATASETS:
+        raise RunError(f"{run.path} was trained on images given in Python ({data.get('name')!r}), which convnet "
+                       "cannot read again; its model predicts, but scoring it needs those images: "
+                       "use convnet.evaluate(model, dataset) in Python")
+    else:
+        if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
+            data_dir = data["source"]
+        dataset = load_dataset(data["name"], data_dir, subset=data.get("subset"))
+    if data.get("train_images") not in (None, len(dataset.train)):
+        raise RunError(f"{run.path} was trained on {data['train_images']} {data['name']} images from "
+                       f"{data.get('source')}, but {dataset.source} holds {len(dataset.train)}; "
+                       "pass --data-dir with the run's own data")
+    if dataset.spec.shape != spec.shape or dataset.classes != spec.classes:
+        raise RunError(f"{run.path} was trained on {spec.shape} images of {len(spec.classes)} classes, but "
+                       f"{dataset.source} holds {dataset.spec.shape} images of {dataset.num_classes}; "
+                       "give the run's own data")
+    return replace(dataset, spec=spec)

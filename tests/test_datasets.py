@@ -1,0 +1,16 @@
+"""Data set types: batches, stratified splits, the input spec, images left on disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from convnet.datasets import DiskImages, InputSpec, Split, batches, split_validation, stratified_split
+from convnet.errors import DataError, RunError
+
+
+def test_batches_cover_everything() -> None:
+    assert batches(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert batches(8, 4) == [slice(0, 4), slice(4, 8)]
+    assert batches(10, 4, drop_last=True) == [slice(0, 4), slice(4, 8)]
