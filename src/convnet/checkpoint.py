@@ -49,6 +49,7 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in state.model.state_dict().items()}
     if state.ema is not None:
         tensors.update({f"ema.{k}": v for k, v in state.ema.module.state_dict().items()})
+        tensors["ema_updates"] = state.ema.updates
     opt = state.optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in opt["state"].items():
@@ -96,6 +97,7 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
         if state.ema is not None:
             state.ema.module.load_state_dict({k.removeprefix("ema."): v for k, v in tensors.items()
                                               if k.startswith("ema.")})
+            state.ema.updates.copy_(tensors["ema_updates"])
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):

@@ -116,6 +116,14 @@ class DiskImages:
             rows = self.rows[np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index)]
         return torch.from_numpy(self.file.take(rows))
 
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * self.file.row_bytes
+
+    def load(self) -> torch.Tensor:
+        """These images, read into memory."""
+        return torch.from_numpy(self.file.take(self.rows))
+
     def subset(self, rows: np.ndarray | torch.Tensor) -> DiskImages:
         """The images at ``rows`` of this one, still on disk."""
         out = DiskImages.__new__(DiskImages)
@@ -155,10 +163,6 @@ class Split:
     def first(self, n: int | None) -> Split:
         """The first ``n`` images (all of them when ``n`` is None)."""
         return self if n is None or n >= len(self) else self.take(slice(0, n))
-
-    @property
-    def nbytes(self) -> int:
-        return len(self) * int(np.prod(self.images.shape[1:]))
 
 
 @dataclass(frozen=True)

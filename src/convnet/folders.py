@@ -204,45 +204,41 @@ def _headers(root: str, files: list[str]) -> list[tuple[int, int, bool] | str]:
     return out
 
 
-def _decode_into(out_path: str, start: int, root: str, files: list[str], channels: int,
-                 size: tuple[int, int]) -> list[tuple[int, str]]:
-    """Decode ``files`` into rows ``start…`` of the ``.npy`` file at ``out_path``; return
-    the rows that failed and why."""
-    out = np.lib.format.open_memmap(out_path, mode="r+")  # header parsed by numpy: never unpickles
+def _decode(root: str, files: list[str], channels: int, size: tuple[int, int]) -> tuple[np.ndarray,
+                                                                                        list[tuple[int, str]]]:
+    """Decode ``files`` into uint8 ``(n, channels, H, W)`` (zeros where one fails); return
+    the images and the offsets of the files that failed, with why."""
+    out = np.zeros((len(files), channels, *size), np.uint8)
     bad = []
     for i, f in enumerate(files):
         try:
-            out[start + i] = decode_image(os.path.join(root, f), channels, size)
+            out[i] = decode_image(os.path.join(root, f), channels, size)
         except InputError as e:
-            bad.append((start + i, str(e).removeprefix(os.path.join(root, ""))))
-    out.flush()
-    del out
-    return bad
+            bad.append((i, str(e).removeprefix(os.path.join(root, ""))))
+    return out, bad
 
 
-def _pool_map(fn: Callable[..., Any], tasks: list[tuple[Any, ...]], sizes: list[int], desc: str,
-              progress: bool) -> list[Any]:
-    """``fn(*task)`` for every task, in a process per core when there is enough work;
-    results in task order; a bar counts ``sizes`` as tasks finish."""
+def _pool_imap(fn: Callable[..., Any], tasks: list[tuple[Any, ...]], sizes: list[int], desc: str,
+               progress: bool) -> Iterator[tuple[int, Any]]:
+    """``(i, fn(*tasks[i]))`` for every task, as each finishes, in a process per core when
+    there is enough work; a bar counts ``sizes`` as tasks finish."""
     bar = Bar(sum(sizes), desc, enabled=progress)
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                   len(tasks))
-    results: list[Any] = [None] * len(tasks)
     try:
         if sum(sizes) < INLINE_FILES or workers <= 1:
             for i, task in enumerate(tasks):
-                results[i] = fn(*task)
+                yield i, fn(*task)
                 bar.update(sizes[i])
-            return results
+            return
         # fork (Linux): the workers start at once and share the parent's imports; elsewhere, spawn
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
             futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
             for future in as_completed(futures):
                 i = futures[future]
-                results[i] = future.result()
+                yield i, future.result()
                 bar.update(sizes[i])
-        return results
     finally:
         bar.close()
 
@@ -287,9 +283,9 @@ def _build(cache: Path, scan: FolderScan, options: DataOptions, progress: bool) 
     size, channels = options.image_size, options.channels
     if size is None or channels is None:
         slices = _chunks(n)
-        heads = [h for part in _pool_map(_headers, [(root, scan.files[s]) for s in slices],
-                                         [s.stop - s.start for s in slices], "reading image headers", progress)
-                 for h in part]
+        parts = dict(_pool_imap(_headers, [(root, scan.files[s]) for s in slices],
+                                [s.stop - s.start for s in slices], "reading image headers", progress))
+        heads = [h for i in range(len(slices)) for h in parts[i]]
         bad = {i: h for i, h in enumerate(heads) if isinstance(h, str)}
         good = [h for h in heads if not isinstance(h, str)]
         if not good:
@@ -302,11 +298,20 @@ def _build(cache: Path, scan: FolderScan, options: DataOptions, progress: bool) 
         raise DataError(f"cannot create the image cache {cache}: {e.strerror or e}") from None
     tmp = cache / f".images.{os.getpid()}.npy"
     try:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, channels, *size))
-        todo = [s for s in _chunks(n)]
-        tasks = [(str(tmp), s.start, root, scan.files[s], channels, size) for s in todo]
-        for part in _pool_map(_decode_into, tasks, [s.stop - s.start for s in todo], "decoding images", progress):
-            bad.update(part)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (n, channels, *size)})
+        offset, row = len(header.getvalue()), channels * size[0] * size[1]
+        todo = _chunks(n)
+        tasks = [(root, scan.files[s], channels, size) for s in todo]
+        with open(tmp, "wb") as f:
+            f.write(header.getvalue())
+            f.truncate(offset + n * row)
+            # each chunk is written where it belongs as it arrives (workers decode, this process writes)
+            for k, (images, failed) in _pool_imap(_decode, tasks, [s.stop - s.start for s in todo],
+                                                  "decoding images", progress):
+                os.pwrite(f.fileno(), images.tobytes(), offset + todo[k].start * row)
+                bad.update({todo[k].start + i: reason for i, reason in failed})
         bad_list = sorted((scan.files[i], r) for i, r in bad.items())
         if bad and not options.skip_bad_images:
             raise DataError(_bad_message(scan.root, bad_list))
@@ -314,7 +319,7 @@ def _build(cache: Path, scan: FolderScan, options: DataOptions, progress: bool) 
         if len(keep) == 0:
             raise DataError(f"--data {scan.root}: none of its {n} images could be decoded")
         final = cache / "images.npy"
-        digest = _write_rows(tmp, keep, final)
+        digest = _write_rows(tmp, keep, final) if bad else _sync_and_rename(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
@@ -355,41 +360,41 @@ def _write_rows(tmp: Path, keep: np.ndarray, final: Path) -> str:
     return digest.hexdigest()
 
 
+def _sync_and_rename(tmp: Path, final: Path) -> str:
+    """Flush ``tmp`` to disk and rename it to ``final`` (atomic); return its SHA-256."""
+    digest = hashlib.sha256()
+    with open(tmp, "rb+") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return digest.hexdigest()
+
+
 def _consecutive(rows: np.ndarray) -> bool:
     return bool(len(rows) and rows[-1] - rows[0] + 1 == len(rows))
 
 
-def _read_images(path: Path, expected_sha256: str, in_memory: bool) -> torch.Tensor | DiskImages | None:
-    """The cached images, checked against their digest while they are read (into memory,
-    or streamed through once and left on disk); None when the file is damaged."""
+def _verified(path: Path, expected_sha256: str) -> DiskImages | None:
+    """The cached images, left on disk, once their SHA-256 matches the index (read through
+    once, a block at a time); None when the file is damaged."""
     try:
-        npy = NpyFile(path)
-    except InputError:
-        return None
-    if npy.dtype != np.uint8 or len(npy.shape) != 4:
+        images = DiskImages(path)
+    except (InputError, DataError):
         return None
     digest = hashlib.sha256()
-    out = np.empty(npy.shape, np.uint8) if in_memory else None
-    flat = out.reshape(-1) if out is not None else None
     try:
         with open(path, "rb") as f:
-            digest.update(f.read(npy.offset))
-            done, total = 0, int(np.prod(npy.shape))
-            while done < total:
-                block = f.read(min(1 << 24, total - done))
-                if not block:
-                    return None
+            while block := f.read(1 << 22):
                 digest.update(block)
-                if flat is not None:
-                    flat[done:done + len(block)] = np.frombuffer(block, np.uint8)
-                done += len(block)
-            if f.read(1):
-                return None
     except OSError:
         return None
-    if digest.hexdigest() != expected_sha256:
-        return None
-    return torch.from_numpy(out) if out is not None else DiskImages(path)
+    return images if digest.hexdigest() == expected_sha256 else None
 
 
 def available_memory() -> int:
@@ -423,7 +428,7 @@ def load_folder(options: DataOptions, *, progress: bool = True, files: dict[str,
     index = _read_index(cache)
     images = None
     if index is not None and index.get("manifest") == scan.manifest:
-        images = _load_cached(cache, index, options)
+        images = _load_cached(cache, index)
         if images is None:
             notes.append(f"the image cache {cache} was damaged: rebuilt")
     if images is None or index is None:
@@ -432,7 +437,7 @@ def load_folder(options: DataOptions, *, progress: bool = True, files: dict[str,
         index = _build(cache, scan, options, progress)
         notes.append(f"decoded {index['decoded']['images']:,} images in {index['decoded']['seconds']:.1f} s "
                      f"({index['decoded']['images_per_s']:,.0f} images/s) into {cache}")
-        images = _load_cached(cache, index, options)
+        images = _load_cached(cache, index)
         if images is None:
             raise DataError(f"the image cache {cache} was damaged as it was written; check the disk")
     elif index["bad"] and not options.skip_bad_images:
@@ -444,17 +449,21 @@ def load_folder(options: DataOptions, *, progress: bool = True, files: dict[str,
     if index["bad"]:
         notes.append(f"left out {len(index['bad'])} image{'s' if len(index['bad']) > 1 else ''} that cannot be "
                      f"decoded (--skip-bad-images): {', '.join(b[0] for b in index['bad'][:3])}")
-    if isinstance(images, DiskImages):
-        notes.append(f"{images.file.path.stat().st_size / 2**20:,.0f} MB of images is over the memory budget: "
+    in_memory = _in_memory(images, options)
+    if not in_memory:
+        notes.append(f"{images.nbytes / 2**20:,.0f} MB of images is over the memory budget: "
                      "training reads them from the cache a batch at a time")
     labels = torch.tensor(index["labels"], dtype=torch.int64)
     train_rows, test_rows = _split_rows(scan, index, options, files)
     spec = InputSpec(index["channels"], index["height"], index["width"], tuple(index["classes"]),
                      dark_background=False, hflip=True if options.hflip is None else options.hflip)
-    full = Split(images, labels)
+
+    def split(rows: np.ndarray) -> Split:  # read into memory row by row: never the whole file twice
+        part = images.subset(rows)
+        return Split(part.load() if in_memory else part, labels[torch.from_numpy(rows)])
+
     dataset = Dataset(
-        "folder", spec, full.take(torch.from_numpy(train_rows)), full.take(torch.from_numpy(test_rows)),
-        str(scan.root),
+        "folder", spec, split(train_rows), split(test_rows), str(scan.root),
         origin={"kind": "folder", "layout": scan.layout, "image_size": [index["height"], index["width"]],
                 "channels": index["channels"], "test_split": options.test_split,
                 "skip_bad_images": options.skip_bad_images, "split_seed": SPLIT_SEED, "cache": str(cache)},
@@ -465,15 +474,18 @@ def load_folder(options: DataOptions, *, progress: bool = True, files: dict[str,
     return dataset.first(options.subset)
 
 
-def _load_cached(cache: Path, index: dict[str, Any], options: DataOptions) -> torch.Tensor | DiskImages | None:
-    path = cache / "images.npy"
-    n = len(index.get("files", []))
-    nbytes = n * index.get("channels", 1) * index.get("height", 1) * index.get("width", 1)
-    budget = options.memory_budget_mb * 2**20 if options.memory_budget_mb is not None else available_memory() / 2
-    images = _read_images(path, str(index.get("images_sha256")), in_memory=nbytes <= budget)
-    if images is not None and len(images) != n:
+def _load_cached(cache: Path, index: dict[str, Any]) -> DiskImages | None:
+    images = _verified(cache / "images.npy", str(index.get("images_sha256")))
+    if images is None or len(images) != len(index.get("files", [])):
         return None
     return images
+
+
+def _in_memory(images: DiskImages, options: DataOptions) -> bool:
+    """The rule: images that fit in the memory budget (by default half the memory available
+    now) are read into memory; larger ones stay in the cache file, read a batch at a time."""
+    budget = options.memory_budget_mb * 2**20 if options.memory_budget_mb is not None else available_memory() / 2
+    return images.nbytes <= budget
 
 
 def _split_rows(scan: FolderScan, index: dict[str, Any], options: DataOptions,

@@ -71,22 +71,31 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 class EMA:
     """An exponential moving average of a model's weights and buffers, updated in place
-    after every step (``ema = decay * ema + (1 - decay) * weights``), so that it can be
-    part of a step replayed as a CUDA graph. :attr:`module` is the averaged model."""
+    after every step, so that it can be part of a step replayed as a CUDA graph.
+
+    The decay warms up: after ``n`` updates it is ``min(decay, (1 + n) / (10 + n))``, so a
+    short run (a small data set, few steps) averages its recent weights rather than its
+    first ones. :attr:`module` is the averaged model.
+    """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.module = copy.deepcopy(model)
         for p in self.module.parameters():
             p.requires_grad_(False)
+        device = next(model.parameters()).device
+        self.updates = torch.zeros((), device=device)  # a tensor: counted inside a CUDA graph too
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(), strict=True))
         self.floats = [(a, b) for a, b in pairs if a.is_floating_point()]
         self.others = [(a, b) for a, b in pairs if not a.is_floating_point()]  # batch norm's step counters
 
     @torch.no_grad()
     def update(self) -> None:
-        ema, live = zip(*self.floats, strict=True)
-        torch._foreach_lerp_(list(ema), list(live), 1.0 - self.decay)
+        self.updates.add_(1)
+        decay = torch.clamp((1 + self.updates) / (10 + self.updates), max=self.decay)
+        ema, live = (list(t) for t in zip(*self.floats, strict=True))
+        torch._foreach_mul_(ema, decay)
+        torch._foreach_add_(ema, torch._foreach_mul(live, 1 - decay))
         for a, b in self.others:
             a.copy_(b)
 
