@@ -5,8 +5,8 @@ from pathlib import Path
 
 from convnet.bench import format_bench, run_bench, time_to_accuracy
 from convnet.cli import main
-from convnet.sources import load_dataset
 from convnet.engine import Engine
+from convnet.sources import load_dataset
 
 
 def test_bench_measures_both_sides(toy_dir: Path) -> None:

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
-
-from convnet.datasets import DiskImages, InputSpec, Split, batches, split_validation, stratified_split
-from convnet.errors import DataError, RunError
+from convnet.datasets import batches
 
 
 def test_batches_cover_everything() -> None:

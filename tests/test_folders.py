@@ -237,7 +237,8 @@ def test_colour_is_kept_where_it_is_the_only_cue(tmp_path: Path, cache: Path) ->
                 "--no-progress"]
         assert main(args + ([] if channels == "auto" else ["--channels", channels])) == 0
         config = json.loads((out / runs.CONFIG).read_text())
-        scores[channels] = (config["input"]["channels"], json.loads((out / runs.METRICS).read_text())["test"]["accuracy"])
+        accuracy = json.loads((out / runs.METRICS).read_text())["test"]["accuracy"]
+        scores[channels] = (config["input"]["channels"], accuracy)
     assert scores["auto"][0] == 3 and scores["auto"][1] >= 0.95, scores
     assert scores["1"][0] == 1 and scores["1"][1] <= 0.75, scores
 
@@ -262,7 +263,8 @@ def test_evaluate_gives_the_same_numbers_from_the_recorded_split(tmp_path: Path,
 
 
 def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
-    """A 146 MiB cache (50,000 colour images of 32x32) with a memory budget of 8 MB: training reads it a batch at a time.
+    """A 146 MiB cache (50,000 colour images of 32x32) with a memory budget of 8 MB: training
+    reads it a batch at a time.
     The peak RSS of that run stays far below the peak of the same run holding it in memory.
     (Only 64 images are trained on, to keep the test short: the in-memory run still loads all.)"""
     root = tmp_path / "d"

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from convnet.formats import parse_idx, read_idx
 from convnet.errors import DataError, InputError
+from convnet.formats import parse_idx, read_idx
 from convnet.inputs import images_from_array, input_batches, load_input
 
 from .conftest import idx_bytes

@@ -13,7 +13,6 @@ from PIL import Image
 from convnet import runs
 from convnet.engine import Engine
 from convnet.errors import InputError
-from convnet.models import create_model
 from convnet.formats import NpyFile
 from convnet.inputs import (
     Batch,
@@ -24,6 +23,7 @@ from convnet.inputs import (
     load_image,
     load_input,
 )
+from convnet.models import create_model
 from convnet.predict import infer, predict
 
 from .conftest import write_idx

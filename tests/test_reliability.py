@@ -25,9 +25,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from convnet import runs
-from convnet.experiment import data_record
 from convnet.cli import main
 from convnet.config import TrainConfig
+from convnet.experiment import data_record
 from convnet.sources import load_dataset
 from convnet.train import train
 

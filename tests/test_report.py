@@ -17,11 +17,11 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from convnet import plots, report, runs
-from convnet.experiment import data_record
 from convnet.cli import main
-from convnet.sources import load_dataset
-from convnet.evaluate import evaluate_run
 from convnet.config import TrainConfig
+from convnet.evaluate import evaluate_run
+from convnet.experiment import data_record
+from convnet.sources import load_dataset
 from convnet.train import train
 
 CLASSES = [f"class {i}" for i in range(4)]

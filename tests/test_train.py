@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from convnet import runs
-from convnet.experiment import data_record
 from convnet.config import TrainConfig
 from convnet.engine import Engine
 from convnet.errors import ConvnetError, RunError, TrainingDiverged
 from convnet.events import StopAtAccuracy, TrainEvents
+from convnet.experiment import data_record
 from convnet.sources import load_dataset
 from convnet.train import TrainState, resume, train
 
@@ -73,7 +73,8 @@ def test_resume_gives_the_same_weights_bit_for_bit(toy_dir: Path, tmp_path: Path
                          epochs=3, batch_size=48, faithful=faithful)
     whole = train(config, ds.train, ds.spec, run_dir=runs.new_run_dir(tmp_path / "whole", "x")).model.state_dict()
     part_dir = runs.new_run_dir(tmp_path / "part", "x")
-    train(config, ds.train, ds.spec, run_dir=part_dir, events=_StopAfter(1), data_record=data_record(ds))  # "crashes" after epoch 1
+    # "crashes" after epoch 1
+    train(config, ds.train, ds.spec, run_dir=part_dir, events=_StopAfter(1), data_record=data_record(ds))
     torch.manual_seed(1234)  # whatever the process did since must not matter
     resumed = resume(part_dir, data_dir=toy_dir)
     assert [r.epoch for r in resumed.history] == [1, 2, 3]

@@ -39,7 +39,7 @@ import torch
 
 from convnet.datasets import Dataset, DiskImages, InputSpec, Split, stratified_split
 from convnet.errors import DataError, InputError
-from convnet.formats import IMAGE_SUFFIXES, NpyFile, decode_image, image_header
+from convnet.formats import IMAGE_SUFFIXES, decode_image, image_header
 from convnet.progress import Bar
 from convnet.sources import DataOptions, default_cache_dir
 
