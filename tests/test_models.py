@@ -40,10 +40,13 @@ def test_seed_model_has_the_tutorials_initial_weights() -> None:
 
 
 @pytest.mark.parametrize("name", list(list_models()))
-@pytest.mark.parametrize(("num_classes", "in_channels"), [(10, 1), (3, 3)])
-def test_every_model_contract(name: str, num_classes: int, in_channels: int) -> None:
-    model = create_model(name, num_classes=num_classes, in_channels=in_channels)
-    x = torch.rand(4, in_channels, 28, 28)
+@pytest.mark.parametrize(("num_classes", "in_channels", "size"),
+                         [(10, 1, (28, 28)), (3, 3, (32, 32)), (2, 3, (8, 8)), (5, 1, (40, 24))])
+def test_every_model_contract(name: str, num_classes: int, in_channels: int, size: tuple[int, int]) -> None:
+    """Every registered model, grey and colour, square and not, down to 8x8 pixels:
+    logits of the right shape, finite, and a gradient for every parameter."""
+    model = create_model(name, num_classes=num_classes, in_channels=in_channels, image_size=size)
+    x = torch.rand(4, in_channels, *size)
     logits = model(x)
     assert logits.shape == (4, num_classes)
     assert torch.isfinite(logits).all()
@@ -68,3 +71,5 @@ def test_unknown_model_lists_the_valid_ones() -> None:
         create_model("resnet9000")
     with pytest.raises(ConvnetError, match="num_classes"):
         create_model("seed", num_classes=1)
+    with pytest.raises(ConvnetError, match="at least 8x8 pixels, got 10, 1, 7x28"):
+        create_model("fastnet", image_size=(7, 28))

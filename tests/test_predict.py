@@ -1,6 +1,7 @@
+"""Prediction: infer against a plain forward pass, and the predict command's output."""
+
 from __future__ import annotations
 
-import io
 import json
 import re
 from pathlib import Path
@@ -12,21 +13,8 @@ from PIL import Image
 
 from convnet import runs
 from convnet.engine import Engine
-from convnet.errors import InputError
-from convnet.formats import NpyFile
-from convnet.inputs import (
-    Batch,
-    array_batches,
-    images_from_array,
-    input_batches,
-    load_array,
-    load_image,
-    load_input,
-)
 from convnet.models import create_model
 from convnet.predict import infer, predict
-
-from .conftest import write_idx
 
 
 def test_infer_matches_a_plain_forward_pass() -> None:
@@ -40,187 +28,6 @@ def test_infer_matches_a_plain_forward_pass() -> None:
     pred = predict(model, images, engine=Engine.faithful())
     assert pred.labels.shape == (300,) and torch.equal(pred.labels, expected.argmax(1))
     torch.testing.assert_close(pred.probabilities.sum(1), torch.ones(300))
-
-
-def test_layouts_give_the_same_images() -> None:
-    first = np.random.default_rng(0).integers(0, 256, (5, 1, 28, 28)).astype(np.uint8)
-    last = first.transpose(0, 2, 3, 1)
-    for arr, layout in ((first, "auto"), (last, "auto"), (first[:, 0], "auto"), (first, "nchw"), (last, "nhwc")):
-        assert torch.equal(images_from_array(arr, "a", layout=layout), torch.from_numpy(first)), (arr.shape, layout)
-    as_float = first.astype(np.float32) / 255.0
-    assert torch.equal(images_from_array(as_float, "f"), torch.from_numpy(first))
-    with pytest.raises(InputError, match="not nhwc"):
-        images_from_array(first, "a", layout="nhwc")
-
-
-@pytest.mark.parametrize(
-    ("array", "message"),
-    [
-        (np.zeros((3, 28, 27), np.uint8), "shape"),
-        (np.zeros((3, 2, 28, 28), np.uint8), "shape"),
-        (np.full((2, 28, 28), np.nan, np.float32), "NaN"),
-        (np.full((2, 28, 28), 300.0, np.float32), "values in"),
-        (np.full((2, 28, 28), -1, np.int32), "integer values"),
-        (np.zeros((2, 28, 28), np.complex64), "complex64"),
-        (np.zeros((2, 28, 28), bool), "bool"),
-    ],
-)
-def test_bad_arrays(array: np.ndarray, message: str) -> None:
-    with pytest.raises(InputError, match=message):
-        images_from_array(array, "x.npy")
-
-
-def test_npy_with_objects_is_refused_unread(tmp_path: Path) -> None:
-    p = tmp_path / "obj.npy"
-    np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    with pytest.raises(InputError, match="unpickling"):
-        load_array(p)
-    (tmp_path / "junk.npy").write_bytes(b"not numpy")
-    with pytest.raises(InputError, match="not a valid .npy"):
-        load_array(tmp_path / "junk.npy")
-
-
-def _shirt(size: tuple[int, int] = (40, 60), background: int = 255, fg: int = 30) -> np.ndarray:
-    a = np.full((size[1], size[0]), background, np.uint8)
-    a[10:50, 8:32] = fg
-    return a
-
-
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "CMYK", "I;16", "1", "LA"])
-def test_images_of_any_mode_become_28x28_grey(tmp_path: Path, mode: str) -> None:
-    grey = _shirt()
-    img = Image.fromarray(grey, "L")
-    if mode == "I;16":
-        img = Image.fromarray(grey.astype(np.uint16) * 257)
-    elif mode != "L":
-        img = img.convert(mode)
-    suffix = ".tiff" if mode in ("CMYK", "I;16") else ".png"
-    p = tmp_path / f"x{suffix}"
-    img.save(p)
-    x = load_image(p)
-    assert x.shape == (1, 28, 28) and x.dtype == torch.uint8
-    # white background -> inverted to Fashion-MNIST's black, dark object -> light
-    assert int(x[0, 0, 0]) < 30 and int(x[0, 14, 14]) > 150
-
-
-def test_transparent_background_counts_as_white(tmp_path: Path) -> None:
-    rgba = np.zeros((40, 40, 4), np.uint8)
-    rgba[10:30, 10:30] = (20, 20, 20, 255)  # dark opaque square on a transparent field
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    x = load_image(tmp_path / "a.png")
-    assert int(x[0, 0, 0]) < 30 and int(x[0, 14, 14]) > 150
-
-
-def test_black_background_is_kept(tmp_path: Path) -> None:
-    Image.fromarray(_shirt(background=0, fg=220), "L").save(tmp_path / "b.png")
-    x = load_image(tmp_path / "b.png")
-    assert int(x[0, 0, 0]) < 30 and int(x[0, 14, 14]) > 150
-
-
-def test_bad_image_files(tmp_path: Path) -> None:
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "text.png").write_text("hello")
-    Image.fromarray(_shirt(), "L").save(tmp_path / "ok.png")
-    data = (tmp_path / "ok.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    for name in ("empty.png", "text.png", "cut.png"):
-        with pytest.raises(InputError, match=name):
-            load_input(tmp_path / name)
-    with pytest.raises(InputError, match="no such file"):
-        load_input(tmp_path / "absent.png")
-    with pytest.raises(InputError, match="is a folder"):
-        load_input(tmp_path)
-
-
-def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
-    for side in (8_000, 10_000):  # 64 Mpx (our limit), 100 Mpx (Pillow's too); a few kB on disk
-        Image.new("1", (side, side)).save(tmp_path / "bomb.png")
-        with pytest.raises(InputError, match="more than the 50,000,000 pixels"):
-            load_image(tmp_path / "bomb.png")
-
-
-def test_idx_input(tmp_path: Path) -> None:
-    a = np.random.default_rng(0).integers(0, 256, (7, 28, 28)).astype(np.uint8)
-    p = write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", a)
-    got = load_input(p)
-    assert got.images.shape == (7, 1, 28, 28) and torch.equal(got.images[:, 0], torch.from_numpy(a))
-    assert got.names[3] == f"{p}[3]"
-
-
-# --- streaming: bounded batches, same results
-
-
-def test_input_batches_group_files_and_split_arrays(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    arr = rng.integers(0, 256, (10, 28, 28)).astype(np.uint8)
-    np.save(tmp_path / "a.npy", arr)
-    for i in range(3):
-        Image.fromarray(arr[i], "L").save(tmp_path / f"{i}.png")
-    (tmp_path / "bad.png").write_bytes(b"not an image")
-    paths = [tmp_path / "0.png", tmp_path / "a.npy", tmp_path / "bad.png", tmp_path / "1.png", tmp_path / "2.png"]
-    items = list(input_batches(paths, batch_size=4))
-    kinds = [len(i.images) if isinstance(i, Batch) else "error" for i in items]
-    assert kinds == [4, 4, 3, "error", 2]  # full batches across files; what came before an error comes first
-    batches = [i for i in items if isinstance(i, Batch)]
-    assert all(b.images.shape[1:] == (1, 28, 28) and b.images.dtype == torch.uint8 for b in batches)
-    names = [n for i in items if isinstance(i, Batch) for n in i.names]
-    assert names == [str(paths[0]), *(f"{paths[1]}[{k}]" for k in range(10)), str(paths[3]), str(paths[4])]
-    streamed = torch.cat([i.images for i in items if isinstance(i, Batch)])
-    assert torch.equal(streamed[1:11, 0], torch.from_numpy(arr))
-    assert "bad.png" in str(items[3])
-
-
-def test_array_batches_check_everything_before_the_first_batch() -> None:
-    arr = np.zeros((10, 28, 28), np.float32)
-    arr[9, 0, 0] = np.nan  # in the last batch
-    with pytest.raises(InputError, match="NaN"):
-        next(array_batches(arr, "x.npy", batch_size=2))
-    arr[9, 0, 0] = 2.0  # floats must be in [0, 1] (or [0, 255]) as a whole, not batch by batch
-    arr[0, 0, 0] = 0.5
-    first = next(array_batches(arr, "x.npy", batch_size=2))
-    assert int(first[0, 0, 0, 0]) == 0  # 0.5 is read on the [0, 255] scale, as the whole array says
-    arr[9, 0, 0] = -1
-    with pytest.raises(InputError, match=r"values in \[-1, 0.5\]"):
-        next(array_batches(arr, "x.npy", batch_size=2))
-
-
-def test_npy_file_reads_rows_without_loading_the_whole(tmp_path: Path) -> None:
-    arr = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1)).astype(np.uint8)
-    for order in ("C", "F"):
-        np.save(tmp_path / "a.npy", np.asarray(arr, order=order))
-        npy = NpyFile(tmp_path / "a.npy")
-        assert npy.shape == arr.shape and len(npy) == 50
-        np.testing.assert_array_equal(npy[7:19], arr[7:19])
-        np.testing.assert_array_equal(npy[45:99], arr[45:])
-        assert torch.equal(load_array(tmp_path / "a.npy"), torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()))
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda p: np.save(p, np.zeros((0, 28, 28), np.uint8)), "holds no images"),
-        (lambda p: p.write_bytes(_npy_bytes(np.zeros((5, 28, 28), np.uint8))[:-100]), "truncated .npy file"),
-        (lambda p: p.write_bytes(_npy_bytes(np.zeros((5, 28, 28), np.uint8)).replace(b"'shape'", b"'shap'")),
-         "header is damaged"),
-        (lambda p: p.write_bytes(b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 20), "header is damaged"),
-        (lambda p: np.save(p, np.zeros((5, 28, 28), "U1")), "<U1 values"),
-        (lambda p: np.save(p, np.zeros((5, 28, 28), [("a", "u1")])), "values"),
-        (lambda p: np.save(p, np.array([[1, 2]], dtype=object), allow_pickle=True), "unpickling"),
-    ],
-    ids=["empty", "truncated", "bad-header-key", "garbage-header", "strings", "structured", "objects"],
-)
-def test_bad_npy_files(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
-    p = tmp_path / "x.npy"
-    make(p)
-    with pytest.raises(InputError, match=message):
-        load_input(p)
-    assert [type(i) for i in input_batches([p])] == [InputError]
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
 
 
 @pytest.fixture

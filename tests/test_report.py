@@ -114,6 +114,14 @@ def test_image_grid_captions() -> None:
     assert not empty.legends and plots.save(empty).startswith(b"\x89PNG")
 
 
+def test_image_grid_shows_colour() -> None:
+    images = np.zeros((2, 3, 16, 16), np.uint8)
+    images[:, 0] = 255  # pure red thumbnails
+    fig = plots.plot_image_grid(images, np.array([0, 1]), np.array([0, 1]), np.array([0.9, 0.8]), CLASSES, "colour")
+    shown = fig.axes[0].get_images()[0].get_array()
+    assert shown.shape == (16, 16, 3) and int(shown[..., 0].min()) == 255 and int(shown[..., 1].max()) == 0
+
+
 # --- two tiny runs, scored and drawn by the command line (`evaluate`, `compare`, `report`)
 
 

@@ -192,3 +192,141 @@ def test_source_is_recorded_as_an_absolute_path(tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(tmp_path)
     ds = load_dataset("fashion-mnist", "d")
     assert Path(ds.source).is_absolute() and Path(ds.source) == tmp_path / "d"
+
+
+# --- CIFAR-10's binary version, through the download path
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the files in ``self.server.files`` (name -> bytes), honouring ``Range:
+    bytes=N-``; ``self.server.cut`` cuts the first response of each file after that many
+    bytes (a broken connection). Every request's Range header is logged."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        server = self.server
+        name = self.path.rsplit("/", 1)[-1]
+        server.ranges.append(self.headers.get("Range"))  # type: ignore[attr-defined]
+        data = server.files.get(name)  # type: ignore[attr-defined]
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if (r := self.headers.get("Range")) and r.startswith("bytes="):
+            start = int(r[6:].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        cut = server.cut.pop(name, None)  # type: ignore[attr-defined]
+        self.wfile.write(data[start:cut] if cut is not None else data[start:])
+
+
+def _cifar_archive(per_batch: int = 20) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """A CIFAR-10 binary archive in the real layout (cifar-10-batches-bin/*.bin, records of
+    a label byte and 3,072 pixel bytes), with ``per_batch`` images per batch file."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6 * per_batch, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, 6 * per_batch).astype(np.uint8)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin", "batches.meta.txt"]
+        for k, name in enumerate(names):
+            if name.endswith(".txt"):
+                raw = b"\n".join(c.encode() for c in sources.CIFAR10.classes)
+            else:
+                part = slice(k * per_batch, (k + 1) * per_batch)
+                raw = b"".join(bytes([y]) + x.tobytes() for y, x in zip(labels[part], images[part], strict=True))
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return buf.getvalue(), images, labels
+
+
+@pytest.fixture
+def range_server() -> Iterator[tuple[str, http.server.ThreadingHTTPServer]]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    httpd.files, httpd.cut, httpd.ranges = {}, {}, []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_cifar10_downloads_resumes_verifies_and_reads(range_server: tuple[str, http.server.ThreadingHTTPServer],
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, httpd = range_server
+    archive, images, labels = _cifar_archive()
+    name = sources.CIFAR10.files["archive"].name
+    httpd.files[name] = archive  # type: ignore[attr-defined]
+    httpd.cut[name] = len(archive) // 3  # type: ignore[attr-defined]  # the first attempt breaks off
+    spec = dataclasses.replace(sources.CIFAR10, mirrors=(url,),
+                               files={"archive": DataFile(name, hashlib.md5(archive).hexdigest())})
+    monkeypatch.setitem(sources.DATASETS, "cifar10", spec)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="could not download cifar10"):
+        load_dataset("cifar10", cache_dir=cache)
+    part = cache / "cifar10" / f".{name}.part"
+    assert part.is_file() and 0 < part.stat().st_size < len(archive)  # kept, to be continued
+    assert not (cache / "cifar10" / name).exists()
+    ds = load_dataset("cifar10", cache_dir=cache)  # continues where it broke off
+    assert httpd.ranges[-1] == f"bytes={len(archive) // 3}-"  # type: ignore[attr-defined]
+    assert (cache / "cifar10" / name).read_bytes() == archive and not part.exists()
+    assert ds.spec.shape == (3, 32, 32) and ds.spec.hflip and not ds.spec.dark_background
+    assert ds.classes[0] == "airplane" and len(ds.train) == 100 and len(ds.test) == 20
+    assert torch.equal(ds.train.images, torch.from_numpy(images[:100]))  # channels first, as stored
+    assert torch.equal(ds.test.labels, torch.from_numpy(labels[100:].astype(np.int64)))
+
+
+def test_cifar10_wrong_archive_is_refused_and_removed(range_server: tuple[str, http.server.ThreadingHTTPServer],
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, httpd = range_server
+    archive, _, _ = _cifar_archive()
+    name = sources.CIFAR10.files["archive"].name
+    httpd.files[name] = archive[:-10] + b"0123456789"  # type: ignore[attr-defined]
+    spec = dataclasses.replace(sources.CIFAR10, mirrors=(url,),
+                               files={"archive": DataFile(name, hashlib.md5(archive).hexdigest())})
+    monkeypatch.setitem(sources.DATASETS, "cifar10", spec)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_dataset("cifar10", cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "cifar10").iterdir()), "a wrong download was kept"
+
+
+def test_cifar10_from_extracted_batches(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    archive, images, _ = _cifar_archive(per_batch=4)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    ds = load_dataset("cifar10", tmp_path)  # the folder above cifar-10-batches-bin
+    assert torch.equal(ds.train.images, torch.from_numpy(images[:20]))
+    (tmp_path / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(b"\0" * 100)
+    with pytest.raises(DataError, match="test_batch.bin: 100 bytes is not a whole number"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_datasets_command_lists_every_named_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from convnet.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10        32x32, 3 channels, 10 classes, 50,000 + 10,000 images" in out
+    assert "mnist          28x28, 1 channel, 10 classes" in out and "flips not allowed" in out
+    assert "not here: downloaded from https://www.cs.toronto.edu/~kriz/ on first use (170 MB)" in out
+    rows = {d["name"]: d for d in sources.describe_datasets(tmp_path)}
+    assert set(rows) == {"fashion-mnist", "mnist", "cifar10"}
+    make_dataset_dir(tmp_path / "mnist")  # a copy in the cache is found
+    assert {d["name"]: d["found"] for d in sources.describe_datasets(tmp_path)}["mnist"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import tarfile
 import urllib.error
@@ -368,19 +369,25 @@ def _fetch_verified(url: str, target: Path, f: DataFile, timeout_s: float, progr
             size = int(response.headers.get("Content-Length") or 0) + (have if resumed else 0)
             bar = Bar(size or None, f"downloading {target.name}", unit="B", enabled=progress)
             bar.update(have if resumed else 0)
+            got = have if resumed else 0
             with open(part, "ab" if resumed else "wb") as out:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
+                    got += len(chunk)
                     bar.update(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
             bar.close()
+            if size and got < size:  # the part stays (a hidden file): the next attempt continues it
+                raise DataError(f"{url}: the connection broke off after {got:,} of {size:,} bytes")
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # the part is already whole: verify it below
             pass
         else:
             raise DataError(f"{url}: {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except DataError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         # the part stays (a hidden file) so that the next attempt continues it
         raise DataError(f"{url}: {getattr(e, 'reason', None) or e}") from None
     try:
