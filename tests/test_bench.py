@@ -20,7 +20,7 @@ def test_bench_measures_both_sides(toy_dir: Path) -> None:
 
 
 def test_bench_json_from_cli(toy_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["bench", "--data-dir", str(toy_dir), "--train-images", "64", "--batch-size", "32",
+    assert main(["bench", "--device", "cpu", "--data-dir", str(toy_dir), "--train-images", "64", "--batch-size", "32",
                  "--repeats", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["train_speedup"] > 0 and out["predict_speedup"] > 0 and out["device"] == "cpu"

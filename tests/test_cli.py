@@ -28,7 +28,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("cli")
     data = make_dataset_dir(base / "data")
     run = base / "run"
-    p = convnet("train", "--data-dir", str(data), "--model", "seed", "--epochs", "3", "--batch-size", "32",
+    p = convnet("train", "--device", "cpu",
+                "--data-dir", str(data), "--model", "seed", "--epochs", "3", "--batch-size", "32",
                 "--subset", "200", "--out", str(run))
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("Categorical Cross Entropy : ") == 3
@@ -48,7 +49,7 @@ def test_train_writes_a_complete_run_folder(trained: tuple[Path, Path]) -> None:
 
 def test_evaluate_json(trained: tuple[Path, Path]) -> None:
     data, run = trained
-    p = convnet("evaluate", str(run), "--json")
+    p = convnet("evaluate", "--device", "cpu", str(run), "--json")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert 0 <= out["train"]["accuracy"] <= 1 and 0 <= out["test"]["accuracy"] <= 1
@@ -57,7 +58,7 @@ def test_evaluate_json(trained: tuple[Path, Path]) -> None:
     assert set(report) >= {"T-shirt/top", "Ankle boot", "macro avg", "weighted avg"}
     cm = np.array(out["test"]["confusion_matrix"])
     assert cm.shape == (10, 10) and cm.sum() == len(load_dataset("fashion-mnist", data).test)
-    text = convnet("evaluate", str(run))
+    text = convnet("evaluate", "--device", "cpu", str(run))
     assert "Classification Report" in text.stdout and "Ankle boot" in text.stdout
 
 
@@ -68,7 +69,7 @@ def test_predict_png_and_both_layouts(trained: tuple[Path, Path], tmp_path: Path
     np.save(tmp_path / "nchw.npy", first)
     np.save(tmp_path / "nhwc.npy", first.transpose(0, 2, 3, 1))
     Image.fromarray(first[0, 0], "L").save(tmp_path / "one.png")
-    p = convnet("predict", str(run), str(tmp_path / "nchw.npy"), str(tmp_path / "nhwc.npy"),
+    p = convnet("predict", "--device", "cpu", str(run), str(tmp_path / "nchw.npy"), str(tmp_path / "nhwc.npy"),
                 str(tmp_path / "one.png"), "--json")
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
@@ -77,7 +78,7 @@ def test_predict_png_and_both_layouts(trained: tuple[Path, Path], tmp_path: Path
     assert [r["label"] for r in rows[:6]] == [r["label"] for r in rows[6:12]]
     assert rows[12]["input"].endswith("one.png") and rows[12]["label"] == rows[0]["label"]
     assert all(0 <= r["probability"] <= 1 for r in rows)
-    plain = convnet("predict", str(run), str(tmp_path / "one.png"))
+    plain = convnet("predict", "--device", "cpu", str(run), str(tmp_path / "one.png"))
     assert plain.returncode == 0 and "one.png" in plain.stdout
 
 
@@ -85,7 +86,7 @@ def test_predict_bad_input_is_named_and_others_still_predicted(trained: tuple[Pa
     _, run = trained
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
     Image.new("L", (28, 28)).save(tmp_path / "good.png")
-    p = convnet("predict", str(run), str(tmp_path / "bad.png"), str(tmp_path / "good.png"), "--json")
+    p = convnet("predict", "--device", "cpu", str(run), str(tmp_path / "bad.png"), str(tmp_path / "good.png"), "--json")
     assert p.returncode == 1
     assert "bad.png" in p.stderr and "Traceback" not in p.stderr
     assert [r["input"] for r in json.loads(p.stdout)] == [str(tmp_path / "good.png")]
@@ -93,18 +94,18 @@ def test_predict_bad_input_is_named_and_others_still_predicted(trained: tuple[Pa
 
 def test_resume_from_cli(trained: tuple[Path, Path], tmp_path: Path) -> None:
     data, run = trained
-    p = convnet("train", "--resume", str(run), "--data-dir", str(data))
+    p = convnet("train", "--device", "cpu", "--resume", str(run), "--data-dir", str(data))
     assert p.returncode == 0, p.stderr  # already complete: nothing to add, the weights are rewritten as they were
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["train", "--model", "nope"], "unknown model 'nope'"),
-        (["train", "--epochs", "0"], "--epochs must be at least 1"),
-        (["train", "--data-dir", "/nonexistent-folder"], "no such folder"),
-        (["evaluate", "/nonexistent-run"], "no such run folder"),
-        (["predict", "/nonexistent-run", "x.png"], "no such run folder"),
+        (["train", "--device", "cpu", "--model", "nope"], "unknown model 'nope'"),
+        (["train", "--device", "cpu", "--epochs", "0"], "--epochs must be at least 1"),
+        (["train", "--device", "cpu", "--data-dir", "/nonexistent-folder"], "no such folder"),
+        (["evaluate", "--device", "cpu", "/nonexistent-run"], "no such run folder"),
+        (["predict", "--device", "cpu", "/nonexistent-run", "x.png"], "no such run folder"),
     ],
 )
 def test_user_errors_are_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,13 +115,13 @@ def test_user_errors_are_one_line(args: list[str], message: str, capsys: pytest.
 
 
 def test_bad_flag_value_exits_2() -> None:
-    p = convnet("train", "--optimizer", "lbfgs")
+    p = convnet("train", "--device", "cpu", "--optimizer", "lbfgs")
     assert p.returncode == 2 and "invalid choice" in p.stderr
 
 
 def test_out_folder_not_empty_is_refused(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     data, run = trained
-    assert main(["train", "--data-dir", str(data), "--out", str(run)]) == 1
+    assert main(["train", "--device", "cpu", "--data-dir", str(data), "--out", str(run)]) == 1
     assert "not empty" in capsys.readouterr().err
 
 
@@ -133,7 +134,7 @@ def test_weights_that_do_not_fit(trained: tuple[Path, Path], tmp_path: Path) -> 
     config = json.loads((broken / runs.CONFIG).read_text())
     config["train"]["model"] = "fastnet"
     (broken / runs.CONFIG).write_text(json.dumps(config))
-    p = convnet("evaluate", str(broken))
+    p = convnet("evaluate", "--device", "cpu", str(broken))
     assert p.returncode == 1 and "do not fit" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -151,6 +152,6 @@ def test_pickle_where_weights_belong_is_refused_unrun(trained: tuple[Path, Path]
             return (open, (str(marker), "w"))
 
     (evil / runs.WEIGHTS).write_bytes(pickle.dumps(Payload()))
-    p = convnet("predict", str(evil), str(tmp_path))
+    p = convnet("predict", "--device", "cpu", str(evil), str(tmp_path))
     assert p.returncode == 1 and "safetensors" in p.stderr
     assert not marker.exists(), "loading the weights ran code from the file"

@@ -29,7 +29,8 @@ def test_two_processes_match_one(tmp_path: Path, resume: bool) -> None:
     # The tutorial's Adam: it learns in these 24 steps without the chaotic swings that SGD with a large
     # momentum shows at the seed model's start, where a different summation order (two processes, one
     # thread each) grows into differences of 1e-2.
-    common = ["train", "--data-dir", str(data), "--recipe", "tutorial", "--model", "seed", "--optimizer", "adam",
+    common = ["train", "--device", "cpu",
+              "--data-dir", str(data), "--recipe", "tutorial", "--model", "seed", "--optimizer", "adam",
               "--lr", "0.001", "--epochs", "3", "--batch-size", "64", "--faithful",
               "--device", "cpu", "--no-progress"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",

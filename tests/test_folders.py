@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,8 @@ def _mixed(root: Path) -> Path:
 def test_a_broken_image_stops_everything_by_default(tmp_path: Path, cache: Path) -> None:
     root = _mixed(tmp_path / "d")
     out = tmp_path / "run"
-    assert main(["train", "--data", str(root), "--out", str(out), "--epochs", "1", "--no-progress"]) == 1
+    assert main(["train", "--device", "cpu",
+                 "--data", str(root), "--out", str(out), "--epochs", "1", "--no-progress"]) == 1
     assert not out.exists(), "a refused run left its folder behind"
     assert not cache.exists() or not list(cache.rglob("*.npy")), "a refused run left a cache behind"
 
@@ -147,7 +149,7 @@ def test_a_broken_image_stops_everything_by_default(tmp_path: Path, cache: Path)
 def test_broken_image_message(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _mixed(tmp_path / "d")
     (root / "red" / "bad.jpg").write_text("not a picture")
-    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    assert main(["train", "--device", "cpu", "--data", str(root), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("convnet: error: ")
     assert "cannot decode blue/broken.png" in err and "and 1 other image" in err and "--skip-bad-images" in err
@@ -156,7 +158,8 @@ def test_broken_image_message(tmp_path: Path, cache: Path, capsys: pytest.Captur
 def test_skip_bad_images_trains_and_lists_them(tmp_path: Path, cache: Path) -> None:
     root = _mixed(tmp_path / "d")
     out = tmp_path / "run"
-    p = convnet("train", "--data", str(root), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+    p = convnet("train", "--device", "cpu",
+                "--data", str(root), "--out", str(out), "--epochs", "1", "--batch-size", "4",
                 "--skip-bad-images", "--test-split", "0.3", "--no-progress",
                 env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert p.returncode == 0, p.stderr
@@ -232,7 +235,8 @@ def test_colour_is_kept_where_it_is_the_only_cue(tmp_path: Path, cache: Path) ->
     scores = {}
     for channels in ("auto", "1"):
         out = tmp_path / f"run-{channels}"
-        args = ["train", "--data", str(tmp_path / "d"), "--out", str(out), "--recipe", "tutorial", "--model",
+        args = ["train", "--device", "cpu",
+                "--data", str(tmp_path / "d"), "--out", str(out), "--recipe", "tutorial", "--model",
                 "fastnet", "--optimizer", "adam", "--lr", "0.003", "--epochs", "15", "--batch-size", "16",
                 "--no-progress"]
         assert main(args + ([] if channels == "auto" else ["--channels", channels])) == 0
@@ -247,15 +251,16 @@ def test_evaluate_gives_the_same_numbers_from_the_recorded_split(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     root = _folder(tmp_path / "d", per_class=20)
     out = tmp_path / "run"
-    assert main(["train", "--data", str(root), "--out", str(out), "--recipe", "tutorial", "--model", "fastnet",
+    assert main(["train", "--device", "cpu",
+                 "--data", str(root), "--out", str(out), "--recipe", "tutorial", "--model", "fastnet",
                  "--epochs", "3", "--batch-size", "8", "--no-progress"]) == 0
     trained = json.loads((out / runs.METRICS).read_text())
     Image.fromarray(_blocks(0, 1, seed=9)[0]).save(root / "b" / "late.png")  # the folder grows afterwards
     capsys.readouterr()
-    assert main(["evaluate", str(out), "--json"]) == 0
+    assert main(["evaluate", "--device", "cpu", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == trained
     (root / json.loads((out / runs.SPLIT).read_text())["test"][0]).unlink()
-    assert main(["evaluate", str(out)]) == 1
+    assert main(["evaluate", "--device", "cpu", str(out)]) == 1
     assert "of the run's test split is gone" in capsys.readouterr().err
 
 
@@ -283,15 +288,17 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
     peak = {}
     for budget in ("8", "100000"):
         # the library call, not the command line: the command line tells glibc to keep freed memory
-        # (engine.keep_freed_memory), which makes peak RSS a measure of the allocator's history
+        # (engine.keep_freed_memory), which makes peak RSS a measure of the allocator's history; and the
+        # peak of this process's own memory (VmHWM), not ru_maxrss, which Linux carries over from the
+        # forking process (here pytest's) through exec
         script = (
-            "import resource\nfrom convnet.experiment import TrainRequest, run_training\n"
+            "from convnet.experiment import TrainRequest, run_training\n"
             "from convnet.sources import DataOptions\n"
             f"run_training(TrainRequest(overrides={{'model': 'fastnet', 'epochs': 1, 'batch_size': 32}}, "
             f"data=DataOptions(folder={str(root)!r}, memory_budget_mb={budget}, subset=64, test_split=0.05), "
             f"device='cpu', "
             f"out={str(tmp_path / budget)!r}, progress=False))\n"
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            "print('PEAK', next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))\n")
         p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
         assert p.returncode == 0, p.stderr
         peak[budget] = int(p.stdout.split("PEAK")[-1]) / 1024  # MiB
@@ -318,14 +325,37 @@ def test_real_digits_reach_95_percent(tmp_path: Path) -> None:
         Image.fromarray(np.rint(img * 255 / 16).astype(np.uint8), "L").save(root / names[y] / f"{i:04d}.png")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     out = tmp_path / "run"
-    p = convnet("train", "--data", str(root), "--no-hflip", "--out", str(out), "--no-progress", "--device", "cpu",
+    p = convnet("train", "--device", "cpu", "--data", str(root), "--no-hflip", "--out", str(out), "--no-progress",
                 env=env)
     assert p.returncode == 0, p.stderr
     metrics = json.loads((out / runs.METRICS).read_text())
     assert metrics["test"]["accuracy"] >= 0.95, metrics["test"]["accuracy"]
     assert sum(metrics["test"]["report"][n]["support"] for n in names) == 360  # the carved 20 %
     sample = root / "seven" / sorted(os.listdir(root / "seven"))[0]
-    p = convnet("predict", str(out), str(sample), "--json", env=env)
+    p = convnet("predict", "--device", "cpu", str(out), str(sample), "--json", env=env)
     assert p.returncode == 0, p.stderr
     (row,) = json.loads(p.stdout)
     assert row["class"] == sorted(names)[row["label"]]  # classes are the folder names, sorted
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "{root}", "--data-dir", "{root}"], "--data .* and --data-dir .* cannot be combined"),
+        (["--image-size", "32"], "--image-size applies to folders of images"),
+        (["--data", "{root}", "--image-size", "big"], "--image-size 'big': give N"),
+        (["--data", "{root}", "--image-size", "4"], "--image-size must be between 8 and 1024"),
+        (["--data", "{root}", "--test-split", "1.5"], "--test-split must be a fraction"),
+        (["--data", "{root}/missing"], "--data .*missing: no such folder"),
+        (["--data", "{root}", "--memory-budget", "-1"], "--memory-budget must be >= 0"),
+    ],
+)
+def test_folder_flags_are_checked_before_anything_is_read(tmp_path: Path, cache: Path, args: list[str], message: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    root = _folder(tmp_path / "d")
+    out = tmp_path / "run"
+    argv = ["train", "--device", "cpu", "--out", str(out), "--no-progress", *(a.format(root=root) for a in args)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not out.exists() and not cache.exists(), "a refused command left something behind"

@@ -50,7 +50,7 @@ def test_predict_command_output_is_unchanged_by_streaming(random_run: Path, tmp_
     np.save(tmp_path / "a.npy", arr)
     Image.fromarray(arr[0], "L").save(tmp_path / "b.png")
     (tmp_path / "empty.npy").write_bytes(b"")
-    assert main(["predict", str(random_run), str(tmp_path / "a.npy"), str(tmp_path / "empty.npy"),
+    assert main(["predict", "--device", "cpu", str(random_run), str(tmp_path / "a.npy"), str(tmp_path / "empty.npy"),
                  str(tmp_path / "b.png"), "--json"]) == 1
     out, err = capsys.readouterr()
     rows = json.loads(out)
@@ -60,9 +60,9 @@ def test_predict_command_output_is_unchanged_by_streaming(random_run: Path, tmp_
     whole = predict(model, torch.from_numpy(arr[:, None]))
     assert [r["label"] for r in rows[:9000]] == whole.labels.tolist()
     assert [r["input"] for r in rows] == [f"{tmp_path / 'a.npy'}[{i}]" for i in range(9000)] + [str(tmp_path / "b.png")]
-    assert main(["predict", str(random_run), str(tmp_path / "empty.npy"), "--json"]) == 1
+    assert main(["predict", "--device", "cpu", str(random_run), str(tmp_path / "empty.npy"), "--json"]) == 1
     assert capsys.readouterr().out == "[]\n"
-    assert main(["predict", str(random_run), str(tmp_path / "b.png"), str(tmp_path / "a.npy")]) == 0
+    assert main(["predict", "--device", "cpu", str(random_run), str(tmp_path / "b.png"), str(tmp_path / "a.npy")]) == 0
     lines = capsys.readouterr().out.splitlines()
     label_column = {re.match(r"\S+ +", line).end() for line in lines}  # type: ignore[union-attr]
     assert len(lines) == 9001 and len(label_column) == 1  # one column width throughout

@@ -50,7 +50,8 @@ def convnet(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
 
 def start_training(base: Path, out: str) -> subprocess.Popen[str]:
     """``convnet train`` in the background, from ``base``, on ``base/toy`` (relative paths)."""
-    return subprocess.Popen([sys.executable, "-m", "convnet", "train", "--data-dir", "toy", *TRAIN, "--out", out],
+    return subprocess.Popen([sys.executable, "-m", "convnet", "train", "--device", "cpu",
+                             "--data-dir", "toy", *TRAIN, "--out", out],
                             cwd=base, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -95,7 +96,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(base: Path) -> Path:
     """The reference: the same training, never stopped."""
-    p = convnet("train", "--data-dir", "toy", *TRAIN, "--out", "whole", cwd=base)
+    p = convnet("train", "--device", "cpu", "--data-dir", "toy", *TRAIN, "--out", "whole", cwd=base)
     assert p.returncode == 0, p.stderr
     return base / "whole"
 
@@ -119,7 +120,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(base: Path, uninte
     assert epoch in (len(history), len(history) - 1)  # killed between the two writes of an epoch's end, at worst
 
     # Resumed from another working directory: the run folder alone says what to do.
-    p = convnet("train", "--resume", run, "--no-progress", cwd=run)
+    p = convnet("train", "--device", "cpu", "--resume", run, "--no-progress", cwd=run)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("Categorical Cross Entropy") == EPOCHS - epoch
     assert [h["epoch"] for h in json.loads((run / runs.HISTORY).read_text())] == list(range(1, EPOCHS + 1))
@@ -134,7 +135,7 @@ def test_ctrl_c_exits_130_with_one_line_and_resumes_exactly(base: Path, uninterr
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and "interrupted" in err and "--resume" in err and "Traceback" not in err, err
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "Ctrl-C left a temporary file"
-    p = convnet("train", "--resume", run, "--no-progress")
+    p = convnet("train", "--device", "cpu", "--resume", run, "--no-progress")
     assert p.returncode == 0, p.stderr
     same_weights(run / runs.WEIGHTS, uninterrupted / runs.WEIGHTS)
 
@@ -193,7 +194,8 @@ def test_sigkill_during_a_write_keeps_the_old_file(tmp_path: Path) -> None:
 def test_divergence_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = make_dataset_dir(tmp_path / "toy")
     run = tmp_path / "run"
-    code = main(["train", "--data-dir", str(data), "--model", "seed", "--optimizer", "sgd", "--lr", "1e6",
+    code = main(["train", "--device", "cpu",
+                 "--data-dir", str(data), "--model", "seed", "--optimizer", "sgd", "--lr", "1e6",
                  "--no-nesterov", "--momentum", "0", "--schedule", "constant", "--epochs", "2", "--batch-size", "32",
                  "--no-progress", "--out", str(run)])
     err = capsys.readouterr().err
@@ -201,7 +203,7 @@ def test_divergence_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert err.count("\n") == 1 and err.startswith("convnet: error: training diverged"), err
     assert "epoch 1, batch" in err and "lower --lr" in err
     assert not (run / runs.WEIGHTS).exists()
-    assert main(["train", "--resume", str(run)]) == 1  # nothing to resume: it says to start again
+    assert main(["train", "--device", "cpu", "--resume", str(run)]) == 1  # nothing to resume: it says to start again
     assert "no checkpoint yet" in capsys.readouterr().err
 
 
@@ -223,7 +225,8 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path: Path, capsys: pytes
     run = tmp_path / "run"
     monkeypatch.setattr(_NaNAtStep, "at", 8 + 3)  # epoch 2, batch 3
     monkeypatch.setattr(torch.nn, "CrossEntropyLoss", _NaNAtStep)
-    args = ["train", "--data-dir", str(data), "--recipe", "tutorial", "--epochs", "3", "--batch-size", "32",
+    args = ["train", "--device", "cpu",
+            "--data-dir", str(data), "--recipe", "tutorial", "--epochs", "3", "--batch-size", "32",
             "--no-progress", "--out", str(run)]
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -232,7 +235,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path: Path, capsys: pytes
     with safe_open(run / runs.CHECKPOINT, "pt") as f:  # type: ignore[no-untyped-call]
         assert json.loads(f.metadata()["convnet"])["epoch"] == 1
     monkeypatch.undo()  # the glitch gone, the run resumes from epoch 1
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert main(["train", "--device", "cpu", "--resume", str(run), "--no-progress"]) == 0
     assert [h["epoch"] for h in json.loads((run / runs.HISTORY).read_text())] == [1, 2, 3]
 
 
@@ -326,8 +329,9 @@ def test_damaged_run_folder(small_run: Path, tmp_path: Path, damage: str, comman
     make_damage, message, _ = DAMAGE[damage]
     make_damage(run)
     before = _snapshot(run)
-    args = {EVALUATE: ["evaluate", str(run)], PREDICT: ["predict", str(run), str(small_run.parent / "shirt.png")],
-            RESUME: ["train", "--resume", str(run), "--no-progress"]}[command]
+    args = {EVALUATE: ["evaluate", "--device", "cpu", str(run)],
+            PREDICT: ["predict", "--device", "cpu", str(run), str(small_run.parent / "shirt.png")],
+            RESUME: ["train", "--device", "cpu", "--resume", str(run), "--no-progress"]}[command]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("convnet: error: ") and err.count("\n") == 1 and message in err, err
@@ -347,7 +351,7 @@ def test_pickle_where_a_checkpoint_belongs_is_refused_unrun(small_run: Path, tmp
             return (open, (str(marker), "w"))
 
     (run / runs.CHECKPOINT).write_bytes(pickle.dumps(Payload()))
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 1
+    assert main(["train", "--device", "cpu", "--resume", str(run), "--no-progress"]) == 1
     assert "safetensors" in capsys.readouterr().err
     assert not marker.exists(), "loading the checkpoint ran code from the file"
 
@@ -371,7 +375,7 @@ def test_resume_refuses_data_that_is_not_the_runs(small_run: Path, tmp_path: Pat
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
     other = make_dataset_dir(tmp_path / "other", n_train=300)
-    assert main(["train", "--resume", str(run), "--data-dir", str(other)]) == 1
+    assert main(["train", "--device", "cpu", "--resume", str(run), "--data-dir", str(other)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "256" in err and "300" in err and "--data-dir" in err, err
 
@@ -385,7 +389,7 @@ def test_out_folder_that_cannot_be_created(tmp_path: Path, capsys: pytest.Captur
     blocker.write_text("")
     # Tests run as root here, where a read-only folder stays writable: a file in the path is what stops it.
     for out, message in ((blocker / "run", "cannot create the run folder"), (blocker, "already exists")):
-        assert main(["train", "--data-dir", str(data), "--epochs", "1", "--out", str(out)]) == 1
+        assert main(["train", "--device", "cpu", "--data-dir", str(data), "--epochs", "1", "--out", str(out)]) == 1
         err = capsys.readouterr().err
         assert err.startswith("convnet: error: --out ") and err.count("\n") == 1 and message in err, err
     assert blocker.read_text() == ""
@@ -396,7 +400,7 @@ def test_metrics_that_cannot_be_written(small_run: Path, tmp_path: Path, capsys:
     shutil.copytree(small_run, run)
     (run / runs.METRICS).mkdir()  # a folder where evaluate writes its file
     (run / runs.METRICS / "keep").write_text("x")
-    assert main(["evaluate", str(run)]) == 1
+    assert main(["evaluate", "--device", "cpu", str(run)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot write {run / runs.METRICS}" in err, err
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
@@ -435,9 +439,10 @@ def test_predicting_a_huge_npy_keeps_memory_bounded(tmp_path: Path) -> None:
         runs.save_tensors(run / "model.safetensors", tiny(10, 1, 28).state_dict())
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
         with open(os.devnull, "w") as out, contextlib.redirect_stdout(out):
-            assert main(["predict", str(run), small, "--json"]) == 0  # everything warmed up on 5,000 images
+            assert main(["predict", "--device", "cpu",
+                         str(run), small, "--json"]) == 0  # everything warmed up on 5,000 images
             before = peak()
-            assert main(["predict", str(run), big, "--json"]) == 0
+            assert main(["predict", "--device", "cpu", str(run), big, "--json"]) == 0
             after = peak()
         print(json.dumps({"before_mib": before / 1024, "after_mib": after / 1024}))
     """)

@@ -143,7 +143,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
 
 def test_evaluate_writes_the_plots(two_runs: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     _, sgd, _ = two_runs
-    assert main(["evaluate", str(sgd)]) == 0
+    assert main(["evaluate", "--device", "cpu", str(sgd)]) == 0
     assert f"Plots in {sgd / 'plots'}" in capsys.readouterr().out
     for name in report.PLOT_FILES:
         with Image.open(sgd / "plots" / f"{name}.png") as im:
@@ -153,8 +153,8 @@ def test_evaluate_writes_the_plots(two_runs: tuple[Path, Path, Path], capsys: py
 
 def test_summary_numbers_are_the_runs_numbers(two_runs: tuple[Path, Path, Path]) -> None:
     _, sgd, _ = two_runs
-    ev = evaluate_run(sgd)
-    s = report.load_summary(sgd)
+    ev = evaluate_run(sgd, device="cpu")
+    s = report.load_summary(sgd, device="cpu")
     assert s.test_accuracy == pytest.approx(ev.test.accuracy) and s.train_accuracy == pytest.approx(ev.train.accuracy)
     np.testing.assert_array_equal(np.array(s.metrics["test"]["confusion_matrix"]),
                                   skm.confusion_matrix(ev.test_labels.numpy(), ev.test.predictions.numpy()))
@@ -162,7 +162,7 @@ def test_summary_numbers_are_the_runs_numbers(two_runs: tuple[Path, Path, Path])
 
 def test_compare_in_the_terminal(two_runs: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     _, sgd, adam = two_runs
-    assert main(["compare", str(sgd), str(adam)]) == 0
+    assert main(["compare", "--device", "cpu", str(sgd), str(adam)]) == 0
     text = capsys.readouterr().out
     metrics = [json.loads((r / runs.METRICS).read_text()) for r in (sgd, adam)]
     header = text.splitlines()[0].split()
@@ -179,7 +179,7 @@ def test_report_is_self_contained_and_redraws_missing_plots(two_runs: tuple[Path
     _, sgd, adam = two_runs
     shutil.rmtree(adam / "plots", ignore_errors=True)
     out = tmp_path / "r.html"
-    assert main(["report", str(sgd), str(adam), "-o", str(out)]) == 0
+    assert main(["report", "--device", "cpu", str(sgd), str(adam), "-o", str(out)]) == 0
     assert f"Report written to {out}" in capsys.readouterr().out
     assert all((adam / "plots" / f"{n}.png").is_file() for n in report.PLOT_FILES)
     page = out.read_text()
@@ -191,8 +191,8 @@ def test_report_is_self_contained_and_redraws_missing_plots(two_runs: tuple[Path
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["report", "/nonexistent-run"], "no such run folder"),
-        (["compare", "/nonexistent-run"], "no such run folder"),
+        (["report", "--device", "cpu", "/nonexistent-run"], "no such run folder"),
+        (["compare", "--device", "cpu", "/nonexistent-run"], "no such run folder"),
     ],
 )
 def test_user_errors_are_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -204,13 +204,13 @@ def test_user_errors_are_one_line(args: list[str], message: str, capsys: pytest.
 def test_report_into_a_missing_folder_and_a_run_without_weights(two_runs: tuple[Path, Path, Path], tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     _, sgd, _ = two_runs
-    assert main(["report", str(sgd), "-o", str(tmp_path / "no" / "such" / "r.html")]) == 1
+    assert main(["report", "--device", "cpu", str(sgd), "-o", str(tmp_path / "no" / "such" / "r.html")]) == 1
     assert "does not exist" in capsys.readouterr().err
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in (runs.CONFIG, runs.HISTORY):
         shutil.copy(sgd / name, bare / name)
-    assert main(["report", str(bare)]) == 1
+    assert main(["report", "--device", "cpu", str(bare)]) == 1
     err = capsys.readouterr().err
     assert "model.safetensors" in err and err.count("\n") == 1
 
@@ -232,7 +232,7 @@ def chromium(page: Path, profile: Path, *args: str) -> str:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(two_runs: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _, sgd, adam = two_runs
-    page = report.build_report([sgd, adam], tmp_path / "report.html")
+    page = report.build_report([sgd, adam], tmp_path / "report.html", device="cpu")
     dom = chromium(page, tmp_path / "profile-dom", "--dump-dom")
     # the page's own script counts, after load, the images that decoded (naturalWidth > 0)
     body = re.search(r'<body data-images-loaded="(\d+)" data-images-total="(\d+)"', dom)

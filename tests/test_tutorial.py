@@ -11,7 +11,8 @@ from convnet import runs
 
 def test_tutorial_quick_end_to_end(toy_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "tut"
-    p = subprocess.run([sys.executable, "-m", "convnet", "tutorial", "--quick", "--data-dir", str(toy_dir),
+    p = subprocess.run([sys.executable, "-m", "convnet", "tutorial", "--device", "cpu",
+                        "--quick", "--data-dir", str(toy_dir),
                         "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     text = p.stdout

@@ -22,7 +22,8 @@ TUTORIAL_SGD_REPORT = [
 
 def _train(tmp_path: Path, optimizer: str, epochs: int) -> tuple[list[float], dict]:  # type: ignore[type-arg]
     out = tmp_path / optimizer
-    p = subprocess.run([sys.executable, "-m", "convnet", "train", "--model", "seed", "--optimizer", optimizer,
+    p = subprocess.run([sys.executable, "-m", "convnet", "train", "--device", "cpu",
+                        "--model", "seed", "--optimizer", optimizer,
                         "--lr", "0.001", "--epochs", str(epochs), "--batch-size", "128", "--seed", "42", "--faithful",
                         "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr

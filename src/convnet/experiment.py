@@ -88,7 +88,7 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
         engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
         result = resume(run.path, engine=engine, events=printer, data_dir=request.data.data_dir,
                         progress=request.progress and rank == 0)
-        dataset = None  # evaluate_run reads the run's own data
+        dataset, stop = None, []  # evaluate_run reads the run's own data
     else:
         config = resolve_config(request.recipe, request.overrides, device_type=device.type,
                                 faithful=request.faithful, hflip=hflip_of(request.data))
@@ -113,8 +113,10 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
     if rank != 0:
         return TrainOutcome(result, None)
     assert result.run_dir is not None
+    # the final model's test logits are already known when a --target-accuracy run measured them last
+    test_logits = stop[0].logits if stop else None
     evaluation = evaluate_run(result.run_dir, engine=single_process(engine), data_dir=request.data.data_dir,
-                              dataset=dataset)  # the data set already in memory, not read a second time
+                              dataset=dataset, test_logits=test_logits)  # the data already in memory, not read again
     return TrainOutcome(result, evaluation)
 
 

@@ -52,12 +52,16 @@ def make_optimizer(config: TrainConfig, model: nn.Module, engine: Engine) -> tor
                        {"params": no_decay, "weight_decay": 0.0}]
     else:
         params = model.parameters()
+    # faithful: one parameter at a time, as the tutorial's optimizer ran on its CPU (and as a
+    # float32 learning-rate tensor allows on a GPU)
+    foreach = False if config.faithful else None
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
-                               fused=True if graphs else None)
+                               fused=True if graphs else None, foreach=foreach)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, capturable=graphs)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, capturable=graphs)  # decay set per group above
+        return torch.optim.Adam(params, lr=lr, capturable=graphs, foreach=foreach)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, capturable=graphs,  # decay set per group above
+                             foreach=foreach)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -130,6 +134,7 @@ class TrainResult:
     seconds: float  # the loop's own clock: training, plus what events did at each epoch's end
     spec: InputSpec
     config: TrainConfig
+    graphed: bool = False  # the step ran as a CUDA graph
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, engine: Engine,
@@ -241,13 +246,13 @@ def train(
             idx = order[rows] if order is not None else rows
             x, y = images[idx], labels[idx]  # (B, C, H, W) uint8, (B,)
             draws = augment.draw(len(y), config.augment, config.translate_px, state.augment_rng, engine.device)
-            tensors = {"images": x, "labels": y, "shifts": draws.shifts, "flips": draws.flips}
+            tensors = {k: v for k, v in (("images", x), ("labels", y), ("shifts", draws.shifts),
+                                         ("flips", draws.flips)) if v is not None}
             if engine.world_size > 1:  # this process's share of the global batch
-                tensors = {k: v.tensor_split(engine.world_size)[engine.rank] for k, v in tensors.items()
-                           if v is not None}
+                tensors = {k: v.tensor_split(engine.world_size)[engine.rank] for k, v in tensors.items()}
             if config.schedule != "constant":
                 set_lr(optimizer, lr_at(config, epoch * steps_per_epoch + i, steps_per_epoch))
-            losses.append(step(**{k: v for k, v in tensors.items() if v is not None}))
+            losses.append(step(**tensors))
             if check_each_batch and not torch.isfinite(losses[-1]):
                 raise _diverged(epoch, i, losses[-1])
             hooks.on_batch_end(state, len(y))
@@ -265,9 +270,8 @@ def train(
         if state.stop:
             break
     hooks.on_train_end(state)
-    if step.note:
-        print(f"convnet: {step.note}")
-    return TrainResult(state.final_model, state.history, run_dir, time.perf_counter() - start, spec, config)
+    return TrainResult(state.final_model, state.history, run_dir, time.perf_counter() - start, spec, config,
+                       graphed=step.graph is not None)
 
 
 def _diverged(epoch: int, batch: int, loss: torch.Tensor) -> TrainingDiverged:
