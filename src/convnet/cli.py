@@ -102,19 +102,46 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(p)
 
     p = sub.add_parser("evaluate", help="accuracy, classification report and confusion matrix of a run")
-    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("run", type=Path, help="run folder, or an .onnx file from `convnet export` (ONNX Runtime)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="where the run's data is now, if it moved (default: where it was trained)")
     _device_flag(p)
 
     p = sub.add_parser("predict", help="classify image files, .npy arrays or IDX files with a trained run")
-    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("run", type=Path, help="run folder, or an .onnx file from `convnet export` (ONNX Runtime)")
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="PNG/JPEG/... images, .npy arrays, IDX files")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="layout of 4-d arrays: channels first or last (default: detect)")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     _device_flag(p)
+
+    p = sub.add_parser("export", help="the run's model as an ONNX file, checked in ONNX Runtime",
+                       description="Export a run's model to ONNX (uint8 images in, class probabilities out) and "
+                                   "check it in ONNX Runtime against PyTorch on the run's test images; a model "
+                                   "that fails the check is not written.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("-o", "--out", type=Path, default=None, help="the .onnx file (default: RUN/model.onnx)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the run's data is now, if it moved (default: where it was trained)")
+
+    p = sub.add_parser("serve", help="an HTTP prediction service and web page for a run or an .onnx file",
+                       description="Serve predictions over HTTP: POST /predict, GET /health, GET /model, "
+                                   "API docs at /docs and a page at / to try images.")
+    p.add_argument("model", type=Path, metavar="RUN|FILE.onnx", help="run folder or .onnx file")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="0 picks a free port, printed at start (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=10.0,
+                   help="largest request body accepted, in MB (default: %(default)s)")
+    p.add_argument("--max-images", type=int, default=256,
+                   help="most images in one request (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="most images the server predicts in one batch (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="how long a batch waits for more requests once one arrives; requests that come while "
+                        "the model runs are batched anyway (default: %(default)s)")
 
     p = sub.add_parser("tutorial", help="the tutorial's whole story: SGD vs Adam, reports, channels first/last")
     p.add_argument("--quick", action="store_true", help="a first look: 12,000 images, 5 SGD + 3 Adam epochs")
@@ -192,9 +219,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from convnet.onnxfile import evaluate_onnx, is_onnx
     from convnet.report import evaluate_and_plot
 
-    ev = evaluate_and_plot(a.run, data_dir=a.data_dir, device=a.device)
+    onnx = is_onnx(a.run)
+    ev = evaluate_onnx(a.run, data_dir=a.data_dir) if onnx else evaluate_and_plot(a.run, data_dir=a.data_dir,
+                                                                                    device=a.device)
     if a.json:
         print(json.dumps(ev.to_json(), indent=2))
         return 0
@@ -207,7 +237,25 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(" " * 13 + "".join(f"{i:>{width + 1}}" for i in range(len(ev.classes))))
     for i, (name, row) in enumerate(zip(ev.classes, ev.confusion_matrix, strict=True)):
         print(f"{i} {name[:10]:<11}" + "".join(f"{int(v):>{width + 1}}" for v in row))
-    print(f"Plots in {a.run / 'plots'}")
+    if not onnx:
+        print(f"Plots in {a.run / 'plots'}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from convnet.export import export_run
+
+    result = export_run(a.run, a.out, data_dir=a.data_dir)
+    print(result.parity.describe())
+    print(f"ONNX model (opset {result.opset}) written to {result.path}; parity figures in {result.parity_path}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from convnet.serve import ServeOptions, serve
+
+    serve(a.model, ServeOptions(host=a.host, port=a.port, max_body_bytes=round(a.max_body_mb * 1e6),
+                                max_images=a.max_images, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms))
     return 0
 
 
@@ -312,7 +360,7 @@ def cmd_datasets(a: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tutorial": cmd_tutorial,
             "models": cmd_models, "recipes": cmd_recipes, "datasets": cmd_datasets, "bench": cmd_bench,
-            "report": cmd_report, "compare": cmd_compare}
+            "report": cmd_report, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,8 +17,9 @@ class DataError(ConvnetError):
     """A data file or data set is missing, unreadable or inconsistent."""
 
 
-class InputError(ConvnetError):
-    """An input given for prediction (image, array, IDX file) cannot be used."""
+class InputError(ConvnetError, ValueError):
+    """An input given for prediction (image, array, IDX file) cannot be used. Also a
+    ValueError, as scikit-learn expects of an estimator given bad data."""
 
 
 class RunError(ConvnetError):

@@ -48,7 +48,11 @@ class Evaluation:
 
 def scores(logits: torch.Tensor, labels: torch.Tensor) -> SplitScores:
     """Accuracy, predicted classes and probabilities from a split's logits."""
-    probs = logits.softmax(dim=1)
+    return probability_scores(logits.softmax(dim=1), labels)
+
+
+def probability_scores(probs: torch.Tensor, labels: torch.Tensor) -> SplitScores:
+    """Accuracy and predicted classes from a split's probabilities ``(N, num_classes)``."""
     preds = probs.argmax(dim=1)
     return SplitScores(metrics.accuracy(preds, labels), preds, probs)
 
@@ -61,11 +65,33 @@ def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None
         tta: predict each image as the mean of it and its mirror (see :func:`infer`).
         test_logits: the test split's logits when they are already known (the last
             measurement of a ``--target-accuracy`` run), so they are not computed again.
+
+    The splits' images may be any array or tensor :func:`convnet.inputs.as_images`
+    accepts (numpy ``(N, 28, 28)``, channels last …), their labels class indices.
+
+    Raises:
+        InputError: ``dataset`` is not a Dataset, or its images or labels cannot be used.
     """
+    from dataclasses import replace
+
+    from convnet.errors import InputError
+    from convnet.inputs import as_split
+
+    if not isinstance(dataset, Dataset):
+        raise InputError(f"dataset: a {type(dataset).__name__} was given; expected a convnet.Dataset (its splits' "
+                         "images may be numpy arrays in any layout); for arrays alone use convnet.predict")
+    dataset = replace(dataset, train=as_split(dataset.train, dataset.spec, "train"),
+                      test=as_split(dataset.test, dataset.spec, "test"))
     engine = engine or Engine.fast()
     train = scores(infer(model, dataset.train.images, engine=engine, tta=tta), dataset.train.labels)
     test = scores(test_logits if test_logits is not None else infer(model, dataset.test.images, engine=engine,
                                                                      tta=tta), dataset.test.labels)
+    return evaluation(dataset, train, test)
+
+
+def evaluation(dataset: Dataset, train: SplitScores, test: SplitScores) -> Evaluation:
+    """The scores of both splits, with the test split's report and confusion matrix
+    (also for predictions made elsewhere, e.g. in ONNX Runtime)."""
     y = dataset.test.labels
     return Evaluation(
         classes=dataset.classes,

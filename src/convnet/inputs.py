@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from convnet.config import LAYOUTS
-from convnet.datasets import InputSpec
+from convnet.datasets import DiskImages, InputSpec, Split
 from convnet.errors import DataError, InputError
 from convnet.formats import NpyFile, decode_image, read_idx
 
@@ -267,3 +267,191 @@ def _value_scale(arr: np.ndarray | NpyFile, n: int, batch_size: int, path: str) 
     if low < 0 or high * scale > 255.0:
         raise InputError(f"{path}: values in [{low:g}, {high:g}]; expected [0, 1] or [0, 255]")
     return scale
+
+
+# --- whatever a notebook holds: arrays, tensors, PIL images, file paths
+
+MIN_SIDE = 8  # pixels: the smallest images a model takes (convnet.models)
+ACCEPTED = ("a numpy array or torch tensor of images (N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3, or "
+            "flattened square grey images (N, H*W), uint8 in [0, 255] or float in [0, 1]; a list of PIL images; "
+            "a list of image file paths")
+
+
+def as_images(X: Any, spec: SpecLike | None = None, *, layout: str = "auto", name: str = "X") -> torch.Tensor:
+    """Images of any kind a notebook holds as uint8 ``(N, C, H, W)``: arrays and tensors
+    (see :data:`ACCEPTED`), a list of PIL images, a list of image file paths.
+
+    With ``spec`` the images are converted to it (channels; files and PIL images are
+    also resized, as :func:`load_image` does); without it they keep their own size and
+    channels, the layout of a 4-d array being read from its shape. ``X`` is always a
+    collection: a 2-d array is N flattened images, one per row (scikit-learn's rows are
+    samples), never one image.
+
+    Raises:
+        InputError: naming ``name``, what was given and what is accepted.
+    """
+    check_layout(layout)
+    s = as_spec(spec) if spec is not None else None
+    if isinstance(X, torch.Tensor):
+        if s is not None and X.dtype == torch.uint8 and tuple(X.shape[1:]) == s.shape and layout != "nhwc":
+            return X  # already what a model takes: no copy
+        X = X.detach().cpu()
+        X = (X.float() if X.is_floating_point() else X).numpy()
+    elif isinstance(X, list | tuple) and X and all(_is_image_source(x) for x in X):
+        return _images_from_sources(list(X), s, name)
+    elif hasattr(X, "tocsr") and hasattr(X, "nnz"):  # a scipy sparse matrix or array
+        raise InputError(f"{name}: a sparse {type(X).__name__} was given; sparse input is not supported, images "
+                         f"are dense: expected {ACCEPTED}")
+    elif isinstance(X, str | bytes | os.PathLike | dict | set) or np.isscalar(X) or X is None or (
+            not isinstance(X, list | tuple | np.ndarray) and not hasattr(X, "__array__")):
+        raise InputError(f"{name}: a {type(X).__name__} was given; expected {ACCEPTED}")
+    try:
+        arr = np.asarray(X)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{name}: not an array of images ({e}); expected {ACCEPTED}") from None
+    if arr.dtype == object:
+        try:
+            arr = arr.astype(np.float64)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{name}: holds values that are not numbers ({e}); expected {ACCEPTED}") from None
+    _check_values(arr, name)
+    if arr.ndim == 2:
+        arr = _unflatten(arr, s, name)
+    if arr.ndim not in (3, 4):
+        raise InputError(f"{name}: shape {arr.shape} is not a collection of images; expected {ACCEPTED}")
+    if s is None:
+        s = as_spec(_own_shape(arr.shape, layout, name))
+        if min(s.height, s.width) < MIN_SIDE:
+            raise InputError(f"{name}: images of {s.height}x{s.width} pixels (shape {arr.shape}); models need at "
+                             f"least {MIN_SIDE}x{MIN_SIDE}")
+        layout = "nchw" if arr.ndim == 4 and arr.shape[1:] == s.shape else "nhwc" if arr.ndim == 4 else layout
+    return images_from_array(arr, name, s, layout)
+
+
+def _check_values(arr: np.ndarray, name: str) -> None:
+    """Refuse NaN, infinities and negative values before any shape is looked at (pixels
+    are never negative), naming them as scikit-learn's checks expect."""
+    if arr.dtype.kind not in "if" or arr.size == 0:
+        return  # other types are refused with the shape, by images_from_array
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"{name}: array holds NaN or infinite values; pixels are uint8 in [0, 255] or floats "
+                         "in [0, 1]")
+    low = arr.min()
+    if low < 0:
+        raise InputError(f"{name}: Negative values in data (the smallest is {low:g}); pixels are uint8 in [0, 255] "
+                         "or floats in [0, 1]")
+
+
+def _is_image_source(x: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(x, str | os.PathLike | Image.Image)
+
+
+def _unflatten(arr: np.ndarray, spec: InputSpec | None, name: str) -> np.ndarray:
+    """``(N, H*W)`` rows of flattened grey images as ``(N, H, W)``: square when no spec says the size."""
+    n, f = arr.shape
+    if spec is not None:
+        if f != spec.height * spec.width:
+            raise InputError(f"{name}: shape {arr.shape}: {f} values per row, but the model takes "
+                             f"{spec.height}x{spec.width} images ({spec.height * spec.width} values per flattened "
+                             f"grey image); expected {ACCEPTED}")
+        return arr.reshape(n, spec.height, spec.width)
+    side = math.isqrt(f)
+    if f < MIN_SIDE * MIN_SIDE:
+        raise InputError(f"{name}: {f} feature(s) (shape={arr.shape}) while a minimum of {MIN_SIDE * MIN_SIDE} is "
+                         f"required: a row is a flattened square image of at least {MIN_SIDE}x{MIN_SIDE} pixels "
+                         f"(tabular data is not images); expected {ACCEPTED}")
+    if side * side != f:
+        raise InputError(f"{name}: shape {arr.shape}: {f} values per row is not a flattened square image "
+                         f"(tabular data is not images); expected {ACCEPTED}")
+    return arr.reshape(n, side, side)
+
+
+def _own_shape(shape: tuple[int, ...], layout: str, name: str) -> tuple[int, int, int]:
+    """``(C, H, W)`` of an ``(N, H, W)`` or 4-d array's images, the layout read from the shape."""
+    if len(shape) == 3:
+        return 1, shape[1], shape[2]
+    first, last = shape[1] in (1, 3), shape[3] in (1, 3)
+    if layout == "auto" and first and last:
+        raise InputError(f"{name}: shape {shape} reads both as channels first (NCHW) and channels last (NHWC); "
+                         "say which with layout='nchw' or layout='nhwc'")
+    if layout in ("auto", "nchw") and first:
+        return shape[1], shape[2], shape[3]
+    if layout in ("auto", "nhwc") and last:
+        return shape[3], shape[1], shape[2]
+    raise InputError(f"{name}: shape {shape} is not {layout.upper() if layout != 'auto' else 'NCHW or NHWC'} "
+                     f"images with 1 or 3 channels; expected {ACCEPTED}")
+
+
+def _images_from_sources(sources: list[Any], spec: InputSpec | None, name: str) -> torch.Tensor:
+    """PIL images or image files as uint8 ``(N, C, H, W)``: in ``spec``, or else in the
+    most common size (at most 64 pixels a side) and grey unless one has colour, each as it is
+    (never inverted)."""
+    from PIL import Image
+
+    from convnet.formats import _is_colour, image_header
+
+    invert = None
+    if spec is None:
+        from convnet.folders import default_size
+
+        headers = [(x.size[0], x.size[1], _is_colour(x)) if isinstance(x, Image.Image) else image_header(x)
+                   for x in sources]
+        size = default_size([(h, w) for w, h, _ in headers])
+        spec, invert = InputSpec(3 if any(c for _, _, c in headers) else 1, *size, ("0", "1")), False
+    return torch.stack([load_image(x, spec, invert=invert) for x in sources])
+
+
+def spec_of(images: torch.Tensor, classes: Sequence[str], *, hflip: bool = True) -> InputSpec:
+    """The input spec of training images uint8 ``(N, C, H, W)`` given as arrays: their
+    channels and size, these classes, and a dark background where grey images' borders
+    are mostly dark (MNIST, Fashion-MNIST, scikit-learn's digits)."""
+    _, c, h, w = images.shape
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    dark = c == 1 and float(border.float().mean()) <= 127
+    return InputSpec(c, h, w, tuple(classes), dark_background=dark, hflip=hflip)
+
+
+def as_labels(y: Any, n: int, num_classes: int, name: str = "y") -> torch.Tensor:
+    """Class indices ``(n,)`` int64 in ``0..num_classes-1`` from an array, tensor or list.
+
+    Raises:
+        InputError: a wrong shape or length, or values that are not class indices.
+    """
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    try:
+        a = np.asarray(y)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{name}: not an array of class indices ({e})") from None
+    if a.ndim != 1 or len(a) != n:
+        raise InputError(f"{name}: shape {a.shape}; expected ({n},): one class index per image")
+    if a.dtype.kind not in "ui" or (n and (a.min() < 0 or a.max() >= num_classes)):
+        shown = f"values in [{a.min()}, {a.max()}]" if n and a.dtype.kind in "uif" else f"{a.dtype} values"
+        raise InputError(f"{name}: {shown}; expected integer class indices 0..{num_classes - 1}")
+    return torch.from_numpy(a.astype(np.int64))
+
+
+def as_split(data: Any, spec: InputSpec, name: str = "data") -> Split:
+    """A split from a :class:`Split` whose images are in any kind :func:`as_images`
+    accepts (a uint8 ``(N, C, H, W)`` tensor in ``spec`` passes untouched), or from a
+    pair ``(images, labels)``; labels are class indices.
+
+    Raises:
+        InputError: naming what was given and what is accepted.
+    """
+    if isinstance(data, Split):
+        images, labels = data.images, data.labels
+    elif isinstance(data, tuple) and len(data) == 2:
+        images, labels = data
+    else:
+        raise InputError(f"{name}: a {type(data).__name__} was given; expected a convnet.Split or a pair "
+                         f"(images, labels) with images as {ACCEPTED}")
+    if not isinstance(images, DiskImages):
+        images = as_images(images, spec, name=f"{name} images")
+    if isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == (len(images),):
+        ok = len(labels) == 0 or (int(labels.min()) >= 0 and int(labels.max()) < spec.num_classes)
+        if ok:
+            return data if isinstance(data, Split) and images is data.images else Split(images, labels)
+    return Split(images, as_labels(labels, len(images), spec.num_classes, f"{name} labels"))

@@ -494,10 +494,12 @@ def describe_datasets(cache_dir: str | os.PathLike[str] | None = None) -> list[d
     return rows
 
 
-def run_data(run: runs.Run, data_dir: str | os.PathLike[str] | None = None, *, progress: bool = True) -> Dataset:
+def run_data(run: runs.Run, data_dir: str | os.PathLike[str] | None = None, *, progress: bool = True,
+             split: dict[str, Any] | None = None) -> Dataset:
     """The data set a run was trained on, split as it was: for a folder of images the
-    recorded files of each split; for a named set the same subset, from ``data_dir`` if
-    given, else from the folder it was read from if that still exists, else found as usual.
+    recorded files of each split (``split``, else the run's ``split.json``); for a named
+    set the same subset, from ``data_dir`` if given, else from the folder it was read from
+    if that still exists, else found as usual.
 
     Raises:
         RunError: the data found is not the run's (other counts, sizes or classes).
@@ -505,7 +507,8 @@ def run_data(run: runs.Run, data_dir: str | os.PathLike[str] | None = None, *, p
     data = run.config["data"]
     spec = run.spec
     if data.get("kind") == "folder":
-        split = runs.read_json(run.path / runs.SPLIT) if (run.path / runs.SPLIT).is_file() else None
+        if split is None and (run.path / runs.SPLIT).is_file():
+            split = runs.read_json(run.path / runs.SPLIT)
         if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "test")):
             raise RunError(f"{run.path / runs.SPLIT}: missing or damaged; it lists the files of each split")
         options = DataOptions(folder=str(data_dir or data["source"]), subset=data.get("subset"),
@@ -515,8 +518,9 @@ def run_data(run: runs.Run, data_dir: str | os.PathLike[str] | None = None, *, p
         dataset = load_data(options, progress=progress, files=split)
     elif data.get("name") not in DATASETS:
         raise RunError(f"{run.path} was trained on images given in Python ({data.get('name')!r}), which convnet "
-                       "cannot read again; its model predicts, but scoring it needs those images: "
-                       "use convnet.evaluate(model, dataset) in Python")
+                       "cannot read again; its model predicts and serves, but scoring it needs those images: in "
+                       "Python use ConvNetClassifier.score(X, y) or convnet.evaluate(model, dataset); "
+                       "clf.save(DIR, X_test, y_test) keeps held-out scores that `convnet report` and `compare` show")
     else:
         if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
             data_dir = data["source"]

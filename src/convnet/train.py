@@ -179,7 +179,9 @@ def train(
 
     Args:
         config: what to train; validated here.
-        data: the training images (uint8 ``(N, C, H, W)``, in memory or on disk) and labels.
+        data: the training images (uint8 ``(N, C, H, W)``, in memory or on disk) and labels;
+            also a pair ``(images, labels)``, the images as any array, tensor or list
+            :func:`convnet.inputs.as_images` accepts (e.g. numpy ``(N, 28, 28)``).
         spec: the images' input spec (channels, size, classes), recorded in the run.
         val: images to score after every epoch; by default ``config.val_split`` of
             ``data`` is held out for it.
@@ -195,7 +197,10 @@ def train(
     """
     from convnet import checkpoint
     from convnet.events import EventList, RunWriter, StopAtAccuracy, Validation
+    from convnet.inputs import as_split
 
+    data = as_split(data, spec, "data")  # arrays in any layout, or (images, labels): uint8 (N, C, H, W) in spec
+    val = as_split(val, spec, "val") if val is not None else None
     config.validate()
     engine = engine or make_engine("cpu", faithful=config.faithful)
     if engine.world_size > 1:

@@ -1,0 +1,349 @@
+"""A scikit-learn estimator: fit, predict and score a convnet on the arrays a notebook holds.
+
+:class:`ConvNetClassifier` keeps scikit-learn's contract: the constructor only stores its
+parameters (the training settings, by the names ``convnet train`` uses), ``fit`` returns
+``self``, what is learned ends in ``_``. It trains with the one loop in
+:mod:`convnet.train`, predicts with :func:`~convnet.predict.infer`, and saves a normal run
+folder. ``X`` is images: arrays or tensors ``(N, H, W)``, ``(N, C, H, W)``, ``(N, H, W, C)``
+or flattened ``(N, H*W)``, a list of PIL images or of image files (see
+:func:`convnet.inputs.as_images`); ``y`` any labels scikit-learn accepts.
+
+scikit-learn's own estimator checks that fit on tabular data (a few numbers per row,
+often negative) cannot pass: such rows are not images. ``docs/ESTIMATOR.md`` lists them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d
+
+from convnet import runs
+from convnet.checkpoint import save_checkpoint, write_config
+from convnet.config import TrainConfig, resolve_config
+from convnet.datasets import InputSpec, Split
+from convnet.engine import Engine, make_engine, resolve_device
+from convnet.errors import InputError, RunError
+from convnet.events import ConsolePrinter
+from convnet.inputs import as_images, spec_of
+from convnet.predict import Predictor, infer, load_model, run_labels
+from convnet.train import EMA, TrainState, make_optimizer, train
+
+# Parameters that are TrainConfig fields of the same name: None means "the recipe's value".
+CONFIG_PARAMS = ("model", "optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay",
+                 "label_smoothing", "augment", "translate_px", "schedule", "warmup_epochs", "ema", "tta", "shuffle")
+
+
+class ConvNetClassifier(ClassifierMixin, BaseEstimator):
+    """A convolutional image classifier with scikit-learn's interface.
+
+    Every training setting left at None takes the recipe's value (``convnet recipes``
+    lists them; the default recipe is ``cpu`` on a CPU, ``gpu`` on a GPU).
+
+    Args:
+        model: a registered model (``convnet models``), e.g. ``seed`` (the tutorial's) or ``fastnet``.
+        recipe: named settings (``tutorial``, ``cpu``, ``gpu``, ``best``); None: the device's.
+        optimizer, lr, epochs, batch_size, momentum, nesterov, weight_decay, label_smoothing,
+            augment, translate_px, schedule, warmup_epochs, ema, tta, shuffle: as
+            ``convnet train --help`` describes them.
+        faithful: the tutorial's exact arithmetic (fp32, no shuffling).
+        validation_fraction: share of the training images held out, stratified, and scored
+            after every epoch (``history_``'s ``val_loss`` and ``val_accuracy``); 0 = none.
+        warm_start: a second ``fit`` continues from the weights learned so far (a fresh
+            optimizer and schedule over ``epochs`` more epochs) instead of starting anew.
+        hflip: whether a mirrored image keeps its class (False for digits and letters:
+            then no flips in augmentation or test-time augmentation).
+        layout: ``auto``, ``nchw`` or ``nhwc``: how to read a 4-d array whose shape fits both.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        random_state: an int seeds the initial weights, the shuffle order, the augmentation
+            and the validation split (the same model every time on a CPU); None draws a
+            seed from numpy's global random state.
+        verbose: 0 prints nothing; 1 prints a line per epoch, with a live bar in a terminal
+            or notebook.
+
+    Attributes:
+        classes_: the labels seen in ``fit``, sorted (for a ``convnet train`` run loaded with
+            :meth:`load`: its class names, in the model's order); ``predict_proba``'s columns
+            follow them.
+        model_: the trained network (a ``torch.nn.Module``).
+        history_: one dict per epoch: loss, accuracy, seconds, images/s, learning rate and,
+            with ``validation_fraction``, the held-out loss and accuracy.
+        input_spec_: what the model takes (channels, size, class names), as a run records it.
+        config_: the resolved training settings.
+    """
+
+    # learned in fit (declared for type checkers; set only by fit and load)
+    classes_: np.ndarray
+    model_: torch.nn.Module
+    history_: list[dict[str, Any]]
+    input_spec_: InputSpec
+    config_: TrainConfig
+
+    def __init__(self, *, model: str | None = None, recipe: str | None = None, optimizer: str | None = None,
+                 lr: float | None = None, epochs: int | None = None, batch_size: int | None = None,
+                 momentum: float | None = None, nesterov: bool | None = None, weight_decay: float | None = None,
+                 label_smoothing: float | None = None, augment: str | None = None, translate_px: int | None = None,
+                 schedule: str | None = None, warmup_epochs: float | None = None, ema: float | None = None,
+                 tta: bool | None = None, shuffle: bool | None = None, faithful: bool = False,
+                 validation_fraction: float = 0.0, warm_start: bool = False, hflip: bool = True,
+                 layout: str = "auto", device: str = "auto", random_state: int | np.random.RandomState | None = None,
+                 verbose: int = 1) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.optimizer = optimizer
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+        self.label_smoothing = label_smoothing
+        self.augment = augment
+        self.translate_px = translate_px
+        self.schedule = schedule
+        self.warmup_epochs = warmup_epochs
+        self.ema = ema
+        self.tta = tta
+        self.shuffle = shuffle
+        self.faithful = faithful
+        self.validation_fraction = validation_fraction
+        self.warm_start = warm_start
+        self.hflip = hflip
+        self.layout = layout
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True  # (N, H, W) images; 4-d ones too
+        tags.input_tags.positive_only = True  # pixels: negative values are refused
+        return tags
+
+    # --- fitting
+
+    def fit(self, X: Any, y: Any) -> ConvNetClassifier:
+        """Train on images ``X`` with labels ``y`` (a fresh model, unless ``warm_start``).
+
+        Raises:
+            InputError (a ValueError): ``X`` is not images, ``y`` does not match it or holds one class.
+            ConvnetError: a bad setting, named as ``convnet train`` names it.
+        """
+        warm = self.warm_start and hasattr(self, "model_")
+        y = column_or_1d(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y), warn=True)
+        if len(y) == 0:
+            raise InputError("y holds no labels (0 samples); give images of at least 2 classes")
+        check_classification_targets(y)
+        classes, labels = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise InputError(f"y holds one class ({classes[0]!r}); a classifier needs at least 2 classes")
+        images = as_images(X, self.input_spec_ if warm else None, layout=self.layout, name="X")
+        if len(images) != len(y):
+            raise InputError(f"X holds {len(images)} images but y {len(y)} labels; give one label per image")
+        if warm:  # the model's outputs stay in their order (a run's own order for a loaded convnet run)
+            if sorted(classes.tolist()) != sorted(self.classes_.tolist()):
+                raise InputError(f"warm_start: y's classes {classes.tolist()} differ from those fitted before "
+                                 f"{self.classes_.tolist()}; set warm_start=False to start anew")
+            classes, labels = self.classes_, self._encode(y, "y")
+        spec = self.input_spec_ if warm else spec_of(images, [str(c) for c in classes], hflip=self.hflip)
+        device = resolve_device(self.device)
+        config = self._config(device.type)
+        if warm and config.model != self.config_.model:
+            raise InputError(f"warm_start continues model {self.config_.model!r}, not {config.model!r}; set "
+                             "warm_start=False to train a new one")
+        engine = make_engine(device, faithful=config.faithful)
+        data = Split(images, torch.from_numpy(labels.astype(np.int64)))
+        events = ConsolePrinter(sys.stdout) if self.verbose else None
+        if warm:
+            result = self._continue(config, data, spec, engine, events)
+            done = len(self.history_)
+            history = self.history_ + [{**asdict(r), "epoch": done + r.epoch} for r in result.history]
+        else:
+            result = train(config, data, spec, engine=engine, events=events)
+            history = [asdict(r) for r in result.history]
+        self.classes_, self.input_spec_, self.config_ = classes, spec, config
+        self.model_, self.history_ = result.model, history
+        self._train_images = len(images)
+        return self
+
+    def _config(self, device_type: str) -> TrainConfig:
+        """The recipe with every parameter that is set laid over it, validated."""
+        seed = self.random_state if isinstance(self.random_state, int) and not isinstance(self.random_state, bool) \
+            else int(check_random_state(self.random_state).randint(2**31 - 1))
+        overrides = {name: getattr(self, name) for name in CONFIG_PARAMS}
+        overrides.update(seed=seed, val_split=float(self.validation_fraction))
+        config = resolve_config(self.recipe, overrides, device_type=device_type, faithful=self.faithful,
+                                hflip=self.hflip)
+        config.validate()
+        return config
+
+    def _continue(self, config: TrainConfig, data: Split, spec: InputSpec, engine: Engine, events: Any) -> Any:
+        """Train on from the current weights: they go into a checkpoint (with a fresh
+        optimizer, at epoch 0) that the loop resumes from."""
+        model = engine.prepare_model(copy.deepcopy(self.model_))
+        for p in model.parameters():
+            p.requires_grad_(True)  # the moving average's copy has them off
+        state = TrainState(config, spec, model, make_optimizer(config, model, engine), engine,
+                           torch.Generator().manual_seed(config.seed),
+                           torch.Generator(engine.device).manual_seed(config.seed + 1),
+                           EMA(model, config.ema) if config.ema else None)
+        with tempfile.TemporaryDirectory(prefix="convnet-warm-") as tmp:
+            save_checkpoint(Path(tmp) / runs.CHECKPOINT, state)
+            return train(config, data, spec, engine=engine, events=events, run_dir=Path(tmp), resume=True)
+
+    # --- predicting
+
+    def _predictor(self) -> Predictor:
+        check_is_fitted(self)
+        engine = make_engine(self.device, faithful=self.config_.faithful)
+        return Predictor(engine.prepare_model(self.model_), self.input_spec_, self.classes_, engine,
+                         tta=self.config_.tta, layout=self.layout)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Probabilities ``(N, n_classes)``, columns in ``classes_`` order, rows summing to 1."""
+        return self._predictor().predict_proba(X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The label of each image, from ``classes_`` (the same kind as the ``y`` fitted on)."""
+        return self._predictor().predict(X)
+
+    # --- saving
+
+    def save(self, path: str | os.PathLike[str], X_test: Any = None, y_test: Any = None) -> Path:
+        """Write a run folder (a new or empty folder) that ``convnet predict``, ``export``
+        and ``serve`` use like any other, and that :meth:`load` reads back.
+
+        ``config.json`` records the settings, the input spec and this estimator's
+        parameters and labels; ``history.json`` the epochs; ``model.safetensors`` the
+        weights. The training images are not kept, so ``convnet evaluate`` cannot score
+        the run again; given held-out images ``X_test`` and labels ``y_test``, their scores
+        are written as ``metrics.json`` and ``plots/``, which ``convnet report`` and
+        ``compare`` show (the train accuracy there is the one measured on the training
+        batches during the last epoch).
+
+        Returns:
+            The run folder.
+        """
+        check_is_fitted(self)
+        test = self._held_out(X_test, y_test)
+        run_dir = runs.new_run_dir(path, f"{self.config_.model}-{self.config_.optimizer}")
+        engine = make_engine(self.device, faithful=self.config_.faithful)
+        write_config(run_dir, self.config_, self.input_spec_, engine, self.model_,
+                     {"name": "arrays", "train_images": getattr(self, "_train_images", None)})
+        record = runs.read_json(run_dir / runs.CONFIG)
+        record["estimator"] = {"params": self.get_params(), "classes": self.classes_.tolist()}
+        runs.write_json(run_dir / runs.CONFIG, json.loads(json.dumps(record, default=repr)))
+        runs.write_json(run_dir / runs.HISTORY, self.history_)
+        runs.save_tensors(run_dir / runs.WEIGHTS, self.model_.state_dict(), {"model": self.config_.model})
+        if test is not None:
+            self._write_scores(run_dir, *test)
+        return run_dir
+
+    def _held_out(self, X: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if X is None and y is None:
+            return None
+        if X is None or y is None:
+            raise InputError("save: give both X_test and y_test (held-out images and their labels), or neither")
+        images = as_images(X, self.input_spec_, layout=self.layout, name="X_test")
+        y = column_or_1d(np.asarray(y))
+        if len(y) != len(images):
+            raise InputError(f"y_test: {len(y)} labels for {len(images)} images; give one label per image")
+        return images, torch.from_numpy(self._encode(y, "y_test"))
+
+    def _encode(self, y: np.ndarray, name: str) -> np.ndarray:
+        """Labels as class indices: positions in ``classes_``."""
+        index = {c: i for i, c in enumerate(self.classes_.tolist())}
+        unknown = sorted({v for v in y.tolist() if v not in index}, key=str)
+        if unknown:
+            raise InputError(f"{name}: labels not seen in fit: {unknown[:5]}; the classes are "
+                             f"{self.classes_.tolist()}")
+        return np.array([index[v] for v in y.tolist()], dtype=np.int64)
+
+    def _write_scores(self, run_dir: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from convnet import metrics
+        from convnet.evaluate import Evaluation, SplitScores, scores
+        from convnet.report import write_plots
+
+        p = self._predictor()
+        test = scores(infer(p.model, images, engine=p.engine, tta=p.tta), labels)
+        spec = self.input_spec_
+        train_accuracy = float(self.history_[-1].get("accuracy") or 0.0)
+        evaluation = Evaluation(
+            classes=spec.classes, train=SplitScores(train_accuracy, torch.empty(0), torch.empty(0)), test=test,
+            test_labels=labels, report=metrics.classification_report(test.predictions, labels, spec.classes),
+            report_text=metrics.format_report(test.predictions, labels, spec.classes),
+            confusion_matrix=metrics.confusion_matrix(test.predictions, labels, spec.num_classes))
+        record = evaluation.to_json()
+        record["train"]["measured"] = "on the training batches during the last epoch (no training images are kept)"
+        runs.write_json(run_dir / runs.METRICS, record)
+        write_plots(run_dir, evaluation, images)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str | None = None) -> ConvNetClassifier:
+        """A fitted classifier from a run folder: one :meth:`save` wrote (its parameters
+        and labels come back), or any ``convnet train`` run (its settings become the
+        parameters, its class names the labels).
+
+        Raises:
+            RunError: not a run folder, or its weights are missing or damaged.
+        """
+        run = runs.open_run(path)
+        saved = run.config.get("estimator", {})
+        names = cls._get_param_names()
+        if isinstance(saved, dict) and isinstance(saved.get("params"), dict):
+            params = {k: v for k, v in saved["params"].items() if k in names}
+        else:
+            params = {k: v for k, v in run.config["train"].items() if k in CONFIG_PARAMS}
+            params.update(faithful=run.faithful, random_state=run.config["train"].get("seed"), hflip=run.spec.hflip)
+        if not isinstance(params.get("random_state"), int | None):
+            params["random_state"] = None  # a RandomState object was recorded as text
+        if device is not None:
+            params["device"] = device
+        try:
+            clf = cls(**params)
+            clf.config_ = TrainConfig.from_dict(run.config["train"])
+        except TypeError as e:
+            raise RunError(f"{run.path / runs.CONFIG}: estimator parameters do not fit ({e}); the run folder is "
+                           "damaged") from None
+        engine = make_engine(clf.device, faithful=clf.config_.faithful)
+        clf.model_, _ = load_model(run.path, engine)
+        clf.input_spec_, clf.classes_ = run.spec, run_labels(run)
+        clf.history_ = run.history
+        clf._train_images = run.config["data"].get("train_images")
+        return clf
+
+    # --- pickling: the weights travel as safetensors bytes, the network is built anew
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        if "model_" in state:
+            from safetensors.torch import save
+
+            weights = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
+            state["model_"] = {"safetensors": save(weights), "model": self.config_.model}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        saved = state.get("model_")
+        if isinstance(saved, dict) and "safetensors" in saved:
+            from safetensors.torch import load
+
+            from convnet.models import create_model
+
+            spec: InputSpec = state["input_spec_"]
+            model = create_model(saved["model"], spec.num_classes, spec.channels, (spec.height, spec.width))
+            model.load_state_dict(load(saved["safetensors"]))
+            state = {**state, "model_": model.eval()}
+        super().__setstate__(state)

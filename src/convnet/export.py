@@ -1,0 +1,259 @@
+"""ONNX export of a run, checked in ONNX Runtime before it is written.
+
+The exported graph is the whole of what convnet does to a batch of images in the run's
+input spec::
+
+    images         uint8 (N, C, H, W), N dynamic
+    x = images * spec.scale                        float32 in [0, 1]
+    logits = model(x)                              (N, num_classes)
+    logits = (logits + model(x.flip(3))) / 2       only for a run predicted with test-time flips
+    probabilities = softmax(logits)                float32 (N, num_classes), rows sum to 1
+
+so a program that loads it needs ONNX Runtime and nothing of convnet. It is made by
+PyTorch's ``torch.export``-based exporter (``torch.onnx.export(dynamo=True)``) at opset
+:data:`OPSET`, always in fp32 (a run trained in bfloat16 is exported in fp32 too).
+
+Before the file is written, ONNX Runtime predicts every test image of the run's data,
+next to the same weights in PyTorch fp32: the labels must agree on at least
+:data:`MIN_LABEL_AGREEMENT` of them and no probability may differ by more than
+:data:`MAX_PROBABILITY_DIFFERENCE`. The figures are printed and written beside the file
+(``NAME.parity.json``); a model that fails is not written.
+
+The model's metadata (``metadata_props``, strings) holds what :mod:`convnet.onnxfile`
+needs to use it like a run folder: ``convnet.input`` (the input spec, class names
+included), ``convnet.version``, ``convnet.model``, ``convnet.tta``,
+``convnet.test_accuracy`` (the run's, from its ``metrics.json``), ``convnet.parity``, and
+``convnet.data`` (the run's data section) with, for a folder of images, ``convnet.split``
+(the files of each split), so that ``convnet evaluate FILE.onnx`` finds the data again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from convnet import runs
+from convnet.datasets import Images, InputSpec
+from convnet.engine import Engine
+from convnet.errors import ConvnetError, RunError
+from convnet.predict import infer, load_model
+
+OPSET = 18  # the exporter's own default in torch 2.9-2.13; ONNX Runtime >= 1.14 runs it
+MIN_LABEL_AGREEMENT = 0.999
+MAX_PROBABILITY_DIFFERENCE = 1e-4
+PARITY_BATCH = 256  # images per ONNX Runtime call during the check
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+
+
+class Deployed(nn.Module):
+    """A model as it is exported: uint8 images in, probabilities out (see the module's docstring)."""
+
+    def __init__(self, model: nn.Module, scale: float, tta: bool) -> None:
+        super().__init__()
+        self.model, self.scale, self.tta = model, scale, tta
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() * self.scale  # (N, C, H, W) uint8 -> float32 in [0, 1]
+        logits = self.model(x)  # (N, K)
+        if self.tta:
+            logits = (logits + self.model(x.flip(3))) / 2  # the mean with the left-right mirror
+        return logits.softmax(dim=1)  # (N, K)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """ONNX Runtime against PyTorch fp32 on the same images."""
+
+    images: int
+    label_agreement: float  # share of images given the same label
+    max_probability_difference: float  # largest |p_onnx - p_torch| over all images and classes
+    onnx_accuracy: float  # on the run's test labels
+    torch_accuracy: float
+    min_label_agreement: float = MIN_LABEL_AGREEMENT
+    max_allowed_difference: float = MAX_PROBABILITY_DIFFERENCE
+
+    @property
+    def passed(self) -> bool:
+        return (self.label_agreement >= self.min_label_agreement
+                and self.max_probability_difference <= self.max_allowed_difference)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def describe(self) -> str:
+        return (f"parity on {self.images:,} test images, ONNX Runtime vs PyTorch fp32: labels agree on "
+                f"{self.label_agreement:.2%} (need >= {self.min_label_agreement:.1%}), largest probability "
+                f"difference {self.max_probability_difference:.2e} (need <= {self.max_allowed_difference:.0e}); "
+                f"test accuracy {self.onnx_accuracy:.4f} in ONNX, {self.torch_accuracy:.4f} in PyTorch")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path  # the .onnx file
+    parity_path: Path  # its parity figures, JSON
+    parity: Parity
+    opset: int
+
+
+def default_output(run_dir: str | os.PathLike[str]) -> Path:
+    """``RUN/model.onnx``."""
+    return Path(run_dir) / "model.onnx"
+
+
+def parity_path(onnx_path: Path) -> Path:
+    """Where the parity figures of ``NAME.onnx`` go: ``NAME.parity.json`` beside it."""
+    return onnx_path.with_name(onnx_path.stem + ".parity.json")
+
+
+def check_output(out: Path) -> None:
+    """Refuse an output path that cannot become an .onnx file, before anything is computed."""
+    if out.suffix.lower() != ".onnx":
+        raise ConvnetError(f"-o {out}: the file name must end in .onnx")
+    if out.is_dir():
+        raise ConvnetError(f"-o {out}: is a folder; give a file name such as {out / 'model.onnx'}")
+    if not out.parent.is_dir():
+        raise ConvnetError(f"-o {out}: folder {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise ConvnetError(f"-o {out}: folder {out.parent} is not writable")
+
+
+def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+               data_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> ExportResult:
+    """What ``convnet export RUN [-o FILE.onnx]`` does: export, check parity on the run's
+    test images, and write the file and its figures only if the check passes.
+
+    Raises:
+        ConvnetError: a bad output path, a run that cannot be read, data that cannot be
+            found, or a model that fails the parity check (nothing is written then).
+    """
+    from convnet.sources import run_data
+
+    runs.open_run(run_dir)  # a missing run is named before its output path
+    path = Path(out) if out is not None else default_output(run_dir)
+    check_output(path)
+    model, run = load_model(run_dir, Engine.faithful())  # fp32, NCHW: the arithmetic the graph has
+    dataset = run_data(run, data_dir, progress=progress)
+    proto = export_model(model, run.spec, tta=run.tta)
+    parity = check_parity(proto.SerializeToString(), model, run.spec, dataset.test.images, dataset.test.labels,
+                          tta=run.tta)
+    if not parity.passed:
+        raise ConvnetError(f"{run.path}: the exported model fails the parity check, so it was not written: "
+                           f"{parity.describe()}")
+    set_metadata(proto, run_metadata(run, parity))
+    blob = proto.SerializeToString()
+
+    def write(f: IO[bytes]) -> None:
+        f.write(blob)
+
+    runs.atomic_write(path, write)
+    figures = parity_path(path)
+    runs.write_json(figures, {"onnx": path.name, "run": str(run.path), "opset": OPSET, **parity.to_json()})
+    return ExportResult(path, figures, parity, OPSET)
+
+
+def export_model(model: nn.Module, spec: InputSpec, *, tta: bool) -> Any:
+    """The ONNX ``ModelProto`` of ``model`` taking uint8 images in ``spec``, no metadata yet.
+
+    The exporter's progress lines and warnings (about torchvision's operators, which no
+    convnet model uses) are kept off the terminal; a failure is reported as one error.
+    """
+    import onnx
+
+    deployed = Deployed(model.cpu().float().eval(), spec.scale, tta).eval()
+    example = torch.zeros((2, *spec.shape), dtype=torch.uint8)  # 2: a batch of 1 would be specialised
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with _quiet():
+            program = torch.onnx.export(deployed, (example,), dynamo=True, opset_version=OPSET,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes={"images": {0: batch}}, optimize=True, verbose=False)
+    except Exception as e:  # the exporter raises many types; none is the user's fault
+        raise ConvnetError(f"the ONNX exporter failed on this model ({type(e).__name__}: {str(e)[:300]}); "
+                           "please report it with the run's config.json") from None
+    if program is None:  # only the legacy exporter writes straight to a file and returns None
+        raise ConvnetError("the ONNX exporter returned no model; please report it with the run's config.json")
+    proto = program.model_proto
+    onnx.checker.check_model(proto)
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter: its prints, its Python warnings and its logging."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def check_parity(onnx_model: bytes, model: nn.Module, spec: InputSpec, images: Images, labels: torch.Tensor, *,
+                 tta: bool) -> Parity:
+    """ONNX Runtime on ``onnx_model`` against ``model`` in PyTorch fp32, on ``images``."""
+    from convnet.onnxfile import new_session
+
+    y = labels.cpu().numpy()
+    if len(y) == 0:
+        raise RunError("the run's test split is empty: there is nothing to check the exported model on")
+    session = new_session(onnx_model)
+    reference = infer(model, images, engine=Engine.faithful(), tta=tta).softmax(dim=1).numpy()  # (N, K)
+    ours = np.concatenate([session.run(None, {INPUT_NAME: images[s:s + PARITY_BATCH].numpy()})[0]
+                           for s in range(0, len(images), PARITY_BATCH)])
+    return Parity(
+        images=len(y),
+        label_agreement=float((ours.argmax(1) == reference.argmax(1)).mean()),
+        max_probability_difference=float(np.abs(ours - reference).max()),
+        onnx_accuracy=float((ours.argmax(1) == y).mean()),
+        torch_accuracy=float((reference.argmax(1) == y).mean()),
+    )
+
+
+def run_metadata(run: runs.Run, parity: Parity | None) -> dict[str, str]:
+    """The metadata written into the .onnx file (all values strings, JSON where structured)."""
+    from convnet import __version__
+
+    metrics = run.path / runs.METRICS
+    recorded = runs.read_json(metrics).get("test", {}).get("accuracy") if metrics.is_file() else None
+    if not isinstance(recorded, float):  # no metrics.json: the fp32 score measured at export
+        recorded = parity.torch_accuracy if parity is not None else None
+    meta = {
+        "convnet.version": __version__,
+        "convnet.model": run.model_name,
+        "convnet.input": json.dumps(run.spec.to_json()),
+        "convnet.tta": json.dumps(run.tta),
+        "convnet.test_accuracy": json.dumps(recorded),
+        "convnet.data": json.dumps(run.config["data"]),
+        "convnet.run": run.path.name,
+    }
+    if parity is not None:
+        meta["convnet.parity"] = json.dumps(parity.to_json())
+    if run.config["data"].get("kind") == "folder" and (run.path / runs.SPLIT).is_file():
+        meta["convnet.split"] = json.dumps(runs.read_json(run.path / runs.SPLIT))
+    return meta
+
+
+def set_metadata(proto: Any, meta: dict[str, str]) -> None:
+    import onnx
+
+    onnx.helper.set_model_props(proto, meta)
+    proto.doc_string = (f"convnet {meta['convnet.model']}: uint8 images {INPUT_NAME} (N, C, H, W) -> "
+                        f"{OUTPUT_NAME} (N, classes); class names and input spec in metadata_props")
