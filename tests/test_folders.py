@@ -17,9 +17,10 @@ from PIL import Image
 
 from convnet import runs
 from convnet.cli import main
+from convnet.data import DataOptions, load_data
 from convnet.errors import DataError
-from convnet.folders import default_size, parse_image_size, scan_folder
-from convnet.sources import DataOptions, load_data
+from convnet.folders import parse_image_size, scan_folder
+from convnet.imagecache import default_size
 
 
 def convnet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -281,7 +282,7 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
             img[..., label] = 255  # the class in one channel
             Image.fromarray(img, "RGB").save(root / str(label) / f"{i}.png", compress_level=0)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    build = subprocess.run([sys.executable, "-c", f"from convnet.sources import DataOptions, load_data; "
+    build = subprocess.run([sys.executable, "-c", f"from convnet.data import DataOptions, load_data; "
                             f"load_data(DataOptions(folder={str(root)!r}, memory_budget_mb=0), progress=False)"],
                            capture_output=True, text=True, timeout=600, env=env)  # the cache, decoded once
     assert build.returncode == 0, build.stderr
@@ -293,7 +294,7 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
         # forking process (here pytest's) through exec
         script = (
             "from convnet.experiment import TrainRequest, run_training\n"
-            "from convnet.sources import DataOptions\n"
+            "from convnet.data import DataOptions\n"
             f"run_training(TrainRequest(overrides={{'model': 'fastnet', 'epochs': 1, 'batch_size': 32}}, "
             f"data=DataOptions(folder={str(root)!r}, memory_budget_mb={budget}, subset=64, test_split=0.05), "
             f"device='cpu', "

@@ -4,7 +4,9 @@ The pipeline, one module per stage::
 
     formats    IDX, CIFAR binary, image files, .npy  -> uint8 arrays
     datasets   InputSpec, Split, Dataset              -> uint8 images (N, C, H, W), int64 labels
-    sources    load_dataset, load_data                -> named data sets, downloads; folders via folders.py
+    sources    load_dataset, DATASETS                 -> named data sets: lookup, download, verification
+    folders    (via data.load_data)                   -> folders of images, decoded once into imagecache
+    data       DataOptions, load_data, run_data       -> the data a command or a run uses
     models     create_model, list_models              -> nn.Module returning logits
     engine     Engine, make_engine                    -> device, precision, memory format, CUDA graphs
     config     TrainConfig, RECIPES                   -> what to train
@@ -31,7 +33,7 @@ _EXPORTS = {
     "ConvnetError": "errors", "DataError": "errors", "InputError": "errors", "RunError": "errors",
     "TrainingDiverged": "errors",
     "InputSpec": "datasets", "Split": "datasets", "Dataset": "datasets", "to_float": "datasets",
-    "DATASETS": "sources", "DataOptions": "sources", "load_dataset": "sources", "load_data": "sources",
+    "DATASETS": "sources", "DataOptions": "data", "load_dataset": "sources", "load_data": "data",
     "read_idx": "formats",
     "Engine": "engine", "make_engine": "engine", "resolve_device": "engine",
     "TrainConfig": "config", "RECIPES": "config",
@@ -85,6 +87,7 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:
     from convnet.config import RECIPES, TrainConfig
+    from convnet.data import DataOptions, load_data
     from convnet.datasets import Dataset, InputSpec, Split, to_float
     from convnet.engine import Engine, make_engine, resolve_device
     from convnet.errors import ConvnetError, DataError, InputError, RunError, TrainingDiverged
@@ -96,5 +99,5 @@ if TYPE_CHECKING:
     from convnet.metrics import accuracy, classification_report, confusion_matrix
     from convnet.models import count_parameters, create_model, list_models, register_model
     from convnet.predict import Prediction, Predictor, infer, load, load_model, predict
-    from convnet.sources import DATASETS, DataOptions, load_data, load_dataset
+    from convnet.sources import DATASETS, load_dataset
     from convnet.train import TrainResult, resume, train

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from convnet.config import TrainConfig, resolve_config
+from convnet.data import DataOptions, load_data
 from convnet.datasets import Dataset
 from convnet.engine import Engine, make_engine
 from convnet.errors import ConvnetError
 from convnet.events import StopAtAccuracy
 from convnet.models import create_model
 from convnet.predict import infer
-from convnet.sources import DataOptions, load_data
 from convnet.train import train
 
 

@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def data_options(a: argparse.Namespace) -> Any:
-    """The data flags as the library's :class:`~convnet.sources.DataOptions`."""
+    """The data flags as the library's :class:`~convnet.data.DataOptions`."""
+    from convnet.data import DataOptions
     from convnet.folders import parse_image_size
-    from convnet.sources import DataOptions
 
     folder = getattr(a, "data", None)
     return DataOptions(
@@ -300,7 +300,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_tutorial(a: argparse.Namespace) -> int:
-    from convnet.sources import DataOptions
+    from convnet.data import DataOptions
     from convnet.tutorial import run_tutorial
 
     data = DataOptions(dataset=a.dataset, data_dir=str(a.data_dir) if a.data_dir is not None else None)
@@ -310,7 +310,7 @@ def cmd_tutorial(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from convnet.bench import BenchResult, bench, format_bench, format_time_to_accuracy
-    from convnet.sources import DataOptions
+    from convnet.data import DataOptions
 
     data = DataOptions(dataset=a.dataset, data_dir=str(a.data_dir) if a.data_dir is not None else None)
     result = bench(data, device=a.device, model=a.model, batch_size=a.batch_size, train_images=a.train_images,

@@ -124,7 +124,7 @@ def evaluate_run_data(run_dir: str | os.PathLike[str], *, data_dir: str | os.Pat
                       progress: bool = True) -> tuple[Evaluation, Dataset]:
     """:func:`evaluate_run`, also returning the data it was scored on. The model is
     loaded (and checked) before the data is read."""
-    from convnet.sources import run_data
+    from convnet.data import run_data
 
     run = runs.open_run(run_dir)
     engine = engine or make_engine(device, faithful=run.faithful)

@@ -16,12 +16,13 @@ from typing import Any, TextIO
 
 from convnet import runs
 from convnet.config import TrainConfig, resolve_config
+from convnet.data import DataOptions, load_data
 from convnet.datasets import Dataset
 from convnet.distributed import DistributedInfo, finish, init_distributed
 from convnet.engine import make_engine, resolve_device, single_process
 from convnet.evaluate import Evaluation, evaluate_run
 from convnet.events import ConsolePrinter, StopAtAccuracy
-from convnet.sources import DATASETS, DataOptions, load_data
+from convnet.sources import DATASETS
 from convnet.train import TrainResult, resume, train
 
 

@@ -138,7 +138,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | No
         ConvnetError: a bad output path, a run that cannot be read, data that cannot be
             found, or a model that fails the parity check (nothing is written then).
     """
-    from convnet.sources import run_data
+    from convnet.data import run_data
 
     runs.open_run(run_dir)  # a missing run is named before its output path
     path = Path(out) if out is not None else default_output(run_dir)

@@ -8,11 +8,8 @@
 Image files are recognised by their extension (:data:`~convnet.formats.IMAGE_SUFFIXES`);
 hidden files (``.DS_Store``) are passed over silently, other files (``notes.txt``) are
 passed over and named. Every image is converted to one size and channel count
-(:func:`~convnet.formats.decode_image`) by a pool of processes, one per core, into a uint8
-cache under ``~/.cache/convnet/folders/``. The cache is keyed by the folder and the size
-and channel settings, and holds the path, size and modification time of every file: any
-added, removed or changed file rebuilds it. Its files are written atomically, and the
-images' SHA-256 is checked on every load: a damaged cache is rebuilt, never trusted.
+(:func:`~convnet.formats.decode_image`) once, into the cache of :mod:`convnet.imagecache`;
+data larger than the memory budget stays there and is read a batch at a time.
 
 A folder without a ``test/`` part is divided with a stratified split, the same one every
 time (seed 0); the run records the files of each side.
@@ -21,15 +18,8 @@ time (seed 0); the run records the files of each side.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import multiprocessing
 import os
 import shutil
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,17 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from convnet import imagecache
+from convnet.data import DataOptions
 from convnet.datasets import Dataset, DiskImages, InputSpec, Split, stratified_split
-from convnet.errors import DataError, InputError
-from convnet.formats import IMAGE_SUFFIXES, decode_image, image_header
-from convnet.progress import Bar
-from convnet.sources import DataOptions, default_cache_dir
+from convnet.errors import DataError
+from convnet.formats import IMAGE_SUFFIXES
+from convnet.sources import default_cache_dir
 
-CACHE_VERSION = 1  # bump when decoding changes, so older caches are rebuilt
-MAX_DEFAULT_SIDE = 64  # the default size is the most common one, scaled down to at most this
-INLINE_FILES = 2_000  # fewer files are decoded in this process: a pool costs more to start than it saves
 SPLIT_SEED = 0  # the test split of a folder without test/ is the same every time
-CHUNK = 256  # files per task given to a decoding process
 
 
 @dataclass(frozen=True)
@@ -179,224 +166,6 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def default_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The most common ``(H, W)``, scaled down (aspect kept) so that its longer side is at
-    most :data:`MAX_DEFAULT_SIDE`; ties go to the larger size."""
-    counts = Counter(sizes)
-    h, w = max(counts, key=lambda s: (counts[s], s[0] * s[1]))
-    side = max(h, w)
-    if side > MAX_DEFAULT_SIDE:
-        h, w = max(8, round(h * MAX_DEFAULT_SIDE / side)), max(8, round(w * MAX_DEFAULT_SIDE / side))
-    return h, w
-
-
-# --- decoding, in a pool of processes
-
-
-def _headers(root: str, files: list[str]) -> list[tuple[int, int, bool] | str]:
-    out: list[tuple[int, int, bool] | str] = []
-    for f in files:
-        try:
-            w, h, colour = image_header(os.path.join(root, f))
-            out.append((h, w, colour))
-        except InputError as e:
-            out.append(str(e).removeprefix(os.path.join(root, "")))
-    return out
-
-
-def _decode(root: str, files: list[str], channels: int, size: tuple[int, int]) -> tuple[np.ndarray,
-                                                                                        list[tuple[int, str]]]:
-    """Decode ``files`` into uint8 ``(n, channels, H, W)`` (zeros where one fails); return
-    the images and the offsets of the files that failed, with why."""
-    out = np.zeros((len(files), channels, *size), np.uint8)
-    bad = []
-    for i, f in enumerate(files):
-        try:
-            out[i] = decode_image(os.path.join(root, f), channels, size)
-        except InputError as e:
-            bad.append((i, str(e).removeprefix(os.path.join(root, ""))))
-    return out, bad
-
-
-def _pool_imap(fn: Callable[..., Any], tasks: list[tuple[Any, ...]], sizes: list[int], desc: str,
-               progress: bool) -> Iterator[tuple[int, Any]]:
-    """``(i, fn(*tasks[i]))`` for every task, as each finishes, in a process per core when
-    there is enough work; a bar counts ``sizes`` as tasks finish."""
-    bar = Bar(sum(sizes), desc, enabled=progress)
-    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-                  len(tasks))
-    try:
-        if sum(sizes) < INLINE_FILES or workers <= 1:
-            for i, task in enumerate(tasks):
-                yield i, fn(*task)
-                bar.update(sizes[i])
-            return
-        # fork (Linux): the workers start at once and share the parent's imports; elsewhere, spawn
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-            futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
-            for future in as_completed(futures):
-                i = futures[future]
-                yield i, future.result()
-                bar.update(sizes[i])
-    finally:
-        bar.close()
-
-
-def _chunks(n: int) -> list[slice]:
-    return [slice(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
-
-
-# --- the cache
-
-
-def _cache_path(root: Path, options: DataOptions) -> Path:
-    setting = [str(root), list(options.image_size) if options.image_size else "auto", options.channels or "auto",
-               CACHE_VERSION]
-    key = hashlib.sha256(json.dumps(setting).encode()).hexdigest()[:16]
-    base = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
-    return base / "folders" / f"{root.name[:40]}-{key}"
-
-
-def _bad_message(root: Path, bad: list[tuple[str, str]]) -> str:
-    first_file, reason = bad[0]
-    others = f" and {len(bad) - 1} other image{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
-    return (f"--data {root}: cannot decode {first_file} ({reason}){others}; fix or remove "
-            f"{'them' if others else 'it'}, or pass --skip-bad-images to leave them out")
-
-
-def _read_index(cache: Path) -> dict[str, Any] | None:
-    try:
-        index = json.loads((cache / "index.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return index if isinstance(index, dict) and index.get("version") == CACHE_VERSION else None
-
-
-def _build(cache: Path, scan: FolderScan, options: DataOptions, progress: bool) -> dict[str, Any]:
-    """Decode every image of ``scan`` into a new cache; the index is written last."""
-    from convnet.runs import write_json
-
-    root, n = str(scan.root), len(scan.files)
-    t0 = time.perf_counter()
-    bad: dict[int, str] = {}
-    size, channels = options.image_size, options.channels
-    if size is None or channels is None:
-        slices = _chunks(n)
-        parts = dict(_pool_imap(_headers, [(root, scan.files[s]) for s in slices],
-                                [s.stop - s.start for s in slices], "reading image headers", progress))
-        heads = [h for i in range(len(slices)) for h in parts[i]]
-        bad = {i: h for i, h in enumerate(heads) if isinstance(h, str)}
-        good = [h for h in heads if not isinstance(h, str)]
-        if not good:
-            raise DataError(_bad_message(scan.root, [(scan.files[i], r) for i, r in bad.items()]))
-        size = size or default_size([(h, w) for h, w, _ in good])
-        channels = channels or (3 if any(c for _, _, c in good) else 1)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the image cache {cache}: {e.strerror or e}") from None
-    tmp = cache / f".images.{os.getpid()}.npy"
-    try:
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
-                                                      "shape": (n, channels, *size)})
-        offset, row = len(header.getvalue()), channels * size[0] * size[1]
-        todo = _chunks(n)
-        tasks = [(root, scan.files[s], channels, size) for s in todo]
-        with open(tmp, "wb") as f:
-            f.write(header.getvalue())
-            f.truncate(offset + n * row)
-            # each chunk is written where it belongs as it arrives (workers decode, this process writes)
-            for k, (images, failed) in _pool_imap(_decode, tasks, [s.stop - s.start for s in todo],
-                                                  "decoding images", progress):
-                os.pwrite(f.fileno(), images.tobytes(), offset + todo[k].start * row)
-                bad.update({todo[k].start + i: reason for i, reason in failed})
-        bad_list = sorted((scan.files[i], r) for i, r in bad.items())
-        if bad and not options.skip_bad_images:
-            raise DataError(_bad_message(scan.root, bad_list))
-        keep = np.array([i for i in range(n) if i not in bad], dtype=np.int64)
-        if len(keep) == 0:
-            raise DataError(f"--data {scan.root}: none of its {n} images could be decoded")
-        final = cache / "images.npy"
-        digest = _write_rows(tmp, keep, final) if bad else _sync_and_rename(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    seconds = time.perf_counter() - t0
-    index = {
-        "version": CACHE_VERSION, "root": root, "manifest": scan.manifest, "layout": scan.layout,
-        "classes": list(scan.classes), "channels": channels, "height": size[0], "width": size[1],
-        "files": [scan.files[i] for i in keep], "labels": [scan.labels[i] for i in keep],
-        "parts": [scan.parts[i] for i in keep], "bad": bad_list, "images_sha256": digest,
-        "decoded": {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1)},
-    }
-    write_json(cache / "index.json", index)
-    return index
-
-
-def _write_rows(tmp: Path, keep: np.ndarray, final: Path) -> str:
-    """Write rows ``keep`` of the ``.npy`` at ``tmp`` to ``final`` atomically, a chunk at a
-    time; return the SHA-256 of ``final``'s bytes."""
-    from convnet.runs import atomic_write
-
-    src = np.lib.format.open_memmap(tmp, mode="r")
-    digest = hashlib.sha256()
-
-    def pieces() -> Iterator[bytes]:
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
-                                                      "shape": (len(keep), *src.shape[1:])})
-        yield header.getvalue()
-        for s in range(0, len(keep), 4096):
-            rows = keep[s:s + 4096]
-            yield np.ascontiguousarray(src[rows[0]:rows[-1] + 1] if _consecutive(rows) else src[rows]).tobytes()
-
-    def write(f: Any) -> None:
-        for piece in pieces():
-            digest.update(piece)
-            f.write(piece)
-
-    atomic_write(final, write)
-    return digest.hexdigest()
-
-
-def _sync_and_rename(tmp: Path, final: Path) -> str:
-    """Flush ``tmp`` to disk and rename it to ``final`` (atomic); return its SHA-256."""
-    digest = hashlib.sha256()
-    with open(tmp, "rb+") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return digest.hexdigest()
-
-
-def _consecutive(rows: np.ndarray) -> bool:
-    return bool(len(rows) and rows[-1] - rows[0] + 1 == len(rows))
-
-
-def _verified(path: Path, expected_sha256: str) -> DiskImages | None:
-    """The cached images, left on disk, once their SHA-256 matches the index (read through
-    once, a block at a time); None when the file is damaged."""
-    try:
-        images = DiskImages(path)
-    except (InputError, DataError):
-        return None
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-    except OSError:
-        return None
-    return images if digest.hexdigest() == expected_sha256 else None
-
-
 def available_memory() -> int:
     """Bytes of memory available now (``MemAvailable`` on Linux)."""
     try:
@@ -423,25 +192,27 @@ def load_folder(options: DataOptions, *, progress: bool = True, files: dict[str,
     """
     assert options.folder is not None
     scan = scan_folder(options.folder)
-    cache = _cache_path(scan.root, options)
+    cache = imagecache.cache_path(scan.root, options.image_size, options.channels,
+                                  Path(options.cache_dir) if options.cache_dir else default_cache_dir())
     notes: list[str] = []
-    index = _read_index(cache)
+    index = imagecache.read_index(cache)
     images = None
     if index is not None and index.get("manifest") == scan.manifest:
-        images = _load_cached(cache, index)
+        images = imagecache.load(cache, index)
         if images is None:
             notes.append(f"the image cache {cache} was damaged: rebuilt")
     if images is None or index is None:
         if cache.exists():
             shutil.rmtree(cache, ignore_errors=True)
-        index = _build(cache, scan, options, progress)
+        index = imagecache.build(cache, scan, options.image_size, options.channels, options.skip_bad_images,
+                                 progress)
         notes.append(f"decoded {index['decoded']['images']:,} images in {index['decoded']['seconds']:.1f} s "
                      f"({index['decoded']['images_per_s']:,.0f} images/s) into {cache}")
-        images = _load_cached(cache, index)
+        images = imagecache.load(cache, index)
         if images is None:
             raise DataError(f"the image cache {cache} was damaged as it was written; check the disk")
     elif index["bad"] and not options.skip_bad_images:
-        raise DataError(_bad_message(scan.root, [tuple(b) for b in index["bad"]]))
+        raise DataError(imagecache.bad_message(scan.root, [tuple(b) for b in index["bad"]]))
     if scan.ignored:
         shown = ", ".join(scan.ignored[:3]) + (f" and {len(scan.ignored) - 3} more" if len(scan.ignored) > 3 else "")
         notes.append(f"passed over {len(scan.ignored)} file{'s' if len(scan.ignored) > 1 else ''} that "
@@ -472,13 +243,6 @@ def load_folder(options: DataOptions, *, progress: bool = True, files: dict[str,
         skipped=tuple(b[0] for b in index["bad"]),
     )
     return dataset.first(options.subset)
-
-
-def _load_cached(cache: Path, index: dict[str, Any]) -> DiskImages | None:
-    images = _verified(cache / "images.npy", str(index.get("images_sha256")))
-    if images is None or len(images) != len(index.get("files", [])):
-        return None
-    return images
 
 
 def _in_memory(images: DiskImages, options: DataOptions) -> bool:

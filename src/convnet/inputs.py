@@ -394,7 +394,7 @@ def _images_from_sources(sources: list[Any], spec: InputSpec | None, name: str) 
 
     invert = None
     if spec is None:
-        from convnet.folders import default_size
+        from convnet.imagecache import default_size
 
         headers = [(x.size[0], x.size[1], _is_colour(x)) if isinstance(x, Image.Image) else image_header(x)
                    for x in sources]

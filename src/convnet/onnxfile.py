@@ -154,8 +154,8 @@ def evaluate_onnx(path: str | os.PathLike[str], *, data_dir: str | os.PathLike[s
     file's model, in ONNX Runtime, on the data of the run it was exported from, found
     through its metadata (``convnet.data``, ``convnet.split``) or in ``data_dir``."""
     from convnet import runs
+    from convnet.data import run_data
     from convnet.evaluate import evaluation, probability_scores
-    from convnet.sources import run_data
 
     model = open_onnx(path)
     data = model._json("convnet.data")

@@ -295,8 +295,8 @@ def resume(run_dir: str | Path, *, engine: Engine | None = None, events: Any = N
     Raises:
         RunError: not a run folder, or no checkpoint in it yet.
     """
+    from convnet.data import run_data
     from convnet.events import StopAtAccuracy
-    from convnet.sources import run_data
 
     run = runs.open_run(run_dir)
     if not (run.path / runs.CHECKPOINT).is_file():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from convnet.config import TrainConfig
+from convnet.data import DataOptions, load_data
 from convnet.datasets import Dataset, to_float
 from convnet.engine import Engine, make_engine
 from convnet.evaluate import Evaluation, evaluate
@@ -22,7 +23,6 @@ from convnet.models import count_parameters, create_model
 from convnet.predict import predict
 from convnet.report import build_report, format_comparison, load_summaries, write_plots
 from convnet.runs import check_out, new_run_dir, write_json
-from convnet.sources import DataOptions, load_data
 from convnet.train import TrainResult, train
 
 SGD = TrainConfig(model="seed", optimizer="sgd", lr=1e-3, epochs=25, batch_size=128, seed=42, shuffle=False)
