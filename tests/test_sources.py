@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -70,11 +71,17 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     root = tmp_path / "www"
     root.mkdir()
     handler = lambda *a, **k: _Handler(*a, directory=str(root), **k)  # noqa: E731
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    with _running(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as url:
+        yield url, root
+
+
+@contextlib.contextmanager
+def _running(httpd: http.server.ThreadingHTTPServer) -> Iterator[str]:
+    """Serve on 127.0.0.1 in a thread; yield the server's address; stop it afterwards."""
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/", root
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -254,13 +261,8 @@ def _cifar_archive(per_batch: int = 20) -> tuple[bytes, np.ndarray, np.ndarray]:
 def range_server() -> Iterator[tuple[str, http.server.ThreadingHTTPServer]]:
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
     httpd.files, httpd.cut, httpd.ranges = {}, {}, []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/", httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with _running(httpd) as url:
+        yield url, httpd
 
 
 def test_cifar10_downloads_resumes_verifies_and_reads(range_server: tuple[str, http.server.ThreadingHTTPServer],
