@@ -34,8 +34,8 @@ if has tune; then
 fi
 if has wall; then
   stamp wall
-  rm -rf /tmp/wall-run
-  /usr/bin/time -f "wall %e s" timeout 120 $py -m convnet train --device cuda --out /tmp/wall-run --no-progress \
+  wall_run=$(mktemp -d -u)
+  /usr/bin/time -f "wall %e s" timeout 120 $py -m convnet train --device cuda --out "$wall_run" --no-progress \
     > "$out/wall.txt" 2>&1
   $py - >> "$out/wall.txt" 2>&1 <<'PY'
 import time

@@ -155,3 +155,44 @@ def test_pickle_where_weights_belong_is_refused_unrun(trained: tuple[Path, Path]
     p = convnet("predict", "--device", "cpu", str(evil), str(tmp_path))
     assert p.returncode == 1 and "safetensors" in p.stderr
     assert not marker.exists(), "loading the weights ran code from the file"
+
+
+def test_a_faithful_run_is_scored_with_the_tutorials_arithmetic(tmp_path: Path, toy_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate, predict and report read the run's engine (fp32, NCHW) from its config,
+    never the fast one."""
+    import importlib
+
+    from convnet.engine import Engine
+
+    predict_module, evaluate_module = (importlib.import_module(f"convnet.{m}") for m in ("predict", "evaluate"))
+
+    run = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--faithful", "--data-dir", str(toy_dir), "--epochs", "1",
+                 "--subset", "64", "--out", str(run), "--no-progress"]) == 0
+    engines = []
+    real = predict_module.infer
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        engines.append(kwargs.get("engine"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "infer", spy)
+    monkeypatch.setattr(evaluate_module, "infer", spy)
+    png = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
+    assert main(["evaluate", "--device", "cpu", str(run)]) == 0
+    assert main(["predict", "--device", "cpu", str(run), str(png)]) == 0
+    (run / runs.METRICS).unlink()  # so that report scores the run again
+    assert main(["report", "--device", "cpu", str(run), "-o", str(tmp_path / "r.html")]) == 0
+    assert len(engines) >= 5, engines  # both splits twice (evaluate, report) and the image
+    assert all(e == Engine.faithful() for e in engines), engines
+
+
+def test_resume_refuses_settings_it_would_ignore(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    data, run = trained
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["train", "--device", "cpu", "--resume", str(run), "--epochs", "9", "--lr", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "leave out --lr, --epochs" in err, err
+    assert sorted(p.name for p in run.iterdir()) == before

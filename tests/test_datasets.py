@@ -1,4 +1,4 @@
-"""Data set types: batches, stratified splits, the input spec, images left on disk."""
+"""Batches of a training split: their sizes and what is left over."""
 
 from __future__ import annotations
 

@@ -20,8 +20,11 @@ from PIL import Image
 from convnet.errors import DataError, InputError
 from convnet.formats import parse_idx, read_idx
 from convnet.inputs import images_from_array, input_batches, load_input
+from convnet.sources import DATASETS
 
 from .conftest import idx_bytes
+
+FASHION = DATASETS["fashion-mnist"].spec  # grey 28x28, drawn light on black
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -149,7 +152,7 @@ def test_read_idx_on_damaged_files(scratch: Path, data: st.DataObject) -> None:
 
 def _check_loaded(path: Path) -> None:
     try:
-        got = load_input(path)
+        got = load_input(path, FASHION)
     except InputError as e:
         assert path.name in str(e)
         return
@@ -184,7 +187,7 @@ def test_streamed_inputs_match_whole_ones(scratch: Path, data: st.DataObject) ->
     images = []
     for p in paths:
         try:
-            got = load_input(p)
+            got = load_input(p, FASHION)
         except InputError as e:
             whole.append(str(e))
             continue
@@ -193,7 +196,7 @@ def test_streamed_inputs_match_whole_ones(scratch: Path, data: st.DataObject) ->
     batch_size = data.draw(st.integers(1, 5))
     streamed: list[str] = []
     streamed_images = []
-    for item in input_batches(paths, batch_size=batch_size):
+    for item in input_batches(paths, FASHION, batch_size=batch_size):
         if isinstance(item, InputError):
             streamed.append(str(item))
             continue
@@ -223,7 +226,7 @@ _DTYPES = st.one_of(hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.flo
 @given(hnp.arrays(_DTYPES, _shapes()), st.sampled_from(("auto", "nchw", "nhwc")))
 def test_images_from_any_array(array: np.ndarray, layout: str) -> None:
     try:
-        out = images_from_array(array, "a.npy", layout=layout)
+        out = images_from_array(array, "a.npy", FASHION, layout=layout)
     except InputError:
         return
     assert out.dtype == torch.uint8 and out.ndim == 4 and out.shape[1:] == (1, 28, 28)

@@ -23,19 +23,23 @@ from convnet.inputs import (
     load_image,
     load_input,
 )
+from convnet.sources import DATASETS
 
 from .conftest import write_idx
+
+FASHION = DATASETS["fashion-mnist"].spec  # grey 28x28, drawn light on black
 
 
 def test_layouts_give_the_same_images() -> None:
     first = np.random.default_rng(0).integers(0, 256, (5, 1, 28, 28)).astype(np.uint8)
     last = first.transpose(0, 2, 3, 1)
     for arr, layout in ((first, "auto"), (last, "auto"), (first[:, 0], "auto"), (first, "nchw"), (last, "nhwc")):
-        assert torch.equal(images_from_array(arr, "a", layout=layout), torch.from_numpy(first)), (arr.shape, layout)
+        got = images_from_array(arr, "a", FASHION, layout=layout)
+        assert torch.equal(got, torch.from_numpy(first)), (arr.shape, layout)
     as_float = first.astype(np.float32) / 255.0
-    assert torch.equal(images_from_array(as_float, "f"), torch.from_numpy(first))
+    assert torch.equal(images_from_array(as_float, "f", FASHION), torch.from_numpy(first))
     with pytest.raises(InputError, match="not nhwc"):
-        images_from_array(first, "a", layout="nhwc")
+        images_from_array(first, "a", FASHION, layout="nhwc")
 
 
 @pytest.mark.parametrize(
@@ -52,17 +56,17 @@ def test_layouts_give_the_same_images() -> None:
 )
 def test_bad_arrays(array: np.ndarray, message: str) -> None:
     with pytest.raises(InputError, match=message):
-        images_from_array(array, "x.npy")
+        images_from_array(array, "x.npy", FASHION)
 
 
 def test_npy_with_objects_is_refused_unread(tmp_path: Path) -> None:
     p = tmp_path / "obj.npy"
     np.save(p, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     with pytest.raises(InputError, match="unpickling"):
-        load_array(p)
+        load_array(p, FASHION)
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     with pytest.raises(InputError, match="not a valid .npy"):
-        load_array(tmp_path / "junk.npy")
+        load_array(tmp_path / "junk.npy", FASHION)
 
 
 def _shirt(size: tuple[int, int] = (40, 60), background: int = 255, fg: int = 30) -> np.ndarray:
@@ -82,7 +86,7 @@ def test_images_of_any_mode_become_28x28_grey(tmp_path: Path, mode: str) -> None
     suffix = ".tiff" if mode in ("CMYK", "I;16") else ".png"
     p = tmp_path / f"x{suffix}"
     img.save(p)
-    x = load_image(p)
+    x = load_image(p, FASHION)
     assert x.shape == (1, 28, 28) and x.dtype == torch.uint8
     # white background -> inverted to Fashion-MNIST's black, dark object -> light
     assert int(x[0, 0, 0]) < 30 and int(x[0, 14, 14]) > 150
@@ -92,13 +96,13 @@ def test_transparent_background_counts_as_white(tmp_path: Path) -> None:
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[10:30, 10:30] = (20, 20, 20, 255)  # dark opaque square on a transparent field
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    x = load_image(tmp_path / "a.png")
+    x = load_image(tmp_path / "a.png", FASHION)
     assert int(x[0, 0, 0]) < 30 and int(x[0, 14, 14]) > 150
 
 
 def test_black_background_is_kept(tmp_path: Path) -> None:
     Image.fromarray(_shirt(background=0, fg=220), "L").save(tmp_path / "b.png")
-    x = load_image(tmp_path / "b.png")
+    x = load_image(tmp_path / "b.png", FASHION)
     assert int(x[0, 0, 0]) < 30 and int(x[0, 14, 14]) > 150
 
 
@@ -110,24 +114,24 @@ def test_bad_image_files(tmp_path: Path) -> None:
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     for name in ("empty.png", "text.png", "cut.png"):
         with pytest.raises(InputError, match=name):
-            load_input(tmp_path / name)
+            load_input(tmp_path / name, FASHION)
     with pytest.raises(InputError, match="no such file"):
-        load_input(tmp_path / "absent.png")
+        load_input(tmp_path / "absent.png", FASHION)
     with pytest.raises(InputError, match="is a folder"):
-        load_input(tmp_path)
+        load_input(tmp_path, FASHION)
 
 
 def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
     for side in (8_000, 10_000):  # 64 Mpx (our limit), 100 Mpx (Pillow's too); a few kB on disk
         Image.new("1", (side, side)).save(tmp_path / "bomb.png")
         with pytest.raises(InputError, match="more than the 50,000,000 pixels"):
-            load_image(tmp_path / "bomb.png")
+            load_image(tmp_path / "bomb.png", FASHION)
 
 
 def test_idx_input(tmp_path: Path) -> None:
     a = np.random.default_rng(0).integers(0, 256, (7, 28, 28)).astype(np.uint8)
     p = write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", a)
-    got = load_input(p)
+    got = load_input(p, FASHION)
     assert got.images.shape == (7, 1, 28, 28) and torch.equal(got.images[:, 0], torch.from_numpy(a))
     assert got.names[3] == f"{p}[3]"
 
@@ -143,7 +147,7 @@ def test_input_batches_group_files_and_split_arrays(tmp_path: Path) -> None:
         Image.fromarray(arr[i], "L").save(tmp_path / f"{i}.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     paths = [tmp_path / "0.png", tmp_path / "a.npy", tmp_path / "bad.png", tmp_path / "1.png", tmp_path / "2.png"]
-    items = list(input_batches(paths, batch_size=4))
+    items = list(input_batches(paths, FASHION, batch_size=4))
     kinds = [len(i.images) if isinstance(i, Batch) else "error" for i in items]
     assert kinds == [4, 4, 3, "error", 2]  # full batches across files; what came before an error comes first
     batches = [i for i in items if isinstance(i, Batch)]
@@ -159,14 +163,14 @@ def test_array_batches_check_everything_before_the_first_batch() -> None:
     arr = np.zeros((10, 28, 28), np.float32)
     arr[9, 0, 0] = np.nan  # in the last batch
     with pytest.raises(InputError, match="NaN"):
-        next(array_batches(arr, "x.npy", batch_size=2))
+        next(array_batches(arr, "x.npy", FASHION, batch_size=2))
     arr[9, 0, 0] = 2.0  # floats must be in [0, 1] (or [0, 255]) as a whole, not batch by batch
     arr[0, 0, 0] = 0.5
-    first = next(array_batches(arr, "x.npy", batch_size=2))
+    first = next(array_batches(arr, "x.npy", FASHION, batch_size=2))
     assert int(first[0, 0, 0, 0]) == 0  # 0.5 is read on the [0, 255] scale, as the whole array says
     arr[9, 0, 0] = -1
     with pytest.raises(InputError, match=r"values in \[-1, 0.5\]"):
-        next(array_batches(arr, "x.npy", batch_size=2))
+        next(array_batches(arr, "x.npy", FASHION, batch_size=2))
 
 
 def test_npy_file_reads_rows_without_loading_the_whole(tmp_path: Path) -> None:
@@ -177,7 +181,7 @@ def test_npy_file_reads_rows_without_loading_the_whole(tmp_path: Path) -> None:
         assert npy.shape == arr.shape and len(npy) == 50
         np.testing.assert_array_equal(npy[7:19], arr[7:19])
         np.testing.assert_array_equal(npy[45:99], arr[45:])
-        assert torch.equal(load_array(tmp_path / "a.npy"), torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()))
+        assert torch.equal(load_array(tmp_path / "a.npy", FASHION), torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()))
 
 
 @pytest.mark.parametrize(
@@ -198,8 +202,8 @@ def test_bad_npy_files(tmp_path: Path, make, message: str) -> None:  # type: ign
     p = tmp_path / "x.npy"
     make(p)
     with pytest.raises(InputError, match=message):
-        load_input(p)
-    assert [type(i) for i in input_batches([p])] == [InputError]
+        load_input(p, FASHION)
+    assert [type(i) for i in input_batches([p], FASHION)] == [InputError]
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

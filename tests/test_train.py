@@ -174,3 +174,20 @@ def test_target_accuracy_stops_early(toy_dir: Path) -> None:
     result = train(config, ds.train, ds.spec, events=[StopAtAccuracy(ds.test, 0.5)])
     assert len(result.history) < 30 and result.history[-1].test_accuracy >= 0.5
     assert all(r.test_accuracy < 0.5 for r in result.history[:-1])
+
+
+def test_train_takes_arrays_without_a_spec_and_a_spec_that_forbids_flips(toy_dir: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    x, y = ds.train.images[:, 0].numpy(), ds.train.labels.numpy()  # (N, 28, 28) and labels, as Keras gives them
+    config = TrainConfig(model="seed", epochs=1, batch_size=32, augment="flip-translate", tta=True)
+    result = train(config, (x, y))
+    assert result.spec.shape == (1, 28, 28) and result.spec.dark_background
+    assert result.spec.classes == tuple(str(k) for k in range(int(y.max()) + 1))
+    assert result.config.augment == "flip-translate" and result.config.tta
+    digits = replace(ds.spec, hflip=False)  # a data set whose images change class when mirrored
+    result = train(config, ds.train, digits)
+    assert result.config.augment == "translate" and not result.config.tta
+    with pytest.raises(ConvnetError, match="expected a convnet.TrainConfig"):
+        train({"epochs": 1}, ds.train, ds.spec)  # type: ignore[arg-type]
+    with pytest.raises(ConvnetError, match="expected a convnet.InputSpec"):
+        train(config, ds.train, (1, 28, 28))  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ _EXPORTS = {
     "read_idx": "formats",
     "Engine": "engine", "make_engine": "engine", "resolve_device": "engine",
     "TrainConfig": "config", "RECIPES": "config",
-    "TrainEvents": "events", "StopAtAccuracy": "events",
+    "TrainEvents": "events", "StopAtAccuracy": "events", "ConsolePrinter": "events",
     "TrainResult": "train", "train": "train", "resume": "train",
     "count_parameters": "models", "create_model": "models", "list_models": "models", "register_model": "models",
     "images_from_array": "inputs", "load_image": "inputs", "load_inputs": "inputs",
@@ -48,7 +48,8 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "DATASETS", "RECIPES", "ConvNetClassifier", "ConvnetError", "DataError", "DataOptions", "Dataset", "Engine",
+    "DATASETS", "RECIPES", "ConsolePrinter", "ConvNetClassifier", "ConvnetError", "DataError", "DataOptions",
+    "Dataset", "Engine",
     "Evaluation", "InputError", "InputSpec", "Prediction", "Predictor", "RunError", "Split", "StopAtAccuracy",
     "TrainConfig", "TrainEvents", "TrainResult", "TrainingDiverged", "__version__", "accuracy",
     "classification_report", "confusion_matrix", "count_parameters", "create_model", "evaluate", "evaluate_run",
@@ -93,7 +94,7 @@ if TYPE_CHECKING:
     from convnet.errors import ConvnetError, DataError, InputError, RunError, TrainingDiverged
     from convnet.estimator import ConvNetClassifier
     from convnet.evaluate import Evaluation, evaluate, evaluate_run
-    from convnet.events import StopAtAccuracy, TrainEvents
+    from convnet.events import ConsolePrinter, StopAtAccuracy, TrainEvents
     from convnet.formats import read_idx
     from convnet.inputs import images_from_array, load_image, load_inputs
     from convnet.metrics import accuracy, classification_report, confusion_matrix

@@ -193,9 +193,15 @@ def resolve_config(recipe_name: str | None = None, overrides: dict[str, Any] | N
         if "flip" in given.get("augment", "") or given.get("tta"):
             raise ConvnetError("this data set's images change class when mirrored (its spec forbids flips); "
                                "use --augment translate or none, and no --tta, or pass --hflip if mirrors are fine")
-        config.augment = {"flip": "none", "flip-translate": "translate"}.get(config.augment, config.augment)
-        config.tta = False
+        config = without_flips(config)
     return config
+
+
+def without_flips(config: TrainConfig) -> TrainConfig:
+    """``config`` with no mirrored images: no flip augmentation (shifts stay), no
+    test-time flips; for data whose images change class when mirrored (digits, letters)."""
+    return replace(config, augment={"flip": "none", "flip-translate": "translate"}.get(config.augment, config.augment),
+                   tta=False)
 
 
 def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:

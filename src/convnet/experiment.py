@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,6 +20,7 @@ from convnet.data import DataOptions, load_data
 from convnet.datasets import Dataset
 from convnet.distributed import DistributedInfo, finish, init_distributed
 from convnet.engine import make_engine, resolve_device, single_process
+from convnet.errors import ConvnetError
 from convnet.evaluate import Evaluation, evaluate_run
 from convnet.events import ConsolePrinter, StopAtAccuracy
 from convnet.sources import DATASETS
@@ -84,6 +85,7 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
     printer = ConsolePrinter(out, progress=request.progress) if rank == 0 else None  # one process prints
 
     if request.resume is not None:
+        check_resume(request)
         run = runs.open_run(request.resume)
         config = TrainConfig.from_dict(run.config["train"])
         engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
@@ -119,6 +121,25 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
     evaluation = evaluate_run(result.run_dir, engine=single_process(engine), data_dir=request.data.data_dir,
                               dataset=dataset, test_logits=test_logits)  # the data already in memory, not read again
     return TrainOutcome(result, evaluation)
+
+
+def check_resume(request: TrainRequest) -> None:
+    """A resumed run continues with its own recorded settings and data: a setting given
+    beside ``--resume`` would be silently ignored, so it is refused, named."""
+    given = [k for k, v in request.overrides.items() if v is not None]
+    if request.recipe is not None:
+        given.append("recipe")
+    if request.faithful:
+        given.append("faithful")
+    if request.out is not None:
+        given.append("out")
+    default = DataOptions()
+    given += [f.name for f in fields(DataOptions) if f.name != "data_dir"
+              and getattr(request.data, f.name) != getattr(default, f.name)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConvnetError(f"--resume continues a run with the settings and data it recorded; leave out {flags} "
+                           "(to train differently, start a new run)")
 
 
 def hflip_of(options: DataOptions) -> bool:

@@ -121,11 +121,14 @@ class _Entries:
 def _entries(folder: Path) -> _Entries:
     """The visible subfolders and files of ``folder``, sorted."""
     dirs, files = [], []
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith("."):
-                continue
-            (dirs if e.is_dir() else files).append(e.name)
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                (dirs if e.is_dir() else files).append(e.name)
+    except OSError as e:
+        raise DataError(f"--data: cannot read the folder {folder}: {e.strerror or e}") from None
     return _Entries(sorted(dirs), sorted(files))
 
 
@@ -133,7 +136,10 @@ def _walk(folder: Path, root: Path) -> tuple[list[tuple[str, os.stat_result]], l
     """Image files under ``folder`` (recursively, hidden ones left out) with their stat,
     and the other files, as paths relative to ``root``."""
     images, others = [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    def unreadable(e: OSError) -> None:
+        raise DataError(f"--data: cannot read the folder {e.filename}: {e.strerror or e}")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
@@ -192,10 +198,8 @@ def load_folder(options: DataOptions, *, progress: bool = True, files: dict[str,
     """
     assert options.folder is not None
     scan = scan_folder(options.folder)
-    cache = imagecache.cache_path(scan.root, options.image_size, options.channels,
-                                  Path(options.cache_dir) if options.cache_dir else default_cache_dir())
+    cache, index = _find_cache(scan, options)
     notes: list[str] = []
-    index = imagecache.read_index(cache)
     images = None
     if index is not None and index.get("manifest") == scan.manifest:
         images = imagecache.load(cache, index)
@@ -243,6 +247,25 @@ def load_folder(options: DataOptions, *, progress: bool = True, files: dict[str,
         skipped=tuple(b[0] for b in index["bad"]),
     )
     return dataset.first(options.subset)
+
+
+def _find_cache(scan: FolderScan, options: DataOptions) -> tuple[Path, dict[str, Any] | None]:
+    """The cache folder for ``options`` and its index (None: none yet). Settings given
+    explicitly (a run read again by ``evaluate``, ``report``, ``--resume``) also take the
+    cache a run with the default settings made, when it holds images of that size and
+    channels, so a folder is decoded once, not once per command."""
+    base = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
+    own = imagecache.cache_path(scan.root, options.image_size, options.channels, base)
+    index = imagecache.read_index(own)
+    if index is not None or (options.image_size is None and options.channels is None):
+        return own, index
+    auto = imagecache.cache_path(scan.root, None, None, base)
+    found = imagecache.read_index(auto)
+    if (found is not None and found.get("manifest") == scan.manifest
+            and options.image_size in (None, (found["height"], found["width"]))
+            and options.channels in (None, found["channels"])):
+        return auto, found
+    return own, None
 
 
 def _in_memory(images: DiskImages, options: DataOptions) -> bool:

@@ -13,6 +13,7 @@ start fast.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import math
@@ -20,6 +21,7 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -169,8 +171,8 @@ def image_header(path: str | os.PathLike[str]) -> tuple[int, int, bool]:
     Raises:
         InputError: not an image Pillow can identify.
     """
-    with _open(path) as img:
-        return img.size[0], img.size[1], _is_colour(img)
+    with _decoding(path), _open(path) as img:
+        return img.size[0], img.size[1], _is_colour(img)  # a palette's colours are decoded: may fail
 
 
 def _is_colour(img: Image.Image) -> bool:
@@ -203,10 +205,16 @@ def decode_image(source: str | os.PathLike[str] | bytes | Image.Image, channels:
     name = source if isinstance(source, str | os.PathLike) else "<image>"
     if isinstance(source, Image.Image):
         return _convert(source, channels, size, dark_background, invert)
+    with _decoding(name), _open(source) as img:
+        img.load()
+        return _convert(img, channels, size, dark_background, invert)
+
+
+@contextlib.contextmanager
+def _decoding(name: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn what Pillow raises on a damaged file into one :class:`InputError` naming it."""
     try:
-        with _open(source) as img:
-            img.load()
-            return _convert(img, channels, size, dark_background, invert)
+        yield
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

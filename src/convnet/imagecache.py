@@ -20,6 +20,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -129,17 +130,33 @@ def bad_message(root: Path, bad: list[tuple[str, str]]) -> str:
 
 
 def read_index(cache: Path) -> dict[str, Any] | None:
+    """The cache's index, or None when there is none or it is not one this version wrote
+    whole (then the cache is rebuilt)."""
     try:
         index = json.loads((cache / "index.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return index if isinstance(index, dict) and index.get("version") == CACHE_VERSION else None
+    return index if _consistent(index) else None
+
+
+def _consistent(index: Any) -> bool:
+    """Whether ``index`` has every field, of the right type, its lists of one length."""
+    if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:
+        return False
+    if not all(isinstance(index.get(k), int) and not isinstance(index.get(k), bool) and index[k] > 0
+               for k in ("channels", "height", "width")):
+        return False
+    lists = [index.get(k) for k in ("files", "labels", "parts", "classes", "bad")]
+    if not all(isinstance(v, list) for v in lists) or not isinstance(index.get("images_sha256"), str):
+        return False
+    files, labels, parts, classes, _ = lists
+    return (len(files) == len(labels) == len(parts)
+            and all(isinstance(y, int) and 0 <= y < len(classes) for y in labels))
 
 
 def build(cache: Path, scan: FolderScan, image_size: tuple[int, int] | None, channels: int | None,
           skip_bad_images: bool, progress: bool) -> dict[str, Any]:
     """Decode every image of ``scan`` into a new cache; the index is written last."""
-    from convnet.runs import write_json
 
     root, n = str(scan.root), len(scan.files)
     t0 = time.perf_counter()
@@ -156,36 +173,49 @@ def build(cache: Path, scan: FolderScan, image_size: tuple[int, int] | None, cha
             raise DataError(bad_message(scan.root, [(scan.files[i], r) for i, r in bad.items()]))
         size = size or default_size([(h, w) for h, w, _ in good])
         channels = channels or (3 if any(c for _, _, c in good) else 1)
+    created = not cache.exists()
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the image cache {cache}: {e.strerror or e}") from None
     tmp = cache / f".images.{os.getpid()}.npy"
     try:
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
-                                                      "shape": (n, channels, *size)})
-        offset, row = len(header.getvalue()), channels * size[0] * size[1]
-        todo = _chunks(n)
-        tasks = [(root, scan.files[s], channels, size) for s in todo]
-        with open(tmp, "wb") as f:
-            f.write(header.getvalue())
-            f.truncate(offset + n * row)
-            # each chunk is written where it belongs as it arrives (workers decode, this process writes)
-            for k, (images, failed) in pool_imap(_decode, tasks, [s.stop - s.start for s in todo],
-                                                  "decoding images", progress):
-                os.pwrite(f.fileno(), images.tobytes(), offset + todo[k].start * row)
-                bad.update({todo[k].start + i: reason for i, reason in failed})
-        bad_list = sorted((scan.files[i], r) for i, r in bad.items())
-        if bad and not skip_bad_images:
-            raise DataError(bad_message(scan.root, bad_list))
-        keep = np.array([i for i in range(n) if i not in bad], dtype=np.int64)
-        if len(keep) == 0:
-            raise DataError(f"--data {scan.root}: none of its {n} images could be decoded")
-        final = cache / "images.npy"
-        digest = _write_rows(tmp, keep, final) if bad else _sync_and_rename(tmp, final)
+        return _build_into(cache, tmp, scan, size, channels, bad, skip_bad_images, progress, t0)
+    except BaseException:
+        if created:  # a refused or interrupted build leaves no folder behind
+            shutil.rmtree(cache, ignore_errors=True)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _build_into(cache: Path, tmp: Path, scan: FolderScan, size: tuple[int, int], channels: int, bad: dict[int, str],
+                skip_bad_images: bool, progress: bool, t0: float) -> dict[str, Any]:
+    from convnet.runs import write_json
+
+    root, n = str(scan.root), len(scan.files)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (n, channels, *size)})
+    offset, row = len(header.getvalue()), channels * size[0] * size[1]
+    todo = _chunks(n)
+    tasks = [(root, scan.files[s], channels, size) for s in todo]
+    with open(tmp, "wb") as f:
+        f.write(header.getvalue())
+        f.truncate(offset + n * row)
+        # each chunk is written where it belongs as it arrives (workers decode, this process writes)
+        for k, (images, failed) in pool_imap(_decode, tasks, [s.stop - s.start for s in todo],
+                                              "decoding images", progress):
+            os.pwrite(f.fileno(), images.tobytes(), offset + todo[k].start * row)
+            bad.update({todo[k].start + i: reason for i, reason in failed})
+    bad_list = sorted((scan.files[i], r) for i, r in bad.items())
+    if bad and not skip_bad_images:
+        raise DataError(bad_message(scan.root, bad_list))
+    keep = np.array([i for i in range(n) if i not in bad], dtype=np.int64)
+    if len(keep) == 0:
+        raise DataError(f"--data {scan.root}: none of its {n} images could be decoded")
+    final = cache / "images.npy"
+    digest = _write_rows(tmp, keep, final) if bad else _sync_and_rename(tmp, final)
     seconds = time.perf_counter() - t0
     index = {
         "version": CACHE_VERSION, "root": root, "manifest": scan.manifest, "layout": scan.layout,
@@ -264,6 +294,7 @@ def _verified(path: Path, expected_sha256: str) -> DiskImages | None:
 def load(cache: Path, index: dict[str, Any]) -> DiskImages | None:
     """The cache's images, left on disk, once checked against the index; None when damaged."""
     images = _verified(cache / "images.npy", str(index.get("images_sha256")))
-    if images is None or len(images) != len(index.get("files", [])):
+    if images is None or tuple(images.shape) != (len(index["files"]), index["channels"], index["height"],
+                                                  index["width"]):
         return None
     return images

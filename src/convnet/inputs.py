@@ -32,12 +32,12 @@ SpecLike = InputSpec | tuple[int, int, int]
 
 
 def as_spec(spec: SpecLike) -> InputSpec:
-    """An :class:`InputSpec` for a bare ``(C, H, W)``: grey images are taken to be drawn
-    Fashion-MNIST's way (a light object on black)."""
+    """An :class:`InputSpec` for a bare ``(C, H, W)`` (images taken as they are drawn: no
+    inversion; a run's own spec says whether its data set wants one)."""
     if isinstance(spec, InputSpec):
         return spec
     c, h, w = spec
-    return InputSpec(c, h, w, ("0", "1"), dark_background=c == 1)
+    return InputSpec(c, h, w, ("0", "1"))
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Batch:
     images: torch.Tensor
 
 
-def load_inputs(paths: Sequence[str | os.PathLike[str]], spec: SpecLike = (1, 28, 28), *,
+def load_inputs(paths: Sequence[str | os.PathLike[str]], spec: SpecLike, *,
                 layout: str = "auto") -> Iterator[Inputs | InputError]:
     """Read each path whole; yield its images, or the error that names what is wrong with it.
 
@@ -72,7 +72,7 @@ def load_inputs(paths: Sequence[str | os.PathLike[str]], spec: SpecLike = (1, 28
             yield e
 
 
-def input_batches(paths: Sequence[str | os.PathLike[str]], spec: SpecLike = (1, 28, 28), *,
+def input_batches(paths: Sequence[str | os.PathLike[str]], spec: SpecLike, *,
                   layout: str = "auto", batch_size: int = BATCH_IMAGES) -> Iterator[Batch | InputError]:
     """The images of ``paths`` in batches of at most ``batch_size``, in order, and each
     file's error in its place.
@@ -108,7 +108,7 @@ def input_batches(paths: Sequence[str | os.PathLike[str]], spec: SpecLike = (1, 
         yield Batch(names, torch.cat(parts))
 
 
-def load_input(path: Path, spec: SpecLike = (1, 28, 28), layout: str = "auto") -> Inputs:
+def load_input(path: Path, spec: SpecLike, layout: str = "auto") -> Inputs:
     """One file's images, whole: an image file, a ``.npy`` array or an IDX file."""
     names: list[str] = []
     parts: list[torch.Tensor] = []
@@ -151,7 +151,7 @@ def _file_chunks(path: Path, spec: InputSpec, layout: str,
         raise InputError(f"{path}: holds no images (shape {array.shape})")
 
 
-def load_image(source: str | os.PathLike[str] | bytes | Any, spec: SpecLike = (1, 28, 28), *,
+def load_image(source: str | os.PathLike[str] | bytes | Any, spec: SpecLike, *,
                invert: bool | None = None) -> torch.Tensor:
     """An image file (or its bytes, or a PIL image) as uint8 ``(C, H, W)`` in ``spec``.
 
@@ -164,12 +164,12 @@ def load_image(source: str | os.PathLike[str] | bytes | Any, spec: SpecLike = (1
                                          invert=invert))
 
 
-def load_array(path: Path, spec: SpecLike = (1, 28, 28), layout: str = "auto") -> torch.Tensor:
+def load_array(path: Path, spec: SpecLike, layout: str = "auto") -> torch.Tensor:
     """A ``.npy`` file of images as uint8 ``(N, C, H, W)``; never unpickles anything."""
     return images_from_array(NpyFile(path), str(path), spec, layout)
 
 
-def images_from_array(arr: np.ndarray | NpyFile, path: str, spec: SpecLike = (1, 28, 28),
+def images_from_array(arr: np.ndarray | NpyFile, path: str, spec: SpecLike,
                       layout: str = "auto") -> torch.Tensor:
     """An array of images, ``(N, H, W)``, channels first ``(N, C, H, W)`` or channels last
     ``(N, H, W, C)`` (detected, or forced by ``layout``), uint8 in [0, 255] or float in
@@ -179,7 +179,7 @@ def images_from_array(arr: np.ndarray | NpyFile, path: str, spec: SpecLike = (1,
     return torch.cat(parts) if parts else torch.empty((0, *s.shape), dtype=torch.uint8)
 
 
-def array_batches(arr: np.ndarray | NpyFile, path: str, spec: SpecLike = (1, 28, 28),
+def array_batches(arr: np.ndarray | NpyFile, path: str, spec: SpecLike,
                   layout: str = "auto", batch_size: int = BATCH_IMAGES) -> Iterator[torch.Tensor]:
     """:func:`images_from_array` a batch at a time: uint8 ``(n, C, H, W)``, ``n <= batch_size``.
 

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from convnet import augment, runs
-from convnet.config import EpochRecord, TrainConfig, lr_at
-from convnet.datasets import InputSpec, Split, batches, split_validation
+from convnet.config import EpochRecord, TrainConfig, lr_at, without_flips
+from convnet.datasets import DiskImages, InputSpec, Split, batches, split_validation
 from convnet.distributed import all_mean, wrap
 from convnet.engine import Engine, StepRunner, make_engine
-from convnet.errors import ConvnetError, TrainingDiverged
+from convnet.errors import ConvnetError, InputError, TrainingDiverged
 from convnet.models import create_model
 
 
@@ -163,10 +163,32 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Mod
     return loss.detach()
 
 
+def spec_from_data(data: Any) -> InputSpec:
+    """The input spec of training data given without one: its images' channels and size,
+    and one class per label value, named ``"0"``, ``"1"``, ...
+
+    Raises:
+        InputError: the images or labels cannot be used.
+    """
+    from convnet.inputs import as_images, as_labels, spec_of
+
+    images, labels = (data.images, data.labels) if isinstance(data, Split) else \
+        data if isinstance(data, tuple) and len(data) == 2 else (None, None)
+    if images is None:
+        raise InputError(f"data: a {type(data).__name__} was given; expected a convnet.Split or a pair "
+                         "(images, labels)")
+    if not isinstance(images, DiskImages):
+        images = as_images(images, None, name="data images")
+    n = len(images)
+    y = as_labels(labels, n, 2**31 - 1, "data labels")
+    num_classes = int(y.max()) + 1 if n else 1
+    return spec_of(images if isinstance(images, torch.Tensor) else images[:256], [str(k) for k in range(num_classes)])
+
+
 def train(
     config: TrainConfig,
     data: Split,
-    spec: InputSpec,
+    spec: InputSpec | None = None,
     *,
     val: Split | None = None,
     engine: Engine | None = None,
@@ -182,7 +204,11 @@ def train(
         data: the training images (uint8 ``(N, C, H, W)``, in memory or on disk) and labels;
             also a pair ``(images, labels)``, the images as any array, tensor or list
             :func:`convnet.inputs.as_images` accepts (e.g. numpy ``(N, 28, 28)``).
-        spec: the images' input spec (channels, size, classes), recorded in the run.
+        spec: the images' input spec (channels, size, classes), recorded in the run;
+            None: taken from ``data`` (its images' channels and size, classes named
+            ``"0"``.. by the labels, which are then class indices). Where the spec says
+            a mirrored image changes class (``hflip=False``), the config's flips
+            (augmentation and test-time) are left out, as the command line does.
         val: images to score after every epoch; by default ``config.val_split`` of
             ``data`` is held out for it.
         engine: device and fast path; defaults to the CPU, faithful when ``config.faithful``.
@@ -199,9 +225,19 @@ def train(
     from convnet.events import EventList, RunWriter, StopAtAccuracy, Validation
     from convnet.inputs import as_split
 
+    if not isinstance(config, TrainConfig):
+        raise ConvnetError(f"config: a {type(config).__name__} was given; expected a convnet.TrainConfig "
+                           "(e.g. convnet.recipe('cpu') or convnet.TrainConfig(epochs=5))")
+    if spec is None:
+        spec = spec_from_data(data)
+    elif not isinstance(spec, InputSpec):
+        raise ConvnetError(f"spec: a {type(spec).__name__} was given; expected a convnet.InputSpec "
+                           "(a data set's .spec) or None to take it from the images")
     data = as_split(data, spec, "data")  # arrays in any layout, or (images, labels): uint8 (N, C, H, W) in spec
     val = as_split(val, spec, "val") if val is not None else None
     config.validate()
+    if not spec.hflip and config.flips:
+        config = without_flips(config)
     engine = engine or make_engine("cpu", faithful=config.faithful)
     if engine.world_size > 1:
         engine = replace(engine, graphs=False)  # DDP's gradient hooks are not captured: several processes run eagerly
