@@ -189,8 +189,9 @@ def test_a_faithful_run_is_scored_with_the_tutorials_arithmetic(tmp_path: Path, 
     assert all(e == Engine.faithful() for e in engines), engines
 
 
-def test_resume_refuses_settings_it_would_ignore(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    data, run = trained
+def test_resume_refuses_settings_it_would_ignore(trained: tuple[Path, Path],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    _, run = trained
     before = sorted(p.name for p in run.iterdir())
     assert main(["train", "--device", "cpu", "--resume", str(run), "--epochs", "9", "--lr", "0.5"]) == 1
     err = capsys.readouterr().err
