@@ -106,16 +106,113 @@ def test_a_model_that_fails_parity_is_not_written(toy: Path, tmp_path: Path, mon
     (["export", "nowhere"], "no such run folder"),
     (["predict", "nowhere.onnx", "x.png"], "no such file"),
     (["evaluate", "notes.onnx"], "not a valid ONNX model"),
+    (["export", "RUN", "-o", "taken.onnx"], "taken.parity.json, which is a folder"),
 ])
 def test_export_errors_are_one_line(args: list[str], message: str, toy: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     untrained_run(tmp_path / "RUN", "seed", toy, tta=False)
     (tmp_path / "notes.onnx").write_text("not a model")
+    (tmp_path / "taken.parity.json").mkdir()
     assert main(args) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("convnet: error: ")
     assert not (tmp_path / "RUN" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(("metrics", "found"), [
+    ([0.9, 0.8], "found an array"), (0.9, "found a number"), ({"test": 0.9}, 'found "test" holding a number'),
+    ({"test": None}, 'found "test" holding null'),
+])
+def test_scores_that_are_not_an_object_stop_the_export_naming_the_file(
+        metrics: object, found: str, toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A metrics.json edited into another shape is named, with how to rewrite it, before
+    anything is exported (as a metrics.json that is not JSON at all)."""
+    run = untrained_run(tmp_path / "run", "seed", toy, tta=False)
+    runs.write_json(run / runs.METRICS, metrics)
+    assert main(["export", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"convnet: error: {run / runs.METRICS}: not the scores `convnet evaluate` writes")
+    assert found in err and f"run `convnet evaluate {run}` again" in err and err.count("\n") == 1
+    assert not (run / "model.onnx").exists()
+
+
+def test_a_recorded_accuracy_is_used_only_when_it_is_one(toy: Path, tmp_path: Path) -> None:
+    from convnet.export import recorded_accuracy
+
+    run = untrained_run(tmp_path / "run", "seed", toy, tta=False)
+    assert recorded_accuracy(runs.open_run(run)) is None  # no metrics.json: the accuracy measured at export
+    for test, expected in (({"accuracy": 0.75}, 0.75), ({"accuracy": 1}, 1.0), ({"accuracy": float("nan")}, None),
+                           ({"accuracy": 7.5}, None), ({"accuracy": True}, None), ({"accuracy": "0.9"}, None),
+                           ({}, None)):
+        runs.write_json(run / runs.METRICS, {"test": test})
+        assert recorded_accuracy(runs.open_run(run)) == expected, test
+
+
+def tiny_onnx(path: Path, *, input_shape: tuple = ("N", 1, 2, 1), reshape: tuple = (-1, 2),
+              output_shape: tuple = ("N", 2), output_type: str = "FLOAT", input_name: str = "images",
+              metadata: dict[str, str] | None = None) -> Path:
+    """A small .onnx file shaped like convnet's (uint8 images (N, 1, 2, 1) in, probabilities
+    of 2 classes out), with what each argument changes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out_type = getattr(TensorProto, output_type)
+    nodes = [helper.make_node("Cast", [input_name], ["pixels"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["pixels", "shape"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
+             helper.make_node("Cast", ["p"], ["probabilities"], to=out_type)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(input_name, TensorProto.UINT8, list(input_shape))],
+        [helper.make_tensor_value_info("probabilities", out_type, list(output_shape))],
+        [helper.make_tensor("shape", TensorProto.INT64, [len(reshape)], list(reshape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    spec = {"channels": 1, "height": 2, "width": 1, "classes": ["a", "b"]}
+    helper.set_model_props(model, {"convnet.input": json.dumps(spec), **(metadata or {})})
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"input_name": "x"}, "its input (x tensor(uint8)"),
+    ({"input_shape": (1, 1, 2, 1), "reshape": (1, 2), "output_shape": (1, 2)}, "any N"),
+    ({"output_type": "UINT8"}, "is not the probabilities of its 2 classes"),
+    ({"reshape": (-1,), "output_shape": (2,)}, "is not the probabilities of its 2 classes"),
+    ({"metadata": {"convnet.parity": "NaN"}}, "metadata convnet.parity is not valid JSON (NaN"),
+    ({"metadata": {"convnet.test_accuracy": "1e999"}}, "metadata convnet.test_accuracy is not valid JSON"),
+    ({"metadata": {"convnet.data": "[" * 100_000}}, "metadata convnet.data is not valid JSON (nested too deeply)"),
+    ({"metadata": {"convnet.split": "9" * 5000}}, "metadata convnet.split is not valid JSON"),
+    ({"metadata": {"convnet.parity": '"\\ud800"'}}, "metadata convnet.parity is not valid JSON"),
+    ({"metadata": {"convnet.input": "{"}}, "metadata convnet.input is not valid JSON"),
+])
+def test_a_damaged_onnx_file_is_refused_in_one_line(changes: dict, message: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """What an .onnx file says of itself (inputs, outputs, metadata) is checked when it is
+    opened, so that nothing it holds can fail later, in `convnet serve` above all."""
+    path = tiny_onnx(tmp_path / "m.onnx")
+    assert open_onnx(path).probabilities(np.zeros((3, 1, 2, 1), np.uint8)).shape == (3, 2)  # as made: accepted
+    path = tiny_onnx(tmp_path / "m.onnx", **changes)
+    Image.new("L", (1, 2)).save(tmp_path / "x.png")
+    assert main(["predict", str(path), str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"convnet: error: {path}: ") and message in err and err.count("\n") == 1, err
+    assert "export the run again" in err
+
+
+def test_onnx_metadata_that_is_not_utf8_and_a_model_failing_at_run_time(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from convnet.errors import RunError
+
+    path = tiny_onnx(tmp_path / "m.onnx", metadata={"convnet.model": "QQQQQQQQ"})
+    path.write_bytes(path.read_bytes().replace(b"QQQQQQQQ", b"\xff\xfe\xfd\xfcQQQQ"))
+    with pytest.raises(RunError, match="its metadata is not UTF-8 text"):
+        open_onnx(path)
+    path = tiny_onnx(tmp_path / "m.onnx", reshape=(1, 2))  # loads, but fails on a batch of more than one image
+    model = open_onnx(path)
+    assert model.probabilities(np.zeros((1, 1, 2, 1), np.uint8)).shape == (1, 2)
+    with pytest.raises(RunError, match=r"ONNX Runtime failed on this model \(The input tensor cannot be reshaped"):
+        model.probabilities(np.zeros((3, 1, 2, 1), np.uint8))
+    assert capsys.readouterr().err == ""  # ONNX Runtime's own log stays quiet: the error says it all
 
 
 def test_an_onnx_file_not_from_convnet_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,7 +271,7 @@ def test_predict_and_evaluate_accept_the_onnx_file(trained_run: Path, toy: Path,
 
 def test_colour_folder_run_exports_and_evaluates_from_its_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    """A run of issue 8's colour folders: the .onnx file takes RGB images and finds the
+    """A run on folders of colour images: the .onnx file takes RGB images and finds the
     run's split again from its own metadata, without the run folder's split.json."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)

@@ -144,6 +144,15 @@ BAD = [  # (description, request keyword arguments, status, fragment of the erro
         "content-type": "multipart/form-data; boundary=x"}}, 400, ""),
     ("bad query value", lambda p: {"files": [("file", ("a.png", p.read_bytes(), "image/png"))],
                                    "params": {"include_input": "maybe"}}, 422, "include_input"),
+    ("deeply nested JSON", lambda p: {"content": b"[" * 2000, "headers": {"content-type": "application/json"}}, 400,
+     "nested too deeply"),
+    ("JSON number of 5,000 digits", lambda p: {"content": b'{"images": [' + b"9" * 5000 + b"]}",
+                                               "headers": {"content-type": "application/json"}}, 400,
+     "a number with too many digits"),
+    ("Content-Length of 5,000 digits", lambda p: {"content": b"{}", "headers": {
+        "content-type": "application/json", "content-length": "9" * 5000}}, 413, "more than 10^18 bytes"),
+    ("Content-Length not a number", lambda p: {"content": b"{}", "headers": {
+        "content-type": "application/json", "content-length": "2e3"}}, 400, "'2e3' is not a number"),
 ]
 
 
@@ -199,7 +208,9 @@ def test_flags_are_checked_and_the_default_host_is_loopback(onnx_file: Path,
     assert build_parser().parse_args(["serve", "x.onnx"]).host == "127.0.0.1"
     for flags, message in ((["--port", "70000"], "--port must be between"), (["--max-batch", "0"], "--max-batch"),
                            (["--max-images", "0"], "--max-images"), (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
-                           (["--host", "no.such.host.invalid"], "--host")):
+                           (["--batch-wait-ms", "nan"], "--batch-wait-ms"),
+                           (["--host", "no.such.host.invalid"], "--host"),
+                           (["--host", "a..b"], "--host a..b: not a valid host name")):
         assert main(["serve", str(onnx_file), *flags]) == 1
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
@@ -213,6 +224,37 @@ def test_flags_are_checked_and_the_default_host_is_loopback(onnx_file: Path,
         assert main(["serve", str(onnx_file), "--port", str(taken.getsockname()[1])]) == 1
     err = capsys.readouterr().err
     assert "cannot listen on 127.0.0.1" in err and "choose another --port" in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0"])
+def test_max_body_mb_must_be_a_finite_number(value: str, onnx_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", str(onnx_file), f"--max-body-mb={value}"]) == 1  # "=": argparse takes -inf for a flag
+    err = capsys.readouterr().err
+    assert err.startswith("convnet: error: --max-body-mb must be a finite number of at least 0.001 (MB)")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_model_failing_in_onnx_runtime_is_one_json_error(onnx_file: Path, pngs: list[Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A model that fails at run time (a file changed after its export): 500 with the
+    reason as JSON, one line on the server's stderr, and the service still up."""
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    class Failing:
+        def run(self, *args: object) -> None:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Gemm node")
+
+    model = dataclasses.replace(open_onnx(onnx_file), session=Failing())
+    with TestClient(create_app(model, ServeOptions())) as c:
+        r = c.post("/predict", files=files(pngs[0]))
+        assert r.status_code == 500 and set(r.json()) == {"error"}
+        assert "ONNX Runtime failed on this model (Non-zero status code returned while running Gemm node)" \
+            in r.json()["error"]
+        assert c.get("/health").status_code == 200
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 # --- a real server process

@@ -26,8 +26,8 @@ DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10")  # checked against the reg
 
 
 def _named_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES,
-                   help="named data set, see `convnet datasets` (default: %(default)s)")
+    p.add_argument("--dataset", default=None, choices=DATASET_NAMES,
+                   help="named data set, see `convnet datasets` (default: fashion-mnist)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="folder with the named data set's files (default: cache, then system copy, then download)")
 
@@ -192,8 +192,11 @@ def data_options(a: argparse.Namespace) -> Any:
     from convnet.folders import parse_image_size
 
     folder = getattr(a, "data", None)
+    if folder is not None and a.dataset is not None:
+        raise ConvnetError(f"--data {folder} (a folder of images) and --dataset {a.dataset} cannot be combined; "
+                           "give one")
     return DataOptions(
-        dataset=a.dataset, data_dir=str(a.data_dir) if a.data_dir is not None else None,
+        dataset=a.dataset or "fashion-mnist", data_dir=str(a.data_dir) if a.data_dir is not None else None,
         folder=str(folder) if folder is not None else None, subset=getattr(a, "subset", None),
         image_size=parse_image_size(a.image_size) if getattr(a, "image_size", None) else None,
         channels=getattr(a, "channels", None), test_split=getattr(a, "test_split", 0.2),
@@ -252,8 +255,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    import math
+
     from convnet.serve import ServeOptions, serve
 
+    if not (math.isfinite(a.max_body_mb) and a.max_body_mb >= 0.001):  # nan and inf cannot become a byte count
+        raise ConvnetError(f"--max-body-mb must be a finite number of at least 0.001 (MB), got {a.max_body_mb:g}")
     serve(a.model, ServeOptions(host=a.host, port=a.port, max_body_bytes=round(a.max_body_mb * 1e6),
                                 max_images=a.max_images, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms))
     return 0
@@ -303,7 +310,8 @@ def cmd_tutorial(a: argparse.Namespace) -> int:
     from convnet.data import DataOptions
     from convnet.tutorial import run_tutorial
 
-    data = DataOptions(dataset=a.dataset, data_dir=str(a.data_dir) if a.data_dir is not None else None)
+    data = DataOptions(dataset=a.dataset or "fashion-mnist",
+                       data_dir=str(a.data_dir) if a.data_dir is not None else None)
     run_tutorial(data, a.out, device=a.device, faithful=a.faithful, quick=a.quick, progress=not a.no_progress)
     return 0
 
@@ -312,7 +320,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from convnet.bench import BenchResult, bench, format_bench, format_time_to_accuracy
     from convnet.data import DataOptions
 
-    data = DataOptions(dataset=a.dataset, data_dir=str(a.data_dir) if a.data_dir is not None else None)
+    data = DataOptions(dataset=a.dataset or "fashion-mnist",
+                       data_dir=str(a.data_dir) if a.data_dir is not None else None)
     result = bench(data, device=a.device, model=a.model, batch_size=a.batch_size, train_images=a.train_images,
                    repeats=a.repeats, target=a.target, recipe=a.recipe, seeds=a.seeds, reference=not a.no_reference)
     if a.json:

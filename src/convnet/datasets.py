@@ -12,6 +12,7 @@ evaluate, report, export, serve) reads it from there.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -72,11 +73,11 @@ class InputSpec:
         """
         if not isinstance(d, dict):
             raise RunError(f"{where}: the input spec is not an object; the run folder is damaged")
-        checks = {"channels": lambda v: v in (1, 3), "height": lambda v: type(v) is int and v > 0,
+        checks = {"channels": lambda v: type(v) is int and v in (1, 3), "height": lambda v: type(v) is int and v > 0,
                   "width": lambda v: type(v) is int and v > 0,
                   "classes": lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v),
                   "dark_background": lambda v: isinstance(v, bool), "hflip": lambda v: isinstance(v, bool),
-                  "scale": lambda v: isinstance(v, float | int) and v > 0}
+                  "scale": lambda v: type(v) in (float, int) and math.isfinite(v) and v > 0}
         for key, ok in checks.items():
             if key not in d and key in ("dark_background", "hflip", "scale"):
                 continue

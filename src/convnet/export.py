@@ -127,6 +127,9 @@ def check_output(out: Path) -> None:
         raise ConvnetError(f"-o {out}: folder {out.parent} does not exist; create it first")
     if not os.access(out.parent, os.W_OK):
         raise ConvnetError(f"-o {out}: folder {out.parent} is not writable")
+    if parity_path(out).is_dir():
+        raise ConvnetError(f"-o {out}: its parity figures go to {parity_path(out)}, which is a folder; "
+                           "choose another file name")
 
 
 def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
@@ -140,7 +143,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | No
     """
     from convnet.data import run_data
 
-    runs.open_run(run_dir)  # a missing run is named before its output path
+    recorded_accuracy(runs.open_run(run_dir))  # a missing run or damaged scores are named before the output path
     path = Path(out) if out is not None else default_output(run_dir)
     check_output(path)
     model, run = load_model(run_dir, Engine.faithful())  # fp32, NCHW: the arithmetic the graph has
@@ -231,9 +234,8 @@ def run_metadata(run: runs.Run, parity: Parity | None) -> dict[str, str]:
     """The metadata written into the .onnx file (all values strings, JSON where structured)."""
     from convnet import __version__
 
-    metrics = run.path / runs.METRICS
-    recorded = runs.read_json(metrics).get("test", {}).get("accuracy") if metrics.is_file() else None
-    if not isinstance(recorded, float):  # no metrics.json: the fp32 score measured at export
+    recorded = recorded_accuracy(run)
+    if recorded is None:  # no metrics.json: the fp32 score measured at export
         recorded = parity.torch_accuracy if parity is not None else None
     meta = {
         "convnet.version": __version__,
@@ -249,6 +251,35 @@ def run_metadata(run: runs.Run, parity: Parity | None) -> dict[str, str]:
     if run.config["data"].get("kind") == "folder" and (run.path / runs.SPLIT).is_file():
         meta["convnet.split"] = json.dumps(runs.read_json(run.path / runs.SPLIT))
     return meta
+
+
+def recorded_accuracy(run: runs.Run) -> float | None:
+    """The test accuracy in the run's ``metrics.json`` (what ``convnet evaluate`` wrote);
+    None without the file or without a test accuracy in [0, 1].
+
+    Raises:
+        RunError: the file is not JSON, or not an object of scores (a ``test`` object).
+    """
+    path = run.path / runs.METRICS
+    if not path.is_file():
+        return None
+    metrics = runs.read_json(path)
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("test", {}), dict):
+        found = (_json_kind(metrics) if not isinstance(metrics, dict)
+                 else f"\"test\" holding {_json_kind(metrics['test'])}")
+        raise RunError(f"{path}: not the scores `convnet evaluate` writes (a JSON object; found {found}); "
+                       f"run `convnet evaluate {run.path}` again to rewrite it")
+    value = metrics.get("test", {}).get("accuracy")
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:  # NaN fails too
+        return float(value)
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    kinds = ((bool, "true or false"), (int | float, "a number"), (str, "a string"), (list, "an array"),
+             (dict, "an object"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "null")
 
 
 def set_metadata(proto: Any, meta: dict[str, str]) -> None:

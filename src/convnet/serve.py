@@ -19,7 +19,9 @@ here (README, "Use the model elsewhere"); a run folder is exported to ONNX in me
 the server starts.
 
 Every bad request is answered 4xx with ``{"error": "..."}`` naming the problem, before
-any of it reaches the model; a body over ``max_body_bytes`` is refused (and not kept).
+any of it reaches the model; a body over ``max_body_bytes`` is refused (and not kept). A
+model that fails in ONNX Runtime (a file changed after its export) is answered 500 with
+``{"error": "..."}`` saying why, and the same line on the server's stderr.
 Uvicorn handles SIGTERM and Ctrl-C: it stops accepting connections, lets the requests in
 flight finish, then the batcher stops.
 """
@@ -56,6 +58,7 @@ from convnet.errors import ConvnetError, InputError
 TOP_K = 5
 DRAIN_FACTOR = 4  # a body over the limit is read and dropped up to 4 times the limit, then cut off
 _UPLOAD_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")  # how Pillow names bytes in its errors
+_DIGITS = re.compile(r"[0-9]+")
 MULTIPART, JSON = "multipart/form-data", "application/json"
 
 
@@ -224,11 +227,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     the limit is kept, and at most ``DRAIN_FACTOR * limit`` bytes are read (and dropped) so
     that the client, still sending, can read the answer; a longer body is cut off."""
     declared = request.headers.get("content-length")
-    if declared is not None and not declared.isdigit():
-        raise RequestError(400, f"Content-Length {declared!r} is not a number")
-    too_long = RequestError(413, f"request body{f' of {int(declared):,} bytes' if declared else ''} is over the "
-                                 f"limit of {limit:,} bytes (--max-body-mb)")
-    if declared is not None and int(declared) > DRAIN_FACTOR * limit:
+    if declared is not None and not _DIGITS.fullmatch(declared):  # not str.isdigit: "²".isdigit() is True
+        raise RequestError(400, f"Content-Length {declared[:40]!r} is not a number")
+    said, length = "", None
+    if declared is not None:
+        digits = declared.lstrip("0") or "0"
+        length = int(digits) if len(digits) <= 18 else 10**18 + 1  # int() refuses 4,300 digits and more
+        said = f" of {length:,} bytes" if length <= 10**18 else " of more than 10^18 bytes"
+    too_long = RequestError(413, f"request body{said} is over the limit of {limit:,} bytes (--max-body-mb)")
+    if length is not None and length > DRAIN_FACTOR * limit:
         raise too_long  # too long even to drain: the connection is closed under the client
     chunks: list[bytes] = []
     size = 0
@@ -265,8 +272,13 @@ def _json_images(body: bytes, spec: Any, max_images: int) -> np.ndarray:
 
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:  # json's parser recurses once per "[" or "{"
+        raise RequestError(400, "body is not usable JSON: its arrays or objects are nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # both ValueErrors, with a position worth showing
         raise RequestError(400, f"body is not valid JSON ({e})") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits, which Python refuses to convert
+        problem = "a number with too many digits" if "digits" in str(e) else str(e).split(";")[0]
+        raise RequestError(400, f"body is not usable JSON ({problem})") from None
     if not isinstance(data, dict) or set(data) != {"images"}:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise RequestError(400, f"expected a JSON object {{\"images\": [...]}}, got {keys}")
@@ -410,6 +422,11 @@ def create_app(model: Any, options: ServeOptions) -> FastAPI:
     async def bad_request(request: Request, e: RequestError) -> JSONResponse:
         return JSONResponse({"error": e.message}, status_code=e.status)
 
+    @app.exception_handler(ConvnetError)
+    async def model_failed(request: Request, e: ConvnetError) -> JSONResponse:  # the model's fault, not the request's
+        print(f"convnet: error: {e}", file=sys.stderr, flush=True)
+        return JSONResponse({"error": str(e)}, status_code=500)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
@@ -469,6 +486,8 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise ConvnetError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    except UnicodeError:  # a name the IDNA codec refuses: an empty label ("a..b"), one over 63 characters
+        raise ConvnetError(f"--host {host[:80]}: not a valid host name or address") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)  # IPPROTO_TCP: the event loop turns Nagle off only on such sockets
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
