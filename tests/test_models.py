@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from convnet.errors import ConvnetError
-from convnet.models import create_model, list_models
+from convnet.models import create_model, fold_batchnorm, list_models
 
 
 class TutorialConvNet(nn.Module):
@@ -73,3 +73,24 @@ def test_unknown_model_lists_the_valid_ones() -> None:
         create_model("seed", num_classes=1)
     with pytest.raises(ConvnetError, match="at least 8x8 pixels, got 10, 1, 7x28"):
         create_model("fastnet", image_size=(7, 28))
+
+
+@pytest.mark.parametrize("name", sorted(list_models()))
+def test_folding_batchnorm_keeps_the_logits_and_the_model(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, 10, 3, (24, 24)).train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics that are not the identity
+            model(torch.rand(32, 3, 24, 24) * 2)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    x = torch.rand(16, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the model itself was changed"
+    followed = [m for m in model.modules() if isinstance(m, nn.Sequential)
+                for a, b in zip(m, list(m)[1:], strict=False) if type(a) is nn.Conv2d and type(b) is nn.BatchNorm2d]
+    kept = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert kept == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - len(followed)
+    assert (folded is model) == (not followed)

@@ -8,6 +8,7 @@ model knows which device it runs on.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 from torch import nn
@@ -62,6 +63,27 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1,
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """For inference: a copy of ``model`` in which every ``BatchNorm2d`` that follows a
+    ``Conv2d`` in an ``nn.Sequential`` is folded into the convolution's weights and bias
+    (PyTorch's ``fuse_conv_bn_eval``): the same logits up to rounding, one pass over the
+    activations fewer per convolution. ``model`` itself when there is nothing to fold."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    def pairs(m: nn.Module) -> list[tuple[str, int]]:
+        return [(name, i) for name, seq in m.named_modules() if isinstance(seq, nn.Sequential)
+                for i in range(len(seq) - 1) if type(seq[i]) is nn.Conv2d and type(seq[i + 1]) is nn.BatchNorm2d
+                and seq[i + 1].track_running_stats]
+
+    if not pairs(model):
+        return model
+    folded = copy.deepcopy(model).eval()
+    for name, i in pairs(folded):
+        seq = folded.get_submodule(name)
+        seq[i], seq[i + 1] = fuse_conv_bn_eval(seq[i], seq[i + 1]), nn.Identity()
+    return folded
 
 
 class ConvNet(nn.Module):

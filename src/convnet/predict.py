@@ -21,7 +21,7 @@ from convnet.datasets import DiskImages, InputSpec
 from convnet.engine import Engine, make_engine
 from convnet.errors import InputError
 from convnet.inputs import as_images, input_batches
-from convnet.models import create_model
+from convnet.models import create_model, fold_batchnorm
 
 
 def infer(model: nn.Module, images: torch.Tensor | DiskImages, *, engine: Engine | None = None,
@@ -38,6 +38,8 @@ def infer(model: nn.Module, images: torch.Tensor | DiskImages, *, engine: Engine
     engine = engine or Engine.fast()
     batch_size = batch_size or engine.infer_batch_size
     model.eval()
+    if engine.fold_batchnorm:
+        model = fold_batchnorm(model)  # a copy; the caller's model is left as it is
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
