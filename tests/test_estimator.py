@@ -234,6 +234,7 @@ def test_pickle_keeps_the_weights_as_safetensors(fitted: ConvNetClassifier,
 
 def test_save_load_and_the_command_line(digits: tuple[np.ndarray, np.ndarray], tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Saved with held-out images: they are kept in the run folder, and every command uses them."""
     from convnet.cli import main
 
     X, y = digits
@@ -242,8 +243,14 @@ def test_save_load_and_the_command_line(digits: tuple[np.ndarray, np.ndarray], t
     config = runs.read_json(run / runs.CONFIG)
     assert config["input"] == clf.input_spec_.to_json() and config["data"]["name"] == "arrays"
     assert config["estimator"]["classes"] == list(range(3, 13)) and config["estimator"]["params"]["lr"] is None
+    assert (config["data"]["train_images"], config["data"]["test_images"]) == (400, 200)
+    assert config["data"]["test_data"] == runs.TEST_DATA
+    kept = runs.load_tensors(run / runs.TEST_DATA)  # safetensors: reading it runs no code
+    assert kept["images"].dtype == torch.uint8 and kept["images"].shape == (200, 1, 8, 8)
+    assert kept["labels"].tolist() == y[400:600].tolist()  # class indices: labels 3..12 are 0..9
     metrics = runs.read_json(run / runs.METRICS)
-    assert metrics["test"]["accuracy"] == pytest.approx(clf.score(X[400:600], y[400:600] + 3), abs=0.01)
+    accuracy = clf.score(X[400:600], y[400:600] + 3)
+    assert metrics["test"]["accuracy"] == pytest.approx(accuracy, abs=0.01)
     assert all((run / "plots" / f"{name}.png").is_file() for name in ("history", "confusion_matrix", "mistakes"))
 
     back = ConvNetClassifier.load(run)
@@ -263,10 +270,41 @@ def test_save_load_and_the_command_line(digits: tuple[np.ndarray, np.ndarray], t
     assert (tmp_path / "r.html").stat().st_size > 10_000
     assert main(["compare", str(run)]) == 0
     capsys.readouterr()
-    assert main(["evaluate", "--device", "cpu", str(run)]) == 1  # the training images are not kept: said so
-    assert "given in Python" in capsys.readouterr().err
+    assert main(["evaluate", "--device", "cpu", "--json", str(run)]) == 0  # scored again on the kept images
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["test"]["accuracy"] == pytest.approx(accuracy, abs=0.01)
+    assert scored["train"]["accuracy"] is None  # no training images kept: not measured, not made up
+    assert main(["evaluate", "--device", "cpu", str(run)]) == 0
+    assert "Train Accuracy : not measured" in capsys.readouterr().out
+    assert main(["compare", str(run)]) == 0  # a run without a train accuracy is still compared
     with pytest.raises(ConvnetError, match="not empty"):
         clf.save(run)
+
+
+def test_export_checks_parity_on_the_kept_images(fitted: ConvNetClassifier, digits: tuple[np.ndarray, np.ndarray],
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    from convnet.cli import main
+
+    X, y = digits
+    names = np.array([f"digit {v}" for v in y])
+    run = fitted.save(tmp_path / "run", X[600:700], names[600:700])
+    assert main(["export", str(run)]) == 0
+    parity = runs.read_json(run / "model.parity.json")
+    assert parity["images"] == 100 and parity["label_agreement"] == 1.0
+    capsys.readouterr()
+    assert main(["evaluate", "--json", str(run / "model.onnx")]) == 0  # the kept images beside the .onnx file
+    accuracy = json.loads(capsys.readouterr().out)["test"]["accuracy"]
+    assert accuracy == pytest.approx(fitted.score(X[600:700], names[600:700]), abs=0.01)
+
+    runs.save_tensors(run / runs.TEST_DATA, {"images": torch.zeros(3, 1, 10, 10, dtype=torch.uint8),
+                                             "labels": torch.zeros(3, dtype=torch.int64)})
+    assert main(["export", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"{runs.TEST_DATA}: not uint8 images (1, 8, 8)" in err and err.count("\n") == 1, err
+    (run / runs.TEST_DATA).write_bytes(pickle.dumps({"images": X[:3]}))  # a pickle is refused unread
+    assert main(["evaluate", "--device", "cpu", str(run)]) == 1
+    assert "not a valid safetensors file" in capsys.readouterr().err
 
 
 def test_load_a_convnet_train_run(toy_dir: Path, tmp_path: Path) -> None:
@@ -287,13 +325,63 @@ def test_load_a_convnet_train_run(toy_dir: Path, tmp_path: Path) -> None:
 
 
 def test_serving_a_saved_estimator(fitted: ConvNetClassifier, digits: tuple[np.ndarray, np.ndarray],
-                                   tmp_path: Path) -> None:
+                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Saved without held-out images: `convnet predict` and a real `convnet serve` on
+    127.0.0.1 answer in the estimator's class names; the commands that score say to pass
+    X_test, y_test to save()."""
     pytest.importorskip("onnxruntime")
-    from convnet.serve import load_for_serving
+    pytest.importorskip("fastapi")
+    from convnet.cli import main
+    from convnet.loadtest import multipart_body, start_server, stop_server
+
+    from .test_serve import _post
 
     run = fitted.save(tmp_path / "run")
-    served = load_for_serving(run)
-    assert served.spec == fitted.input_spec_
+    assert "test_data" not in runs.read_json(run / runs.CONFIG)["data"] and not (run / runs.TEST_DATA).exists()
+    png = tmp_path / "digit.png"
+    Image.fromarray(np.rint(digits[0][900] * 255).astype(np.uint8)).save(png)
+    expected = fitted.predict([png])[0]
+    capsys.readouterr()
+    assert main(["predict", "--device", "cpu", str(run), str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["class"] == expected
+    for command in (["evaluate", "--device", "cpu", str(run)], ["export", str(run)],
+                    ["report", "--device", "cpu", str(run), "-o", str(tmp_path / "r.html")]):
+        assert main(command) == 1, command
+        err = capsys.readouterr().err
+        assert err.startswith("convnet: error: ") and err.count("\n") == 1, err  # one line, no traceback
+        assert "pass X_test, y_test to save()" in err, err
+    assert not (run / "model.onnx").exists() and not (tmp_path / "r.html").exists()
+
+    proc, url = start_server(run)  # `convnet serve RUN --port 0`: exported in memory, on 127.0.0.1
+    with proc:  # its pipes closed at the end
+        try:
+            assert url.startswith("http://127.0.0.1:")
+            status, answer = _post(url + "predict", *multipart_body([png.read_bytes()]))
+        finally:
+            assert stop_server(proc) == 0
+    assert status == 200, answer
+    (prediction,) = answer["predictions"]
+    assert prediction["class"] == expected and expected in fitted.classes_  # "digit 0" … "digit 9"
+    assert {t["class"] for t in prediction["top"]} <= set(fitted.classes_.tolist())
+
+
+def test_grid_search_in_two_processes(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """GridSearchCV(n_jobs=2) pickles the estimator to two worker processes: the same
+    scores as in one process (the CPU trains the same model for the same random_state,
+    given the same number of threads: one, here as in the workers)."""
+    from joblib import parallel_config
+
+    X, y = digits
+    tiny = {**FAST, "epochs": 1}
+    grid = {"lr": [1e-3, 3e-3]}
+    with parallel_config(backend="loky", inner_max_num_threads=1):
+        search = GridSearchCV(ConvNetClassifier(**tiny), grid, cv=2, n_jobs=2).fit(X[:200], y[:200])
+    alone = GridSearchCV(ConvNetClassifier(**tiny), grid, cv=2).fit(X[:200], y[:200])
+    scores, expected = search.cv_results_["mean_test_score"], alone.cv_results_["mean_test_score"]
+    assert np.isfinite(scores).all() and (scores > 0.1).any(), scores  # chance is 0.1
+    assert np.allclose(scores, expected), (scores, expected)
+    assert search.best_params_ == alone.best_params_ and search.best_estimator_.config_.lr == search.best_params_["lr"]
+    assert np.array_equal(search.predict(X[200:260]), alone.predict(X[200:260]))  # refitted here, in this process
 
 
 # --- scikit-learn's own estimator checks

@@ -214,11 +214,15 @@ def cmd_train(a: argparse.Namespace) -> int:
     if outcome.evaluation is None:  # not the main process under torchrun
         return 0
     ev, result = outcome.evaluation, outcome.result
-    print(f"Train Accuracy : {ev.train.accuracy:.3f}")
+    print(f"Train Accuracy : {accuracy_text(ev.train.accuracy)}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
     assert result.run_dir is not None
     print(f"trained in {result.seconds:.1f} s; weights in {result.run_dir / 'model.safetensors'}")
     return 0
+
+
+def accuracy_text(accuracy: float | None) -> str:
+    return "not measured (the run keeps no training images)" if accuracy is None else f"{accuracy:.3f}"
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -231,7 +235,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(ev.to_json(), indent=2))
         return 0
-    print(f"Train Accuracy : {ev.train.accuracy:.3f}")
+    print(f"Train Accuracy : {accuracy_text(ev.train.accuracy)}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
     print("Test Data Classification Report :")
     print(ev.report_text)

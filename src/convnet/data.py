@@ -13,8 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from convnet import runs
-from convnet.datasets import Dataset
+from convnet.datasets import Dataset, Split
 from convnet.errors import DataError, RunError
 from convnet.sources import DATASETS, load_dataset, named
 
@@ -103,7 +105,9 @@ def run_data(run: runs.Run, data_dir: str | os.PathLike[str] | None = None, *, p
     """The data set a run was trained on, split as it was: for a folder of images the
     recorded files of each split (``split``, else the run's ``split.json``); for a named
     set the same subset, from ``data_dir`` if given, else from the folder it was read from
-    if that still exists, else found as usual.
+    if that still exists, else found as usual; for images given in Python the held-out
+    images :meth:`ConvNetClassifier.save <convnet.estimator.ConvNetClassifier.save>` kept
+    (no training images are kept: the training split is empty, and its accuracy not measured).
 
     Raises:
         RunError: the data found is not the run's (other counts, sizes or classes).
@@ -120,11 +124,13 @@ def run_data(run: runs.Run, data_dir: str | os.PathLike[str] | None = None, *, p
                               test_split=float(data.get("test_split", 0.2)),
                               skip_bad_images=bool(data.get("skip_bad_images", False)), hflip=spec.hflip)
         dataset = load_data(options, progress=progress, files=split)
+    elif data.get("test_data") is not None:
+        return _kept_test_data(run, data_dir)
     elif data.get("name") not in DATASETS:
-        raise RunError(f"{run.path} was trained on images given in Python ({data.get('name')!r}), which convnet "
-                       "cannot read again; its model predicts and serves, but scoring it needs those images: in "
-                       "Python use ConvNetClassifier.score(X, y) or convnet.evaluate(model, dataset); "
-                       "clf.save(DIR, X_test, y_test) keeps held-out scores that `convnet report` and `compare` show")
+        raise RunError(f"{run.path} keeps no images to score on (it was trained on images given in Python, "
+                       f"{data.get('name')!r}); pass X_test, y_test to save(): clf.save(DIR, X_test, y_test) keeps "
+                       "held-out images for `convnet evaluate`, `report` and `export` (`predict` and `serve` work "
+                       "without them)")
     else:
         if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
             data_dir = data["source"]
@@ -138,3 +144,28 @@ def run_data(run: runs.Run, data_dir: str | os.PathLike[str] | None = None, *, p
                        f"{dataset.source} holds {dataset.spec.shape} images of {dataset.num_classes}; "
                        "give the run's own data")
     return replace(dataset, spec=spec)
+
+
+def _kept_test_data(run: runs.Run, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
+    """The held-out images and labels a saved estimator keeps (``runs.TEST_DATA``, named by
+    the run's ``data.test_data``), read from ``data_dir`` if given, else from the run folder
+    (or the folder of an .onnx file exported from it). No training images are kept: the
+    training split is empty, so evaluation reports its accuracy as not measured.
+
+    Raises:
+        RunError: the file is missing, or not images in the run's input spec with class indices.
+    """
+    name = run.config["data"]["test_data"]
+    if not isinstance(name, str) or Path(name).name != name:  # a file beside config.json, nowhere else
+        raise RunError(f"{run.path}: malformed data.test_data ({name!r}) in its config; the run folder is damaged")
+    path = Path(data_dir or (run.path if run.path.is_dir() else run.path.parent)) / name
+    tensors = runs.load_tensors(path)
+    images, labels, spec = tensors.get("images"), tensors.get("labels"), run.spec
+    if (images is None or labels is None or images.dtype != torch.uint8 or tuple(images.shape[1:]) != spec.shape
+            or labels.dtype != torch.int64 or tuple(labels.shape) != (len(images),) or len(labels) == 0
+            or int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
+        raise RunError(f"{path}: not uint8 images {spec.shape} with their class indices (0 to "
+                       f"{spec.num_classes - 1}); the run folder is damaged")
+    held_out = Split(images, labels)
+    none = Split(images[:0], labels[:0])
+    return Dataset(str(run.config["data"]["name"]), spec, none, held_out, source=str(path.resolve()))

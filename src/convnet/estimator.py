@@ -222,16 +222,19 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     # --- saving
 
     def save(self, path: str | os.PathLike[str], X_test: Any = None, y_test: Any = None) -> Path:
-        """Write a run folder (a new or empty folder) that ``convnet predict``, ``export``
-        and ``serve`` use like any other, and that :meth:`load` reads back.
+        """Write a run folder (a new or empty folder) that ``convnet predict``, ``serve``,
+        ``evaluate``, ``report`` and ``export`` use like any other, and that :meth:`load`
+        reads back.
 
         ``config.json`` records the settings, the input spec and this estimator's
         parameters and labels; ``history.json`` the epochs; ``model.safetensors`` the
-        weights. The training images are not kept, so ``convnet evaluate`` cannot score
-        the run again; given held-out images ``X_test`` and labels ``y_test``, their scores
-        are written as ``metrics.json`` and ``plots/``, which ``convnet report`` and
-        ``compare`` show (the train accuracy there is the one measured on the training
-        batches during the last epoch).
+        weights. The training images are not kept. Given held-out images ``X_test`` and
+        labels ``y_test``, they are kept as ``test_data.safetensors`` (uint8 images and
+        class indices, named in ``config.json``'s ``data`` record), the run's data for
+        ``convnet evaluate`` and ``report`` and for ``export``'s parity check; their scores
+        are written as ``metrics.json`` and ``plots/`` (the train accuracy there is the one
+        measured on the training batches during the last epoch). Without them, those three
+        commands say to pass ``X_test``, ``y_test`` here.
 
         Returns:
             The run folder.
@@ -239,9 +242,12 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         test = self._held_out(X_test, y_test)
         run_dir = runs.new_run_dir(path, f"{self.config_.model}-{self.config_.optimizer}")
+        data: dict[str, Any] = {"name": "arrays", "train_images": getattr(self, "_train_images", None)}
+        if test is not None:  # written before config.json names it
+            runs.save_tensors(run_dir / runs.TEST_DATA, {"images": test[0], "labels": test[1]})
+            data.update(test_images=len(test[1]), test_data=runs.TEST_DATA)
         engine = make_engine(self.device, faithful=self.config_.faithful)
-        write_config(run_dir, self.config_, self.input_spec_, engine, self.model_,
-                     {"name": "arrays", "train_images": getattr(self, "_train_images", None)})
+        write_config(run_dir, self.config_, self.input_spec_, engine, self.model_, data)
         record = runs.read_json(run_dir / runs.CONFIG)
         record["estimator"] = {"params": self.get_params(), "classes": self.classes_.tolist()}
         runs.write_json(run_dir / runs.CONFIG, json.loads(json.dumps(record, default=repr)))

@@ -19,7 +19,7 @@ from convnet.predict import infer, load_model
 
 @dataclass
 class SplitScores:
-    accuracy: float
+    accuracy: float | None  # None: not measured (a run that keeps no training images)
     predictions: torch.Tensor  # (N,) class indices
     probabilities: torch.Tensor  # (N, num_classes)
 
@@ -83,7 +83,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None
     dataset = replace(dataset, train=as_split(dataset.train, dataset.spec, "train"),
                       test=as_split(dataset.test, dataset.spec, "test"))
     engine = engine or Engine.fast()
-    train = scores(infer(model, dataset.train.images, engine=engine, tta=tta), dataset.train.labels)
+    train = scores(infer(model, dataset.train.images, engine=engine, tta=tta), dataset.train.labels) \
+        if len(dataset.train) else SplitScores(None, torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
     test = scores(test_logits if test_logits is not None else infer(model, dataset.test.images, engine=engine,
                                                                      tta=tta), dataset.test.labels)
     return evaluation(dataset, train, test)

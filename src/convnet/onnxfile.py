@@ -215,7 +215,7 @@ def evaluate_onnx(path: str | os.PathLike[str], *, data_dir: str | os.PathLike[s
     through its metadata (``convnet.data``, ``convnet.split``) or in ``data_dir``."""
     from convnet import runs
     from convnet.data import run_data
-    from convnet.evaluate import evaluation, probability_scores
+    from convnet.evaluate import SplitScores, evaluation, probability_scores
 
     model = open_onnx(path)
     data = model._json("convnet.data")
@@ -234,4 +234,6 @@ def evaluate_onnx(path: str | os.PathLike[str], *, data_dir: str | os.PathLike[s
     def score(split: Any) -> Any:
         return probability_scores(torch.from_numpy(model.probabilities(split.images)), split.labels.cpu())
 
-    return evaluation(dataset, score(dataset.train), score(dataset.test))
+    train = score(dataset.train) if len(dataset.train) else \
+        SplitScores(None, torch.empty(0, dtype=torch.int64), torch.empty(0, 0))  # no training images kept
+    return evaluation(dataset, train, score(dataset.test))

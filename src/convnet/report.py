@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -61,8 +62,9 @@ class RunSummary:
         return self.metrics["test"]["report"]  # type: ignore[no-any-return]
 
     @property
-    def train_accuracy(self) -> float:
-        return float(self.metrics["train"]["accuracy"])
+    def train_accuracy(self) -> float | None:
+        value = self.metrics["train"]["accuracy"]
+        return None if value is None else float(value)  # None: a run that keeps no training images
 
     @property
     def test_accuracy(self) -> float:
@@ -203,7 +205,7 @@ def format_comparison(summaries: Sequence[RunSummary]) -> str:
         lines.append(row(label, [str(s.config["train"].get(key, "")) for s in summaries]))
     lines.append(row("train images", [f"{s.config['data'].get('train_images', 0):,}" for s in summaries]))
     lines.append(row("training s", [f"{s.training_seconds:.1f}" for s in summaries]))
-    lines.append(row("train accuracy", [f"{s.train_accuracy:.3f}" for s in summaries]))
+    lines.append(row("train accuracy", [_accuracy(s.train_accuracy) for s in summaries]))
     lines.append(row("test accuracy", [f"{s.test_accuracy:.3f}" for s in summaries]))
     for key, label in (("loss", "training loss"), ("val_loss", "validation loss"), ("val_accuracy", "val accuracy")):
         curves = [[h.get(key) for h in s.history] for s in summaries]
@@ -251,6 +253,10 @@ window.addEventListener("load", function () {
 """
 
 
+def _accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _img(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>'
@@ -286,7 +292,7 @@ def _comparison_html(summaries: Sequence[RunSummary]) -> str:
     train_config = [(k, [str(s.config["train"].get(k, "")) for s in summaries])
                     for k in ("model", "optimizer", "lr", "epochs", "batch_size", "seed")]
     rows = [[k, *v] for k, v in train_config] + [
-        ["train accuracy", *(f"{s.train_accuracy:.3f}" for s in summaries)],
+        ["train accuracy", *(_accuracy(s.train_accuracy) for s in summaries)],
         ["test accuracy", *(f"{s.test_accuracy:.3f}" for s in summaries)],
         ["final training loss", *(f"{s.history[-1]['loss']:.3f}" if s.history else "-" for s in summaries)],
         ["training seconds", *(f"{s.training_seconds:.1f}" for s in summaries)],
@@ -304,7 +310,8 @@ def _comparison_html(summaries: Sequence[RunSummary]) -> str:
         '<h2>Comparison</h2><div class="row"><div>',
         _table(["", *names], rows),
         "</div>",
-        _img(plots.save(plots.plot_accuracies(names, [s.train_accuracy for s in summaries],
+        _img(plots.save(plots.plot_accuracies(names, [math.nan if s.train_accuracy is None else s.train_accuracy
+                                                      for s in summaries],
                                               [s.test_accuracy for s in summaries])), "accuracy of each run"),
         "</div>",
         _img(plots.save(plots.plot_histories([s.history for s in summaries], names)), "loss curves overlaid"),
@@ -331,7 +338,7 @@ def _run_html(s: RunSummary, anchor: str) -> str:
     images = {k: _img(s.plot(k).read_bytes(), alt) for k, alt in pictures.items()}
     return "".join([
         f'<section id="{anchor}"><h2>Run {e(s.name)}</h2><p class="muted">{e(str(s.path))}</p>',
-        _table(["", "train", "test"], [["accuracy", f"{s.train_accuracy:.3f}", f"{s.test_accuracy:.3f}"]]),
+        _table(["", "train", "test"], [["accuracy", _accuracy(s.train_accuracy), f"{s.test_accuracy:.3f}"]]),
         images["history"],
         '<div class="row"><div><h3>Classification report (test set)</h3>',
         _table(["class", "precision", "recall", "f1-score", "support"], report_rows),

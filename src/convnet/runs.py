@@ -9,6 +9,7 @@
       checkpoint.safetensors  weights, optimizer state, random states and epoch, for --resume
       metrics.json         written by `convnet evaluate`
       split.json           for a folder of images: the files of the training and the test split
+      test_data.safetensors  for images given in Python: the held-out images and labels ConvNetClassifier.save kept
       skipped_images.txt   images left out with --skip-bad-images, one per line
 
 Every file is written to a temporary name in the same folder, flushed to disk and then
@@ -39,6 +40,7 @@ from convnet.errors import RunError
 CONFIG, HISTORY, WEIGHTS, CHECKPOINT, METRICS, SPLIT, SKIPPED = (
     "config.json", "history.json", "model.safetensors", "checkpoint.safetensors", "metrics.json", "split.json",
     "skipped_images.txt")
+TEST_DATA = "test_data.safetensors"
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
