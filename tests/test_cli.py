@@ -197,3 +197,23 @@ def test_resume_refuses_settings_it_would_ignore(trained: tuple[Path, Path],
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "leave out --lr, --epochs" in err, err
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_target_accuracy_run_reuses_its_last_test_measurement(tmp_path: Path, toy_dir: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Timed to a test accuracy: the test split is not scored again, nor the training
+    split (evaluate does that later)."""
+    run = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--recipe", "tutorial", "--model", "fastnet",
+                 "--lr", "0.003", "--epochs", "30", "--batch-size", "32", "--target-accuracy", "0.5", "--out", str(run),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Train Accuracy : not measured (a --target-accuracy run" in out, out
+    metrics = json.loads((run / runs.METRICS).read_text())
+    history = json.loads((run / runs.HISTORY).read_text())
+    assert metrics["train"]["accuracy"] is None
+    assert metrics["test"]["accuracy"] == pytest.approx(history[-1]["test_accuracy"])
+    assert metrics["test"]["accuracy"] >= 0.5 and len(history) < 30
+    assert main(["evaluate", "--device", "cpu", str(run), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert 0 < scored["train"]["accuracy"] <= 1 and scored["test"]["accuracy"] == metrics["test"]["accuracy"]

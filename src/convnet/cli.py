@@ -214,15 +214,16 @@ def cmd_train(a: argparse.Namespace) -> int:
     if outcome.evaluation is None:  # not the main process under torchrun
         return 0
     ev, result = outcome.evaluation, outcome.result
-    print(f"Train Accuracy : {accuracy_text(ev.train.accuracy)}")
+    why = "a --target-accuracy run; `convnet evaluate RUN` scores the training images"
+    print(f"Train Accuracy : {accuracy_text(ev.train.accuracy, why)}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
     assert result.run_dir is not None
     print(f"trained in {result.seconds:.1f} s; weights in {result.run_dir / 'model.safetensors'}")
     return 0
 
 
-def accuracy_text(accuracy: float | None) -> str:
-    return "not measured (the run keeps no training images)" if accuracy is None else f"{accuracy:.3f}"
+def accuracy_text(accuracy: float | None, why: str = "the run keeps no training images") -> str:
+    return f"not measured ({why})" if accuracy is None else f"{accuracy:.3f}"
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:

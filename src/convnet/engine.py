@@ -118,7 +118,7 @@ class Engine:
         # instructions autocast emulates it slowly, so it is used only where the CPU has them.
         # Inference is fastest in batches of 128 here: larger ones fall out of the caches
         # (seed model, bf16: 48k images/s at 128, 33k at 512, 14k at 2048). Folding batch norm into
-        # the convolutions: fastnet predicts 1.5x as fast on 2 AVX2 cores (README).
+        # the convolutions: fastnet predicts 1.16x as fast on 2 AVX2 cores (median of 11).
         return cls(device, channels_last=True, autocast=torch.bfloat16 if cpu_has_bf16() else None,
                    infer_batch_size=128, fold_batchnorm=True)
 

@@ -58,13 +58,15 @@ def probability_scores(probs: torch.Tensor, labels: torch.Tensor) -> SplitScores
 
 
 def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None, tta: bool = False,
-             test_logits: torch.Tensor | None = None) -> Evaluation:
+             test_logits: torch.Tensor | None = None, score_train: bool = True) -> Evaluation:
     """Accuracy on both splits; classification report and confusion matrix on the test split.
 
     Args:
         tta: predict each image as the mean of it and its mirror (see :func:`infer`).
         test_logits: the test split's logits when they are already known (the last
             measurement of a ``--target-accuracy`` run), so they are not computed again.
+        score_train: score the training split too; False (or a training split with no
+            images) leaves its accuracy None, not measured.
 
     The splits' images may be any array or tensor :func:`convnet.inputs.as_images`
     accepts (numpy ``(N, 28, 28)``, channels last …), their labels class indices.
@@ -84,7 +86,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None
                       test=as_split(dataset.test, dataset.spec, "test"))
     engine = engine or Engine.fast()
     train = scores(infer(model, dataset.train.images, engine=engine, tta=tta), dataset.train.labels) \
-        if len(dataset.train) else SplitScores(None, torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
+        if score_train and len(dataset.train) else \
+        SplitScores(None, torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
     test = scores(test_logits if test_logits is not None else infer(model, dataset.test.images, engine=engine,
                                                                      tta=tta), dataset.test.labels)
     return evaluation(dataset, train, test)
@@ -111,18 +114,19 @@ def score_split(model: nn.Module, split: Split, engine: Engine, tta: bool = Fals
 
 def evaluate_run(run_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
                  engine: Engine | None = None, dataset: Dataset | None = None, device: str = "auto",
-                 test_logits: torch.Tensor | None = None, progress: bool = True) -> Evaluation:
+                 test_logits: torch.Tensor | None = None, progress: bool = True,
+                 score_train: bool = True) -> Evaluation:
     """Evaluate a run folder's model on the data it was trained on (same subset, same
     split), with the run's own engine (faithful runs in fp32) and test-time augmentation,
     and write the scores to its ``metrics.json``."""
     return evaluate_run_data(run_dir, data_dir=data_dir, engine=engine, dataset=dataset, device=device,
-                             test_logits=test_logits, progress=progress)[0]
+                             test_logits=test_logits, progress=progress, score_train=score_train)[0]
 
 
 def evaluate_run_data(run_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
                       engine: Engine | None = None, dataset: Dataset | None = None, device: str = "auto",
-                      test_logits: torch.Tensor | None = None,
-                      progress: bool = True) -> tuple[Evaluation, Dataset]:
+                      test_logits: torch.Tensor | None = None, progress: bool = True,
+                      score_train: bool = True) -> tuple[Evaluation, Dataset]:
     """:func:`evaluate_run`, also returning the data it was scored on. The model is
     loaded (and checked) before the data is read."""
     from convnet.data import run_data
@@ -131,6 +135,6 @@ def evaluate_run_data(run_dir: str | os.PathLike[str], *, data_dir: str | os.Pat
     engine = engine or make_engine(device, faithful=run.faithful)
     model, run = load_model(run.path, engine)
     dataset = dataset or run_data(run, data_dir, progress=progress)
-    result = evaluate(model, dataset, engine=engine, tta=run.tta, test_logits=test_logits)
+    result = evaluate(model, dataset, engine=engine, tta=run.tta, test_logits=test_logits, score_train=score_train)
     runs.write_json(run.path / runs.METRICS, result.to_json())
     return result, dataset

@@ -116,10 +116,12 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
     if rank != 0:
         return TrainOutcome(result, None)
     assert result.run_dir is not None
-    # the final model's test logits are already known when a --target-accuracy run measured them last
+    # a --target-accuracy run measured the final model's test logits last: they are reused; it is timed to
+    # that accuracy, so the training images are not scored again (`convnet evaluate RUN` does that)
     test_logits = stop[0].logits if stop else None
     evaluation = evaluate_run(result.run_dir, engine=single_process(engine), data_dir=request.data.data_dir,
-                              dataset=dataset, test_logits=test_logits)  # the data already in memory, not read again
+                              dataset=dataset, test_logits=test_logits,  # the data in memory, not read again
+                              score_train=not result.config.target_accuracy)
     return TrainOutcome(result, evaluation)
 
 
