@@ -196,6 +196,8 @@ def test_resume_refuses_settings_it_would_ignore(trained: tuple[Path, Path],
     assert main(["train", "--device", "cpu", "--resume", str(run), "--epochs", "9", "--lr", "0.5"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "leave out --lr, --epochs" in err, err
+    assert main(["train", "--device", "cpu", "--resume", str(run), "--data", str(run), "--memory-budget", "9"]) == 1
+    assert "leave out --data, --memory-budget" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before
 
 

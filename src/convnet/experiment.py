@@ -139,7 +139,8 @@ def check_resume(request: TrainRequest) -> None:
     given += [f.name for f in fields(DataOptions) if f.name != "data_dir"
               and getattr(request.data, f.name) != getattr(default, f.name)]
     if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        flag = {"folder": "data", "memory_budget_mb": "memory_budget"}  # the flags of the other fields
+        flags = ", ".join("--" + flag.get(name, name).replace("_", "-") for name in given)
         raise ConvnetError(f"--resume continues a run with the settings and data it recorded; leave out {flags} "
                            "(to train differently, start a new run)")
 

@@ -136,6 +136,7 @@ def _walk(folder: Path, root: Path) -> tuple[list[tuple[str, os.stat_result]], l
     """Image files under ``folder`` (recursively, hidden ones left out) with their stat,
     and the other files, as paths relative to ``root``."""
     images, others = [], []
+
     def unreadable(e: OSError) -> None:
         raise DataError(f"--data: cannot read the folder {e.filename}: {e.strerror or e}")
 
