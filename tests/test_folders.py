@@ -294,9 +294,11 @@ def test_evaluate_gives_the_same_numbers_from_the_recorded_split(tmp_path: Path,
 def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
     """A 146 MiB cache (50,000 colour images of 32x32) with a memory budget of 8 MB: a whole
     epoch over all of it, and the final scoring of both splits, read it a batch at a time.
-    The peak RSS of that run stays far below the peak of the same run holding it in memory.
-    (The model is a tiny one registered for the test, so that the epoch is short: the data,
-    not the arithmetic, is what is measured.)"""
+    The peak of the memory Python and numpy allocate (tracemalloc: the images read, the
+    folder's index) stays a cache's size below the same run holding the images in memory.
+    Peak RSS is printed too, not asserted: glibc's arenas move it by up to 200 MB from one
+    run to the next. (The model is a tiny one registered for the test, so that the epoch is
+    short: the data, not the arithmetic, is what is measured.)"""
     root = tmp_path / "d"
     rng = np.random.default_rng(0)
     for label in range(2):
@@ -310,13 +312,15 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
                             f"load_data(DataOptions(folder={str(root)!r}, memory_budget_mb=0), progress=False)"],
                            capture_output=True, text=True, timeout=600, env=env)  # the cache, decoded once
     assert build.returncode == 0, build.stderr
-    peak = {}
+    peak, held = {}, {}
     for budget in ("8", "100000"):
         # the library call, not the command line: the command line tells glibc to keep freed memory
         # (engine.keep_freed_memory), which makes peak RSS a measure of the allocator's history; and the
         # peak of this process's own memory (VmHWM), not ru_maxrss, which Linux carries over from the
         # forking process (here pytest's) through exec
         script = (
+            "import tracemalloc\n"
+            "tracemalloc.start()\n"
             "from torch import nn\n"
             "from convnet.experiment import TrainRequest, run_training\n"
             "from convnet.data import DataOptions\n"
@@ -327,10 +331,12 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
             "                                     'augment': 'none', 'ema': 0.0},\n"
             f"    data=DataOptions(folder={str(root)!r}, memory_budget_mb={budget}), device='cpu',\n"
             f"    out={str(tmp_path / budget)!r}, progress=False))\n"
+            "print('HELD', tracemalloc.get_traced_memory()[1])\n"
             "print('PEAK', next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))\n")
         p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
         assert p.returncode == 0, p.stderr
         peak[budget] = int(p.stdout.split("PEAK")[-1]) / 1024  # MiB
+        held[budget] = int(p.stdout.split("HELD")[-1].split()[0]) / 2**20  # MiB
         assert ("a batch at a time" in p.stdout) == (budget == "8"), p.stdout
         assert "decoded" not in p.stdout, p.stdout  # both read the cache built above
         metrics = json.loads((tmp_path / budget / runs.METRICS).read_text())
@@ -338,8 +344,9 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
         data = json.loads((tmp_path / budget / runs.CONFIG).read_text())["data"]
         assert (data["train_images"], data["test_images"]) == (40_000, 10_000), data  # no subset
     cache_mib = 50_000 * 3 * 32 * 32 / 2**20  # 146 MiB
-    assert peak["100000"] - peak["8"] > 0.7 * cache_mib, peak
-    print(f"peak RSS: {peak['8']:.0f} MiB streaming, {peak['100000']:.0f} MiB in memory ({cache_mib:.0f} MiB cache)")
+    assert held["100000"] - held["8"] > 0.9 * cache_mib, held  # what streaming saves is the images themselves
+    print(f"peak allocated by Python and numpy: {held['8']:.0f} MiB streaming, {held['100000']:.0f} MiB in memory; "
+          f"peak RSS: {peak['8']:.0f} MiB streaming, {peak['100000']:.0f} MiB in memory ({cache_mib:.0f} MiB cache)")
 
 
 # --- a real data set: scikit-learn's handwritten digits
