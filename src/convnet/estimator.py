@@ -287,7 +287,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         spec = self.input_spec_
         train_accuracy = float(self.history_[-1].get("accuracy") or 0.0)
         evaluation = Evaluation(
-            classes=spec.classes, train=SplitScores(train_accuracy, torch.empty(0), torch.empty(0)), test=test,
+            classes=spec.classes, train=SplitScores.accuracy_only(train_accuracy), test=test,
             test_labels=labels, report=metrics.classification_report(test.predictions, labels, spec.classes),
             report_text=metrics.format_report(test.predictions, labels, spec.classes),
             confusion_matrix=metrics.confusion_matrix(test.predictions, labels, spec.num_classes))

@@ -23,6 +23,11 @@ class SplitScores:
     predictions: torch.Tensor  # (N,) class indices
     probabilities: torch.Tensor  # (N, num_classes)
 
+    @classmethod
+    def accuracy_only(cls, accuracy: float | None) -> SplitScores:
+        """An accuracy known without predictions to go with it (None: not measured)."""
+        return cls(accuracy, torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
+
 
 @dataclass
 class Evaluation:
@@ -86,8 +91,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None
                       test=as_split(dataset.test, dataset.spec, "test"))
     engine = engine or Engine.fast()
     train = scores(infer(model, dataset.train.images, engine=engine, tta=tta), dataset.train.labels) \
-        if score_train and len(dataset.train) else \
-        SplitScores(None, torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
+        if score_train and len(dataset.train) else SplitScores.accuracy_only(None)
     test = scores(test_logits if test_logits is not None else infer(model, dataset.test.images, engine=engine,
                                                                      tta=tta), dataset.test.labels)
     return evaluation(dataset, train, test)

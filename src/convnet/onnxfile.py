@@ -234,6 +234,5 @@ def evaluate_onnx(path: str | os.PathLike[str], *, data_dir: str | os.PathLike[s
     def score(split: Any) -> Any:
         return probability_scores(torch.from_numpy(model.probabilities(split.images)), split.labels.cpu())
 
-    train = score(dataset.train) if len(dataset.train) else \
-        SplitScores(None, torch.empty(0, dtype=torch.int64), torch.empty(0, 0))  # no training images kept
+    train = score(dataset.train) if len(dataset.train) else SplitScores.accuracy_only(None)  # none kept
     return evaluation(dataset, train, score(dataset.test))
