@@ -163,9 +163,9 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Mod
     return loss.detach()
 
 
-def spec_from_data(data: Any) -> InputSpec:
-    """The input spec of training data given without one: its images' channels and size,
-    and one class per label value, named ``"0"``, ``"1"``, ...
+def split_with_spec(data: Any) -> tuple[Split, InputSpec]:
+    """Training data given without an input spec, as a split, and its spec: its images'
+    channels and size, and one class per label value, named ``"0"``, ``"1"``, ...
 
     Raises:
         InputError: the images or labels cannot be used.
@@ -182,7 +182,8 @@ def spec_from_data(data: Any) -> InputSpec:
     n = len(images)
     y = as_labels(labels, n, 2**31 - 1, "data labels")
     num_classes = int(y.max()) + 1 if n else 1
-    return spec_of(images if isinstance(images, torch.Tensor) else images[:256], [str(k) for k in range(num_classes)])
+    spec = spec_of(images if isinstance(images, torch.Tensor) else images[:256], [str(k) for k in range(num_classes)])
+    return Split(images, y), spec  # converted once: as_split passes it through
 
 
 def train(
@@ -227,9 +228,9 @@ def train(
 
     if not isinstance(config, TrainConfig):
         raise ConvnetError(f"config: a {type(config).__name__} was given; expected a convnet.TrainConfig "
-                           "(e.g. convnet.recipe('cpu') or convnet.TrainConfig(epochs=5))")
+                           "(e.g. convnet.TrainConfig(epochs=5) or convnet.RECIPES['cpu'])")
     if spec is None:
-        spec = spec_from_data(data)
+        data, spec = split_with_spec(data)
     elif not isinstance(spec, InputSpec):
         raise ConvnetError(f"spec: a {type(spec).__name__} was given; expected a convnet.InputSpec "
                            "(a data set's .spec) or None to take it from the images")
