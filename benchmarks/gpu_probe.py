@@ -15,12 +15,12 @@ from dataclasses import replace
 import torch
 
 from convnet.bench import MakePredictions
+from convnet.catalog import load_dataset
 from convnet.config import TrainConfig
 from convnet.engine import Engine
+from convnet.inference import infer
 from convnet.models import create_model
-from convnet.predict import infer
-from convnet.sources import load_dataset
-from convnet.train import train
+from convnet.training import train
 
 
 def best_of(fn, n: int = 3) -> float:  # type: ignore[no-untyped-def]

@@ -23,13 +23,13 @@ from dataclasses import asdict, replace
 
 import torch
 
+from convnet.catalog import load_dataset
 from convnet.config import recipe
-from convnet.datasets import split_validation
+from convnet.datatypes import split_validation
 from convnet.engine import make_engine
-from convnet.evaluate import score_split
 from convnet.models import AirNet, register_model
-from convnet.sources import load_dataset
-from convnet.train import train
+from convnet.scoring import score_split
+from convnet.training import train
 
 # one more width to try, registered for this process only
 register_model("airnet-64-256-256", "airnet with widths 64-256-256")(lambda n, c, s: AirNet(n, c, (64, 256, 256)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from convnet.sources import FASHION_MNIST, has_all
+from convnet.catalog import FASHION_MNIST, has_all
 
 SYSTEM_FASHION = Path(FASHION_MNIST.system_dirs[0])
 

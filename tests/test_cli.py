@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from convnet import runs
+from convnet.catalog import load_dataset
 from convnet.cli import main
-from convnet.sources import load_dataset
 
 
 def convnet(*args: str) -> subprocess.CompletedProcess[str]:
@@ -165,7 +165,7 @@ def test_a_faithful_run_is_scored_with_the_tutorials_arithmetic(tmp_path: Path, 
 
     from convnet.engine import Engine
 
-    predict_module, evaluate_module = (importlib.import_module(f"convnet.{m}") for m in ("predict", "evaluate"))
+    predict_module, evaluate_module = (importlib.import_module(f"convnet.{m}") for m in ("loadrun", "evaluation"))
 
     run = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--faithful", "--data-dir", str(toy_dir), "--epochs", "1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convnet.datasets import InputSpec, batches
+from convnet.datatypes import InputSpec, batches
 from convnet.errors import RunError
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from convnet import runs
+from convnet import durable, runs
 
 from .conftest import make_dataset_dir
 
@@ -44,7 +44,7 @@ def test_two_processes_match_one(tmp_path: Path, resume: bool) -> None:
         assert first.returncode == 0, first.stderr
         config = runs.read_json(tmp_path / "multi" / runs.CONFIG)
         config["train"]["epochs"] = 3
-        runs.write_json(tmp_path / "multi" / runs.CONFIG, config)
+        durable.write_json(tmp_path / "multi" / runs.CONFIG, config)
         multi = _run([*torchrun, "train", "--resume", str(tmp_path / "multi"), "--device", "cpu", "--no-progress"],
                      work)
     else:

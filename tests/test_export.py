@@ -13,14 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet import runs
+from convnet import durable, runs
+from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.engine import Engine
 from convnet.export import MAX_PROBABILITY_DIFFERENCE, export_run, parity_path
+from convnet.inference import infer
+from convnet.loadrun import load_model
 from convnet.models import create_model, list_models
 from convnet.onnxfile import open_onnx
-from convnet.predict import infer, load_model
-from convnet.sources import load_dataset
 
 from .conftest import make_dataset_dir
 
@@ -43,7 +44,7 @@ def untrained_run(folder: Path, model_name: str, data: Path, *, tta: bool) -> Pa
             m.running_var.uniform_(0.5, 2.0)
     spec = {"channels": 1, "height": 28, "width": 28, "classes": CLASSES, "dark_background": True, "hflip": True,
             "scale": 1 / 255}
-    runs.write_json(folder / runs.CONFIG, {
+    durable.write_json(folder / runs.CONFIG, {
         "train": {"model": model_name, "tta": tta, "faithful": False}, "input": spec,
         "data": {"name": "fashion-mnist", "source": str(data), "subset": None, "kind": "named", "classes": CLASSES,
                  "image_shape": [1, 28, 28]}})
@@ -129,7 +130,7 @@ def test_scores_that_are_not_an_object_stop_the_export_naming_the_file(
     """A metrics.json edited into another shape is named, with how to rewrite it, before
     anything is exported (as a metrics.json that is not JSON at all)."""
     run = untrained_run(tmp_path / "run", "seed", toy, tta=False)
-    runs.write_json(run / runs.METRICS, metrics)
+    durable.write_json(run / runs.METRICS, metrics)
     assert main(["export", str(run)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"convnet: error: {run / runs.METRICS}: not the scores `convnet evaluate` writes")
@@ -145,7 +146,7 @@ def test_a_recorded_accuracy_is_used_only_when_it_is_one(toy: Path, tmp_path: Pa
     for test, expected in (({"accuracy": 0.75}, 0.75), ({"accuracy": 1}, 1.0), ({"accuracy": float("nan")}, None),
                            ({"accuracy": 7.5}, None), ({"accuracy": True}, None), ({"accuracy": "0.9"}, None),
                            ({}, None)):
-        runs.write_json(run / runs.METRICS, {"test": test})
+        durable.write_json(run / runs.METRICS, {"test": test})
         assert recorded_accuracy(runs.open_run(run)) == expected, test
 
 

@@ -19,8 +19,8 @@ from convnet import runs
 from convnet.cli import main
 from convnet.data import DataOptions, load_data
 from convnet.errors import DataError
-from convnet.folders import parse_image_size, scan_folder
-from convnet.imagecache import default_size
+from convnet.folderscan import parse_image_size, scan_folder
+from convnet.imagefiles import default_size
 
 
 def convnet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

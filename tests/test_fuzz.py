@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+from convnet.arrayfiles import parse_idx, read_idx
+from convnet.arrays import images_from_array
+from convnet.catalog import DATASETS
 from convnet.errors import DataError, InputError
-from convnet.formats import parse_idx, read_idx
-from convnet.inputs import images_from_array, input_batches, load_input
-from convnet.sources import DATASETS
+from convnet.inputfiles import input_batches, load_input
 
 from .conftest import idx_bytes
 

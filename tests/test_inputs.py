@@ -11,19 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet.datasets import InputSpec
+from convnet.arrayfiles import NpyFile
+from convnet.arrays import array_batches, images_from_array, load_image
+from convnet.catalog import DATASETS
+from convnet.datatypes import InputSpec
 from convnet.errors import InputError
-from convnet.formats import NpyFile
-from convnet.inputs import (
-    Batch,
-    array_batches,
-    images_from_array,
-    input_batches,
-    load_array,
-    load_image,
-    load_input,
-)
-from convnet.sources import DATASETS
+from convnet.inputfiles import Batch, input_batches, load_array, load_input
 
 from .conftest import write_idx
 

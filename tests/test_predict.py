@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet import runs
+from convnet import durable, runs
 from convnet.engine import Engine
+from convnet.inference import infer, predict
 from convnet.models import create_model
-from convnet.predict import infer, predict
 
 
 def test_infer_matches_a_plain_forward_pass() -> None:
@@ -35,7 +35,7 @@ def random_run(tmp_path: Path) -> Path:
     """A run folder with an untrained seed model: enough for the predict command."""
     run = tmp_path / "run"
     run.mkdir()
-    runs.write_json(run / runs.CONFIG, {"train": {"model": "seed"}, "data": {
+    durable.write_json(run / runs.CONFIG, {"train": {"model": "seed"}, "data": {
         "name": "fashion-mnist", "classes": [f"class {i}" for i in range(10)], "image_shape": [1, 28, 28]}})
     runs.save_tensors(run / runs.WEIGHTS, create_model("seed").state_dict())
     return run
@@ -44,7 +44,7 @@ def random_run(tmp_path: Path) -> Path:
 def test_predict_command_output_is_unchanged_by_streaming(random_run: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from convnet.cli import main
-    from convnet.predict import load_model
+    from convnet.loadrun import load_model
 
     arr = np.random.default_rng(0).integers(0, 256, (9000, 28, 28)).astype(np.uint8)  # three batches of 4096
     np.save(tmp_path / "a.npy", arr)

@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from convnet import runs
+from convnet import durable, runs
+from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.config import TrainConfig
 from convnet.experiment import data_record
-from convnet.sources import load_dataset
-from convnet.train import train
+from convnet.training import train
 
 from .conftest import make_dataset_dir
 
@@ -145,7 +145,7 @@ def test_ctrl_c_exits_130_with_one_line_and_resumes_exactly(base: Path, uninterr
 
 def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "history.json"
-    runs.write_json(target, [{"epoch": 1}])
+    durable.write_json(target, [{"epoch": 1}])
     old = target.read_bytes()
 
     def half_then(error: BaseException) -> Callable[[Any], None]:
@@ -156,11 +156,11 @@ def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> Non
 
     for error in (RuntimeError("crash"), KeyboardInterrupt()):
         with pytest.raises(type(error)):
-            runs.atomic_write(target, half_then(error))
+            durable.atomic_write(target, half_then(error))
         assert target.read_bytes() == old
         assert [p.name for p in tmp_path.iterdir()] == ["history.json"]
     with pytest.raises(runs.RunError, match="cannot write .*No space left"):  # an OSError becomes one message
-        runs.atomic_write(target, half_then(OSError(28, "No space left on device")))
+        durable.atomic_write(target, half_then(OSError(28, "No space left on device")))
     assert target.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["history.json"]
 
 
@@ -424,7 +424,7 @@ def test_predicting_a_huge_npy_keeps_memory_bounded(tmp_path: Path) -> None:
         import contextlib, json, os, resource, sys
         from pathlib import Path
         from torch import nn
-        from convnet import models, runs
+        from convnet import durable, models, runs
         from convnet.cli import main
 
         @models.register_model("tiny", "mean grey level -> linear: prediction costs nothing, reading is measured")
@@ -434,7 +434,7 @@ def test_predicting_a_huge_npy_keeps_memory_bounded(tmp_path: Path) -> None:
         run, small, big = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
         run.mkdir()
         classes = [str(i) for i in range(10)]
-        runs.write_json(run / "config.json", {"train": {"model": "tiny"},
+        durable.write_json(run / "config.json", {"train": {"model": "tiny"},
                         "data": {"name": "fashion-mnist", "classes": classes, "image_shape": [1, 28, 28]}})
         runs.save_tensors(run / "model.safetensors", tiny(10, 1, 28).state_dict())
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB

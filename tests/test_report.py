@@ -17,12 +17,12 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from convnet import plots, report, runs
+from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.config import TrainConfig
-from convnet.evaluate import evaluate_run
 from convnet.experiment import data_record
-from convnet.sources import load_dataset
-from convnet.train import train
+from convnet.scoring import evaluate_run
+from convnet.training import train
 
 CLASSES = [f"class {i}" for i in range(4)]
 

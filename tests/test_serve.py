@@ -22,13 +22,14 @@ import pytest
 import torch
 from PIL import Image
 
+from convnet.arrays import load_image
+from convnet.batcher import Batcher
 from convnet.cli import build_parser, main
 from convnet.export import export_run
-from convnet.inputs import load_image
 from convnet.loadtest import check_loopback, multipart_body, parse_wrk, python_load, run_wrk, start_server, stop_server
 from convnet.onnxfile import open_onnx
-from convnet.predict import predict_files
-from convnet.serve import Batcher, ServeOptions, create_app
+from convnet.prediction import predict_files
+from convnet.serve import ServeOptions, create_app
 
 from .conftest import make_dataset_dir
 from .test_export import untrained_run
@@ -401,7 +402,7 @@ def test_page_in_headless_chromium_shows_what_convnet_predict_says(server: str, 
 
 
 def test_multipart_parser() -> None:
-    from convnet.serve import RequestError, parse_multipart
+    from convnet.httpinputs import RequestError, parse_multipart
 
     body, ctype = multipart_body([b"\x89PNG one", b"two\r\n--not-the-boundary\r\n"], ["a b.png", "\u00e9.png"])
     parts = parse_multipart(b"preamble\r\n" + body + b"epilogue", ctype, 5)
@@ -431,7 +432,8 @@ def test_a_run_folder_is_served_through_an_in_memory_export(tmp_path: Path, pngs
         answer = c.post("/predict", files=files(*pngs)).json()["predictions"]
         about = c.get("/model").json()
     from convnet.engine import Engine
-    from convnet.predict import infer, load_model
+    from convnet.inference import infer
+    from convnet.loadrun import load_model
 
     torch_model, loaded = load_model(run, Engine.faithful())  # fp32 as the export: bf16 could flip near-ties
     images = torch.stack([load_image(p, loaded.spec) for p in pngs])

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-import convnet.sources as sources
-from convnet.datasets import to_float
+import convnet.catalog as catalog
+from convnet.catalog import FASHION_MNIST, DataFile, NamedDataset, download_dataset, load_dataset
+from convnet.datatypes import to_float
 from convnet.errors import DataError
-from convnet.sources import FASHION_MNIST, DataFile, NamedDataset, download_dataset, load_dataset
 
 from .conftest import make_dataset_dir, write_idx
 
@@ -141,7 +141,7 @@ def test_load_dataset_downloads_into_cache(server: tuple[str, Path], tmp_path: P
     url, root = server
     make_dataset_dir(root / "good")
     spec = _spec_for(root / "good", (url + "good/",))
-    monkeypatch.setitem(sources.DATASETS, "fashion-mnist", spec)
+    monkeypatch.setitem(catalog.DATASETS, "fashion-mnist", spec)
     ds = load_dataset("fashion-mnist", cache_dir=tmp_path / "cache")
     assert ds.source == str(tmp_path / "cache" / "fashion-mnist") and len(ds.train) == 256
     with pytest.raises(DataError, match="not found"):
@@ -247,7 +247,7 @@ def _cifar_archive(per_batch: int = 20) -> tuple[bytes, np.ndarray, np.ndarray]:
         names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin", "batches.meta.txt"]
         for k, name in enumerate(names):
             if name.endswith(".txt"):
-                raw = b"\n".join(c.encode() for c in sources.CIFAR10.classes)
+                raw = b"\n".join(c.encode() for c in catalog.CIFAR10.classes)
             else:
                 part = slice(k * per_batch, (k + 1) * per_batch)
                 raw = b"".join(bytes([y]) + x.tobytes() for y, x in zip(labels[part], images[part], strict=True))
@@ -269,12 +269,12 @@ def test_cifar10_downloads_resumes_verifies_and_reads(range_server: tuple[str, h
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url, httpd = range_server
     archive, images, labels = _cifar_archive()
-    name = sources.CIFAR10.files["archive"].name
+    name = catalog.CIFAR10.files["archive"].name
     httpd.files[name] = archive  # type: ignore[attr-defined]
     httpd.cut[name] = len(archive) // 3  # type: ignore[attr-defined]  # the first attempt breaks off
-    spec = dataclasses.replace(sources.CIFAR10, mirrors=(url,),
+    spec = dataclasses.replace(catalog.CIFAR10, mirrors=(url,),
                                files={"archive": DataFile(name, hashlib.md5(archive).hexdigest())})
-    monkeypatch.setitem(sources.DATASETS, "cifar10", spec)
+    monkeypatch.setitem(catalog.DATASETS, "cifar10", spec)
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="could not download cifar10"):
         load_dataset("cifar10", cache_dir=cache)
@@ -294,11 +294,11 @@ def test_cifar10_wrong_archive_is_refused_and_removed(range_server: tuple[str, h
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url, httpd = range_server
     archive, _, _ = _cifar_archive()
-    name = sources.CIFAR10.files["archive"].name
+    name = catalog.CIFAR10.files["archive"].name
     httpd.files[name] = archive[:-10] + b"0123456789"  # type: ignore[attr-defined]
-    spec = dataclasses.replace(sources.CIFAR10, mirrors=(url,),
+    spec = dataclasses.replace(catalog.CIFAR10, mirrors=(url,),
                                files={"archive": DataFile(name, hashlib.md5(archive).hexdigest())})
-    monkeypatch.setitem(sources.DATASETS, "cifar10", spec)
+    monkeypatch.setitem(catalog.DATASETS, "cifar10", spec)
     with pytest.raises(DataError, match="checksum mismatch"):
         load_dataset("cifar10", cache_dir=tmp_path / "cache")
     assert not list((tmp_path / "cache" / "cifar10").iterdir()), "a wrong download was kept"
@@ -328,7 +328,7 @@ def test_datasets_command_lists_every_named_set(tmp_path: Path, monkeypatch: pyt
     assert "cifar10        32x32, 3 channels, 10 classes, 50,000 + 10,000 images" in out
     assert "mnist          28x28, 1 channel, 10 classes" in out and "flips not allowed" in out
     assert "not here: downloaded from https://www.cs.toronto.edu/~kriz/ on first use (170 MB)" in out
-    rows = {d["name"]: d for d in sources.describe_datasets(tmp_path)}
+    rows = {d["name"]: d for d in catalog.describe_datasets(tmp_path)}
     assert set(rows) == {"fashion-mnist", "mnist", "cifar10"}
     make_dataset_dir(tmp_path / "mnist")  # a copy in the cache is found
-    assert {d["name"]: d["found"] for d in sources.describe_datasets(tmp_path)}["mnist"]
+    assert {d["name"]: d["found"] for d in catalog.describe_datasets(tmp_path)}["mnist"]

@@ -8,17 +8,21 @@ import pytest
 import torch
 
 from convnet import runs
+from convnet.catalog import load_dataset
 from convnet.config import TrainConfig
 from convnet.engine import Engine
 from convnet.errors import ConvnetError, RunError, TrainingDiverged
 from convnet.events import StopAtAccuracy, TrainEvents
 from convnet.experiment import data_record
-from convnet.sources import load_dataset
-from convnet.train import TrainState, resume, train
+from convnet.training import resume, train
+from convnet.trainstate import TrainState
 
+# An outside reference: the 25 SGD losses the tutorial itself printed.
 TUTORIAL_SGD = [2.288, 2.031, 0.959, 0.694, 0.628, 0.590, 0.564, 0.545, 0.529, 0.516, 0.505, 0.496, 0.487,
                 0.480, 0.473, 0.467, 0.462, 0.457, 0.452, 0.448, 0.444, 0.441, 0.438, 0.434, 0.432]
-# The tutorial's own code on torch 2.13 (its printed Adam table differs by <= 0.002: other conv kernels).
+# A regression snapshot of the project's own output, not an outside reference: the 15 Adam losses that the
+# tutorial's code, run on torch 2.13, prints (its printed Adam table differs by <= 0.002: other conv kernels), and
+# that `--faithful` reproduces. A change here means the arithmetic moved, not that the tutorial did.
 TODAY_ADAM = [0.499, 0.325, 0.284, 0.254, 0.230, 0.209, 0.192, 0.178, 0.165, 0.154, 0.144, 0.134, 0.124,
               0.116, 0.109]
 

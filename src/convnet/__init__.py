@@ -1,49 +1,50 @@
 """convnet: train, evaluate and use convolutional image classifiers, Fashion-MNIST first.
 
-The pipeline, one module per stage::
+The public API, by the module that holds it (README's "How the code is laid out" lists
+every module, bottom to top)::
 
-    formats    IDX, CIFAR binary, image files, .npy  -> uint8 arrays
-    datasets   InputSpec, Split, Dataset              -> uint8 images (N, C, H, W), int64 labels
-    sources    load_dataset, DATASETS                 -> named data sets: lookup, download, verification
-    folders    (via data.load_data)                   -> folders of images, decoded once into imagecache
-    data       DataOptions, load_data, run_data       -> the data a command or a run uses
-    models     create_model, list_models              -> nn.Module returning logits
-    engine     Engine, make_engine                    -> device, precision, memory format, CUDA graphs
-    config     TrainConfig, RECIPES                   -> what to train
-    train      train, resume, train_step              -> the one training loop, run folders
-    inputs     images_from_array, load_image          -> files and arrays in a run's input spec
-    predict    infer, predict, load_model, load       -> logits, labels, probabilities; a loaded Predictor
-    evaluate   evaluate, evaluate_run                 -> accuracy, report, confusion matrix
-    estimator  ConvNetClassifier                      -> scikit-learn's fit / predict / score on arrays
+    datatypes   InputSpec, Split, Dataset                -> uint8 images (N, C, H, W), int64 labels
+    catalog     load_dataset, DATASETS                   -> named data sets: lookup, download, verification
+    data        DataOptions, load_data                   -> the data a command or a run uses
+    arrays      images_from_array, load_image            -> arrays and images in a model's input spec
+    models      create_model, list_models                -> nn.Module returning logits
+    engine      Engine, make_engine                      -> device, precision, memory format, CUDA graphs
+    config      TrainConfig, RECIPES                     -> what to train
+    inference   infer, predict                           -> logits, labels, probabilities
+    evaluation  evaluate                                 -> accuracy, report, confusion matrix
+    training    train, resume                            -> the one training loop
+    loadrun     load_model                               -> a trained run opened for use
+    scoring     evaluate_run                             -> a run scored on its own data
+    prediction  load, Predictor                          -> a loaded run predicting what a notebook holds
+    estimator   ConvNetClassifier                        -> scikit-learn's fit / predict / score on arrays
 
 Names are imported on first use, so ``import convnet`` (and the command line's start)
-stays fast.
+stays fast. No module is named like a function it exports (``training`` holds ``train``),
+so ``convnet.train(...)`` is always the function.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from convnet.version import __version__
 
 _EXPORTS = {
     "ConvnetError": "errors", "DataError": "errors", "InputError": "errors", "RunError": "errors",
     "TrainingDiverged": "errors",
-    "InputSpec": "datasets", "Split": "datasets", "Dataset": "datasets", "to_float": "datasets",
-    "DATASETS": "sources", "DataOptions": "data", "load_dataset": "sources", "load_data": "data",
-    "read_idx": "formats",
+    "InputSpec": "datatypes", "Split": "datatypes", "Dataset": "datatypes", "to_float": "datatypes",
+    "DATASETS": "catalog", "DataOptions": "data", "load_dataset": "catalog", "load_data": "data",
+    "read_idx": "arrayfiles",
     "Engine": "engine", "make_engine": "engine", "resolve_device": "engine",
     "TrainConfig": "config", "RECIPES": "config",
     "TrainEvents": "events", "StopAtAccuracy": "events", "ConsolePrinter": "events",
-    "TrainResult": "train", "train": "train", "resume": "train",
+    "TrainResult": "training", "train": "training", "resume": "training",
     "count_parameters": "models", "create_model": "models", "list_models": "models", "register_model": "models",
-    "images_from_array": "inputs", "load_image": "inputs", "load_inputs": "inputs",
-    "Prediction": "predict", "infer": "predict", "load_model": "predict", "predict": "predict",
-    "Predictor": "predict", "load": "predict", "ConvNetClassifier": "estimator",
-    "Evaluation": "evaluate", "evaluate": "evaluate", "evaluate_run": "evaluate",
+    "images_from_array": "arrays", "load_image": "arrays", "load_inputs": "inputfiles",
+    "Prediction": "inference", "infer": "inference", "predict": "inference", "load_model": "loadrun",
+    "Predictor": "prediction", "load": "prediction", "ConvNetClassifier": "estimator",
+    "Evaluation": "evaluation", "evaluate": "evaluation", "evaluate_run": "scoring",
     "accuracy": "metrics", "classification_report": "metrics", "confusion_matrix": "metrics",
 }
 
@@ -71,34 +72,23 @@ def __dir__() -> list[str]:
     return __all__
 
 
-class _Package(types.ModuleType):
-    """Importing the module ``convnet.train`` (or ``predict``, ``evaluate``) binds it on
-    the package under its own name, which would hide the function of that name from
-    then on (``convnet.train(...)``: "'module' object is not callable"): the function is
-    kept instead. The modules stay in ``sys.modules`` (``from convnet.train import ...``)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:
+    from convnet.arrayfiles import read_idx
+    from convnet.arrays import images_from_array, load_image
+    from convnet.catalog import DATASETS, load_dataset
     from convnet.config import RECIPES, TrainConfig
     from convnet.data import DataOptions, load_data
-    from convnet.datasets import Dataset, InputSpec, Split, to_float
+    from convnet.datatypes import Dataset, InputSpec, Split, to_float
     from convnet.engine import Engine, make_engine, resolve_device
     from convnet.errors import ConvnetError, DataError, InputError, RunError, TrainingDiverged
     from convnet.estimator import ConvNetClassifier
-    from convnet.evaluate import Evaluation, evaluate, evaluate_run
+    from convnet.evaluation import Evaluation, evaluate
     from convnet.events import ConsolePrinter, StopAtAccuracy, TrainEvents
-    from convnet.formats import read_idx
-    from convnet.inputs import images_from_array, load_image, load_inputs
+    from convnet.inference import Prediction, infer, predict
+    from convnet.inputfiles import load_inputs
+    from convnet.loadrun import load_model
     from convnet.metrics import accuracy, classification_report, confusion_matrix
     from convnet.models import count_parameters, create_model, list_models, register_model
-    from convnet.predict import Prediction, Predictor, infer, load, load_model, predict
-    from convnet.sources import DATASETS, load_dataset
-    from convnet.train import TrainResult, resume, train
+    from convnet.prediction import Predictor, load
+    from convnet.scoring import evaluate_run
+    from convnet.training import TrainResult, resume, train

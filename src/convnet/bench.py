@@ -20,15 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from convnet.config import TrainConfig, resolve_config
+from convnet.config import DEFAULT_RECIPE, TrainConfig, resolve_config
 from convnet.data import DataOptions, load_data
-from convnet.datasets import Dataset
+from convnet.datatypes import Dataset
 from convnet.engine import Engine, make_engine
 from convnet.errors import ConvnetError
+from convnet.evaluation import score_split
 from convnet.events import StopAtAccuracy
+from convnet.inference import infer
 from convnet.models import create_model
-from convnet.predict import infer
-from convnet.train import train
+from convnet.training import train
 
 
 # --- the tutorial's code, as printed (only the per-epoch print is dropped)
@@ -227,8 +228,6 @@ def time_to_accuracy(dataset: Dataset, *, engine: Engine, recipe_name: str, targ
         accs.append(float(result.history[-1].test_accuracy or 0.0))
     ref = None
     if reference:
-        from convnet.evaluate import score_split
-
         tutorial_adam = resolve_config("tutorial", {"optimizer": "adam", "epochs": 15, "seed": 42})
         result = train(tutorial_adam, dataset.train, dataset.spec, engine=engine)
         ref = {"seconds": result.seconds, "test_accuracy": score_split(result.model, dataset.test, engine).accuracy}
@@ -271,8 +270,6 @@ def bench(data: DataOptions, *, device: str = "auto", model: str = "seed", batch
         resolve_config(recipe)
     dataset = load_data(data)
     if target is not None:
-        from convnet.config import DEFAULT_RECIPE
-
         return time_to_accuracy(dataset, engine=engine, recipe_name=recipe or DEFAULT_RECIPE[engine.device.type],
                                 target=target, seeds=seeds, reference=reference)
     return run_bench(dataset, engine=engine, model=model, batch_size=batch_size, train_images=train_images,

@@ -12,28 +12,28 @@ import random
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from convnet import runs
 from convnet.config import EpochRecord, TrainConfig
-from convnet.datasets import InputSpec
+from convnet.datatypes import InputSpec
+from convnet.durable import write_json
 from convnet.engine import Engine
 from convnet.errors import RunError
 from convnet.models import count_parameters
-
-if TYPE_CHECKING:
-    from convnet.train import TrainState
+from convnet.trainstate import TrainState
 
 
 def write_config(run_dir: Path, config: TrainConfig, spec: InputSpec, engine: Engine, model: nn.Module,
                  data: dict[str, Any]) -> None:
     """Write ``config.json``: the resolved config, the input spec, the data it was trained
     on, the engine, the library versions and the command line."""
-    runs.write_json(run_dir / runs.CONFIG, {
+    write_json(run_dir / runs.CONFIG, {
         "train": asdict(config),
         "input": spec.to_json(),
         "data": {**data, "classes": list(spec.classes), "image_shape": list(spec.shape)},
@@ -83,8 +83,6 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
     Raises:
         RunError: the file is not a convnet checkpoint or does not fit the model.
     """
-    from safetensors import safe_open
-
     tensors = runs.load_tensors(path)
     with safe_open(path, "pt") as f:  # type: ignore[no-untyped-call]
         meta = json.loads((f.metadata() or {}).get("convnet", "{}"))

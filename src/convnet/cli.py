@@ -17,9 +17,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from convnet import __version__
 from convnet.config import AUGMENTS, DEVICES, LAYOUTS, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig
 from convnet.errors import ConvnetError
+from convnet.version import __version__
 
 D = TrainConfig()  # defaults, shown in --help
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10")  # checked against the registry by the library
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 def data_options(a: argparse.Namespace) -> Any:
     """The data flags as the library's :class:`~convnet.data.DataOptions`."""
     from convnet.data import DataOptions
-    from convnet.folders import parse_image_size
+    from convnet.folderscan import parse_image_size
 
     folder = getattr(a, "data", None)
     if folder is not None and a.dataset is not None:
@@ -227,12 +227,9 @@ def accuracy_text(accuracy: float | None, why: str = "the run keeps no training 
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from convnet.onnxfile import evaluate_onnx, is_onnx
     from convnet.report import evaluate_and_plot
 
-    onnx = is_onnx(a.run)
-    ev = evaluate_onnx(a.run, data_dir=a.data_dir) if onnx else evaluate_and_plot(a.run, data_dir=a.data_dir,
-                                                                                    device=a.device)
+    ev, plots = evaluate_and_plot(a.run, data_dir=a.data_dir, device=a.device)
     if a.json:
         print(json.dumps(ev.to_json(), indent=2))
         return 0
@@ -245,8 +242,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(" " * 13 + "".join(f"{i:>{width + 1}}" for i in range(len(ev.classes))))
     for i, (name, row) in enumerate(zip(ev.classes, ev.confusion_matrix, strict=True)):
         print(f"{i} {name[:10]:<11}" + "".join(f"{int(v):>{width + 1}}" for v in row))
-    if not onnx:
-        print(f"Plots in {a.run / 'plots'}")
+    if plots is not None:
+        print(f"Plots in {plots}")
     return 0
 
 
@@ -288,7 +285,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_predict(a: argparse.Namespace) -> int:
     from convnet.errors import InputError
-    from convnet.predict import predict_files
+    from convnet.prediction import predict_files
 
     failed, printed, width = 0, 0, 0
     for item in predict_files(a.run, a.inputs, layout=a.layout, device=a.device):  # bounded memory for any input
@@ -361,7 +358,7 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 def cmd_datasets(a: argparse.Namespace) -> int:
-    from convnet.sources import describe_datasets
+    from convnet.catalog import describe_datasets
 
     for d in describe_datasets():
         print(f"{d['name']:<14} {d['height']}x{d['width']}, {d['channels']} channel{'s' if d['channels'] > 1 else ''}, "

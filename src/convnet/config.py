@@ -85,7 +85,7 @@ class TrainConfig:
                                      ("--schedule", self.schedule, SCHEDULES)):
             if value not in choices:
                 raise ConvnetError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
-        from convnet.models import list_models
+        from convnet.models import list_models  # imported here: models needs torch, and the CLI reads config at start
 
         if self.model not in list_models():
             raise ConvnetError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")

@@ -1,5 +1,5 @@
 """Which data a command or a run uses, as one entry point for every kind: a named data
-set (:mod:`convnet.sources`) or a folder of images (:mod:`convnet.folders`).
+set (:mod:`convnet.catalog`) or a folder of images (:mod:`convnet.folders`).
 
 :class:`DataOptions` holds the data flags, checked before anything is read;
 :func:`load_data` reads what they name; :func:`run_data` reads a run's own data again,
@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from convnet import runs
-from convnet.datasets import Dataset, Split
+from convnet.catalog import DATASETS, load_dataset, named
+from convnet.datatypes import Dataset, Split, check_subset
 from convnet.errors import DataError, RunError
-from convnet.sources import DATASETS, load_dataset, named
+from convnet.folders import load_folder
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,7 @@ class DataOptions:
                     raise DataError(f"{flag} applies to folders of images (--data DIR); {self.dataset} images are "
                                     f"{named(self.dataset).channels}x{named(self.dataset).height}x"
                                     f"{named(self.dataset).width}")
-        if self.subset is not None and self.subset <= 0:
-            raise DataError(f"--subset must be a positive number of images, got {self.subset}")
+        check_subset(self.subset)
         if self.channels not in (None, 1, 3):
             raise DataError(f"--channels must be 1 or 3, got {self.channels}")
         if self.image_size is not None and not (8 <= min(self.image_size) and max(self.image_size) <= 1024):
@@ -90,9 +90,10 @@ def load_data(options: DataOptions, *, progress: bool = True, files: dict[str, l
     """
     options.validate()
     if options.folder is not None:
-        from convnet.folders import load_folder
-
-        dataset = load_folder(options, progress=progress, files=files)
+        dataset = load_folder(options.folder, image_size=options.image_size, channels=options.channels,
+                              test_split=options.test_split, skip_bad_images=options.skip_bad_images,
+                              hflip=options.hflip, memory_budget_mb=options.memory_budget_mb,
+                              cache_dir=options.cache_dir, subset=options.subset, progress=progress, files=files)
     else:
         dataset = load_dataset(options.dataset, options.data_dir, subset=options.subset, cache_dir=options.cache_dir)
     if options.hflip is not None and options.hflip != dataset.spec.hflip:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from convnet.config import DEVICES
-from convnet.datasets import to_float
+from convnet.datatypes import to_float
 from convnet.errors import ConvnetError
 
 

@@ -3,10 +3,10 @@
 :class:`ConvNetClassifier` keeps scikit-learn's contract: the constructor only stores its
 parameters (the training settings, by the names ``convnet train`` uses), ``fit`` returns
 ``self``, what is learned ends in ``_``. It trains with the one loop in
-:mod:`convnet.train`, predicts with :func:`~convnet.predict.infer`, and saves a normal run
+:mod:`convnet.training`, predicts with :func:`~convnet.inference.infer`, and saves a normal run
 folder. ``X`` is images: arrays or tensors ``(N, H, W)``, ``(N, C, H, W)``, ``(N, H, W, C)``
 or flattened ``(N, H*W)``, a list of PIL images or of image files (see
-:func:`convnet.inputs.as_images`); ``y`` any labels scikit-learn accepts.
+:func:`convnet.arrays.as_images`); ``y`` any labels scikit-learn accepts.
 
 scikit-learn's own estimator checks that fit on tabular data (a few numbers per row,
 often negative) cannot pass: such rows are not images. ``docs/ESTIMATOR.md`` lists them.
@@ -14,32 +14,37 @@ often negative) cannot pass: such rows are not images. ``docs/ESTIMATOR.md`` lis
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
-import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from convnet import runs
-from convnet.checkpoint import save_checkpoint, write_config
+from convnet.arrays import as_images, spec_of
+from convnet.checkpoint import write_config
 from convnet.config import TrainConfig, resolve_config
-from convnet.datasets import InputSpec, Split
-from convnet.engine import Engine, make_engine, resolve_device
+from convnet.datatypes import Dataset, InputSpec, Split
+from convnet.durable import write_json
+from convnet.engine import make_engine, resolve_device
 from convnet.errors import InputError, RunError
+from convnet.evaluation import SplitScores, evaluate
 from convnet.events import ConsolePrinter
-from convnet.inputs import as_images, spec_of
-from convnet.predict import Predictor, infer, load_model, run_labels
-from convnet.train import EMA, TrainState, make_optimizer, train
+from convnet.loadrun import load_run
+from convnet.models import create_model
+from convnet.prediction import Predictor
+from convnet.report import write_plots
+from convnet.training import train
 
 # Parameters that are TrainConfig fields of the same name: None means "the recipe's value".
 CONFIG_PARAMS = ("model", "optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay",
@@ -166,13 +171,11 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         engine = make_engine(device, faithful=config.faithful)
         data = Split(images, torch.from_numpy(labels.astype(np.int64)))
         events = ConsolePrinter(sys.stdout) if self.verbose else None
-        if warm:
-            result = self._continue(config, data, spec, engine, events)
-            done = len(self.history_)
-            history = self.history_ + [{**asdict(r), "epoch": done + r.epoch} for r in result.history]
-        else:
-            result = train(config, data, spec, engine=engine, events=events)
-            history = [asdict(r) for r in result.history]
+        # warm: from the weights learned so far, with a fresh optimizer and schedule
+        result = train(config, data, spec, engine=engine, events=events,
+                       init=self.model_.state_dict() if warm else None)
+        done = len(self.history_) if warm else 0
+        history = [*(self.history_ if warm else []), *({**asdict(r), "epoch": done + r.epoch} for r in result.history)]
         self.classes_, self.input_spec_, self.config_ = classes, spec, config
         self.model_, self.history_ = result.model, history
         self._train_images = len(images)
@@ -188,20 +191,6 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
                                 hflip=self.hflip)
         config.validate()
         return config
-
-    def _continue(self, config: TrainConfig, data: Split, spec: InputSpec, engine: Engine, events: Any) -> Any:
-        """Train on from the current weights: they go into a checkpoint (with a fresh
-        optimizer, at epoch 0) that the loop resumes from."""
-        model = engine.prepare_model(copy.deepcopy(self.model_))
-        for p in model.parameters():
-            p.requires_grad_(True)  # the moving average's copy has them off
-        state = TrainState(config, spec, model, make_optimizer(config, model, engine), engine,
-                           torch.Generator().manual_seed(config.seed),
-                           torch.Generator(engine.device).manual_seed(config.seed + 1),
-                           EMA(model, config.ema) if config.ema else None)
-        with tempfile.TemporaryDirectory(prefix="convnet-warm-") as tmp:
-            save_checkpoint(Path(tmp) / runs.CHECKPOINT, state)
-            return train(config, data, spec, engine=engine, events=events, run_dir=Path(tmp), resume=True)
 
     # --- predicting
 
@@ -250,8 +239,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         write_config(run_dir, self.config_, self.input_spec_, engine, self.model_, data)
         record = runs.read_json(run_dir / runs.CONFIG)
         record["estimator"] = {"params": self.get_params(), "classes": self.classes_.tolist()}
-        runs.write_json(run_dir / runs.CONFIG, json.loads(json.dumps(record, default=repr)))
-        runs.write_json(run_dir / runs.HISTORY, self.history_)
+        write_json(run_dir / runs.CONFIG, json.loads(json.dumps(record, default=repr)))
+        write_json(run_dir / runs.HISTORY, self.history_)
         runs.save_tensors(run_dir / runs.WEIGHTS, self.model_.state_dict(), {"model": self.config_.model})
         if test is not None:
             self._write_scores(run_dir, *test)
@@ -278,22 +267,15 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         return np.array([index[v] for v in y.tolist()], dtype=np.int64)
 
     def _write_scores(self, run_dir: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-        from convnet import metrics
-        from convnet.evaluate import Evaluation, SplitScores, scores
-        from convnet.report import write_plots
-
         p = self._predictor()
-        test = scores(infer(p.model, images, engine=p.engine, tta=p.tta), labels)
-        spec = self.input_spec_
-        train_accuracy = float(self.history_[-1].get("accuracy") or 0.0)
-        evaluation = Evaluation(
-            classes=spec.classes, train=SplitScores.accuracy_only(train_accuracy), test=test,
-            test_labels=labels, report=metrics.classification_report(test.predictions, labels, spec.classes),
-            report_text=metrics.format_report(test.predictions, labels, spec.classes),
-            confusion_matrix=metrics.confusion_matrix(test.predictions, labels, spec.num_classes))
+        held_out = Dataset("arrays", self.input_spec_, Split(images[:0], labels[:0]), Split(images, labels), "")
+        evaluation = evaluate(p.model, held_out, engine=p.engine, tta=p.tta)
+        # no training images are kept: the train accuracy is the one measured while training
+        evaluation = replace(evaluation, train=SplitScores.accuracy_only(float(self.history_[-1].get("accuracy")
+                                                                                or 0.0)))
         record = evaluation.to_json()
         record["train"]["measured"] = "on the training batches during the last epoch (no training images are kept)"
-        runs.write_json(run_dir / runs.METRICS, record)
+        write_json(run_dir / runs.METRICS, record)
         write_plots(run_dir, evaluation, images)
 
     @classmethod
@@ -323,9 +305,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         except TypeError as e:
             raise RunError(f"{run.path / runs.CONFIG}: estimator parameters do not fit ({e}); the run folder is "
                            "damaged") from None
-        engine = make_engine(clf.device, faithful=clf.config_.faithful)
-        clf.model_, _ = load_model(run.path, engine)
-        clf.input_spec_, clf.classes_ = run.spec, run_labels(run)
+        loaded = load_run(run, engine=make_engine(clf.device, faithful=clf.config_.faithful))
+        clf.model_, clf.input_spec_, clf.classes_ = loaded.model, loaded.spec, loaded.labels
         clf.history_ = run.history
         clf._train_images = run.config["data"].get("train_images")
         return clf
@@ -335,21 +316,15 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
         if "model_" in state:
-            from safetensors.torch import save
-
             weights = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
-            state["model_"] = {"safetensors": save(weights), "model": self.config_.model}
+            state["model_"] = {"safetensors": save_safetensors(weights), "model": self.config_.model}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         saved = state.get("model_")
         if isinstance(saved, dict) and "safetensors" in saved:
-            from safetensors.torch import load
-
-            from convnet.models import create_model
-
             spec: InputSpec = state["input_spec_"]
             model = create_model(saved["model"], spec.num_classes, spec.channels, (spec.height, spec.width))
-            model.load_state_dict(load(saved["safetensors"]))
+            model.load_state_dict(load_safetensors(saved["safetensors"]))
             state = {**state, "model_": model.eval()}
         super().__setstate__(state)

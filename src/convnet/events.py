@@ -10,17 +10,18 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import torch
 from torch import nn
 
 from convnet import runs
-from convnet.datasets import Split
+from convnet.checkpoint import save_checkpoint
+from convnet.datatypes import Split
+from convnet.durable import write_json
+from convnet.inference import infer
 from convnet.progress import Bar
-
-if TYPE_CHECKING:
-    from convnet.train import TrainState
+from convnet.trainstate import TrainState
 
 
 class TrainEvents:
@@ -60,8 +61,6 @@ class EventList(TrainEvents):
 
 def score(model: nn.Module, split: Split, state: TrainState, tta: bool) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``split``."""
-    from convnet.predict import infer
-
     logits = infer(model, split.images, engine=state.engine, tta=tta)
     labels = split.labels.cpu()
     return float(nn.functional.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
@@ -87,8 +86,6 @@ class StopAtAccuracy(TrainEvents):
         self.logits: torch.Tensor | None = None  # of the last measurement, for whoever scores the final model
 
     def on_epoch_end(self, state: TrainState) -> None:
-        from convnet.predict import infer
-
         self.logits = infer(state.final_model, self.split.images, engine=state.engine, tta=self.tta)
         accuracy = float((self.logits.argmax(1) == self.split.labels.cpu()).float().mean())
         state.history[-1].test_accuracy = accuracy
@@ -136,9 +133,7 @@ class RunWriter(TrainEvents):
         self.run_dir = run_dir
 
     def on_epoch_end(self, state: TrainState) -> None:
-        from convnet.checkpoint import save_checkpoint
-
-        runs.write_json(self.run_dir / runs.HISTORY, [asdict(r) for r in state.history])
+        write_json(self.run_dir / runs.HISTORY, [asdict(r) for r in state.history])
         save_checkpoint(self.run_dir / runs.CHECKPOINT, state)
 
     def on_train_end(self, state: TrainState) -> None:

@@ -14,17 +14,21 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+
 from convnet import runs
+from convnet.catalog import DATASETS
 from convnet.config import TrainConfig, resolve_config
 from convnet.data import DataOptions, load_data
-from convnet.datasets import Dataset
+from convnet.datatypes import Dataset
 from convnet.distributed import DistributedInfo, finish, init_distributed
+from convnet.durable import atomic_write, write_json
 from convnet.engine import make_engine, resolve_device, single_process
 from convnet.errors import ConvnetError
-from convnet.evaluate import Evaluation, evaluate_run
+from convnet.evaluation import Evaluation
 from convnet.events import ConsolePrinter, StopAtAccuracy
-from convnet.sources import DATASETS
-from convnet.train import TrainResult, resume, train
+from convnet.scoring import evaluate_run
+from convnet.training import TrainResult, resume, train
 
 
 @dataclass
@@ -76,8 +80,6 @@ def run_training(request: TrainRequest, *, env: dict[str, str] | None = None,
 
 
 def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> TrainOutcome:
-    import torch
-
     device = resolve_device(request.device)
     if info is not None and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)  # one GPU per process
@@ -163,7 +165,7 @@ def write_data_files(run_dir: Path, dataset: Dataset) -> None:
     """For a folder of images: the files of each split (``split.json``) and the images
     left out (``skipped_images.txt``)."""
     if dataset.files is not None:
-        runs.write_json(run_dir / runs.SPLIT, dataset.files)
+        write_json(run_dir / runs.SPLIT, dataset.files)
     if dataset.skipped:
         text = "".join(f"{name}\n" for name in dataset.skipped).encode()
-        runs.atomic_write(run_dir / runs.SKIPPED, lambda f: f.write(text))
+        atomic_write(run_dir / runs.SKIPPED, lambda f: f.write(text))

@@ -45,10 +45,14 @@ import torch
 from torch import nn
 
 from convnet import runs
-from convnet.datasets import Images, InputSpec
+from convnet.datatypes import Images, InputSpec
+from convnet.durable import atomic_write, write_json
 from convnet.engine import Engine
 from convnet.errors import ConvnetError, RunError
-from convnet.predict import infer, load_model
+from convnet.inference import infer
+from convnet.loadrun import LoadedRun, load_run
+from convnet.onnxfile import OnnxModel, new_session
+from convnet.version import __version__
 
 OPSET = 18  # the exporter's own default in torch 2.9-2.13; ONNX Runtime >= 1.14 runs it
 MIN_LABEL_AGREEMENT = 0.999
@@ -79,8 +83,8 @@ class Parity:
     images: int
     label_agreement: float  # share of images given the same label
     max_probability_difference: float  # largest |p_onnx - p_torch| over all images and classes
-    onnx_accuracy: float  # on the run's test labels
-    torch_accuracy: float
+    onnx_accuracy: float | None  # on the images' labels (None: images without labels)
+    torch_accuracy: float | None
     min_label_agreement: float = MIN_LABEL_AGREEMENT
     max_allowed_difference: float = MAX_PROBABILITY_DIFFERENCE
 
@@ -93,10 +97,12 @@ class Parity:
         return {**asdict(self), "passed": self.passed}
 
     def describe(self) -> str:
-        return (f"parity on {self.images:,} test images, ONNX Runtime vs PyTorch fp32: labels agree on "
+        text = (f"parity on {self.images:,} test images, ONNX Runtime vs PyTorch fp32: labels agree on "
                 f"{self.label_agreement:.2%} (need >= {self.min_label_agreement:.1%}), largest probability "
-                f"difference {self.max_probability_difference:.2e} (need <= {self.max_allowed_difference:.0e}); "
-                f"test accuracy {self.onnx_accuracy:.4f} in ONNX, {self.torch_accuracy:.4f} in PyTorch")
+                f"difference {self.max_probability_difference:.2e} (need <= {self.max_allowed_difference:.0e})")
+        if self.onnx_accuracy is None or self.torch_accuracy is None:
+            return text
+        return f"{text}; test accuracy {self.onnx_accuracy:.4f} in ONNX, {self.torch_accuracy:.4f} in PyTorch"
 
 
 @dataclass(frozen=True)
@@ -141,16 +147,17 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | No
         ConvnetError: a bad output path, a run that cannot be read, data that cannot be
             found, or a model that fails the parity check (nothing is written then).
     """
-    from convnet.data import run_data
-
-    recorded_accuracy(runs.open_run(run_dir))  # a missing run or damaged scores are named before the output path
+    run = runs.open_run(run_dir)
+    recorded_accuracy(run)  # a missing run or damaged scores are named before the output path
     path = Path(out) if out is not None else default_output(run_dir)
     check_output(path)
-    model, run = load_model(run_dir, Engine.faithful())  # fp32, NCHW: the arithmetic the graph has
-    dataset = run_data(run, data_dir, progress=progress)
-    proto = export_model(model, run.spec, tta=run.tta)
-    parity = check_parity(proto.SerializeToString(), model, run.spec, dataset.test.images, dataset.test.labels,
-                          tta=run.tta)
+    loaded = load_run(run, engine=Engine.faithful())  # fp32, NCHW: the arithmetic the graph has
+    dataset = loaded.dataset(data_dir, progress=progress)
+    proto = export_model(loaded.model, run.spec, tta=run.tta)
+    test = dataset.test
+    if len(test) == 0:
+        raise RunError("the run's test split is empty: there is nothing to check the exported model on")
+    parity = check_parity(new_session(proto.SerializeToString()), loaded, test.images, test.labels)
     if not parity.passed:
         raise ConvnetError(f"{run.path}: the exported model fails the parity check, so it was not written: "
                            f"{parity.describe()}")
@@ -160,9 +167,9 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | No
     def write(f: IO[bytes]) -> None:
         f.write(blob)
 
-    runs.atomic_write(path, write)
+    atomic_write(path, write)
     figures = parity_path(path)
-    runs.write_json(figures, {"onnx": path.name, "run": str(run.path), "opset": OPSET, **parity.to_json()})
+    write_json(figures, {"onnx": path.name, "run": str(run.path), "opset": OPSET, **parity.to_json()})
     return ExportResult(path, figures, parity, OPSET)
 
 
@@ -209,31 +216,50 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def check_parity(onnx_model: bytes, model: nn.Module, spec: InputSpec, images: Images, labels: torch.Tensor, *,
-                 tta: bool) -> Parity:
-    """ONNX Runtime on ``onnx_model`` against ``model`` in PyTorch fp32, on ``images``."""
-    from convnet.onnxfile import new_session
-
-    y = labels.cpu().numpy()
-    if len(y) == 0:
-        raise RunError("the run's test split is empty: there is nothing to check the exported model on")
-    session = new_session(onnx_model)
-    reference = infer(model, images, engine=Engine.faithful(), tta=tta).softmax(dim=1).numpy()  # (N, K)
+def check_parity(session: Any, loaded: LoadedRun, images: Images, labels: torch.Tensor | None = None) -> Parity:
+    """The one parity check: the exported model in ONNX Runtime (``session``) against the
+    run's model in PyTorch fp32, on uint8 ``images`` (with their ``labels``, the accuracy
+    of both too)."""
+    reference = infer(loaded.model, images, engine=Engine.faithful(), tta=loaded.tta).softmax(dim=1).numpy()  # (N, K)
     ours = np.concatenate([session.run(None, {INPUT_NAME: images[s:s + PARITY_BATCH].numpy()})[0]
                            for s in range(0, len(images), PARITY_BATCH)])
+    y = labels.cpu().numpy() if labels is not None else None
     return Parity(
-        images=len(y),
+        images=len(images),
         label_agreement=float((ours.argmax(1) == reference.argmax(1)).mean()),
         max_probability_difference=float(np.abs(ours - reference).max()),
-        onnx_accuracy=float((ours.argmax(1) == y).mean()),
-        torch_accuracy=float((reference.argmax(1) == y).mean()),
+        onnx_accuracy=float((ours.argmax(1) == y).mean()) if y is not None else None,
+        torch_accuracy=float((reference.argmax(1) == y).mean()) if y is not None else None,
     )
+
+
+PROBE_IMAGES = 32  # random images a run exported in memory is checked on before it is served
+
+
+def export_in_memory(loaded: LoadedRun, threads: int | None = None) -> OnnxModel:
+    """A run's model exported to ONNX in memory and loaded in ONNX Runtime, for serving:
+    checked first (:func:`check_parity`) on :data:`PROBE_IMAGES` random images; ``convnet
+    export`` checks every test image.
+
+    Raises:
+        ConvnetError: the exported model differs from PyTorch.
+    """
+    proto = export_model(loaded.model, loaded.spec, tta=loaded.tta)
+    session = new_session(proto.SerializeToString(), threads)
+    probe = torch.randint(0, 256, (PROBE_IMAGES, *loaded.spec.shape), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    parity = check_parity(session, loaded, probe)
+    if not parity.passed:
+        raise ConvnetError(f"{loaded.path}: the model exported for serving differs from PyTorch by "
+                           f"{parity.max_probability_difference:.1e} on random images; export it with `convnet "
+                           "export` to see the parity figures")
+    set_metadata(proto, run_metadata(loaded.run, None))
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    return OnnxModel(loaded.path, loaded.spec, metadata, session)
 
 
 def run_metadata(run: runs.Run, parity: Parity | None) -> dict[str, str]:
     """The metadata written into the .onnx file (all values strings, JSON where structured)."""
-    from convnet import __version__
-
     recorded = recorded_accuracy(run)
     if recorded is None:  # no metrics.json: the fp32 score measured at export
         recorded = parity.torch_accuracy if parity is not None else None

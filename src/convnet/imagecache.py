@@ -22,37 +22,23 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from convnet.datasets import DiskImages
+from convnet.datatypes import DiskImages
+from convnet.durable import atomic_write, replace_durably, write_json
 from convnet.errors import DataError, InputError
-from convnet.formats import decode_image, image_header
+from convnet.folderscan import FolderScan
+from convnet.imagefiles import decode_image, default_size, image_header
 from convnet.progress import Bar
 
-if TYPE_CHECKING:
-    from convnet.folders import FolderScan
-
 CACHE_VERSION = 1  # bump when decoding changes, so older caches are rebuilt
-MAX_DEFAULT_SIDE = 64  # the default size is the most common one, scaled down to at most this
 INLINE_FILES = 2_000  # fewer files are decoded in this process: a pool costs more to start than it saves
 CHUNK = 256  # files per task given to a decoding process
-
-
-def default_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The most common ``(H, W)``, scaled down (aspect kept) so that its longer side is at
-    most :data:`MAX_DEFAULT_SIDE`; ties go to the larger size."""
-    counts = Counter(sizes)
-    h, w = max(counts, key=lambda s: (counts[s], s[0] * s[1]))
-    side = max(h, w)
-    if side > MAX_DEFAULT_SIDE:
-        h, w = max(8, round(h * MAX_DEFAULT_SIDE / side)), max(8, round(w * MAX_DEFAULT_SIDE / side))
-    return h, w
 
 
 # --- decoding, in a pool of processes
@@ -191,8 +177,6 @@ def build(cache: Path, scan: FolderScan, image_size: tuple[int, int] | None, cha
 
 def _build_into(cache: Path, tmp: Path, scan: FolderScan, size: tuple[int, int], channels: int, bad: dict[int, str],
                 skip_bad_images: bool, progress: bool, t0: float) -> dict[str, Any]:
-    from convnet.runs import write_json
-
     root, n = str(scan.root), len(scan.files)
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
@@ -231,8 +215,6 @@ def _build_into(cache: Path, tmp: Path, scan: FolderScan, size: tuple[int, int],
 def _write_rows(tmp: Path, keep: np.ndarray, final: Path) -> str:
     """Write rows ``keep`` of the ``.npy`` at ``tmp`` to ``final`` atomically, a chunk at a
     time; return the SHA-256 of ``final``'s bytes."""
-    from convnet.runs import atomic_write
-
     src = np.lib.format.open_memmap(tmp, mode="r")
     digest = hashlib.sha256()
 
@@ -255,18 +237,13 @@ def _write_rows(tmp: Path, keep: np.ndarray, final: Path) -> str:
 
 
 def _sync_and_rename(tmp: Path, final: Path) -> str:
-    """Flush ``tmp`` to disk and rename it to ``final`` (atomic); return its SHA-256."""
+    """Rename ``tmp`` to ``final`` durably (:func:`~convnet.durable.replace_durably`);
+    return its SHA-256."""
     digest = hashlib.sha256()
-    with open(tmp, "rb+") as f:
+    with open(tmp, "rb") as f:
         while block := f.read(1 << 24):
             digest.update(block)
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    replace_durably(tmp, final)
     return digest.hexdigest()
 
 

@@ -9,8 +9,9 @@ model knows which device it runs on.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+import torch
 from torch import nn
 
 from convnet.errors import ConvnetError
@@ -63,6 +64,21 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1,
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def weight_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps ``state`` (a state dict) from loading into ``model``: missing and
+    unexpected names, wrong shapes (at most three of each); None when it fits."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if not (missing or unexpected or wrong):
+        return None
+    parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+             "wrong shape for " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                                             for k in wrong[:3]) if wrong else ""]
+    return "; ".join(p for p in parts if p)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

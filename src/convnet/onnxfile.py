@@ -1,8 +1,9 @@
-"""An exported ``.onnx`` file read back: its input spec and metadata, and predictions in
-ONNX Runtime (CPU).
+"""An exported ``.onnx`` file read back: its input spec and metadata, predictions in ONNX
+Runtime (CPU), and the data of the run it came from.
 
 ``convnet predict FILE.onnx``, ``convnet evaluate FILE.onnx`` and ``convnet serve`` use
-it, so a deployed model is checked with the same commands as a run folder. The file
+it (through :func:`convnet.loadrun.open_model`), so a deployed model is checked with the
+same commands as a run folder. The file
 must come from ``convnet export`` (see :mod:`convnet.export` for the graph and the
 metadata); any other ONNX model is refused with a message saying so.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from convnet.datasets import Images, InputSpec
-from convnet.errors import InputError, RunError
+from convnet import runs
+from convnet.data import run_data
+from convnet.datatypes import Dataset, Images, InputSpec
+from convnet.errors import RunError
 
 PREDICT_BATCH = 256  # images per ONNX Runtime call when predicting files or a data set
 JSON_KEYS = ("convnet.input", "convnet.tta", "convnet.test_accuracy", "convnet.parity", "convnet.data",
@@ -92,6 +94,25 @@ class OnnxModel:
                 raise RunError(f"{self.path}: ONNX Runtime failed on this model ({_first_line(e)}); "
                                "export the run again") from None
         return np.concatenate(out) if out else np.empty((0, self.spec.num_classes), np.float32)
+
+    def dataset(self, data_dir: str | os.PathLike[str] | None = None, *, progress: bool = True) -> Dataset:
+        """The data of the run the file was exported from, found through its metadata
+        (``convnet.data``, ``convnet.split``) or in ``data_dir``.
+
+        Raises:
+            RunError: the metadata does not say which data (a file from an older export).
+        """
+        data = self._json("convnet.data")
+        if not isinstance(data, dict):
+            raise RunError(f"{self.path}: no convnet.data in its metadata, so its data set is unknown; "
+                           "export the run again with `convnet export RUN`")
+        split = self._json("convnet.split")
+        if data.get("kind") == "folder" and not isinstance(split, dict):
+            raise RunError(f"{self.path}: exported from a folder of images without its split (convnet.split); "
+                           "export the run again with `convnet export RUN`")
+        config = {"train": {"model": self.metadata.get("convnet.model", "?")}, "data": data,
+                  "input": self.spec.to_json()}
+        return run_data(runs.Run(self.path, config, []), data_dir, progress=progress, split=split)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /model`` answers: the input spec, classes, scores and versions."""
@@ -188,51 +209,3 @@ def _check_signature(path: Path, session: Any, spec: InputSpec) -> None:
         found = ", ".join(f"{o.name} {o.type} {o.shape}" for o in outputs)
         raise RunError(f"{path}: its output ({found}) is not the probabilities of its {spec.num_classes} classes "
                        f"(float (N, {spec.num_classes})); export the run again")
-
-
-def predict_onnx_files(path: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]], *,
-                       layout: str = "auto") -> Iterator[Any]:
-    """:func:`convnet.predict.predict_files` for an .onnx file: the rows of each batch of
-    inputs, in order, and each unreadable input's :class:`InputError` in its place."""
-    from convnet.inputs import input_batches
-    from convnet.predict import PredictionRow
-
-    model = open_onnx(path)
-    spec = model.spec
-    for item in input_batches(paths, spec, layout=layout):
-        if isinstance(item, InputError):
-            yield item
-            continue
-        probs = model.probabilities(item.images)
-        yield [PredictionRow(name, int(label), spec.classes[int(label)], round(float(p), 6))
-               for name, label, p in zip(item.names, probs.argmax(1), probs.max(1), strict=True)]
-
-
-def evaluate_onnx(path: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
-                  progress: bool = True) -> Any:
-    """``convnet evaluate FILE.onnx``: the :class:`~convnet.evaluate.Evaluation` of the
-    file's model, in ONNX Runtime, on the data of the run it was exported from, found
-    through its metadata (``convnet.data``, ``convnet.split``) or in ``data_dir``."""
-    from convnet import runs
-    from convnet.data import run_data
-    from convnet.evaluate import SplitScores, evaluation, probability_scores
-
-    model = open_onnx(path)
-    data = model._json("convnet.data")
-    if not isinstance(data, dict):
-        raise RunError(f"{model.path}: no convnet.data in its metadata, so its data set is unknown; "
-                       "export the run again with `convnet export RUN`")
-    split = model._json("convnet.split")
-    if data.get("kind") == "folder" and not isinstance(split, dict):
-        raise RunError(f"{model.path}: exported from a folder of images without its split (convnet.split); "
-                       "export the run again with `convnet export RUN`")
-    config = {"train": {"model": model.metadata.get("convnet.model", "?")}, "data": data,
-              "input": model.spec.to_json()}
-    run = runs.Run(model.path, config, [])
-    dataset = run_data(run, data_dir, progress=progress, split=split)
-
-    def score(split: Any) -> Any:
-        return probability_scores(torch.from_numpy(model.probabilities(split.images)), split.labels.cpu())
-
-    train = score(dataset.train) if len(dataset.train) else SplitScores.accuracy_only(None)  # none kept
-    return evaluation(dataset, train, score(dataset.test))

@@ -31,9 +31,12 @@ import numpy as np
 import torch
 
 from convnet import runs
-from convnet.datasets import Images
+from convnet.datatypes import Images
+from convnet.durable import atomic_write
 from convnet.errors import ConvnetError, RunError
-from convnet.evaluate import Evaluation, evaluate_run, evaluate_run_data
+from convnet.evaluation import Evaluation
+from convnet.loadrun import LoadedRun, load_run
+from convnet.scoring import evaluate_model, score_run
 
 PLOTS = "plots"
 PLOT_FILES = ("history", "confusion_matrix", "class_scores", "mistakes", "samples")
@@ -81,11 +84,11 @@ class RunSummary:
 # --- plots in the run folder
 
 
-def write_plots(run_dir: PathLike, evaluation: Evaluation, test_images: Images) -> dict[str, Path]:
+def write_plots(run_dir: PathLike | runs.Run, evaluation: Evaluation, test_images: Images) -> dict[str, Path]:
     """Draw a run's pictures into ``RUN/plots/`` (each file written atomically).
 
     Args:
-        run_dir: the run folder (its history is read from it).
+        run_dir: the run folder (its history is read from it), or the run already read.
         evaluation: the run's scores, with test predictions and probabilities.
         test_images: the test split's uint8 images ``(N, C, H, W)``, in the order scored
             (in memory or on disk: only the pictured ones are read).
@@ -93,9 +96,9 @@ def write_plots(run_dir: PathLike, evaluation: Evaluation, test_images: Images) 
     Returns:
         The path of each picture, by name (see :data:`PLOT_FILES`).
     """
-    from convnet import plots  # matplotlib only when drawing
+    from convnet import plots  # imported here: matplotlib only when drawing
 
-    run = runs.open_run(run_dir)
+    run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
     folder = run.path / PLOTS
     try:
         folder.mkdir(exist_ok=True)
@@ -108,7 +111,7 @@ def write_plots(run_dir: PathLike, evaluation: Evaluation, test_images: Images) 
 
     def save(name: str, fig: Any) -> None:
         png = plots.save(fig)
-        runs.atomic_write(folder / f"{name}.png", lambda f: f.write(png))
+        atomic_write(folder / f"{name}.png", lambda f: f.write(png))
 
     def grid(idx: np.ndarray, heading: str) -> Any:
         images = test_images[torch.from_numpy(idx)].cpu().numpy() if len(idx) else np.empty((0, 1, 1, 1))
@@ -126,13 +129,20 @@ def write_plots(run_dir: PathLike, evaluation: Evaluation, test_images: Images) 
     return {name: folder / f"{name}.png" for name in PLOT_FILES}
 
 
-def evaluate_and_plot(run_dir: PathLike, *, data_dir: PathLike | None = None, device: str = "auto",
-                      progress: bool = True) -> Evaluation:
-    """What ``convnet evaluate RUN`` does: score the run with its own engine (writing
-    ``metrics.json``) and draw its pictures into ``RUN/plots/``."""
-    evaluation, dataset = evaluate_run_data(run_dir, data_dir=data_dir, device=device, progress=progress)
-    write_plots(run_dir, evaluation, dataset.test.images)
-    return evaluation
+def evaluate_and_plot(path: PathLike, *, data_dir: PathLike | None = None, device: str = "auto",
+                      progress: bool = True) -> tuple[Evaluation, Path | None]:
+    """What ``convnet evaluate PATH`` does: score a run folder with its own engine (writing
+    ``metrics.json``) and draw its pictures into ``RUN/plots/``, or score an ``.onnx``
+    file in ONNX Runtime (no pictures: it has no run folder).
+
+    Returns:
+        The scores and the folder of the pictures (None for an ``.onnx`` file).
+    """
+    evaluation, model, dataset = evaluate_model(path, data_dir=data_dir, device=device, progress=progress)
+    if not isinstance(model, LoadedRun):
+        return evaluation, None
+    write_plots(model.run, evaluation, dataset.test.images)
+    return evaluation, model.path / PLOTS
 
 
 def _outdated(path: Path, plots: bool) -> bool:
@@ -158,10 +168,11 @@ def load_summary(run_dir: PathLike, *, name: str | None = None, plots: bool = Tr
     """
     run = runs.open_run(run_dir)
     if _outdated(run.path, plots):
+        loaded = load_run(run, device=device)
+        dataset = loaded.dataset(data_dir)
+        evaluation = score_run(loaded, dataset)
         if plots:
-            evaluate_and_plot(run.path, data_dir=data_dir, device=device)
-        else:
-            evaluate_run(run.path, data_dir=data_dir, device=device)
+            write_plots(run, evaluation, dataset.test.images)
     metrics = runs.read_json(run.path / runs.METRICS)
     try:
         classes = metrics["classes"]
@@ -188,25 +199,58 @@ def load_summaries(run_dirs: Sequence[PathLike], *, plots: bool = True, data_dir
 # --- the comparison in the terminal
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """Runs side by side, as both the terminal and the HTML page show them.
+
+    Attributes:
+        names: the runs, in order.
+        rows: ``(label, one cell per run)``: settings, sizes, times and scores.
+        classes: the test classes, then the averages (macro, weighted).
+        f1: one row per entry of ``classes``: each run's f1.
+    """
+
+    names: list[str]
+    rows: list[tuple[str, list[str]]]
+    classes: list[str]
+    f1: list[list[float]]
+
+    @property
+    def deltas(self) -> list[str]:
+        """The headers of the differences from the first run."""
+        return [f"{n}-{self.names[0]}" for n in self.names[1:]]
+
+
+def comparison(summaries: Sequence[RunSummary]) -> Comparison:
+    """The one comparison of runs: their settings, sizes, times and accuracies, and the
+    f1 of each class."""
+    s = summaries
+    rows = [(label, [str(r.config["train"].get(key, "")) for r in s])
+            for label, key in (("model", "model"), ("optimizer", "optimizer"), ("lr", "lr"), ("epochs", "epochs"),
+                               ("batch size", "batch_size"), ("seed", "seed"))]
+    rows += [
+        ("train images", [f"{r.config['data'].get('train_images') or 0:,}" for r in s]),
+        ("training s", [f"{r.training_seconds:.1f}" for r in s]),
+        ("final loss", [f"{r.history[-1]['loss']:.3f}" if r.history else "-" for r in s]),
+        ("train accuracy", [_accuracy(r.train_accuracy) for r in s]),
+        ("test accuracy", [f"{r.test_accuracy:.3f}" for r in s]),
+    ]
+    classes = [*s[0].classes, *AVERAGES]
+    return Comparison([r.name for r in s], rows, classes, [[r.report[c]["f1-score"] for r in s] for c in classes])
+
+
 def format_comparison(summaries: Sequence[RunSummary]) -> str:
-    """Runs in columns: config, accuracies, loss per epoch, f1 per class (and its
-    difference from the first run)."""
-    names = [s.name for s in summaries]
+    """Runs in columns: :func:`comparison`, the loss per epoch, and f1 per class with its
+    difference from the first run."""
+    table = comparison(summaries)
+    names = table.names
     w = max(10, *(len(n) + 2 for n in names))
-    deltas = [f"{n}-{names[0]}" for n in names[1:]]
-    dw = max([8, *(len(d) + 2 for d in deltas)])
+    dw = max([8, *(len(d) + 2 for d in table.deltas)])
 
     def row(label: str, cells: Sequence[str], extra: Sequence[str] = ()) -> str:
         return f"{label:<16}" + "".join(f"{c:>{w}}" for c in cells) + "".join(f"{c:>{dw}}" for c in extra)
 
-    lines = [row("run", names)]
-    for label, key in (("model", "model"), ("optimizer", "optimizer"), ("lr", "lr"), ("epochs", "epochs"),
-                       ("batch size", "batch_size"), ("seed", "seed")):
-        lines.append(row(label, [str(s.config["train"].get(key, "")) for s in summaries]))
-    lines.append(row("train images", [f"{s.config['data'].get('train_images', 0):,}" for s in summaries]))
-    lines.append(row("training s", [f"{s.training_seconds:.1f}" for s in summaries]))
-    lines.append(row("train accuracy", [_accuracy(s.train_accuracy) for s in summaries]))
-    lines.append(row("test accuracy", [f"{s.test_accuracy:.3f}" for s in summaries]))
+    lines = [row("run", names), *(row(label, cells) for label, cells in table.rows)]
     for key, label in (("loss", "training loss"), ("val_loss", "validation loss"), ("val_accuracy", "val accuracy")):
         curves = [[h.get(key) for h in s.history] for s in summaries]
         if not any(v is not None for c in curves for v in c):
@@ -215,9 +259,8 @@ def format_comparison(summaries: Sequence[RunSummary]) -> str:
         for e in range(max(len(c) for c in curves)):
             lines.append(row(f"  epoch {e + 1}", [f"{c[e]:.3f}" if e < len(c) and c[e] is not None else "-"
                                                    for c in curves]))
-    lines += ["", row("f1 per class", names, deltas)]
-    for c in [*summaries[0].classes, *AVERAGES]:
-        f1 = [s.report[c]["f1-score"] for s in summaries]
+    lines += ["", row("f1 per class", names, table.deltas)]
+    for c, f1 in zip(table.classes, table.f1, strict=True):
         lines.append(row(c[:15], [f"{v:.3f}" for v in f1], [f"{v - f1[0]:+.3f}" for v in f1[1:]]))
     return "\n".join(lines)
 
@@ -285,30 +328,20 @@ def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _comparison_html(summaries: Sequence[RunSummary]) -> str:
-    from convnet import plots  # matplotlib only when drawing
+    from convnet import plots  # imported here: matplotlib only when drawing
 
-    names, classes = [s.name for s in summaries], summaries[0].classes
-    reports = [s.report for s in summaries]
-    train_config = [(k, [str(s.config["train"].get(k, "")) for s in summaries])
-                    for k in ("model", "optimizer", "lr", "epochs", "batch_size", "seed")]
-    rows = [[k, *v] for k, v in train_config] + [
-        ["train accuracy", *(_accuracy(s.train_accuracy) for s in summaries)],
-        ["test accuracy", *(f"{s.test_accuracy:.3f}" for s in summaries)],
-        ["final training loss", *(f"{s.history[-1]['loss']:.3f}" if s.history else "-" for s in summaries)],
-        ["training seconds", *(f"{s.training_seconds:.1f}" for s in summaries)],
-    ]
+    table = comparison(summaries)
+    names, classes = table.names, summaries[0].classes
 
     def delta(v: float) -> _Raw:
         cls = "better" if v > 0.0005 else "worse" if v < -0.0005 else ""
         return _Raw(f'<td class="{cls}">{v:+.3f}</td>')
 
-    f1_rows = []
-    for c in [*classes, *AVERAGES]:
-        f1 = [r[c]["f1-score"] for r in reports]
-        f1_rows.append([c, *(f"{v:.3f}" for v in f1), *(delta(v - f1[0]) for v in f1[1:])])
+    f1_rows = [[c, *(f"{v:.3f}" for v in f1), *(delta(v - f1[0]) for v in f1[1:])]
+               for c, f1 in zip(table.classes, table.f1, strict=True)]
     return "".join([
         '<h2>Comparison</h2><div class="row"><div>',
-        _table(["", *names], rows),
+        _table(["", *names], [[label, *cells] for label, cells in table.rows]),
         "</div>",
         _img(plots.save(plots.plot_accuracies(names, [math.nan if s.train_accuracy is None else s.train_accuracy
                                                       for s in summaries],
@@ -319,7 +352,8 @@ def _comparison_html(summaries: Sequence[RunSummary]) -> str:
         '<div class="row"><div>',
         _table(["class", *names, *(f"{n} − {names[0]}" for n in names[1:])], f1_rows),
         "</div>",
-        _img(plots.save(plots.plot_f1_differences(reports, names, classes)), "per-class f1 differences"),
+        _img(plots.save(plots.plot_f1_differences([s.report for s in summaries], names, classes)),
+             "per-class f1 differences"),
         "</div>",
     ])
 
@@ -393,5 +427,5 @@ def build_report(run_dirs: Sequence[PathLike], out: PathLike | None = None, *, d
     if not path.parent.is_dir():
         raise RunError(f"-o/--out {path}: folder {path.parent} does not exist")
     page = render_html(summaries).encode()
-    runs.atomic_write(path, lambda f: f.write(page))
+    atomic_write(path, lambda f: f.write(page))
     return path

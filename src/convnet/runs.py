@@ -12,8 +12,8 @@
       test_data.safetensors  for images given in Python: the held-out images and labels ConvNetClassifier.save kept
       skipped_images.txt   images left out with --skip-bad-images, one per line
 
-Every file is written to a temporary name in the same folder, flushed to disk and then
-renamed over the old one, so a crash at any moment leaves the previous version whole.
+Every file is written through :func:`convnet.durable.atomic_write`, so a crash at any
+moment leaves the previous version whole.
 """
 
 from __future__ import annotations
@@ -22,61 +22,27 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from convnet.datasets import InputSpec
+from convnet.datatypes import InputSpec
+from convnet.durable import atomic_write
 from convnet.errors import RunError
+from convnet.models import weight_mismatch
+from convnet.version import __version__
 
 CONFIG, HISTORY, WEIGHTS, CHECKPOINT, METRICS, SPLIT, SKIPPED = (
     "config.json", "history.json", "model.safetensors", "checkpoint.safetensors", "metrics.json", "split.json",
     "skipped_images.txt")
 TEST_DATA = "test_data.safetensors"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through ``write(file)`` so that it is either old or new, never half."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise RunError(f"cannot write in {path.parent}: {e.strerror or e}; choose another --out") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # Ctrl-C included: never leave the temporary file behind
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):  # disk full, a folder in the way, …
-            raise RunError(f"cannot write {path}: {e.strerror or e}; its previous version is kept") from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def read_json(path: Path) -> Any:
@@ -88,7 +54,7 @@ def read_json(path: Path) -> Any:
         raise RunError(f"{path}: not valid JSON ({e}); the run folder is damaged") from None
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically."""
     blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     atomic_write(path, lambda f: f.write(blob))
@@ -107,9 +73,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def library_versions() -> dict[str, str]:
-    import sklearn
-
-    from convnet import __version__
+    import sklearn  # imported here: scikit-learn takes most of a second to import
 
     return {
         "convnet": __version__,
@@ -241,15 +205,9 @@ _REQUIRED: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load safetensors weights into ``model``, naming what does not fit."""
     state = load_tensors(path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-                 "wrong shape for " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                                                 for k in wrong[:3]) if wrong else ""]
-        raise RunError(f"{path}: weights do not fit the model: " + "; ".join(p for p in parts if p))
+    problem = weight_mismatch(model, state)
+    if problem:
+        raise RunError(f"{path}: weights do not fit the model: {problem}")
     model.load_state_dict(state)
 
 

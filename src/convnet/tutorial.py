@@ -11,19 +11,20 @@ from typing import TextIO
 import torch
 from torch import nn
 
+from convnet.arrays import images_from_array
 from convnet.config import TrainConfig
 from convnet.data import DataOptions, load_data
-from convnet.datasets import Dataset, to_float
+from convnet.datatypes import Dataset, to_float
+from convnet.durable import write_json
 from convnet.engine import Engine, make_engine
-from convnet.evaluate import Evaluation, evaluate
+from convnet.evaluation import Evaluation, evaluate
 from convnet.events import ConsolePrinter
 from convnet.experiment import data_record
-from convnet.inputs import images_from_array
+from convnet.inference import predict
 from convnet.models import count_parameters, create_model
-from convnet.predict import predict
 from convnet.report import build_report, format_comparison, load_summaries, write_plots
-from convnet.runs import check_out, new_run_dir, write_json
-from convnet.train import TrainResult, train
+from convnet.runs import check_out, new_run_dir
+from convnet.training import TrainResult, train
 
 SGD = TrainConfig(model="seed", optimizer="sgd", lr=1e-3, epochs=25, batch_size=128, seed=42, shuffle=False)
 ADAM = replace(SGD, optimizer="adam", epochs=15)

@@ -10,24 +10,27 @@ validation, stopping at a target accuracy) happens in :mod:`convnet.events`.
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from convnet import augment, runs
+from convnet import augment, checkpoint, runs
+from convnet.arrays import as_images, as_labels, as_split, spec_of
 from convnet.config import EpochRecord, TrainConfig, lr_at, without_flips
-from convnet.datasets import DiskImages, InputSpec, Split, batches, split_validation
+from convnet.data import run_data
+from convnet.datatypes import DiskImages, InputSpec, Split, batches, split_validation
 from convnet.distributed import all_mean, wrap
 from convnet.engine import Engine, StepRunner, make_engine
-from convnet.errors import ConvnetError, InputError, TrainingDiverged
-from convnet.models import create_model
+from convnet.errors import ConvnetError, InputError, RunError, TrainingDiverged
+from convnet.events import EventList, RunWriter, StopAtAccuracy, Validation
+from convnet.models import create_model, weight_mismatch
+from convnet.trainstate import EMA, TrainState
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module, engine: Engine) -> torch.optim.Optimizer:
@@ -71,59 +74,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
-
-
-class EMA:
-    """An exponential moving average of a model's weights and buffers, updated in place
-    after every step, so that it can be part of a step replayed as a CUDA graph.
-
-    The decay warms up: after ``n`` updates it is ``min(decay, (1 + n) / (10 + n))``, so a
-    short run (a small data set, few steps) averages its recent weights rather than its
-    first ones. :attr:`module` is the averaged model.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(model)
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        device = next(model.parameters()).device
-        self.updates = torch.zeros((), device=device)  # a tensor: counted inside a CUDA graph too
-        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(), strict=True))
-        self.floats = [(a, b) for a, b in pairs if a.is_floating_point()]
-        self.others = [(a, b) for a, b in pairs if not a.is_floating_point()]  # batch norm's step counters
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates.add_(1)
-        decay = torch.clamp((1 + self.updates) / (10 + self.updates), max=self.decay)
-        ema, live = (list(t) for t in zip(*self.floats, strict=True))
-        torch._foreach_mul_(ema, decay)
-        torch._foreach_add_(ema, torch._foreach_mul(live, 1 - decay))
-        for a, b in self.others:
-            a.copy_(b)
-
-
-@dataclass
-class TrainState:
-    """What the loop hands to events: the live objects and the history so far."""
-
-    config: TrainConfig
-    spec: InputSpec
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    engine: Engine
-    shuffle_rng: torch.Generator
-    augment_rng: torch.Generator
-    ema: EMA | None = None  # the moving average of the weights, with --ema
-    epoch: int = 0  # epochs completed
-    history: list[EpochRecord] = field(default_factory=list)
-    stop: bool = False  # an event sets this to end training after the current epoch
-
-    @property
-    def final_model(self) -> nn.Module:
-        """The model to evaluate and keep: the weights' moving average when there is one."""
-        return self.ema.module if self.ema is not None else self.model
 
 
 @dataclass
@@ -170,8 +120,6 @@ def split_with_spec(data: Any) -> tuple[Split, InputSpec]:
     Raises:
         InputError: the images or labels cannot be used.
     """
-    from convnet.inputs import as_images, as_labels, spec_of
-
     images, labels = (data.images, data.labels) if isinstance(data, Split) else \
         data if isinstance(data, tuple) and len(data) == 2 else (None, None)
     if images is None:
@@ -197,14 +145,15 @@ def train(
     run_dir: Path | None = None,
     data_record: dict[str, Any] | None = None,
     resume: bool = False,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train a fresh model (or resume one) on the training split ``data``.
+    """Train a model (fresh, from given weights, or resumed) on the training split ``data``.
 
     Args:
         config: what to train; validated here.
         data: the training images (uint8 ``(N, C, H, W)``, in memory or on disk) and labels;
             also a pair ``(images, labels)``, the images as any array, tensor or list
-            :func:`convnet.inputs.as_images` accepts (e.g. numpy ``(N, 28, 28)``).
+            :func:`convnet.arrays.as_images` accepts (e.g. numpy ``(N, 28, 28)``).
         spec: the images' input spec (channels, size, classes), recorded in the run;
             None: taken from ``data`` (its images' channels and size, classes named
             ``"0"``.. by the labels, which are then class indices). Where the spec says
@@ -218,14 +167,15 @@ def train(
         run_dir: when given, config, history, checkpoints and weights are written here.
         data_record: what to record of the data in ``config.json`` (default: counts only).
         resume: continue from ``run_dir``'s last checkpoint.
+        init: starting weights, a state dict of ``config.model`` built for ``spec``
+            (e.g. ``result.model.state_dict()`` of an earlier run); training starts
+            from them with a fresh optimizer and schedule. None: fresh weights drawn
+            from ``config.seed``.
 
     Raises:
-        ConvnetError: a bad config value; TrainingDiverged when the loss stops being finite.
+        ConvnetError: a bad config value, or ``init`` weights that do not fit the model;
+            TrainingDiverged when the loss stops being finite.
     """
-    from convnet import checkpoint
-    from convnet.events import EventList, RunWriter, StopAtAccuracy, Validation
-    from convnet.inputs import as_split
-
     if not isinstance(config, TrainConfig):
         raise ConvnetError(f"config: a {type(config).__name__} was given; expected a convnet.TrainConfig "
                            "(e.g. convnet.TrainConfig(epochs=5) or convnet.RECIPES['cpu'])")
@@ -246,12 +196,22 @@ def train(
     if config.target_accuracy and not any(isinstance(e, StopAtAccuracy) for e in extra):
         raise ConvnetError("--target-accuracy needs the images to measure it on: pass "
                            "events=[StopAtAccuracy(test_split, target)]")
+    if init is not None and resume:
+        raise ConvnetError("init (starting weights) and resume cannot be combined: a resumed run continues "
+                           "from its own checkpoint")
     if val is None and config.val_split:
         data, val = split_validation(data, config.val_split, config.seed)
 
     torch.manual_seed(config.seed)  # the initial weights, as the tutorial seeds them
-    model = engine.prepare_model(create_model(config.model, spec.num_classes, spec.channels,
-                                              (spec.height, spec.width)))
+    net = create_model(config.model, spec.num_classes, spec.channels, (spec.height, spec.width))
+    if init is not None:
+        problem = weight_mismatch(net, init)
+        if problem:
+            raise ConvnetError(f"init: the starting weights do not fit model {config.model!r} for "
+                               f"{spec.num_classes} classes of {spec.channels}x{spec.height}x{spec.width} images: "
+                               f"{problem}")
+        net.load_state_dict(init)
+    model = engine.prepare_model(net)
     optimizer = make_optimizer(config, model, engine)
     ema = EMA(model, config.ema) if config.ema else None
     state = TrainState(config, spec, model, optimizer, engine, torch.Generator().manual_seed(config.seed),
@@ -332,13 +292,8 @@ def resume(run_dir: str | Path, *, engine: Engine | None = None, events: Any = N
     Raises:
         RunError: not a run folder, or no checkpoint in it yet.
     """
-    from convnet.data import run_data
-    from convnet.events import StopAtAccuracy
-
     run = runs.open_run(run_dir)
     if not (run.path / runs.CHECKPOINT).is_file():
-        from convnet.errors import RunError
-
         raise RunError(f"{run.path}: no checkpoint yet (it stopped before its first epoch ended); start it again")
     config = TrainConfig.from_dict(run.config["train"])
     engine = engine or make_engine("cpu", faithful=config.faithful)

@@ -27,9 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from convnet.datasets import Dataset, InputSpec, Split, source_path
+from convnet.arrayfiles import CIFAR_RECORD, GZIP_MAGIC, parse_cifar, read_idx
+from convnet.datatypes import Dataset, InputSpec, Split, check_subset, source_path
+from convnet.durable import replace_durably
 from convnet.errors import DataError
-from convnet.formats import CIFAR_RECORD, GZIP_MAGIC, parse_cifar, read_idx
+from convnet.progress import Bar
 
 
 @dataclass(frozen=True)
@@ -212,8 +214,7 @@ def load_dataset(
         DataError: unknown name, no copy found, a corrupt file, a failed download.
     """
     ds = named(name)
-    if subset is not None and subset <= 0:
-        raise DataError(f"--subset must be a positive number of images, got {subset}")
+    check_subset(subset)
     folder = locate(ds, data_dir, cache_dir)
     if folder is None:
         cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / ds.name
@@ -356,8 +357,6 @@ def download_dataset(ds: NamedDataset, folder: Path, *, timeout_s: float = 60.0,
 
 
 def _fetch_verified(url: str, target: Path, f: DataFile, timeout_s: float, progress: bool) -> None:
-    from convnet.progress import Bar
-
     part = target.with_name(f".{target.name}.part")
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -373,8 +372,6 @@ def _fetch_verified(url: str, target: Path, f: DataFile, timeout_s: float, progr
                     out.write(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
             bar.close()
             if size and got < size:  # the part stays (a hidden file): the next attempt continues it
                 raise DataError(f"{url}: the connection broke off after {got:,} of {size:,} bytes")
@@ -393,7 +390,7 @@ def _fetch_verified(url: str, target: Path, f: DataFile, timeout_s: float, progr
     except DataError:
         part.unlink(missing_ok=True)  # a wrong file is never continued
         raise
-    os.replace(part, target)
+    replace_durably(part, target)
 
 
 def describe_datasets(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:

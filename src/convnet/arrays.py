@@ -1,13 +1,13 @@
-"""Inputs for prediction: files, arrays and images turned into uint8 batches in a run's
-input spec, a bounded number at a time.
+"""Images in a model's input spec, from whatever holds them: numpy arrays and torch
+tensors in any layout, PIL images, image files; and labels and splits for training.
 
-Accepted: image files (any format and mode Pillow reads, any size: converted as
-:func:`~convnet.formats.decode_image` says), ``.npy`` arrays and IDX files of images,
-numpy arrays and torch tensors, PIL images. Arrays may be ``(N, H, W)``, channels first
-``(N, C, H, W)`` or channels last ``(N, H, W, C)`` with C = 1 or 3, detected from the
-shape (or forced with ``layout``: a shape that fits both is refused until it is); grey
-images are repeated into RGB and colour turned to grey (ITU-R 601 luma, as Pillow does)
-when the run's channels differ. Values are uint8 in [0, 255] or floats in [0, 1].
+Arrays may be ``(N, H, W)``, channels first ``(N, C, H, W)`` or channels last
+``(N, H, W, C)`` with C = 1 or 3, detected from the shape (or forced with ``layout``: a
+shape that fits both is refused until it is); grey images are repeated into RGB and
+colour turned to grey (ITU-R 601 luma, as Pillow does) when the spec's channels differ.
+Values are uint8 in [0, 255] or floats in [0, 1]. Image files and PIL images are
+converted as :func:`~convnet.imagefiles.decode_image` says. Files named for prediction,
+read a bounded batch at a time, are :mod:`convnet.inputfiles`' job.
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from convnet.arrayfiles import NpyFile
 from convnet.config import LAYOUTS
-from convnet.datasets import DiskImages, InputSpec, Split
-from convnet.errors import DataError, InputError
-from convnet.formats import NpyFile, decode_image, read_idx
+from convnet.datatypes import DiskImages, InputSpec, Split
+from convnet.errors import InputError
+from convnet.imagefiles import decode_image, default_size, image_header, is_colour
 
 BATCH_IMAGES = 4096  # images read, converted and predicted at a time: memory stays bounded for any input
+
+
 SpecLike = InputSpec | tuple[int, int, int]
 
 
@@ -40,115 +42,9 @@ def as_spec(spec: SpecLike) -> InputSpec:
     return InputSpec(c, h, w, ("0", "1"))
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """Images from one file: names (one per image) and uint8 ``(N, C, H, W)``."""
-
-    path: str
-    names: list[str]
-    images: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Up to a batch of images from one or more files, in order: a name for each image
-    and uint8 ``(N, C, H, W)``."""
-
-    names: list[str]
-    images: torch.Tensor
-
-
-def load_inputs(paths: Sequence[str | os.PathLike[str]], spec: SpecLike, *,
-                layout: str = "auto") -> Iterator[Inputs | InputError]:
-    """Read each path whole; yield its images, or the error that names what is wrong with it.
-
-    :func:`input_batches` reads the same inputs in bounded memory, whatever their size.
-    """
-    check_layout(layout)
-    for p in paths:
-        try:
-            yield load_input(Path(p), spec, layout)
-        except InputError as e:
-            yield e
-
-
-def input_batches(paths: Sequence[str | os.PathLike[str]], spec: SpecLike, *,
-                  layout: str = "auto", batch_size: int = BATCH_IMAGES) -> Iterator[Batch | InputError]:
-    """The images of ``paths`` in batches of at most ``batch_size``, in order, and each
-    file's error in its place.
-
-    Memory stays bounded whatever the inputs: a ``.npy`` file is read from disk a batch at
-    a time (never whole), and many small image files are gathered into one batch. Every
-    check of a file (shape, type, values) is made before its first image is yielded.
-    """
-    check_layout(layout)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    names: list[str] = []
-    parts: list[torch.Tensor] = []
-    held = 0  # images in names/parts, not yet yielded
-    for p in paths:
-        try:
-            for chunk_names, chunk in _file_chunks(Path(p), as_spec(spec), layout, batch_size):
-                while len(chunk):
-                    take = batch_size - held
-                    names += chunk_names[:take]
-                    parts.append(chunk[:take])
-                    held += len(parts[-1])
-                    chunk_names, chunk = chunk_names[take:], chunk[take:]
-                    if held == batch_size:
-                        yield Batch(names, torch.cat(parts))
-                        names, parts, held = [], [], 0
-        except InputError as e:
-            if held:
-                yield Batch(names, torch.cat(parts))
-                names, parts, held = [], [], 0
-            yield e
-    if held:
-        yield Batch(names, torch.cat(parts))
-
-
-def load_input(path: Path, spec: SpecLike, layout: str = "auto") -> Inputs:
-    """One file's images, whole: an image file, a ``.npy`` array or an IDX file."""
-    names: list[str] = []
-    parts: list[torch.Tensor] = []
-    for chunk_names, chunk in _file_chunks(Path(path), as_spec(spec), layout, BATCH_IMAGES):
-        names += chunk_names
-        parts.append(chunk)
-    return Inputs(str(path), names, torch.cat(parts))
-
-
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise InputError(f"unknown --layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-
-
-def _file_chunks(path: Path, spec: InputSpec, layout: str,
-                 batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """``(names, uint8 (n, C, H, W))`` pieces of one file, ``n <= batch_size``; at least one."""
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give the image files (e.g. {path}/*.png)")
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    array: np.ndarray | NpyFile
-    if suffix == ".npy":
-        array = NpyFile(path)
-    elif "idx" in path.name or suffix == ".gz" or path.name.endswith("ubyte"):
-        try:
-            array = read_idx(path)
-        except DataError as e:
-            raise InputError(str(e)) from None
-        layout = "nchw" if array.ndim == 4 else layout
-    else:
-        yield [str(path)], load_image(path, spec).unsqueeze(0)
-        return
-    start = 0
-    for images in array_batches(array, str(path), spec, layout, batch_size):
-        yield [f"{path}[{i}]" for i in range(start, start + len(images))], images
-        start += len(images)
-    if start == 0:
-        raise InputError(f"{path}: holds no images (shape {array.shape})")
 
 
 def load_image(source: str | os.PathLike[str] | bytes | Any, spec: SpecLike, *,
@@ -157,16 +53,11 @@ def load_image(source: str | os.PathLike[str] | bytes | Any, spec: SpecLike, *,
 
     For a data set drawn as a light object on black (``spec.dark_background``), an image
     whose border is mostly light (a photo on a white background) is inverted unless
-    ``invert`` says otherwise. See :func:`convnet.formats.decode_image`.
+    ``invert`` says otherwise. See :func:`convnet.imagefiles.decode_image`.
     """
     s = as_spec(spec)
     return torch.from_numpy(decode_image(source, s.channels, (s.height, s.width), dark_background=s.dark_background,
                                          invert=invert))
-
-
-def load_array(path: Path, spec: SpecLike, layout: str = "auto") -> torch.Tensor:
-    """A ``.npy`` file of images as uint8 ``(N, C, H, W)``; never unpickles anything."""
-    return images_from_array(NpyFile(path), str(path), spec, layout)
 
 
 def images_from_array(arr: np.ndarray | NpyFile, path: str, spec: SpecLike,
@@ -269,9 +160,9 @@ def _value_scale(arr: np.ndarray | NpyFile, n: int, batch_size: int, path: str) 
     return scale
 
 
-# --- whatever a notebook holds: arrays, tensors, PIL images, file paths
-
 MIN_SIDE = 8  # pixels: the smallest images a model takes (convnet.models)
+
+
 ACCEPTED = ("a numpy array or torch tensor of images (N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3, or "
             "flattened square grey images (N, H*W), uint8 in [0, 255] or float in [0, 1]; a list of PIL images; "
             "a list of image file paths")
@@ -343,8 +234,6 @@ def _check_values(arr: np.ndarray, name: str) -> None:
 
 
 def _is_image_source(x: Any) -> bool:
-    from PIL import Image
-
     return isinstance(x, str | os.PathLike | Image.Image)
 
 
@@ -388,15 +277,9 @@ def _images_from_sources(sources: list[Any], spec: InputSpec | None, name: str) 
     """PIL images or image files as uint8 ``(N, C, H, W)``: in ``spec``, or else in the
     most common size (at most 64 pixels a side) and grey unless one has colour, each as it is
     (never inverted)."""
-    from PIL import Image
-
-    from convnet.formats import _is_colour, image_header
-
     invert = None
     if spec is None:
-        from convnet.imagecache import default_size
-
-        headers = [(x.size[0], x.size[1], _is_colour(x)) if isinstance(x, Image.Image) else image_header(x)
+        headers = [(x.size[0], x.size[1], is_colour(x)) if isinstance(x, Image.Image) else image_header(x)
                    for x in sources]
         size = default_size([(h, w) for w, h, _ in headers])
         spec, invert = InputSpec(3 if any(c for _, _, c in headers) else 1, *size, ("0", "1")), False

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from convnet.arrayfiles import NpyFile
 from convnet.errors import DataError, RunError
-from convnet.formats import NpyFile
 
 
 @dataclass(frozen=True)
@@ -211,10 +211,19 @@ class Dataset:
         """The data set with only the first ``subset`` training images (the test split whole)."""
         if subset is None:
             return self
-        if subset <= 0:
-            raise DataError(f"--subset must be a positive number of images, got {subset}")
+        check_subset(subset)
         files = None if self.files is None else {**self.files, "train": self.files["train"][:subset]}
         return replace(self, train=self.train.first(subset), subset=subset, files=files)
+
+
+def check_subset(subset: int | None) -> None:
+    """The one check of ``--subset`` (None: every image), made before anything is read.
+
+    Raises:
+        DataError: not a positive number of images.
+    """
+    if subset is not None and subset <= 0:
+        raise DataError(f"--subset must be a positive number of images, got {subset}")
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,28 @@
-"""Evaluation: predictions on both splits (via :func:`~convnet.predict.infer`), scored
-by the pure functions in :mod:`convnet.metrics`."""
+"""Evaluation: a model's predictions on both splits of a data set (via
+:func:`~convnet.inference.infer`), scored by the pure functions in :mod:`convnet.metrics`.
+
+:func:`score_splits` is the one scorer: it takes whatever turns images into
+probabilities (a PyTorch model through :func:`evaluate`, an ONNX Runtime session), so
+every kind of model is scored the same way. Scoring a saved run and writing its
+``metrics.json`` is :mod:`convnet.scoring`'s job.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from convnet import metrics, runs
-from convnet.datasets import Dataset, Split
-from convnet.engine import Engine, make_engine
-from convnet.predict import infer, load_model
+from convnet import metrics
+from convnet.arrays import as_split
+from convnet.datatypes import Dataset, Images, Split
+from convnet.engine import Engine
+from convnet.errors import InputError
+from convnet.inference import infer
 
 
 @dataclass
@@ -62,6 +70,26 @@ def probability_scores(probs: torch.Tensor, labels: torch.Tensor) -> SplitScores
     return SplitScores(metrics.accuracy(preds, labels), preds, probs)
 
 
+Probabilities = Callable[[Images], torch.Tensor]  # uint8 images (N, C, H, W) -> probabilities (N, K) on the CPU
+
+
+def score_splits(probabilities: Probabilities, dataset: Dataset, *, test_probabilities: torch.Tensor | None = None,
+                 score_train: bool = True) -> Evaluation:
+    """Accuracy on both splits; classification report and confusion matrix on the test split.
+
+    Args:
+        probabilities: the model, as a function of a split's images.
+        dataset: the splits, uint8 images in the model's input spec, class indices.
+        test_probabilities: the test split's, when already known (not computed again).
+        score_train: score the training split too; False (or a training split with no
+            images) leaves its accuracy None, not measured.
+    """
+    train = probability_scores(probabilities(dataset.train.images), dataset.train.labels.cpu()) \
+        if score_train and len(dataset.train) else SplitScores.accuracy_only(None)
+    test_probs = test_probabilities if test_probabilities is not None else probabilities(dataset.test.images)
+    return evaluation(dataset, train, probability_scores(test_probs, dataset.test.labels.cpu()))
+
+
 def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None, tta: bool = False,
              test_logits: torch.Tensor | None = None, score_train: bool = True) -> Evaluation:
     """Accuracy on both splits; classification report and confusion matrix on the test split.
@@ -73,33 +101,28 @@ def evaluate(model: nn.Module, dataset: Dataset, *, engine: Engine | None = None
         score_train: score the training split too; False (or a training split with no
             images) leaves its accuracy None, not measured.
 
-    The splits' images may be any array or tensor :func:`convnet.inputs.as_images`
+    The splits' images may be any array or tensor :func:`convnet.arrays.as_images`
     accepts (numpy ``(N, 28, 28)``, channels last …), their labels class indices.
 
     Raises:
         InputError: ``dataset`` is not a Dataset, or its images or labels cannot be used.
     """
-    from dataclasses import replace
-
-    from convnet.errors import InputError
-    from convnet.inputs import as_split
-
     if not isinstance(dataset, Dataset):
         raise InputError(f"dataset: a {type(dataset).__name__} was given; expected a convnet.Dataset (its splits' "
                          "images may be numpy arrays in any layout); for arrays alone use convnet.predict")
     dataset = replace(dataset, train=as_split(dataset.train, dataset.spec, "train"),
                       test=as_split(dataset.test, dataset.spec, "test"))
     engine = engine or Engine.fast()
-    train = scores(infer(model, dataset.train.images, engine=engine, tta=tta), dataset.train.labels) \
-        if score_train and len(dataset.train) else SplitScores.accuracy_only(None)
-    test = scores(test_logits if test_logits is not None else infer(model, dataset.test.images, engine=engine,
-                                                                     tta=tta), dataset.test.labels)
-    return evaluation(dataset, train, test)
+
+    def probabilities(images: Images) -> torch.Tensor:
+        return infer(model, images, engine=engine, tta=tta).softmax(dim=1)
+
+    return score_splits(probabilities, dataset, score_train=score_train,
+                        test_probabilities=test_logits.softmax(dim=1) if test_logits is not None else None)
 
 
 def evaluation(dataset: Dataset, train: SplitScores, test: SplitScores) -> Evaluation:
-    """The scores of both splits, with the test split's report and confusion matrix
-    (also for predictions made elsewhere, e.g. in ONNX Runtime)."""
+    """The scores of both splits, with the test split's report and confusion matrix."""
     y = dataset.test.labels
     return Evaluation(
         classes=dataset.classes,
@@ -113,32 +136,5 @@ def evaluation(dataset: Dataset, train: SplitScores, test: SplitScores) -> Evalu
 
 
 def score_split(model: nn.Module, split: Split, engine: Engine, tta: bool = False) -> SplitScores:
+    """One split's scores (a validation split, say) without the report."""
     return scores(infer(model, split.images, engine=engine, tta=tta), split.labels)
-
-
-def evaluate_run(run_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
-                 engine: Engine | None = None, dataset: Dataset | None = None, device: str = "auto",
-                 test_logits: torch.Tensor | None = None, progress: bool = True,
-                 score_train: bool = True) -> Evaluation:
-    """Evaluate a run folder's model on the data it was trained on (same subset, same
-    split), with the run's own engine (faithful runs in fp32) and test-time augmentation,
-    and write the scores to its ``metrics.json``."""
-    return evaluate_run_data(run_dir, data_dir=data_dir, engine=engine, dataset=dataset, device=device,
-                             test_logits=test_logits, progress=progress, score_train=score_train)[0]
-
-
-def evaluate_run_data(run_dir: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
-                      engine: Engine | None = None, dataset: Dataset | None = None, device: str = "auto",
-                      test_logits: torch.Tensor | None = None, progress: bool = True,
-                      score_train: bool = True) -> tuple[Evaluation, Dataset]:
-    """:func:`evaluate_run`, also returning the data it was scored on. The model is
-    loaded (and checked) before the data is read."""
-    from convnet.data import run_data
-
-    run = runs.open_run(run_dir)
-    engine = engine or make_engine(device, faithful=run.faithful)
-    model, run = load_model(run.path, engine)
-    dataset = dataset or run_data(run, data_dir, progress=progress)
-    result = evaluate(model, dataset, engine=engine, tta=run.tta, test_logits=test_logits, score_train=score_train)
-    runs.write_json(run.path / runs.METRICS, result.to_json())
-    return result, dataset
