@@ -4,7 +4,6 @@ on 127.0.0.1, and the page driven in headless Chromium."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -23,7 +22,6 @@ import torch
 from PIL import Image
 
 from convnet.arrays import load_image
-from convnet.batcher import Batcher
 from convnet.cli import build_parser, main
 from convnet.export import export_run
 from convnet.loadtest import check_loopback, multipart_body, parse_wrk, python_load, run_wrk, start_server, stop_server
@@ -178,30 +176,6 @@ def test_other_routes(client) -> None:  # type: ignore[no-untyped-def]
     assert client.get("/predict").status_code == 405 and "error" in client.get("/predict").json()
     page = client.get("/").text
     assert 'id="file"' in page and "<script src" not in page and "http://" not in page and "https://" not in page
-
-
-def test_batcher_puts_concurrent_requests_in_one_batch() -> None:
-    sizes: list[int] = []
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        sizes.append(len(images))
-        time.sleep(0.01)
-        return images.reshape(len(images), -1).sum(1, keepdims=True).astype(np.float32)  # (n, 1): says which image
-
-    batcher = Batcher(predict, max_batch=8, wait_s=0.05)
-    batcher.start()
-
-    async def send() -> list[np.ndarray]:
-        return await asyncio.gather(*(batcher.submit(np.full((1 + i % 2, 1, 2, 2), i, np.uint8)) for i in range(20)))
-
-    try:
-        answers = asyncio.run(send())
-    finally:
-        batcher.stop()
-    for i, a in enumerate(answers):  # every request gets its own rows back
-        assert a.shape == (1 + i % 2, 1) and (a == 4 * i).all()
-    assert sum(sizes) == 30 and len(sizes) < 20 and max(sizes) <= 9  # batched; a full batch is sent at once
-    assert not batcher.alive
 
 
 def test_flags_are_checked_and_the_default_host_is_loopback(onnx_file: Path,
@@ -398,25 +372,6 @@ def test_page_in_headless_chromium_shows_what_convnet_predict_says(server: str, 
         assert all(u.startswith(server) or u.startswith("data:") or u.startswith("blob:") for u in origins), origins
     finally:
         driver.quit()
-
-
-
-def test_multipart_parser() -> None:
-    from convnet.httpinputs import RequestError, parse_multipart
-
-    body, ctype = multipart_body([b"\x89PNG one", b"two\r\n--not-the-boundary\r\n"], ["a b.png", "\u00e9.png"])
-    parts = parse_multipart(b"preamble\r\n" + body + b"epilogue", ctype, 5)
-    assert parts == [("file", "a b.png", b"\x89PNG one"), ("file", "\u00e9.png", b"two\r\n--not-the-boundary\r\n")]
-    for broken, message in ((body[: len(body) // 2], "not closed"), (b"no boundary here", "no boundary line"),
-                            (body.replace(b'name="file"', b'name="photo"'), "unexpected form field 'photo'"),
-                            (body.replace(b"Content-Disposition", b"X-Other"), "without a Content-Disposition")):
-        with pytest.raises(RequestError, match=message):
-            parse_multipart(broken, ctype, 5)
-    with pytest.raises(RequestError, match="at most 1") as e:
-        parse_multipart(body, ctype, 1)
-    assert e.value.status == 413
-    with pytest.raises(RequestError, match="no boundary"):
-        parse_multipart(body, "multipart/form-data", 5)
 
 
 def test_a_run_folder_is_served_through_an_in_memory_export(tmp_path: Path, pngs: list[Path]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_train import TODAY_ADAM, TUTORIAL_SGD
+from .test_training import TODAY_ADAM, TUTORIAL_SGD
 
 # The tutorial's printed classification report for its SGD run (precision, recall, f1 per class).
 TUTORIAL_SGD_REPORT = [
