@@ -1,0 +1,89 @@
+"""Training settings: a config read back from a run is the config that was written, a bad
+value is refused with its flag, a recipe gives way to explicit flags, and the schedule
+starts, peaks and ends where it says."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+import pytest
+
+from convnet.config import RECIPES, TrainConfig, lr_at, recipe, resolve_config
+from convnet.errors import ConvnetError, RunError
+
+
+def test_a_config_comes_back_from_its_json_unchanged() -> None:
+    for config in [*RECIPES.values(), TrainConfig(model="fastnet", lr=0.05, epochs=3, val_split=0.1, faithful=True)]:
+        assert TrainConfig.from_dict(json.loads(json.dumps(asdict(config)))) == config
+
+
+@pytest.mark.parametrize(("key", "value"), [("epochs", "4"), ("epochs", True), ("lr", "fast"), ("tta", 1)])
+def test_a_recorded_value_of_the_wrong_type_is_a_damaged_run(key: str, value: object) -> None:
+    with pytest.raises(RunError, match=f"config value {key}=.* should be a .*the run folder is damaged"):
+        TrainConfig.from_dict({key: value})
+
+
+def test_faithful_turns_shuffling_off_and_refuses_what_departs_from_the_tutorial() -> None:
+    assert TrainConfig(faithful=True).shuffle is False
+    with pytest.raises(ConvnetError, match="--faithful .* cannot be combined with --augment flip"):
+        TrainConfig(faithful=True, augment="flip").validate()
+
+
+def test_an_unknown_model_is_refused_with_the_registered_names() -> None:
+    with pytest.raises(ConvnetError, match="unknown model 'resnet9'; choose one of: seed, fastnet"):
+        TrainConfig(model="resnet9").validate()
+
+
+def test_flags_override_the_recipe_and_other_optimizers_drop_its_momentum() -> None:
+    config = resolve_config("cpu", {"epochs": 3, "lr": None})
+    assert config.epochs == 3 and config.lr == RECIPES["cpu"].lr  # None means "not given"
+    adam = resolve_config("cpu", {"optimizer": "adam"})
+    assert adam.optimizer == "adam" and adam.momentum == 0.0 and not adam.nesterov
+    assert resolve_config(None, faithful=True) == TrainConfig(faithful=True, shuffle=False)
+    assert resolve_config(None, device_type="cuda") == RECIPES["gpu"]
+    assert recipe("cpu") is not RECIPES["cpu"]  # a copy: changing it leaves the recipe as it is
+
+
+def test_data_whose_mirror_changes_class_gets_no_flips() -> None:
+    config = resolve_config("cpu", hflip=False)
+    assert config.augment == "translate" and config.tta is False
+    with pytest.raises(ConvnetError, match="change class when mirrored"):
+        resolve_config("cpu", {"augment": "flip"}, hflip=False)
+    with pytest.raises(ConvnetError, match="unknown --recipe 'fastest'; choose one of: tutorial, cpu"):
+        resolve_config("fastest")
+
+
+def test_config_validation_names_the_flag() -> None:
+    for bad, flag in [(dict(optimizer="lbfgs"), "--optimizer"), (dict(epochs=0), "--epochs"),
+                      (dict(batch_size=0), "--batch-size"), (dict(lr=-1.0), "--lr"), (dict(lr=float("nan")), "--lr"),
+                      (dict(momentum=1.0), "--momentum")]:
+        with pytest.raises(ConvnetError, match=flag):
+            TrainConfig(**bad).validate()  # type: ignore[arg-type]
+    assert TrainConfig(faithful=True).shuffle is False
+
+
+def test_schedules() -> None:
+    c = TrainConfig(lr=1.0, epochs=10, schedule="linear", warmup_epochs=1.0)
+    lrs = [lr_at(c, s, 10) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[-1] < 0.02
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    cos = replace(c, schedule="cosine")
+    assert lr_at(cos, 9, 10) == 1.0 and abs(lr_at(cos, 54, 10) - 0.5) < 0.02
+    assert lr_at(replace(c, schedule="constant"), 50, 10) == 1.0
+
+
+def test_recipes_are_valid_and_named() -> None:
+    for name in RECIPES:
+        recipe(name).validate()
+    assert recipe("tutorial").shuffle is False and recipe("cpu").model == "fastnet"
+    with pytest.raises(ConvnetError, match="unknown --recipe 'fast'.*cpu"):
+        recipe("fast")
+    with pytest.raises(ConvnetError, match="--faithful.*cannot be combined with --nesterov"):
+        replace(recipe("cpu"), faithful=True).validate()
+
+
+def test_config_from_dict_checks_types() -> None:
+    assert TrainConfig.from_dict({"epochs": 3, "lr": 1, "unknown": 0}).lr == 1.0
+    with pytest.raises(RunError, match="epochs='4' should be a int"):
+        TrainConfig.from_dict({"epochs": "4"})

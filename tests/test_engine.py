@@ -1,0 +1,62 @@
+"""The engine: the device chosen once, the tutorial's arithmetic for a faithful run, the
+fast path where it was measured faster, and batches that reach the model as it expects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convnet import engine as engine_module
+from convnet.engine import Engine, StepRunner, make_engine, resolve_device, single_process
+from convnet.errors import ConvnetError
+
+
+def test_a_device_is_resolved_once_and_a_wrong_one_named() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConvnetError, match="unknown --device 'tpu'; choose one of: auto, cpu, cuda"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
+def test_cuda_without_a_gpu_says_to_use_the_cpu() -> None:
+    with pytest.raises(ConvnetError, match="no CUDA GPU is visible .*use --device cpu"):
+        make_engine("cuda")
+
+
+def test_faithful_is_the_tutorials_plain_arithmetic() -> None:
+    e = make_engine("cpu", faithful=True)
+    assert e == Engine(torch.device("cpu"))
+    assert not e.channels_last and e.autocast is None and not e.fold_batchnorm and e.infer_batch_size == 128
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_fast_cpu_path_uses_bfloat16_only_where_the_cpu_has_it(bf16: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: bf16)
+    e = make_engine("cpu")
+    assert e.channels_last and e.fold_batchnorm and not e.graphs
+    assert e.autocast == (torch.bfloat16 if bf16 else None)
+    assert e.describe()["autocast"] == ("bfloat16" if bf16 else None)
+
+
+def test_a_batch_reaches_the_model_as_floats_in_its_layout() -> None:
+    images = torch.randint(0, 256, (4, 3, 8, 10), dtype=torch.uint8)
+    x = Engine.fast().batch(images)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, images.float() / 255.0)  # the tutorial's X / 255.0, exactly
+    assert Engine.faithful().batch(images).is_contiguous()
+
+
+def test_on_the_cpu_a_step_runs_eagerly_and_single_process_resets_the_rank() -> None:
+    calls = []
+
+    def step(**tensors: torch.Tensor) -> torch.Tensor:
+        calls.append(sorted(tensors))
+        return tensors["labels"].float().sum()
+
+    runner = StepRunner(step, Engine(torch.device("cpu"), graphs=True))  # graphs asked for, but no CUDA
+    assert float(runner(images=torch.zeros(2), labels=torch.tensor([1, 2]))) == 3.0
+    assert runner.graph is None and calls == [["images", "labels"]]
+    worker = Engine(torch.device("cpu"), rank=3, world_size=4)
+    assert not worker.is_main and single_process(worker).is_main and single_process(worker).world_size == 1
