@@ -91,7 +91,7 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
         run = runs.open_run(request.resume)
         config = TrainConfig.from_dict(run.config["train"])
         engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
-        result = resume(run.path, engine=engine, events=printer, data_dir=request.data.data_dir,
+        result = resume(run, engine=engine, events=printer, data_dir=request.data.data_dir,
                         progress=request.progress and rank == 0)
         dataset, stop = None, []  # evaluate_run reads the run's own data
     else:

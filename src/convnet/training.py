@@ -283,16 +283,17 @@ def _diverged(epoch: int, batch: int, loss: torch.Tensor) -> TrainingDiverged:
     )
 
 
-def resume(run_dir: str | Path, *, engine: Engine | None = None, events: Any = None,
+def resume(run_dir: str | Path | runs.Run, *, engine: Engine | None = None, events: Any = None,
            data_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
-    """Continue a run from its last complete epoch, with the run's own config and data.
+    """Continue a run (its folder, or the run already read) from its last complete epoch,
+    with the run's own config and data.
 
     The result is the same, bit for bit on the CPU, as if the run had never stopped.
 
     Raises:
         RunError: not a run folder, or no checkpoint in it yet.
     """
-    run = runs.open_run(run_dir)
+    run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
     if not (run.path / runs.CHECKPOINT).is_file():
         raise RunError(f"{run.path}: no checkpoint yet (it stopped before its first epoch ended); start it again")
     config = TrainConfig.from_dict(run.config["train"])
