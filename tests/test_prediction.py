@@ -52,3 +52,63 @@ def test_predict_command_output_is_unchanged_by_streaming(random_run: Path, tmp_
     lines = capsys.readouterr().out.splitlines()
     label_column = {re.match(r"\S+ +", line).end() for line in lines}  # type: ignore[union-attr]
     assert len(lines) == 9001 and len(label_column) == 1  # one column width throughout
+
+
+def _two_class_run(folder: Path) -> Path:
+    folder.mkdir()
+    durable.write_json(folder / runs.CONFIG, {"train": {"model": "fastnet"}, "data": {
+        "name": "folder", "classes": ["cat", "dog"], "image_shape": [3, 16, 16]}})
+    runs.save_tensors(folder / runs.WEIGHTS, create_model("fastnet", 2, 3, 16).state_dict())
+    return folder
+
+
+def test_a_folder_of_photos_becomes_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+
+    from convnet.cli import main
+    from convnet.prediction import predict_files
+
+    run = _two_class_run(tmp_path / "run")
+    photos = tmp_path / "photos"
+    (photos / "b" / "deeper").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("z.png", "a.jpg", "b/deeper/c.png", "b/a.bmp"):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(photos / name)
+    (photos / "notes.txt").write_text("not an image")
+    (photos / ".hidden.png").write_bytes(b"hidden files are passed over silently")
+    (photos / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    table = tmp_path / "out.csv"
+    assert main(["predict", "--device", "cpu", str(run), str(photos), "--csv", str(table), "--top-k", "5"]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"4 images predicted, 1 unreadable inputs; table in {table}\n"
+    assert "passed over 1 file that is not an image: " in err and "notes.txt" in err and "hidden" not in err
+    assert "broken.png" in err and "1 of 5 inputs could not be read" in err
+    rows = list(csv.reader(table.open(newline="")))
+    assert rows[0] == ["path", "class", "probability", "class_2", "probability_2", "error"]  # a 2-class run: both
+    names = ["a.jpg", "b/a.bmp", "b/broken.png", "b/deeper/c.png", "z.png"]  # sorted, recursive
+    assert [r[0] for r in rows[1:]] == [str(photos / n) for n in names]
+    broken = rows[3]
+    assert broken[1:5] == ["", "", "", ""] and "broken.png" in broken[5]
+    expected = {r.input: r for item in predict_files(run, [photos], device="cpu", top_k=2) if isinstance(item, list)
+                for r in item}
+    for row in (rows[1], rows[2], rows[4], rows[5]):
+        p = expected[row[0]]
+        assert row[1:5] == [p.top[0][1], f"{p.top[0][2]:.6f}", p.top[1][1], f"{p.top[1][2]:.6f}"] and row[5] == ""
+        assert abs(float(row[2]) + float(row[4]) - 1) < 1e-5 and p.top[0][1] == p.cls
+
+
+def test_a_table_that_cannot_be_written_is_refused_before_anything(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from convnet.cli import main
+
+    run = _two_class_run(tmp_path / "run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, message in (([str(tmp_path), "--csv", str(tmp_path / "absent" / "t.csv")], "does not exist"),
+                          ([str(tmp_path), "--csv", str(tmp_path)], "is a folder"),
+                          ([str(empty)], "a folder with no image files"),
+                          ([str(tmp_path), "--top-k", "0"], "--top-k must be at least 1")):
+        assert main(["predict", "--device", "cpu", str(run), *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"]  # nothing written

@@ -27,7 +27,7 @@ class TrainConfig:
         model: a registered model name (see ``convnet models``).
         optimizer: ``sgd``, ``adam`` or ``adamw``.
         lr: peak learning rate per step (not scaled by batch size).
-        epochs: full passes over the training images.
+        epochs: full passes over the training images (each of ``repeats`` passes).
         batch_size: images per step.
         seed: seeds the initial weights (``torch.manual_seed``), the shuffle order, the
             augmentation and the validation split.
@@ -46,6 +46,10 @@ class TrainConfig:
         tta: predict with test-time augmentation (mean of the image and its mirror).
         ema: decay per step of an exponential moving average of the weights (e.g.
             0.995), which is what gets evaluated and kept; 0 = off.
+        repeats: passes over the training images in one epoch, each shuffled and
+            augmented anew: 1 as given; more when the training is sized to a small
+            data set (:func:`size_to_data`), so that its epochs, schedule, moving
+            average and validation checks keep their meaning.
         faithful: the tutorial's exact arithmetic (see README).
     """
 
@@ -68,6 +72,7 @@ class TrainConfig:
     target_accuracy: float = 0.0
     tta: bool = False
     ema: float = 0.0
+    repeats: int = 1
     faithful: bool = False
 
     def __post_init__(self) -> None:
@@ -104,13 +109,15 @@ class TrainConfig:
             (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
             (0 <= self.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {self.target_accuracy}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1), got {self.ema}"),
+            (self.repeats >= 1, f"repeats must be at least 1, got {self.repeats}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConvnetError(message)
         if self.faithful:
             plain = TrainConfig()
-            for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema"):
+            for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema",
+                         "repeats"):
                 if getattr(self, name) != getattr(plain, name):
                     raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
                                        f"--{name.replace('_', '-')} {getattr(self, name)}")
@@ -153,7 +160,7 @@ RECIPES: dict[str, TrainConfig] = {
                         schedule="linear", warmup_epochs=2.0, tta=True, ema=0.0),
 }
 DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
-PER_RUN = ("seed", "val_split", "target_accuracy", "faithful")  # settings of one run, not part of a recipe
+PER_RUN = ("seed", "val_split", "target_accuracy", "faithful", "repeats")  # settings of one run, not of a recipe
 
 
 def recipe(name: str) -> TrainConfig:

@@ -19,7 +19,13 @@ class DataError(ConvnetError):
 
 class InputError(ConvnetError, ValueError):
     """An input given for prediction (image, array, IDX file) cannot be used. Also a
-    ValueError, as scikit-learn expects of an estimator given bad data."""
+    ValueError, as scikit-learn expects of an estimator given bad data.
+
+    Attributes:
+        path: the file it is about, where it is one of several inputs (None otherwise).
+    """
+
+    path: str | None = None
 
 
 class RunError(ConvnetError):

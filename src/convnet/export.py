@@ -46,7 +46,7 @@ from torch import nn
 
 from convnet import runs
 from convnet.datatypes import Images, InputSpec
-from convnet.durable import atomic_write, write_json
+from convnet.durable import atomic_write, check_output_file, write_json
 from convnet.engine import Engine
 from convnet.errors import ConvnetError, RunError
 from convnet.inference import infer
@@ -129,10 +129,7 @@ def check_output(out: Path) -> None:
         raise ConvnetError(f"-o {out}: the file name must end in .onnx")
     if out.is_dir():
         raise ConvnetError(f"-o {out}: is a folder; give a file name such as {out / 'model.onnx'}")
-    if not out.parent.is_dir():
-        raise ConvnetError(f"-o {out}: folder {out.parent} does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise ConvnetError(f"-o {out}: folder {out.parent} is not writable")
+    check_output_file(out, "-o")
     if parity_path(out).is_dir():
         raise ConvnetError(f"-o {out}: its parity figures go to {parity_path(out)}, which is a folder; "
                            "choose another file name")

@@ -114,7 +114,7 @@ def _entries(folder: Path) -> _Entries:
                     continue
                 (dirs if e.is_dir() else files).append(e.name)
     except OSError as e:
-        raise DataError(f"--data: cannot read the folder {folder}: {e.strerror or e}") from None
+        raise DataError(f"cannot read the folder {folder}: {e.strerror or e}") from None
     return _Entries(sorted(dirs), sorted(files))
 
 
@@ -124,7 +124,7 @@ def _walk(folder: Path, root: Path) -> tuple[list[tuple[str, os.stat_result]], l
     images, others = [], []
 
     def unreadable(e: OSError) -> None:
-        raise DataError(f"--data: cannot read the folder {e.filename}: {e.strerror or e}")
+        raise DataError(f"cannot read the folder {e.filename}: {e.strerror or e}")
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -141,6 +141,17 @@ def _walk(folder: Path, root: Path) -> tuple[list[tuple[str, os.stat_result]], l
             else:
                 others.append(rel)
     return images, others
+
+
+def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The image files under ``folder`` (recursively, hidden ones left out) and the other
+    files, as ``convnet train --data`` sees them, each list sorted by path.
+
+    Raises:
+        DataError: a folder that cannot be read.
+    """
+    images, others = _walk(folder, folder)
+    return [folder / rel for rel in sorted(rel for rel, _ in images)], [folder / rel for rel in sorted(others)]
 
 
 def parse_image_size(text: str) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Inputs for prediction: the files named on a command line (image files, ``.npy`` arrays,
-IDX files) read into uint8 batches in a run's input spec, a bounded number at a time,
-each unreadable file's error in its place.
+IDX files, folders of image files) read into uint8 batches in a run's input spec, a
+bounded number at a time, each unreadable file's error in its place.
 
 How an array or an image becomes one of the spec's images is :mod:`convnet.arrays`' job.
 """
@@ -19,6 +19,8 @@ from convnet.arrayfiles import NpyFile, read_idx
 from convnet.arrays import BATCH_IMAGES, SpecLike, array_batches, as_spec, check_layout, images_from_array, load_image
 from convnet.datatypes import InputSpec
 from convnet.errors import DataError, InputError
+from convnet.folderscan import image_files
+from convnet.imagefiles import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,53 @@ def input_batches(paths: Sequence[str | os.PathLike[str]], spec: SpecLike, *,
             if held:
                 yield Batch(names, torch.cat(parts))
                 names, parts, held = [], [], 0
+            e.path = str(p)
             yield e
     if held:
         yield Batch(names, torch.cat(parts))
+
+
+@dataclass(frozen=True)
+class Expanded:
+    """Inputs with every folder replaced by the image files in it.
+
+    Attributes:
+        files: the inputs, in order; a folder's image files (sorted, recursive, hidden ones
+            left out) in its place.
+        passed_over: the files in those folders that are not images, by their extension.
+        from_folders: how many of ``files`` came from folders.
+    """
+
+    files: list[Path]
+    passed_over: list[Path]
+    from_folders: int
+
+
+def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> Expanded:
+    """Replace each folder among ``paths`` by its image files, as ``convnet train --data``
+    finds them; files are kept as they are (a missing one is named when it is read).
+
+    Raises:
+        InputError: a folder that cannot be read, or that holds no image files.
+    """
+    files: list[Path] = []
+    passed_over: list[Path] = []
+    from_folders = 0
+    for p in map(Path, paths):
+        if not p.is_dir():
+            files.append(p)
+            continue
+        try:
+            images, others = image_files(p)
+        except DataError as e:
+            raise InputError(str(e)) from None
+        if not images:
+            raise InputError(f"{p}: a folder with no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in it or "
+                             "below it")
+        files += images
+        passed_over += others
+        from_folders += len(images)
+    return Expanded(files, passed_over, from_folders)
 
 
 def load_input(path: Path, spec: SpecLike, layout: str = "auto") -> Inputs:

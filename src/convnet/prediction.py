@@ -21,41 +21,91 @@ from torch import nn
 from convnet.arrays import as_images
 from convnet.datatypes import InputSpec
 from convnet.engine import Engine
-from convnet.errors import InputError
+from convnet.errors import ConvnetError, InputError
 from convnet.inference import infer
-from convnet.inputfiles import input_batches
-from convnet.loadrun import load_run, open_model
+from convnet.inputfiles import expand_inputs, input_batches
+from convnet.loadrun import LoadedRun, Model, load_run, open_model
+from convnet.onnxfile import OnnxModel
+
+TOP_K = 3  # classes each row carries by default (--top-k)
 
 
 @dataclass(frozen=True)
 class PredictionRow:
-    """One input image's prediction, as ``convnet predict`` prints it."""
+    """One input image's prediction, as ``convnet predict`` prints it.
+
+    Attributes:
+        input: the file (``FILE[i]`` for the i-th image of an array file).
+        label, cls, probability: the most probable class: its index, name and probability.
+        top: the most probable classes, most probable first, as ``(label, class, probability)``.
+    """
 
     input: str
     label: int
     cls: str
     probability: float
+    top: tuple[tuple[int, str, float], ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {"input": self.input, "label": self.label, "class": self.cls, "probability": self.probability}
+        return {"input": self.input, "label": self.label, "class": self.cls, "probability": self.probability,
+                "top": [{"label": j, "class": c, "probability": p} for j, c, p in self.top]}
 
 
-def predict_files(run_dir: str | os.PathLike[str], paths: Sequence[str | os.PathLike[str]], *, layout: str = "auto",
-                  device: str | torch.device = "auto") -> Iterator[list[PredictionRow] | InputError]:
+def predict_files(run_dir: str | os.PathLike[str] | Model, paths: Sequence[str | os.PathLike[str]], *,
+                  layout: str = "auto", device: str | torch.device = "auto",
+                  top_k: int = TOP_K) -> Iterator[list[PredictionRow] | InputError]:
     """What ``convnet predict RUN INPUT...`` does: the rows of each batch of inputs, in
     order, converted to the run's input spec and predicted the way the run was evaluated
     (its engine, its test-time augmentation); an input that cannot be read yields its
-    error in its place. Memory stays bounded whatever the inputs' size. An ``.onnx`` file
-    from ``convnet export`` in place of the run folder is predicted in ONNX Runtime."""
-    model = open_model(run_dir, device=device)
+    error in its place (its ``path`` set). A folder stands for the image files in it
+    (:func:`~convnet.inputfiles.expand_inputs`). Memory stays bounded whatever the inputs'
+    size. An ``.onnx`` file from ``convnet export`` in place of the run folder is predicted
+    in ONNX Runtime.
+
+    Args:
+        run_dir: a run folder or an ``.onnx`` file, or one already opened
+            (:func:`~convnet.loadrun.open_model`).
+        top_k: the classes each row carries (at most the run's classes).
+
+    Raises:
+        ConvnetError: a run that cannot be opened, a ``top_k`` below 1, a folder that
+            cannot be read or holds no images (before anything is predicted).
+    """
+    check_top_k(top_k)
+    files = expand_inputs(paths).files
+    model = run_dir if isinstance(run_dir, LoadedRun | OnnxModel) else open_model(run_dir, device=device)
     spec: InputSpec = model.spec
-    for item in input_batches(paths, spec, layout=layout):
+    k = min(top_k, spec.num_classes)
+    for item in input_batches(files, spec, layout=layout):
         if isinstance(item, InputError):
             yield item
             continue
         probs = model.probabilities(item.images)  # (n, K)
-        yield [PredictionRow(name, int(label), spec.classes[int(label)], round(float(p), 6))
-               for name, label, p in zip(item.names, probs.argmax(1), probs.max(1), strict=True)]
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k), most probable first
+        rows = []
+        for name, best, p in zip(item.names, order.tolist(), probs, strict=True):
+            top = tuple((j, spec.classes[j], round(float(p[j]), 6)) for j in best)
+            rows.append(PredictionRow(name, *top[0], top=top))
+        yield rows
+
+
+def check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise ConvnetError(f"--top-k must be at least 1, got {top_k}")
+
+
+def csv_header(top_k: int) -> list[str]:
+    """``path,class,probability,class_2,probability_2,...,error`` for ``top_k`` classes."""
+    ranks = [("class", "probability"), *((f"class_{i}", f"probability_{i}") for i in range(2, top_k + 1))]
+    return ["path", *(name for pair in ranks for name in pair), "error"]
+
+
+def csv_row(item: PredictionRow | InputError, top_k: int) -> list[str]:
+    """One CSV row: an image's classes and probabilities, or a file's error in the last column."""
+    if isinstance(item, InputError):
+        return [item.path or "", *[""] * (2 * top_k), str(item)]
+    cells = [cell for _, cls, p in item.top for cell in (cls, f"{p:.6f}")]
+    return [item.input, *cells, *[""] * (2 * top_k - len(cells)), ""]
 
 
 @dataclass

@@ -228,7 +228,8 @@ def train(
     net = wrap(model, engine)  # DistributedDataParallel under torchrun, else the model itself
 
     data = data.to(engine.device)  # (N, C, H, W) uint8, whole on the device (or left on disk)
-    images, labels, n = data.images, data.labels, len(data)
+    images, labels = data.images, data.labels
+    n = len(data) * config.repeats  # images an epoch trains on: the split, config.repeats times
     where = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")  # of the images, for indices
     steps_per_epoch = len(batches(n, config.batch_size))
     correct = torch.zeros((), dtype=torch.int64, device=engine.device)
@@ -241,7 +242,7 @@ def train(
     for epoch in range(state.epoch, config.epochs):
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=state.shuffle_rng).to(where) if config.shuffle else None
+        order = epoch_order(len(data), config, state.shuffle_rng, where)
         losses = []
         correct.zero_()
         for i, rows in enumerate(batches(n, config.batch_size)):
@@ -274,6 +275,15 @@ def train(
     hooks.on_train_end(state)
     return TrainResult(state.final_model, state.history, run_dir, time.perf_counter() - start, spec, config,
                        graphed=step.graph is not None)
+
+
+def epoch_order(n: int, config: TrainConfig, rng: torch.Generator, where: torch.device) -> torch.Tensor | None:
+    """The rows of one epoch, in order: ``config.repeats`` passes over the ``n`` images,
+    each in a new random order (or in their own order without shuffling); None for one
+    unshuffled pass (the rows are then taken as slices)."""
+    if config.shuffle:
+        return torch.cat([torch.randperm(n, generator=rng) for _ in range(config.repeats)]).to(where)
+    return torch.arange(n, device=where).repeat(config.repeats) if config.repeats > 1 else None
 
 
 def _diverged(epoch: int, batch: int, loss: torch.Tensor) -> TrainingDiverged:

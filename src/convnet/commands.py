@@ -1,0 +1,240 @@
+"""What each command does with its parsed flags: one library call, then what it prints.
+
+:mod:`convnet.cli` parses the command line and calls the function of the command here.
+The library is imported inside each command, so ``convnet --help`` and ``--version``
+start without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from typing import Any
+
+from convnet.config import RECIPES, TrainConfig
+from convnet.errors import ConvnetError
+
+
+def data_options(a: argparse.Namespace) -> Any:
+    """The data flags as the library's :class:`~convnet.data.DataOptions`."""
+    from convnet.data import DataOptions
+    from convnet.folderscan import parse_image_size
+
+    folder = getattr(a, "data", None)
+    if folder is not None and a.dataset is not None:
+        raise ConvnetError(f"--data {folder} (a folder of images) and --dataset {a.dataset} cannot be combined; "
+                           "give one")
+    return DataOptions(
+        dataset=a.dataset or "fashion-mnist", data_dir=str(a.data_dir) if a.data_dir is not None else None,
+        folder=str(folder) if folder is not None else None, subset=getattr(a, "subset", None),
+        image_size=parse_image_size(a.image_size) if getattr(a, "image_size", None) else None,
+        channels=getattr(a, "channels", None), test_split=getattr(a, "test_split", 0.2),
+        skip_bad_images=getattr(a, "skip_bad_images", False), hflip=getattr(a, "hflip", None),
+        memory_budget_mb=getattr(a, "memory_budget", None))
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from convnet.experiment import TrainRequest, run_training
+
+    overrides = {f.name: getattr(a, f.name, None) for f in fields(TrainConfig) if f.name != "faithful"}
+    request = TrainRequest(overrides=overrides, data=data_options(a), recipe=a.recipe, faithful=a.faithful,
+                           device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress)
+    outcome = run_training(request, env=dict(os.environ))
+    if outcome.evaluation is None:  # not the main process under torchrun
+        return 0
+    ev, result = outcome.evaluation, outcome.result
+    why = "a --target-accuracy run; `convnet evaluate RUN` scores the training images"
+    print(f"Train Accuracy : {accuracy_text(ev.train.accuracy, why)}")
+    print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
+    assert result.run_dir is not None
+    print(f"trained in {result.seconds:.1f} s; weights in {result.run_dir / 'model.safetensors'}")
+    return 0
+
+
+def accuracy_text(accuracy: float | None, why: str = "the run keeps no training images") -> str:
+    return f"not measured ({why})" if accuracy is None else f"{accuracy:.3f}"
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from convnet.report import evaluate_and_plot
+
+    ev, plots = evaluate_and_plot(a.run, data_dir=a.data_dir, device=a.device)
+    if a.json:
+        print(json.dumps(ev.to_json(), indent=2))
+        return 0
+    print(f"Train Accuracy : {accuracy_text(ev.train.accuracy)}")
+    print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
+    print("Test Data Classification Report :")
+    print(ev.report_text)
+    print("Confusion matrix (rows: true class, columns: predicted class)")
+    width = max(len(str(int(ev.confusion_matrix.max()))), 4)
+    print(" " * 13 + "".join(f"{i:>{width + 1}}" for i in range(len(ev.classes))))
+    for i, (name, row) in enumerate(zip(ev.classes, ev.confusion_matrix, strict=True)):
+        print(f"{i} {name[:10]:<11}" + "".join(f"{int(v):>{width + 1}}" for v in row))
+    if plots is not None:
+        print(f"Plots in {plots}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from convnet.export import export_run
+
+    result = export_run(a.run, a.out, data_dir=a.data_dir)
+    print(result.parity.describe())
+    print(f"ONNX model (opset {result.opset}) written to {result.path}; parity figures in {result.parity_path}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import math
+
+    from convnet.serve import ServeOptions, serve
+
+    if not (math.isfinite(a.max_body_mb) and a.max_body_mb >= 0.001):  # nan and inf cannot become a byte count
+        raise ConvnetError(f"--max-body-mb must be a finite number of at least 0.001 (MB), got {a.max_body_mb:g}")
+    serve(a.model, ServeOptions(host=a.host, port=a.port, max_body_bytes=round(a.max_body_mb * 1e6),
+                                max_images=a.max_images, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms))
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from convnet.report import build_report
+
+    path = build_report(a.runs, a.out, data_dir=a.data_dir, device=a.device)
+    print(f"Report written to {path}")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from convnet.report import compare
+
+    print(compare(a.runs, data_dir=a.data_dir, device=a.device))
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    import contextlib
+    import csv
+
+    from convnet.durable import atomic_file, check_output_file
+    from convnet.errors import InputError
+    from convnet.inputfiles import expand_inputs
+    from convnet.loadrun import open_model
+    from convnet.prediction import check_top_k, csv_header, csv_row, predict_files
+    from convnet.progress import Bar
+
+    check_top_k(a.top_k)
+    if a.csv is not None:
+        check_output_file(a.csv, "--csv")
+    inputs = expand_inputs(a.inputs)  # a folder: its image files
+    model = open_model(a.run, device=a.device)
+    k = min(a.top_k, model.spec.num_classes)
+    if inputs.passed_over:
+        shown = ", ".join(map(str, inputs.passed_over[:3])) + (" …" if len(inputs.passed_over) > 3 else "")
+        n = len(inputs.passed_over)
+        print(f"convnet: passed over {n} file{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not an image: "
+              f"{shown}", file=sys.stderr)
+    failed, printed, width, rows = 0, 0, 0, 0
+    bar = Bar(inputs.from_folders or None, "predicting", enabled=inputs.from_folders > 0)
+    with atomic_file(a.csv, text=True) if a.csv is not None else contextlib.nullcontext() as f:
+        table = csv.writer(f) if f is not None else None
+        if table is not None:
+            table.writerow(csv_header(k))
+        for item in predict_files(model, inputs.files, layout=a.layout, top_k=k):  # bounded memory for any input
+            if isinstance(item, InputError):
+                print(f"convnet: error: {item}", file=sys.stderr)
+                failed += 1
+                bar.update(1)
+                if table is not None:
+                    table.writerow(csv_row(item, k))
+                continue
+            bar.update(len(item))
+            width = max(width, *(len(r.input) for r in item))
+            for row in item:
+                if table is not None:
+                    table.writerow(csv_row(row, k))
+                    rows += 1
+                    continue
+                if a.json:  # one JSON list, printed a row at a time
+                    json_text = json.dumps(row.to_json(), indent=2).replace("\n", "\n  ")
+                    print("[\n  " if not printed else ",\n  ", json_text, sep="", end="")
+                else:
+                    print(f"{row.input:<{width}}  {row.label}  {row.cls:<12}  {row.probability:.3f}")
+                printed += 1
+    bar.close()
+    if a.json and table is None:
+        print("\n]" if printed else "[]")
+    if a.csv is not None:
+        print(f"{rows:,} images predicted, {failed} unreadable inputs; table in {a.csv}")
+    if failed:
+        print(f"convnet: {failed} of {len(inputs.files)} inputs could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_tutorial(a: argparse.Namespace) -> int:
+    from convnet.data import DataOptions
+    from convnet.tutorial import run_tutorial
+
+    data = DataOptions(dataset=a.dataset or "fashion-mnist",
+                       data_dir=str(a.data_dir) if a.data_dir is not None else None)
+    run_tutorial(data, a.out, device=a.device, faithful=a.faithful, quick=a.quick, progress=not a.no_progress)
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from convnet.bench import BenchResult, bench, format_bench, format_time_to_accuracy
+    from convnet.data import DataOptions
+
+    data = DataOptions(dataset=a.dataset or "fashion-mnist",
+                       data_dir=str(a.data_dir) if a.data_dir is not None else None)
+    result = bench(data, device=a.device, model=a.model, batch_size=a.batch_size, train_images=a.train_images,
+                   repeats=a.repeats, target=a.target, recipe=a.recipe, seeds=a.seeds, reference=not a.no_reference)
+    if a.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_bench(result) if isinstance(result, BenchResult) else format_time_to_accuracy(result))
+    return 0
+
+
+def cmd_recipes(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from convnet.config import DEFAULT_RECIPE, PER_RUN
+
+    for name, config in RECIPES.items():
+        default = [d for d, r in DEFAULT_RECIPE.items() if r == name]
+        note = (f" (default on {', '.join(default)})" if default else
+                " (the tutorial's settings; base of --faithful)" if name == "tutorial" else "")
+        print(f"{name}{note}")
+        for k, v in asdict(config).items():
+            if k not in PER_RUN:
+                print(f"  --{k.replace('_', '-'):<17} {v}")
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from convnet.models import count_parameters, create_model, list_models
+
+    for name, description in list_models().items():
+        print(f"{name:<12} {count_parameters(create_model(name)):>10,} parameters  {description}")
+    return 0
+
+
+def cmd_datasets(a: argparse.Namespace) -> int:
+    from convnet.catalog import describe_datasets
+
+    for d in describe_datasets():
+        print(f"{d['name']:<14} {d['height']}x{d['width']}, {d['channels']} channel{'s' if d['channels'] > 1 else ''}, "
+              f"{d['classes']} classes, {d['train_images']:,} + {d['test_images']:,} images, "
+              f"flips {'allowed' if d['hflip'] else 'not allowed'}")
+        print(f"{'':<14} {d['where']}")
+    print("Your own images: convnet train --data DIR (one subfolder per class)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tutorial": cmd_tutorial,
+            "models": cmd_models, "recipes": cmd_recipes, "datasets": cmd_datasets, "bench": cmd_bench,
+            "report": cmd_report, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve}
