@@ -219,3 +219,25 @@ def test_a_target_accuracy_run_reuses_its_last_test_measurement(tmp_path: Path, 
     assert main(["evaluate", "--device", "cpu", str(run), "--json"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert 0 < scored["train"]["accuracy"] <= 1 and scored["test"]["accuracy"] == metrics["test"]["accuracy"]
+
+
+def test_a_small_data_set_is_trained_sized_and_says_so(tmp_path: Path, toy_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import convnet.config
+
+    monkeypatch.setattr(convnet.config, "SIZED_IMAGES", 1_000)  # small, so that the test is quick
+    run = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--subset", "100", "--model", "seed",
+                 "--out", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "passes over" in line)
+    assert line.startswith("24 epochs of 10 passes over 100 images (192 steps of 128): sized to the data"), line
+    history = json.loads((run / runs.HISTORY).read_text())
+    assert len(history) == 24 and history[0]["images_per_s"] > 0
+    config = json.loads((run / runs.CONFIG).read_text())["train"]
+    assert config["repeats"] == 10 and config["epochs"] == 24  # recorded: --resume goes on the same way
+    assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--subset", "100", "--model", "seed",
+                 "--epochs", "2", "--out", str(tmp_path / "given"), "--no-progress"]) == 0
+    assert "passes over" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "given" / runs.CONFIG).read_text())["train"]["repeats"] == 1

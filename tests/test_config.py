@@ -5,6 +5,7 @@ starts, peaks and ends where it says."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, replace
 
 import pytest
@@ -87,3 +88,34 @@ def test_config_from_dict_checks_types() -> None:
     assert TrainConfig.from_dict({"epochs": 3, "lr": 1, "unknown": 0}).lr == 1.0
     with pytest.raises(RunError, match="epochs='4' should be a int"):
         TrainConfig.from_dict({"epochs": "4"})
+
+
+def test_small_data_is_repeated_to_the_sized_number_of_images_per_epoch() -> None:
+    from convnet.config import SIZED_IMAGES, size_to_data
+
+    cpu = recipe("cpu")
+    for images, repeats in ((100, SIZED_IMAGES // 100), (1_000, SIZED_IMAGES // 1_000), (60_000, 1),
+                            (SIZED_IMAGES, 1), (1, SIZED_IMAGES)):
+        sized, line = size_to_data(cpu, images)
+        assert sized.repeats == repeats and sized.epochs == cpu.epochs, images
+        assert replace(sized, repeats=1) == cpu  # nothing else changes
+        steps = cpu.epochs * math.ceil(repeats * images / cpu.batch_size)
+        assert f"{cpu.epochs} epochs of " in line and f"({steps:,} steps of {cpu.batch_size})" in line
+    assert "as the recipe says" in size_to_data(cpu, 60_000)[1]
+    assert "sized to the data" in size_to_data(cpu, 100)[1]
+
+
+def test_sizing_leaves_given_epochs_the_tutorial_and_faithful_runs_as_they_were() -> None:
+    from convnet.config import SIZED_IMAGES
+    from convnet.experiment import run_config
+
+    def repeats(recipe_name: str | None, overrides: dict[str, object], faithful: bool = False) -> int:
+        config, _ = run_config(recipe_name, overrides, device_type="cpu", faithful=faithful, hflip=True,
+                               train_images=300)
+        return config.repeats
+
+    assert repeats(None, {}) > 1 and repeats("gpu", {}) > 1
+    assert repeats(None, {"epochs": 24}) == 1 and repeats("tutorial", {}) == 1 and repeats(None, {}, True) == 1
+    held_out, _ = run_config(None, {"val_split": 0.5}, device_type="cpu", faithful=False, hflip=True,
+                             train_images=300)
+    assert held_out.repeats == round(SIZED_IMAGES / 150)  # sized to the 150 images trained on, not the 300 given

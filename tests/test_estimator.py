@@ -421,3 +421,24 @@ def test_docs_list_the_checks_that_cannot_pass() -> None:
     text = DOCS.read_text()
     listed = set(re.findall(r"^\| `(check_\w+)` \|", text, flags=re.MULTILINE))
     assert listed == set(EXPECTED_FAILURES)
+
+
+def test_the_estimator_sizes_training_and_fine_tunes_as_the_command_line_does(
+        digits: tuple[np.ndarray, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import convnet.config
+
+    X, y = digits
+    monkeypatch.setattr(convnet.config, "SIZED_IMAGES", 600)  # small, so that the test is quick
+    clf = ConvNetClassifier(model="fastnet", hflip=False, device="cpu", verbose=0, random_state=0)
+    clf.fit(X[:100], y[:100])
+    assert clf.config_.repeats == 6 and clf.config_.epochs == convnet.RECIPES["cpu"].epochs  # epochs not given: sized
+    run = clf.save(tmp_path / "source")
+    odd = y[100:160] % 2  # new classes: 0 and 1
+    tuned = ConvNetClassifier(model="fastnet", epochs=2, hflip=False, device="cpu", verbose=0, random_state=0,
+                              init_from=run).fit(X[100:160], odd)
+    assert tuned.config_.freeze_epochs == 1 and tuned.config_.body_lr == 0.1  # fine-tuning's defaults
+    body = "features.2.0.weight"
+    assert torch.equal(tuned.model_.state_dict()[body], clf.model_.state_dict()[body]) is False  # trained after
+    assert list(tuned.classes_) == [0, 1] and tuned.predict_proba(X[:5]).shape == (5, 2)
+    with pytest.raises(ConvnetError, match="holds a fastnet model; leave out --model seed"):
+        ConvNetClassifier(model="seed", epochs=2, device="cpu", verbose=0, init_from=run).fit(X[:40], y[:40] % 2)

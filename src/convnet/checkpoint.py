@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from convnet import runs
@@ -30,10 +29,11 @@ from convnet.trainstate import TrainState
 
 
 def write_config(run_dir: Path, config: TrainConfig, spec: InputSpec, engine: Engine, model: nn.Module,
-                 data: dict[str, Any]) -> None:
+                 data: dict[str, Any], init: dict[str, Any] | None = None) -> None:
     """Write ``config.json``: the resolved config, the input spec, the data it was trained
-    on, the engine, the library versions and the command line."""
-    write_json(run_dir / runs.CONFIG, {
+    on, the engine, the library versions and the command line; for a run that started from
+    trained weights, where they came from (``init``)."""
+    write_json(run_dir / runs.CONFIG, {**({"init": init} if init is not None else {}),
         "train": asdict(config),
         "input": spec.to_json(),
         "data": {**data, "classes": list(spec.classes), "image_shape": list(spec.shape)},
@@ -84,8 +84,7 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
         RunError: the file is not a convnet checkpoint or does not fit the model.
     """
     tensors = runs.load_tensors(path)
-    with safe_open(path, "pt") as f:  # type: ignore[no-untyped-call]
-        meta = json.loads((f.metadata() or {}).get("convnet", "{}"))
+    meta = json.loads(runs.tensors_metadata(path).get("convnet", "{}"))
     model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     own = state.model.state_dict()
     if set(model_state) != set(own) or any(own[k].shape != v.shape for k, v in model_state.items()):

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="registered model (default: the recipe's; see `convnet models`)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="(default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--epochs", type=int, help="(default: the recipe's)")
+    p.add_argument("--epochs", type=int,
+                   help="(default: the recipe's, each epoch repeating a small data set to about 10,000 images)")
     p.add_argument("--batch-size", type=int, help="(default: the recipe's)")
     p.add_argument("--seed", type=int, help=f"initial weights, shuffle order, augmentation (default: {D.seed})")
     p.add_argument("--momentum", type=float, help="SGD momentum (default: the recipe's)")
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new order every epoch (default: on, off with --faithful)")
     p.add_argument("--faithful", action="store_true",
                    help="the tutorial's exact arithmetic: fp32, no shuffling, its float32 learning rate")
+    p.add_argument("--init-from", default=None, metavar="SOURCE",
+                   help="start from trained weights: a run folder or a .safetensors file (default: fresh weights)")
+    p.add_argument("--freeze-epochs", type=int, default=None,
+                   help="with --init-from: epochs that train the classifier head alone (default: 1)")
+    p.add_argument("--body-lr", type=float, default=None,
+                   help="with --init-from: learning rate of all but the head, as a fraction of --lr (default: 0.1)")
     p.add_argument("--subset", type=int, default=None, help="train on the first N training images only")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/MODEL-OPTIMIZER-TIME)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN",

@@ -41,7 +41,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(a, f.name, None) for f in fields(TrainConfig) if f.name != "faithful"}
     request = TrainRequest(overrides=overrides, data=data_options(a), recipe=a.recipe, faithful=a.faithful,
-                           device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress)
+                           device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress,
+                           init_from=a.init_from)
     outcome = run_training(request, env=dict(os.environ))
     if outcome.evaluation is None:  # not the main process under torchrun
         return 0

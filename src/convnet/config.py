@@ -46,6 +46,11 @@ class TrainConfig:
         tta: predict with test-time augmentation (mean of the image and its mirror).
         ema: decay per step of an exponential moving average of the weights (e.g.
             0.995), which is what gets evaluated and kept; 0 = off.
+        freeze_epochs: for a run started from trained weights: epochs in which only the
+            classifier head learns (the rest keeps its weights; batch norm's statistics
+            still follow the new images), before everything learns.
+        body_lr: for a run started from trained weights: the learning rate of every layer
+            but the head, as a fraction of the head's (1 = the same).
         repeats: passes over the training images in one epoch, each shuffled and
             augmented anew: 1 as given; more when the training is sized to a small
             data set (:func:`size_to_data`), so that its epochs, schedule, moving
@@ -72,6 +77,8 @@ class TrainConfig:
     target_accuracy: float = 0.0
     tta: bool = False
     ema: float = 0.0
+    freeze_epochs: int = 0
+    body_lr: float = 1.0
     repeats: int = 1
     faithful: bool = False
 
@@ -110,6 +117,10 @@ class TrainConfig:
             (0 <= self.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {self.target_accuracy}"),
             (0 <= self.ema < 1, f"--ema must be a decay in [0, 1), got {self.ema}"),
             (self.repeats >= 1, f"repeats must be at least 1, got {self.repeats}"),
+            (0 <= self.freeze_epochs < self.epochs,
+             f"--freeze-epochs must be in 0..--epochs - 1, got {self.freeze_epochs} of {self.epochs} epochs"),
+            (math.isfinite(self.body_lr) and 0 < self.body_lr <= 1,
+             f"--body-lr must be a fraction in (0, 1], got {self.body_lr}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -117,7 +128,7 @@ class TrainConfig:
         if self.faithful:
             plain = TrainConfig()
             for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema",
-                         "repeats"):
+                         "repeats", "freeze_epochs", "body_lr"):
                 if getattr(self, name) != getattr(plain, name):
                     raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
                                        f"--{name.replace('_', '-')} {getattr(self, name)}")
@@ -160,7 +171,8 @@ RECIPES: dict[str, TrainConfig] = {
                         schedule="linear", warmup_epochs=2.0, tta=True, ema=0.0),
 }
 DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
-PER_RUN = ("seed", "val_split", "target_accuracy", "faithful", "repeats")  # settings of one run, not of a recipe
+# settings of one run, not of a recipe
+PER_RUN = ("seed", "val_split", "target_accuracy", "faithful", "repeats", "freeze_epochs", "body_lr")
 
 
 def recipe(name: str) -> TrainConfig:
@@ -202,6 +214,32 @@ def resolve_config(recipe_name: str | None = None, overrides: dict[str, Any] | N
                                "use --augment translate or none, and no --tta, or pass --hflip if mirrors are fine")
         config = without_flips(config)
     return config
+
+
+# Training sized to the data (when --epochs is not given): every epoch trains on about this many images, the
+# training images repeated as often as it takes; 10,000 images or more train one pass per epoch, as the recipes
+# were tuned. Chosen on validation splits only (benchmarks/size_rule.py; README, "Small data").
+SIZED_IMAGES = 10_000
+# Runs that start from trained weights (--init-from), unless flags say otherwise: the head alone first, then the
+# rest at a tenth of its learning rate. Chosen on validation splits only (README, "Fine-tuning").
+FINE_TUNE = {"freeze_epochs": 1, "body_lr": 0.1}
+
+
+def size_to_data(config: TrainConfig, train_images: int) -> tuple[TrainConfig, str]:
+    """``config`` with as many passes over ``train_images`` images per epoch
+    (``repeats``) as make about :data:`SIZED_IMAGES` images, and one line saying what
+    was chosen and why. Epochs, warm-up, decay, the moving average's decay per step and
+    the validation checks keep their meaning: only the images an epoch sees grow."""
+    n = max(1, train_images)
+    repeats = max(1, round(SIZED_IMAGES / n))
+    sized = replace(config, repeats=repeats)
+    steps = sized.epochs * math.ceil(repeats * n / sized.batch_size)
+    if repeats == 1:
+        return sized, (f"{sized.epochs} epochs of one pass over {n:,} images ({steps:,} steps of "
+                       f"{sized.batch_size}), as the recipe says")
+    return sized, (f"{sized.epochs} epochs of {repeats} passes over {n:,} images ({steps:,} steps of "
+                   f"{sized.batch_size}): sized to the data, every epoch about {SIZED_IMAGES:,} images "
+                   "(--epochs N trains N single passes instead)")
 
 
 def without_flips(config: TrainConfig) -> TrainConfig:

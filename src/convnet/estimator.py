@@ -33,22 +33,25 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from convnet import runs
 from convnet.arrays import as_images, spec_of
 from convnet.checkpoint import write_config
-from convnet.config import TrainConfig, resolve_config
+from convnet.config import TrainConfig
 from convnet.datatypes import Dataset, InputSpec, Split
 from convnet.durable import write_json
 from convnet.engine import make_engine, resolve_device
 from convnet.errors import InputError, RunError
 from convnet.evaluation import SplitScores, evaluate
 from convnet.events import ConsolePrinter
+from convnet.experiment import run_config
 from convnet.loadrun import load_run
 from convnet.models import create_model
 from convnet.prediction import Predictor
+from convnet.pretrained import Source, fit, open_source
 from convnet.report import write_plots
 from convnet.training import train
 
 # Parameters that are TrainConfig fields of the same name: None means "the recipe's value".
 CONFIG_PARAMS = ("model", "optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay",
-                 "label_smoothing", "augment", "translate_px", "schedule", "warmup_epochs", "ema", "tta", "shuffle")
+                 "label_smoothing", "augment", "translate_px", "schedule", "warmup_epochs", "ema", "tta", "shuffle",
+                 "freeze_epochs", "body_lr")
 
 
 class ConvNetClassifier(ClassifierMixin, BaseEstimator):
@@ -62,8 +65,11 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         recipe: named settings (``tutorial``, ``cpu``, ``gpu``, ``best``); None: the device's.
         optimizer, lr, epochs, batch_size, momentum, nesterov, weight_decay, label_smoothing,
             augment, translate_px, schedule, warmup_epochs, ema, tta, shuffle: as
-            ``convnet train --help`` describes them.
+            ``convnet train --help`` describes them. ``epochs`` None: the recipe's, each
+            epoch repeating a small data set to about 10,000 images, as ``convnet train`` does.
         faithful: the tutorial's exact arithmetic (fp32, no shuffling).
+        init_from, freeze_epochs, body_lr: start from trained weights (a run folder or a
+            ``.safetensors`` file), as ``convnet train --init-from`` does.
         validation_fraction: share of the training images held out, stratified, and scored
             after every epoch (``history_``'s ``val_loss`` and ``val_accuracy``); 0 = none.
         warm_start: a second ``fit`` continues from the weights learned so far (a fresh
@@ -102,6 +108,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
                  label_smoothing: float | None = None, augment: str | None = None, translate_px: int | None = None,
                  schedule: str | None = None, warmup_epochs: float | None = None, ema: float | None = None,
                  tta: bool | None = None, shuffle: bool | None = None, faithful: bool = False,
+                 init_from: str | os.PathLike[str] | None = None, freeze_epochs: int | None = None,
+                 body_lr: float | None = None,
                  validation_fraction: float = 0.0, warm_start: bool = False, hflip: bool = True,
                  layout: str = "auto", device: str = "auto", random_state: int | np.random.RandomState | None = None,
                  verbose: int = 1) -> None:
@@ -123,6 +131,9 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         self.tta = tta
         self.shuffle = shuffle
         self.faithful = faithful
+        self.init_from = init_from
+        self.freeze_epochs = freeze_epochs
+        self.body_lr = body_lr
         self.validation_fraction = validation_fraction
         self.warm_start = warm_start
         self.hflip = hflip
@@ -164,7 +175,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
             classes, labels = self.classes_, self._encode(y, "y")
         spec = self.input_spec_ if warm else spec_of(images, [str(c) for c in classes], hflip=self.hflip)
         device = resolve_device(self.device)
-        config = self._config(device.type)
+        source = open_source(self.init_from) if self.init_from is not None and not warm else None
+        config = self._config(device.type, len(images), source)
         if warm and config.model != self.config_.model:
             raise InputError(f"warm_start continues model {self.config_.model!r}, not {config.model!r}; set "
                              "warm_start=False to train a new one")
@@ -172,8 +184,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         data = Split(images, torch.from_numpy(labels.astype(np.int64)))
         events = ConsolePrinter(sys.stdout) if self.verbose else None
         # warm: from the weights learned so far, with a fresh optimizer and schedule
-        result = train(config, data, spec, engine=engine, events=events,
-                       init=self.model_.state_dict() if warm else None)
+        init = self.model_.state_dict() if warm else fit(source, config.model, spec)[0] if source else None
+        result = train(config, data, spec, engine=engine, events=events, init=init)
         done = len(self.history_) if warm else 0
         history = [*(self.history_ if warm else []), *({**asdict(r), "epoch": done + r.epoch} for r in result.history)]
         self.classes_, self.input_spec_, self.config_ = classes, spec, config
@@ -181,16 +193,15 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         self._train_images = len(images)
         return self
 
-    def _config(self, device_type: str) -> TrainConfig:
-        """The recipe with every parameter that is set laid over it, validated."""
+    def _config(self, device_type: str, images: int, source: Source | None) -> TrainConfig:
+        """The recipe with every parameter that is set laid over it, sized to ``images``
+        when ``epochs`` is None, as ``convnet train`` does (:func:`~convnet.experiment.run_config`)."""
         seed = self.random_state if isinstance(self.random_state, int) and not isinstance(self.random_state, bool) \
             else int(check_random_state(self.random_state).randint(2**31 - 1))
         overrides = {name: getattr(self, name) for name in CONFIG_PARAMS}
         overrides.update(seed=seed, val_split=float(self.validation_fraction))
-        config = resolve_config(self.recipe, overrides, device_type=device_type, faithful=self.faithful,
-                                hflip=self.hflip)
-        config.validate()
-        return config
+        return run_config(self.recipe, overrides, device_type=device_type, faithful=self.faithful, hflip=self.hflip,
+                          source=source, train_images=images)[0]
 
     # --- predicting
 

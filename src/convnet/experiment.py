@@ -8,6 +8,7 @@ trained into and scored. A command rejected at any check leaves nothing behind.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -18,7 +19,7 @@ import torch
 
 from convnet import runs
 from convnet.catalog import DATASETS
-from convnet.config import TrainConfig, resolve_config
+from convnet.config import FINE_TUNE, TrainConfig, resolve_config, size_to_data
 from convnet.data import DataOptions, load_data
 from convnet.datatypes import Dataset
 from convnet.distributed import DistributedInfo, finish, init_distributed
@@ -27,6 +28,7 @@ from convnet.engine import make_engine, resolve_device, single_process
 from convnet.errors import ConvnetError
 from convnet.evaluation import Evaluation
 from convnet.events import ConsolePrinter, StopAtAccuracy
+from convnet.pretrained import Source, fit, model_of, open_source
 from convnet.scoring import evaluate_run
 from convnet.training import TrainResult, resume, train
 
@@ -45,6 +47,8 @@ class TrainRequest:
         out: the run folder; None: ``runs/MODEL-OPTIMIZER-TIME``.
         resume: continue this run folder instead of starting a new one.
         progress: live bars in a terminal.
+        init_from: start from these weights (a run folder or a ``.safetensors`` file,
+            see :mod:`convnet.pretrained`) instead of fresh ones.
     """
 
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +59,7 @@ class TrainRequest:
     out: Path | None = None
     resume: Path | None = None
     progress: bool = True
+    init_from: str | None = None
 
 
 @dataclass
@@ -95,12 +100,18 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
                         progress=request.progress and rank == 0)
         dataset, stop = None, []  # evaluate_run reads the run's own data
     else:
-        config = resolve_config(request.recipe, request.overrides, device_type=device.type,
-                                faithful=request.faithful, hflip=hflip_of(request.data))
-        config.validate()  # every check before anything is loaded or written
+        source = open_source(request.init_from) if request.init_from is not None else None
+
+        def plan(train_images: int | None) -> tuple[TrainConfig, str]:
+            return run_config(request.recipe, request.overrides, device_type=device.type, faithful=request.faithful,
+                              hflip=hflip_of(request.data), source=source, train_images=train_images)
+
+        plan(None)  # every check before anything is loaded or written
         request.data.validate()
         runs.check_out(request.out)
         dataset = load_data(request.data, progress=request.progress and rank == 0)
+        config, sizing = plan(len(dataset.train))
+        init, init_record = fit(source, config.model, dataset.spec) if source is not None else (None, None)
         engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
         run_dir = runs.new_run_dir(request.out, f"{config.model}-{config.optimizer}") if rank == 0 else None
         if rank == 0:
@@ -110,11 +121,16 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
             c, h, w = dataset.image_shape
             print(f"training {config.model} on {len(dataset.train):,} {dataset.name} images ({c}x{h}x{w}), "
                   f"{engine.device}{procs}; run folder {run_dir}", file=out, flush=True)
+            if init_record is not None:
+                changes = "; ".join(init_record["changes"]) or "every weight kept"
+                print(f"starting from {init_record['source']} ({changes})", file=out)
+            if sizing:
+                print(sizing, file=out, flush=True)
             assert run_dir is not None
             write_data_files(run_dir, dataset)
         stop = [StopAtAccuracy(dataset.test, config.target_accuracy, tta=config.tta)] if config.target_accuracy else []
         result = train(config, dataset.train, dataset.spec, engine=engine, events=[*stop, printer],
-                       run_dir=run_dir, data_record=data_record(dataset))
+                       run_dir=run_dir, data_record=data_record(dataset), init=init, init_record=init_record)
     if rank != 0:
         return TrainOutcome(result, None)
     assert result.run_dir is not None
@@ -137,6 +153,8 @@ def check_resume(request: TrainRequest) -> None:
         given.append("faithful")
     if request.out is not None:
         given.append("out")
+    if request.init_from is not None:
+        given.append("init_from")
     default = DataOptions()
     given += [f.name for f in fields(DataOptions) if f.name != "data_dir"
               and getattr(request.data, f.name) != getattr(default, f.name)]
@@ -145,6 +163,41 @@ def check_resume(request: TrainRequest) -> None:
         flags = ", ".join("--" + flag.get(name, name).replace("_", "-") for name in given)
         raise ConvnetError(f"--resume continues a run with the settings and data it recorded; leave out {flags} "
                            "(to train differently, start a new run)")
+
+
+def run_config(recipe: str | None, overrides: dict[str, Any], *, device_type: str, faithful: bool, hflip: bool,
+               source: Source | None = None, train_images: int | None = None) -> tuple[TrainConfig, str]:
+    """The config a new run trains with, validated, and a line saying how it was sized:
+    the recipe (by default the device's) with the settings given laid over it; for a run
+    that starts from ``source``'s weights, its model and fine-tuning's defaults
+    (:data:`~convnet.config.FINE_TUNE`) where no setting says otherwise; and, when
+    ``train_images`` is known and ``epochs`` is not given, sized to the data
+    (:func:`~convnet.config.size_to_data`; never the tutorial's recipe or a faithful run).
+
+    Raises:
+        ConvnetError: a bad setting, named by its flag.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if source is not None:
+        given["model"] = model_of(source, given.get("model"))  # the source's
+    config = resolve_config(recipe, given, device_type=device_type, faithful=faithful, hflip=hflip)
+    if source is not None:  # the head alone for at most all but the last epoch
+        defaults = {**FINE_TUNE, "freeze_epochs": min(int(FINE_TUNE["freeze_epochs"]), config.epochs - 1)}
+        config = replace(config, **{k: v for k, v in defaults.items() if k not in given})
+    sizing = ""
+    if train_images is not None and "epochs" not in given and not config.faithful and recipe != "tutorial":
+        config, sizing = size_to_data(config, trained_images(train_images, config.val_split))
+    config.validate()
+    if config.freeze_epochs and source is None:
+        raise ConvnetError("--freeze-epochs trains the head of a model that starts from trained weights; "
+                           "give them with --init-from")
+    return config, sizing
+
+
+def trained_images(images: int, val_split: float) -> int:
+    """How many of ``images`` are trained on when ``val_split`` of them is held out
+    (the stratified split rounds the held-out share up)."""
+    return images - math.ceil(val_split * images) if val_split else images
 
 
 def hflip_of(options: DataOptions) -> bool:

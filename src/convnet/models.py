@@ -81,6 +81,16 @@ def weight_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str 
     return "; ".join(p for p in parts if p)
 
 
+def head_name(model: nn.Module) -> str:
+    """The classifier head: the name of the model's last linear layer."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def first_conv_name(model: nn.Module) -> str:
+    """The name of the model's first convolution: the one that sees the image's channels."""
+    return next(name for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """For inference: a copy of ``model`` in which every ``BatchNorm2d`` that follows a
     ``Conv2d`` in an ``nn.Sequential`` is folded into the convolution's weights and bias

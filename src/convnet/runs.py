@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from convnet.datatypes import InputSpec
@@ -58,6 +58,20 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict
     """Save tensors as safetensors, atomically."""
     blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     atomic_write(path, lambda f: f.write(blob))
+
+
+def tensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (strings), read without its tensors.
+
+    Raises:
+        RunError: not a safetensors file.
+    """
+    try:
+        with safe_open(path, "pt") as f:  # type: ignore[no-untyped-call]
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{path}: not a valid safetensors file ({e}); "
+                       "convnet loads weights only as safetensors") from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from convnet.distributed import all_mean, wrap
 from convnet.engine import Engine, StepRunner, make_engine
 from convnet.errors import ConvnetError, InputError, RunError, TrainingDiverged
 from convnet.events import EventList, RunWriter, StopAtAccuracy, Validation
-from convnet.models import create_model, weight_mismatch
+from convnet.models import create_model, head_name, weight_mismatch
 from convnet.trainstate import EMA, TrainState
 
 
@@ -48,13 +48,23 @@ def make_optimizer(config: TrainConfig, model: nn.Module, engine: Engine) -> tor
         lr = torch.tensor(config.lr)
     elif graphs:
         lr = torch.tensor(config.lr, device=engine.device)
+    params: Any = model.parameters()
     if config.weight_decay:
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        params: Any = [{"params": decay, "weight_decay": config.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        params = model.parameters()
+        params = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": config.weight_decay},
+                  {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    if config.freeze_epochs or config.body_lr != 1.0:
+        # the head and the body (every other layer) apart: the body learns at body_lr times the head's rate,
+        # and not at all while frozen (set_lr); each group with a learning-rate tensor of its own in a CUDA graph
+        head = head_name(model) + "."
+        in_head = {id(p) for n, p in model.named_parameters() if n.startswith(head)}
+        groups = params if config.weight_decay else [{"params": list(params)}]
+        params = [{**g, "params": [p for p in g["params"] if (id(p) in in_head) == is_head], "body": not is_head,
+                   "lr_scale": 1.0 if is_head else config.body_lr}
+                  for is_head in (False, True) for g in groups]
+        params = [g for g in params if g["params"]]
+        if graphs:
+            for g in params:
+                g["lr"] = torch.tensor(config.lr * g["lr_scale"], device=engine.device)
     # faithful: one parameter at a time, as the tutorial's optimizer ran on its CPU (and as a
     # float32 learning-rate tensor allows on a GPU)
     foreach = False if config.faithful else None
@@ -67,13 +77,15 @@ def make_optimizer(config: TrainConfig, model: nn.Module, engine: Engine) -> tor
                              foreach=foreach)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's learning rate; a tensor learning rate is updated in place."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, *, frozen: bool = False) -> None:
+    """Set every group's learning rate: ``lr`` times the group's scale (the body's
+    ``body_lr``; 0 while ``frozen``); a tensor learning rate is updated in place."""
     for group in optimizer.param_groups:
+        value = lr * (0.0 if frozen and group.get("body") else group.get("lr_scale", 1.0))
         if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(value)
         else:
-            group["lr"] = lr
+            group["lr"] = value
 
 
 @dataclass
@@ -146,6 +158,7 @@ def train(
     data_record: dict[str, Any] | None = None,
     resume: bool = False,
     init: Mapping[str, torch.Tensor] | None = None,
+    init_record: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a model (fresh, from given weights, or resumed) on the training split ``data``.
 
@@ -171,6 +184,7 @@ def train(
             (e.g. ``result.model.state_dict()`` of an earlier run); training starts
             from them with a fresh optimizer and schedule. None: fresh weights drawn
             from ``config.seed``.
+        init_record: what ``config.json`` keeps of where ``init`` came from (``init``).
 
     Raises:
         ConvnetError: a bad config value, or ``init`` weights that do not fit the model;
@@ -199,6 +213,9 @@ def train(
     if init is not None and resume:
         raise ConvnetError("init (starting weights) and resume cannot be combined: a resumed run continues "
                            "from its own checkpoint")
+    if config.freeze_epochs and init is None and not resume:
+        raise ConvnetError("--freeze-epochs trains the head of a model that starts from trained weights; "
+                           "give them with --init-from")
     if val is None and config.val_split:
         data, val = split_validation(data, config.val_split, config.seed)
 
@@ -222,7 +239,7 @@ def train(
         checkpoint.load_checkpoint(run_dir / runs.CHECKPOINT, state)
     elif run_dir is not None and engine.is_main:
         checkpoint.write_config(run_dir, config, spec, engine, model,
-                                data_record or {"name": "arrays", "train_images": len(data)})
+                                data_record or {"name": "arrays", "train_images": len(data)}, init_record)
     writer = RunWriter(run_dir) if run_dir is not None and engine.is_main else None  # one process writes
     hooks = EventList(*(e for e in (Validation(val) if val is not None else None, *extra, writer) if e is not None))
     net = wrap(model, engine)  # DistributedDataParallel under torchrun, else the model itself
@@ -236,6 +253,7 @@ def train(
     step = StepRunner(functools.partial(train_step, net, optimizer,
                                         nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), engine, ema,
                                         correct, config.translate_px), engine)
+    scaled = any("lr_scale" in g for g in optimizer.param_groups)  # head and body apart (make_optimizer)
     check_each_batch = engine.device.type == "cpu"  # a finite-check costs a GPU sync; there, check per epoch
     hooks.on_train_start(state, n)
     start = time.perf_counter()
@@ -253,8 +271,9 @@ def train(
                                          ("flips", draws.flips)) if v is not None}
             if engine.world_size > 1:  # this process's share of the global batch
                 tensors = {k: v.tensor_split(engine.world_size)[engine.rank] for k, v in tensors.items()}
-            if config.schedule != "constant":
-                set_lr(optimizer, lr_at(config, epoch * steps_per_epoch + i, steps_per_epoch))
+            if config.schedule != "constant" or scaled:
+                set_lr(optimizer, lr_at(config, epoch * steps_per_epoch + i, steps_per_epoch),
+                       frozen=epoch < config.freeze_epochs)
             losses.append(step(**tensors))
             if check_each_batch and not torch.isfinite(losses[-1]):
                 raise _diverged(epoch, i, losses[-1])
@@ -266,7 +285,7 @@ def train(
         loss = float(epoch_losses.mean())  # waits for the epoch's last step
         seconds = time.perf_counter() - t0
         accuracy = float(all_mean(correct.float(), engine)) * engine.world_size / n  # all processes' hits
-        lr = optimizer.param_groups[0]["lr"]
+        lr = next(g["lr"] for g in optimizer.param_groups if not g.get("body"))  # the head's
         state.history.append(EpochRecord(epoch + 1, loss, seconds, n / seconds, float(lr), accuracy))
         state.epoch = epoch + 1
         hooks.on_epoch_end(state)

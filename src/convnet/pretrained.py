@@ -1,0 +1,183 @@
+"""Starting weights for a run (``convnet train --init-from SOURCE``): a run folder, or a
+``.safetensors`` file of a model's weights, read (tensors only: nothing runs) and fitted
+to the new run's model.
+
+Fitting keeps every weight that means the same in the new model and replaces or adapts
+the rest, as timm does:
+
+* the classifier head (the model's last linear layer) is kept only when the source names
+  its classes and they are the new data's, in the same order; otherwise it starts fresh,
+  drawn like any new model's;
+* grey to colour, or colour to grey, adapts the first convolution (timm's
+  ``adapt_input_conv``): grey weights repeated over three channels and divided by three,
+  colour weights summed into one;
+* another image size needs nothing for a model with global pooling; a layer whose size
+  follows the image size (the seed model's ``Linear(8*H*W)``) is refused, saying why.
+
+A fine-tuned run records where it started (the source and the SHA-256 of its weights)
+and inherits nothing else from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from convnet import runs
+from convnet.datatypes import InputSpec
+from convnet.errors import ConvnetError, RunError
+from convnet.models import create_model, first_conv_name, head_name, list_models
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Weights to start from, read.
+
+    Attributes:
+        name: the source as given (a run folder or a file).
+        path: the weights file.
+        model: the registered model the weights are for, where the source says (a run's
+            config, or the ``model`` entry of a file's metadata); None otherwise.
+        classes: the class names of the source's outputs, where it names them (a run).
+        tensors: the weights.
+        sha256: of the weights file's bytes.
+    """
+
+    name: str
+    path: Path
+    model: str | None
+    classes: tuple[str, ...] | None
+    tensors: dict[str, torch.Tensor]
+    sha256: str
+
+
+def open_source(source: PathLike) -> Source:
+    """Read the weights ``source`` names: a run folder (its ``model.safetensors``, model
+    and classes) or a ``.safetensors`` file (its metadata may name the model).
+
+    Raises:
+        RunError: no such folder or file, not a run folder, not a safetensors file.
+    """
+    path = Path(source)
+    model, classes = None, None
+    if path.is_dir():
+        run = runs.open_run(path)
+        model, classes, path = run.model_name, run.spec.classes, run.path / runs.WEIGHTS
+    elif not path.is_file():
+        raise RunError(f"--init-from {source}: no such run folder or .safetensors file")
+    tensors = runs.load_tensors(path)
+    if model is None:
+        model = runs.tensors_metadata(path).get("model")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return Source(str(source), path, model, classes, tensors, digest.hexdigest())
+
+
+def model_of(source: Source, asked: str | None) -> str:
+    """The model a run started from ``source`` trains: the source's; ``asked`` (``--model``)
+    must agree with it, or name it where the source does not.
+
+    Raises:
+        ConvnetError: ``--model`` differs from the source's, or neither names a registered model.
+    """
+    if source.model is not None and asked is not None and asked != source.model:
+        raise ConvnetError(f"--init-from {source.name} holds a {source.model} model; leave out --model {asked} "
+                           "(a run started from trained weights trains their model)")
+    name = source.model or asked
+    if name is None:
+        raise ConvnetError(f"--init-from {source.name}: the file does not say which model its weights are for; "
+                           f"give it with --model (one of: {', '.join(list_models())})")
+    if name not in list_models():
+        raise ConvnetError(f"--init-from {source.name}: its model {name!r} is not registered here; "
+                           f"registered: {', '.join(list_models())}")
+    return name
+
+
+def fit(source: Source, model_name: str, spec: InputSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The source's weights fitted to ``model_name`` built for ``spec``, and what the run
+    records of them (``config.json``'s ``init``).
+
+    Raises:
+        ConvnetError: a weight that cannot be fitted, named with the reason.
+    """
+    torch.manual_seed(0)  # a fresh head is drawn the same way every time; training reseeds after
+    model = create_model(model_name, spec.num_classes, spec.channels, (spec.height, spec.width))
+    state, notes = adapt(source.tensors, model, keep_head=source.classes == spec.classes, source=source.name)
+    record = {"source": source.name, "weights": str(source.path.resolve()), "sha256": source.sha256,
+              "model": model_name, "changes": notes}
+    return state, record
+
+
+def adapt(weights: Mapping[str, torch.Tensor], model: nn.Module, *, keep_head: bool,
+          source: str = "the weights") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``weights`` fitted to ``model``: its head kept (``keep_head``) or left as ``model``
+    drew it, its first convolution adapted to ``model``'s input channels.
+
+    Returns:
+        The state dict for ``model`` and one line for each change made.
+
+    Raises:
+        ConvnetError: a weight missing, unexpected, or of a shape that cannot be fitted.
+    """
+    own = model.state_dict()
+    head, conv = head_name(model), first_conv_name(model)
+    state, notes = {}, []
+    counters = ("num_batches_tracked",)  # batch norm's step counters: some published weights leave them out
+    missing = sorted(k for k in set(own) - set(weights) if not k.endswith(counters))
+    unexpected = sorted(k for k in set(weights) - set(own) if not k.endswith(counters))
+    if missing or unexpected:
+        raise ConvnetError(f"--init-from {source}: its weights are not this model's (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    for key, target in own.items():
+        if key not in weights:  # a step counter
+            state[key] = target
+            continue
+        w = weights[key]
+        if key == f"{head}.weight" and w.shape[1:] != target.shape[1:]:
+            raise ConvnetError(f"--init-from {source}: the classifier {head} takes {w.shape[1]:,} features there but "
+                               f"{target.shape[1]:,} here: the model has no global pooling, so what reaches its head "
+                               "follows the image size; train on images of the source's size (--image-size) or "
+                               "start from a model with global pooling")
+        if key.startswith(head + "."):
+            if keep_head and w.shape == target.shape:
+                state[key] = w
+                continue
+            state[key] = target  # a fresh head, as the new model drew it
+            if key == f"{head}.weight":
+                notes.append(f"classifier head {head} replaced ({w.shape[0]} -> {target.shape[0]} classes, "
+                             "fresh weights)" if w.shape != target.shape else
+                             f"classifier head {head} replaced (other classes, fresh weights)")
+        elif key == f"{conv}.weight" and w.shape[1] != target.shape[1] and w.shape[2:] == target.shape[2:]:
+            state[key] = adapt_input_conv(w, target.shape[1])
+            notes.append(f"first convolution {conv} adapted from {w.shape[1]} to {target.shape[1]} channels")
+        elif w.shape != target.shape:
+            raise ConvnetError(f"--init-from {source}: {key} is {tuple(w.shape)} there but {tuple(target.shape)} "
+                               "here: this layer's size follows the image size (the model has no global pooling), "
+                               "so train on images of the source's size (--image-size) or start from a model with "
+                               "global pooling")
+        else:
+            state[key] = w
+    return state, notes
+
+
+def adapt_input_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A first convolution's weight ``(out, c, kh, kw)`` for ``channels`` input channels:
+    colour to grey sums over the channels; otherwise the weights are repeated over the
+    new channels and scaled by ``c / channels``, so a grey image repeated into colour
+    gives the same activations (timm's ``adapt_input_conv``)."""
+    c = weight.shape[1]
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-channels // c)  # ceil
+    return weight.repeat(1, repeats, 1, 1)[:, :channels] * (c / channels)
