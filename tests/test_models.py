@@ -94,3 +94,30 @@ def test_folding_batchnorm_keeps_the_logits_and_the_model(name: str) -> None:
     kept = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert kept == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - len(followed)
     assert (folded is model) == (not followed)
+
+
+def test_resnet18_has_torchvisions_parameter_names_and_shapes() -> None:
+    """So that published ImageNet weights load as they are: checked against the names and shapes that
+    torchvision's own resnet.py gives (tests/fixtures/torchvision_resnet18.json)."""
+    import json
+    from pathlib import Path
+
+    reference = json.loads((Path(__file__).parent / "fixtures" / "torchvision_resnet18.json").read_text())
+    ours = [[k, list(v.shape)] for k, v in create_model("resnet18", 1000, 3, 224).state_dict().items()]
+    assert ours == reference["parameters"]
+    small = create_model("resnet20", 10, 3, 32).state_dict()
+    assert {"conv1.weight", "layer3.2.conv2.weight", "layer2.0.downsample.0.weight", "fc.weight"} <= set(small)
+
+
+def test_input_normalization_is_inside_the_model_and_outside_its_weights() -> None:
+    torch.manual_seed(0)
+    plain = create_model("resnet20", 4, 3, 16).eval()
+    normalized = create_model("resnet20", 4, 3, 16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5)).eval()
+    normalized.load_state_dict(plain.state_dict())  # the same weights: the buffers are not part of them
+    assert set(plain.state_dict()) == set(normalized.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(normalized(x), plain((x - mean) / std))
+    with pytest.raises(ConvnetError, match="model 'fastnet' does not normalize its input"):
+        create_model("fastnet", 4, 3, 16, mean=(0.5,) * 3, std=(0.2,) * 3)

@@ -22,7 +22,7 @@ from convnet.datatypes import InputSpec, Split
 from convnet.errors import ConvnetError, RunError
 from convnet.events import TrainEvents
 from convnet.models import create_model, head_name
-from convnet.pretrained import adapt, adapt_input_conv, fit, model_of, open_source
+from convnet.pretrained import adapt, adapt_input_conv, fit, model_of, open_source, spec_for
 from convnet.training import train
 from convnet.trainstate import TrainState
 
@@ -151,3 +151,60 @@ def test_fine_tuning_from_the_command_line_records_its_source(source_run: Path, 
     assert "leave out --model seed" in capsys.readouterr().err and not refused.exists()
     assert main(["train", "--device", "cpu", "--resume", str(out), "--init-from", str(source_run)]) == 1
     assert "leave out --init-from" in capsys.readouterr().err
+
+
+def _hub_cache(root: Path, repo: str, tensors: dict[str, torch.Tensor], config: dict[str, object]) -> Path:
+    """A folder laid out as the Hugging Face hub's cache, holding one repository."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    runs.save_tensors(snapshot / "model.safetensors", tensors)
+    (snapshot / "config.json").write_text(json.dumps(config))
+    return root
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def test_a_hub_model_starts_a_run_with_its_normalization(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from convnet.export import export_run
+    from convnet.loadrun import load_run
+
+    torch.manual_seed(0)
+    imagenet = create_model("resnet18", 1000, 3, 224).state_dict()  # as timm's resnet18 weights are laid out
+    cache = _hub_cache(tmp_path / "hub", "timm/resnet18.toy", imagenet, {
+        "architecture": "resnet18", "num_classes": 1000,
+        "pretrained_cfg": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": [3, 224, 224]}})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the tests never reach the network
+    source = open_source("hf:timm/resnet18.toy")
+    assert source.model == "resnet18" and source.mean == tuple(IMAGENET_MEAN) and source.classes is None
+    photos = tmp_path / "pets"
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (photos / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(photos / name / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--data", str(photos), "--init-from", "hf:timm/resnet18.toy",
+                 "--epochs", "2", "--batch-size", "8", "--out", str(run), "--no-progress"]) == 0
+    assert "classifier head fc replaced (1000 -> 2 classes" in capsys.readouterr().out
+    loaded = load_run(run, device="cpu")
+    assert loaded.spec.mean == tuple(IMAGENET_MEAN) and loaded.spec.std == tuple(IMAGENET_STD)
+    assert torch.allclose(loaded.model.input_mean.flatten(), torch.tensor(IMAGENET_MEAN))  # predict normalizes
+    assert export_run(run, tmp_path / "m.onnx", progress=False).parity.passed  # and so does the exported graph
+    grey = InputSpec(1, 24, 24, ("a", "b"))  # grey images: the colour normalization averaged
+    assert spec_for(source, grey).mean == (sum(IMAGENET_MEAN) / 3,) and spec_for(source, grey).std is not None
+
+
+def test_a_hub_model_that_is_not_in_the_cache_names_the_cache(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RunError, match=r"hf:timm/absent: model.safetensors of timm/absent not in the cache, and "
+                                       r"HF_HUB_OFFLINE is set; looked in .*empty-cache"):
+        open_source("hf:timm/absent")

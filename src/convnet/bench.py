@@ -109,6 +109,22 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def prediction_speed(name: str, *, engine: Engine, shape: tuple[int, int, int] = (1, 28, 28),
+                     seconds: float = 0.5) -> float:
+    """Images per second that model ``name`` (freshly built for ``shape`` and 10 classes)
+    predicts on ``engine``, for about ``seconds`` after a warm-up batch: what ``convnet
+    models`` shows next to each model."""
+    c, h, w = shape
+    net = engine.prepare_model(create_model(name, 10, c, (h, w)))
+    images = torch.randint(0, 256, (256, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    infer(net, images[:engine.infer_batch_size], engine=engine)  # warm-up
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or done == 0:
+        infer(net, images, engine=engine)
+        done += len(images)
+    return done / elapsed
+
+
 def run_bench(dataset: Dataset, *, engine: Engine, model: str = "seed", batch_size: int = 128,
               train_images: int = 12_800, repeats: int = 5, warmup: int = 1) -> BenchResult:
     """Images/s of the tutorial's loop and of convnet's, training and predicting.

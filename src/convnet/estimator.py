@@ -44,7 +44,7 @@ from convnet.experiment import run_config
 from convnet.loadrun import load_run
 from convnet.models import create_model
 from convnet.prediction import Predictor
-from convnet.pretrained import Source, fit, open_source
+from convnet.pretrained import Source, fit, open_source, spec_for
 from convnet.report import write_plots
 from convnet.training import train
 
@@ -176,6 +176,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         spec = self.input_spec_ if warm else spec_of(images, [str(c) for c in classes], hflip=self.hflip)
         device = resolve_device(self.device)
         source = open_source(self.init_from) if self.init_from is not None and not warm else None
+        if source is not None:  # the normalization the weights were trained with (a hub model's)
+            spec = spec_for(source, spec)
         config = self._config(device.type, len(images), source)
         if warm and config.model != self.config_.model:
             raise InputError(f"warm_start continues model {self.config_.model!r}, not {config.model!r}; set "
@@ -335,7 +337,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         saved = state.get("model_")
         if isinstance(saved, dict) and "safetensors" in saved:
             spec: InputSpec = state["input_spec_"]
-            model = create_model(saved["model"], spec.num_classes, spec.channels, (spec.height, spec.width))
+            model = create_model(saved["model"], spec.num_classes, spec.channels, (spec.height, spec.width),
+                                 mean=spec.mean, std=spec.std)
             model.load_state_dict(load_safetensors(saved["safetensors"]))
             state = {**state, "model_": model.eval()}
         super().__setstate__(state)

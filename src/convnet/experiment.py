@@ -28,7 +28,7 @@ from convnet.engine import make_engine, resolve_device, single_process
 from convnet.errors import ConvnetError
 from convnet.evaluation import Evaluation
 from convnet.events import ConsolePrinter, StopAtAccuracy
-from convnet.pretrained import Source, fit, model_of, open_source
+from convnet.pretrained import Source, fit, model_of, open_source, spec_for
 from convnet.scoring import evaluate_run
 from convnet.training import TrainResult, resume, train
 
@@ -111,6 +111,8 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
         runs.check_out(request.out)
         dataset = load_data(request.data, progress=request.progress and rank == 0)
         config, sizing = plan(len(dataset.train))
+        if source is not None:  # the normalization the weights were trained with (a hub model's)
+            dataset = replace(dataset, spec=spec_for(source, dataset.spec))
         init, init_record = fit(source, config.model, dataset.spec) if source is not None else (None, None)
         engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
         run_dir = runs.new_run_dir(request.out, f"{config.model}-{config.optimizer}") if rank == 0 else None

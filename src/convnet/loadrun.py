@@ -102,7 +102,8 @@ def load_run(source: PathLike | runs.Run, *, device: str | torch.device = "auto"
     run = source if isinstance(source, runs.Run) else runs.open_run(source)
     engine = engine or make_engine(device, faithful=run.faithful)
     spec = run.spec
-    model = create_model(run.model_name, spec.num_classes, spec.channels, (spec.height, spec.width))
+    model = create_model(run.model_name, spec.num_classes, spec.channels, (spec.height, spec.width),
+                         mean=spec.mean, std=spec.std)
     runs.load_weights(model, run.path / runs.WEIGHTS)
     return LoadedRun(run, engine, engine.prepare_model(model).eval())
 

@@ -38,8 +38,8 @@ def list_models() -> dict[str, str]:
     return dict(_DESCRIPTIONS)
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 1,
-                 image_size: int | Size = 28) -> nn.Module:
+def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int | Size = 28, *,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> nn.Module:
     """Build a registered model with freshly initialised weights (from torch's global RNG).
 
     Args:
@@ -47,9 +47,12 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1,
         num_classes: outputs (logits) per image.
         in_channels: 1 (grey) or 3 (RGB), or any other count.
         image_size: ``H`` for square images, or ``(H, W)``.
+        mean, std: per channel: the model normalizes its input as ``(x - mean) / std``
+            (models whose pretrained weights expect it: the residual networks).
 
     Raises:
-        ConvnetError: unknown name (the message lists the valid ones) or bad sizes.
+        ConvnetError: unknown name (the message lists the valid ones), bad sizes, or a
+            normalization the model does not take.
     """
     if name not in _MODELS:
         raise ConvnetError(f"unknown model {name!r}; choose one of: {', '.join(_MODELS)}")
@@ -59,7 +62,13 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1,
             f"model {name!r} needs num_classes >= 2, in_channels >= 1 and images of at least 8x8 pixels, "
             f"got {num_classes}, {in_channels}, {size[0]}x{size[1]}"
         )
-    return _MODELS[name](num_classes, in_channels, size)
+    model = _MODELS[name](num_classes, in_channels, size)
+    if mean is not None and std is not None:
+        if not hasattr(model, "set_input_normalization"):
+            raise ConvnetError(f"model {name!r} does not normalize its input (mean and std); start from weights of "
+                               "a model that does (resnet18, resnet20)")
+        model.set_input_normalization(mean, std)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -210,3 +219,82 @@ def airnet(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
 @register_model("airnet-wide", "airnet with widths 128-256-512 (4.7 M parameters), for the best recipe")
 def airnet_wide(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
     return AirNet(num_classes, in_channels, (128, 256, 512))
+
+
+# --- residual networks, with torchvision's and timm's parameter names (conv1, bn1, layer1.0.conv1, ..., fc), so
+# that their published weights load as they are (convnet train --init-from)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN stages and a shortcut (a 1x1 conv-BN where the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                        nn.BatchNorm2d(c_out)) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+class ResNet(nn.Module):
+    """A residual network of :class:`BasicBlock` stages, with global average pooling.
+
+    ``imagenet=True`` is ResNet-18's form (a 7x7 stride-2 stem and a 3x3 max pool: images
+    reach the blocks at a quarter of their size); otherwise the CIFAR form (a 3x3 stem at
+    full size, for 28-64 px images). Input normalization (:meth:`set_input_normalization`,
+    from a run's input spec: the pretrained weights' mean and std) happens inside the
+    model, as buffers outside the state dict, so that every use of the model applies it.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, blocks: tuple[int, ...], widths: tuple[int, ...],
+                 imagenet: bool) -> None:
+        super().__init__()
+        self.register_buffer("input_mean", torch.zeros(1, in_channels, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.ones(1, in_channels, 1, 1), persistent=False)
+        stem = widths[0]
+        self.conv1 = (nn.Conv2d(in_channels, stem, 7, stride=2, padding=3, bias=False) if imagenet
+                      else nn.Conv2d(in_channels, stem, 3, padding=1, bias=False))
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if imagenet else nn.Identity()
+        c_in = stem
+        for i, (n, width) in enumerate(zip(blocks, widths, strict=True), 1):
+            stage = [BasicBlock(c_in if j == 0 else width, width, 2 if i > 1 and j == 0 else 1) for j in range(n)]
+            self.add_module(f"layer{i}", nn.Sequential(*stage))
+            c_in = width
+        self.stages = len(blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():  # torchvision's initialization
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def set_input_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Normalize every image as ``(x - mean) / std`` per channel before the first layer."""
+        c = self.input_mean.shape[1]
+        self.input_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1))
+        self.input_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1))
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        x = (x - self.input_mean) / self.input_std  # (B, C, H, W), identity unless set
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(1, self.stages + 1):
+            x = getattr(self, f"layer{i}")(x)  # (B, width, H/2^k, W/2^k)
+        return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, num_classes)
+
+
+@register_model("resnet18", "ResNet-18 in ImageNet form (11.2 M parameters), torchvision's parameter names")
+def resnet18(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
+    return ResNet(num_classes, in_channels, (2, 2, 2, 2), (64, 128, 256, 512), imagenet=True)
+
+
+@register_model("resnet20", "ResNet-20 in CIFAR form, widths 16-32-64 (0.27 M parameters), for 28-64 px images")
+def resnet20(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
+    return ResNet(num_classes, in_channels, (3, 3, 3), (16, 32, 64), imagenet=False)

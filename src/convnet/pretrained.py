@@ -1,6 +1,7 @@
-"""Starting weights for a run (``convnet train --init-from SOURCE``): a run folder, or a
-``.safetensors`` file of a model's weights, read (tensors only: nothing runs) and fitted
-to the new run's model.
+"""Starting weights for a run (``convnet train --init-from SOURCE``): a run folder, a
+``.safetensors`` file of a model's weights, or ``hf:REPO`` (a model on the Hugging Face
+hub, e.g. ``hf:timm/resnet18.a1_in1k``, found in the hub's cache or downloaded into it),
+read (tensors only: nothing runs) and fitted to the new run's model.
 
 Fitting keeps every weight that means the same in the new model and replaces or adapts
 the rest, as timm does:
@@ -15,15 +16,17 @@ the rest, as timm does:
   follows the image size (the seed model's ``Linear(8*H*W)``) is refused, saying why.
 
 A fine-tuned run records where it started (the source and the SHA-256 of its weights)
-and inherits nothing else from it.
+and inherits nothing else from it but the input normalization its weights were trained
+with (a hub model's mean and std), which goes into the run's input spec.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,8 @@ class Source:
         classes: the class names of the source's outputs, where it names them (a run).
         tensors: the weights.
         sha256: of the weights file's bytes.
+        mean, std: the input normalization the weights were trained with, per channel
+            (a hub model's, or a run's that had one); None: none.
     """
 
     name: str
@@ -58,22 +63,29 @@ class Source:
     classes: tuple[str, ...] | None
     tensors: dict[str, torch.Tensor]
     sha256: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 def open_source(source: PathLike) -> Source:
-    """Read the weights ``source`` names: a run folder (its ``model.safetensors``, model
-    and classes) or a ``.safetensors`` file (its metadata may name the model).
+    """Read the weights ``source`` names: a run folder (its ``model.safetensors``, model,
+    classes and normalization), a ``.safetensors`` file (its metadata may name the model)
+    or ``hf:REPO[@REVISION]`` (see :func:`hub_weights`).
 
     Raises:
-        RunError: no such folder or file, not a run folder, not a safetensors file.
+        RunError: no such folder, file or hub model; not a run folder; not safetensors.
     """
-    path = Path(source)
-    model, classes = None, None
-    if path.is_dir():
-        run = runs.open_run(path)
-        model, classes, path = run.model_name, run.spec.classes, run.path / runs.WEIGHTS
-    elif not path.is_file():
-        raise RunError(f"--init-from {source}: no such run folder or .safetensors file")
+    model, classes, mean, std = None, None, None, None
+    if str(source).startswith(HUB):
+        path, model, mean, std = hub_weights(str(source))
+    else:
+        path = Path(source)
+        if path.is_dir():
+            run = runs.open_run(path)
+            model, classes, mean, std = run.model_name, run.spec.classes, run.spec.mean, run.spec.std
+            path = run.path / runs.WEIGHTS
+        elif not path.is_file():
+            raise RunError(f"--init-from {source}: no such run folder or .safetensors file")
     tensors = runs.load_tensors(path)
     if model is None:
         model = runs.tensors_metadata(path).get("model")
@@ -81,7 +93,83 @@ def open_source(source: PathLike) -> Source:
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             digest.update(block)
-    return Source(str(source), path, model, classes, tensors, digest.hexdigest())
+    return Source(str(source), path, model, classes, tensors, digest.hexdigest(), mean, std)
+
+
+HUB = "hf:"
+
+
+def hub_weights(name: str) -> tuple[Path, str | None, tuple[float, ...] | None, tuple[float, ...] | None]:
+    """``hf:REPO[@REVISION]``: the repository's ``model.safetensors`` and, from its
+    ``config.json`` (timm's layout), the model it is (``architecture``) and the input
+    normalization it was trained with (``pretrained_cfg.mean``/``std``). Found in the hub's
+    cache (``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ``~/.cache/huggingface/hub``)
+    first; downloaded into it only where it is missing and ``HF_HUB_OFFLINE`` is not set.
+
+    Raises:
+        RunError: not in the cache and not downloadable (no network, no such repository),
+            naming the repository and the cache it looked in.
+    """
+    from huggingface_hub import hf_hub_download  # imported here: only a run that starts from the hub needs it
+
+    repo, _, revision = name[len(HUB):].partition("@")
+    cache = hub_cache()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+    def fetch(filename: str, required: bool) -> Path | None:
+        why = "not in the cache, and HF_HUB_OFFLINE is set"
+        for local_only in (True, False) if not offline else (True,):  # the cache first: no network needed
+            try:
+                return Path(hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache,
+                                            local_files_only=local_only))
+            except Exception as e:  # noqa: BLE001 (the hub's own errors, OSError, httpx's): named below
+                if not local_only:
+                    why = f"not in the cache, and the hub did not give it ({type(e).__name__}: " \
+                          f"{(str(e).splitlines() or [''])[0][:160]})"
+        if not required:
+            return None
+        raise RunError(f"--init-from {name}: {filename} of {repo} {why}; looked in {cache}; connect to the network "
+                       "once, or download it and give the file's path")
+
+    weights = fetch("model.safetensors", required=True)
+    config_path = fetch("config.json", required=False)
+    assert weights is not None
+    model, mean, std = None, None, None
+    if config_path is not None:
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            config = {}
+        config = config if isinstance(config, dict) else {}
+        model = config.get("architecture") if isinstance(config.get("architecture"), str) else None
+        pretrained_cfg = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
+        if _numbers(pretrained_cfg.get("mean")) and _numbers(pretrained_cfg.get("std")):
+            mean, std = tuple(pretrained_cfg["mean"]), tuple(pretrained_cfg["std"])
+    return weights, model, mean, std
+
+
+def hub_cache() -> Path:
+    """Where the Hugging Face hub keeps its downloads, as its own library finds it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                     os.path.expanduser("~/.cache"), "huggingface")
+    return Path(home) / "hub"
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, int | float) and x > -1e9 for x in value)
+
+
+def spec_for(source: Source, spec: InputSpec) -> InputSpec:
+    """``spec`` with the input normalization of ``source``'s weights, for ``spec``'s
+    channels (a colour one averaged for grey images); ``spec`` itself when it has none."""
+    if source.mean is None or source.std is None:
+        return spec
+    mean, std = source.mean, source.std
+    if len(mean) != spec.channels:
+        mean, std = (sum(mean) / len(mean),) * spec.channels, (sum(std) / len(std),) * spec.channels
+    return replace(spec, mean=tuple(float(x) for x in mean), std=tuple(float(x) for x in std))
 
 
 def model_of(source: Source, asked: str | None) -> str:

@@ -220,7 +220,8 @@ def train(
         data, val = split_validation(data, config.val_split, config.seed)
 
     torch.manual_seed(config.seed)  # the initial weights, as the tutorial seeds them
-    net = create_model(config.model, spec.num_classes, spec.channels, (spec.height, spec.width))
+    net = create_model(config.model, spec.num_classes, spec.channels, (spec.height, spec.width),
+                       mean=spec.mean, std=spec.std)
     if init is not None:
         problem = weight_mismatch(net, init)
         if problem:
