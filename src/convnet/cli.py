@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faithful", action="store_true",
                    help="the tutorial's exact arithmetic: fp32, no shuffling, its float32 learning rate")
     p.add_argument("--init-from", default=None, metavar="SOURCE",
-                   help="start from trained weights: a run folder or a .safetensors file (default: fresh weights)")
+                   help="start from trained weights: a run folder, a .safetensors file, or hf:REPO from the "
+                        "Hugging Face hub, e.g. hf:timm/resnet18.a1_in1k (default: fresh weights)")
     p.add_argument("--freeze-epochs", type=int, default=None,
                    help="with --init-from: epochs that train the classifier head alone (default: 1)")
     p.add_argument("--body-lr", type=float, default=None,
