@@ -241,3 +241,15 @@ def test_a_small_data_set_is_trained_sized_and_says_so(tmp_path: Path, toy_dir: 
                  "--epochs", "2", "--out", str(tmp_path / "given"), "--no-progress"]) == 0
     assert "passes over" not in capsys.readouterr().out
     assert json.loads((tmp_path / "given" / runs.CONFIG).read_text())["train"]["repeats"] == 1
+
+
+def test_models_lists_every_model_with_its_size_and_speed(capsys: pytest.CaptureFixture[str]) -> None:
+    from convnet.models import count_parameters, create_model, list_models
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["model", "parameters", "images/s"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == set(list_models())
+    for name, cells in rows.items():
+        assert cells[1] == f"{count_parameters(create_model(name)):,}" and float(cells[2].replace(",", "")) > 0

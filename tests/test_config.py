@@ -119,3 +119,10 @@ def test_sizing_leaves_given_epochs_the_tutorial_and_faithful_runs_as_they_were(
     held_out, _ = run_config(None, {"val_split": 0.5}, device_type="cpu", faithful=False, hflip=True,
                              train_images=300)
     assert held_out.repeats == round(SIZED_IMAGES / 150)  # sized to the 150 images trained on, not the 300 given
+
+
+def test_fine_tuning_freezes_an_eighth_of_the_epochs_and_never_all() -> None:
+    from convnet.config import fine_tune_defaults
+
+    assert [fine_tune_defaults(e)["freeze_epochs"] for e in (24, 12, 8, 3, 2, 1)] == [3, 2, 1, 1, 1, 0]
+    assert fine_tune_defaults(24)["body_lr"] == 0.1

@@ -220,9 +220,17 @@ def resolve_config(recipe_name: str | None = None, overrides: dict[str, Any] | N
 # training images repeated as often as it takes; 10,000 images or more train one pass per epoch, as the recipes
 # were tuned. Chosen on validation splits only (benchmarks/size_rule.py; README, "Small data").
 SIZED_IMAGES = 10_000
-# Runs that start from trained weights (--init-from), unless flags say otherwise: the head alone first, then the
-# rest at a tenth of its learning rate. Chosen on validation splits only (README, "Fine-tuning").
-FINE_TUNE = {"freeze_epochs": 1, "body_lr": 0.1}
+# Runs that start from trained weights (--init-from), unless flags say otherwise: the head alone for the first
+# eighth of the epochs (3 of 24), then the rest at a tenth of its learning rate. Chosen on a validation split only
+# (benchmarks/transfer.py choose; README, "Fine-tuning").
+FINE_TUNE = {"freeze_share": 1 / 8, "body_lr": 0.1}
+
+
+def fine_tune_defaults(epochs: int) -> dict[str, float | int]:
+    """--freeze-epochs and --body-lr for a run of ``epochs`` epochs that starts from trained
+    weights: :data:`FINE_TUNE`, at least one frozen epoch and at least one that is not."""
+    return {"freeze_epochs": min(max(1, round(epochs * FINE_TUNE["freeze_share"])), epochs - 1),
+            "body_lr": FINE_TUNE["body_lr"]}
 
 
 def size_to_data(config: TrainConfig, train_images: int) -> tuple[TrainConfig, str]:

@@ -186,7 +186,9 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         data = Split(images, torch.from_numpy(labels.astype(np.int64)))
         events = ConsolePrinter(sys.stdout) if self.verbose else None
         # warm: from the weights learned so far, with a fresh optimizer and schedule
-        init = self.model_.state_dict() if warm else fit(source, config.model, spec)[0] if source else None
+        init = self.model_.state_dict() if warm else None
+        if source is not None:
+            init = fit(source, config.model, spec, config.seed)[0]
         result = train(config, data, spec, engine=engine, events=events, init=init)
         done = len(self.history_) if warm else 0
         history = [*(self.history_ if warm else []), *({**asdict(r), "epoch": done + r.epoch} for r in result.history)]

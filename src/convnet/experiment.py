@@ -19,7 +19,7 @@ import torch
 
 from convnet import runs
 from convnet.catalog import DATASETS
-from convnet.config import FINE_TUNE, TrainConfig, resolve_config, size_to_data
+from convnet.config import TrainConfig, fine_tune_defaults, resolve_config, size_to_data
 from convnet.data import DataOptions, load_data
 from convnet.datatypes import Dataset
 from convnet.distributed import DistributedInfo, finish, init_distributed
@@ -113,7 +113,7 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
         config, sizing = plan(len(dataset.train))
         if source is not None:  # the normalization the weights were trained with (a hub model's)
             dataset = replace(dataset, spec=spec_for(source, dataset.spec))
-        init, init_record = fit(source, config.model, dataset.spec) if source is not None else (None, None)
+        init, init_record = fit(source, config.model, dataset.spec, config.seed) if source else (None, None)
         engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
         run_dir = runs.new_run_dir(request.out, f"{config.model}-{config.optimizer}") if rank == 0 else None
         if rank == 0:
@@ -172,7 +172,7 @@ def run_config(recipe: str | None, overrides: dict[str, Any], *, device_type: st
     """The config a new run trains with, validated, and a line saying how it was sized:
     the recipe (by default the device's) with the settings given laid over it; for a run
     that starts from ``source``'s weights, its model and fine-tuning's defaults
-    (:data:`~convnet.config.FINE_TUNE`) where no setting says otherwise; and, when
+    (:func:`~convnet.config.fine_tune_defaults`) where no setting says otherwise; and, when
     ``train_images`` is known and ``epochs`` is not given, sized to the data
     (:func:`~convnet.config.size_to_data`; never the tutorial's recipe or a faithful run).
 
@@ -183,9 +183,8 @@ def run_config(recipe: str | None, overrides: dict[str, Any], *, device_type: st
     if source is not None:
         given["model"] = model_of(source, given.get("model"))  # the source's
     config = resolve_config(recipe, given, device_type=device_type, faithful=faithful, hflip=hflip)
-    if source is not None:  # the head alone for at most all but the last epoch
-        defaults = {**FINE_TUNE, "freeze_epochs": min(int(FINE_TUNE["freeze_epochs"]), config.epochs - 1)}
-        config = replace(config, **{k: v for k, v in defaults.items() if k not in given})
+    if source is not None:  # fine-tuning's defaults, where no setting says otherwise
+        config = replace(config, **{k: v for k, v in fine_tune_defaults(config.epochs).items() if k not in given})
     sizing = ""
     if train_images is not None and "epochs" not in given and not config.faithful and recipe != "tutorial":
         config, sizing = size_to_data(config, trained_images(train_images, config.val_split))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -158,7 +159,8 @@ def hub_cache() -> Path:
 
 
 def _numbers(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(x, int | float) and x > -1e9 for x in value)
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in value)
 
 
 def spec_for(source: Source, spec: InputSpec) -> InputSpec:
@@ -192,15 +194,18 @@ def model_of(source: Source, asked: str | None) -> str:
     return name
 
 
-def fit(source: Source, model_name: str, spec: InputSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def fit(source: Source, model_name: str, spec: InputSpec,
+        seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The source's weights fitted to ``model_name`` built for ``spec``, and what the run
-    records of them (``config.json``'s ``init``).
+    records of them (``config.json``'s ``init``). A fresh head is drawn from ``seed`` (the
+    run's), leaving torch's global random state as it was.
 
     Raises:
         ConvnetError: a weight that cannot be fitted, named with the reason.
     """
-    torch.manual_seed(0)  # a fresh head is drawn the same way every time; training reseeds after
-    model = create_model(model_name, spec.num_classes, spec.channels, (spec.height, spec.width))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(model_name, spec.num_classes, spec.channels, (spec.height, spec.width))
     state, notes = adapt(source.tensors, model, keep_head=source.classes == spec.classes, source=source.name)
     record = {"source": source.name, "weights": str(source.path.resolve()), "sha256": source.sha256,
               "model": model_name, "changes": notes}
