@@ -65,9 +65,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     ev, plots = evaluate_and_plot(a.run, data_dir=a.data_dir, device=a.device)
     if a.json:
         print(json.dumps(ev.to_json(), indent=2))
+        if ev.note:
+            print(f"note: {ev.note}", file=sys.stderr)
         return 0
     print(f"Train Accuracy : {accuracy_text(ev.train.accuracy)}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
+    if ev.note:
+        print(f"note: {ev.note}")
     print("Test Data Classification Report :")
     print(ev.report_text)
     print("Confusion matrix (rows: true class, columns: predicted class)")

@@ -81,8 +81,8 @@ class Engine:
         device: where the model, the data set and every batch live.
         channels_last: NHWC memory format for model and batches (faster convolutions
             on recent CPUs and on GPUs' tensor cores).
-        autocast: a lower precision for the forward pass (``torch.bfloat16``), or
-            ``None`` for plain fp32.
+        autocast: a lower precision for training's forward pass (``torch.bfloat16``), or
+            ``None`` for plain fp32. Predicting never uses it (see :func:`exact_arithmetic`).
         infer_batch_size: images per forward pass when only predicting.
         graphs: capture the training step in a CUDA graph and replay it (CUDA only).
         fold_batchnorm: predict with batch norm folded into the convolutions before it
@@ -150,6 +150,7 @@ class Engine:
             "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name(self.device),
             "channels_last": self.channels_last,
             "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None,
+            "inference": "fp32",
             "infer_batch_size": self.infer_batch_size,
             "cuda_graphs": self.graphs,
             "fold_batchnorm": self.fold_batchnorm,
@@ -161,6 +162,25 @@ class Engine:
     def is_main(self) -> bool:
         """The one process that prints and writes files (rank 0)."""
         return self.rank == 0
+
+
+@contextlib.contextmanager
+def exact_arithmetic(device: torch.device) -> Iterator[None]:
+    """Plain fp32 for a forward pass that predicts: no autocast and, on a GPU, no TF32
+    (cuDNN's convolutions and cuBLAS's matrix products use TF32 by default where allowed,
+    10 bits of mantissa). Every way of predicting goes through it, so a run answers the
+    same on any CPU or GPU as in ONNX Runtime, within :data:`convnet.export`'s bound."""
+    if device.type != "cuda":
+        with torch.autocast("cpu", enabled=False):
+            yield
+        return
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 def make_engine(device: str | torch.device = "auto", *, faithful: bool = False) -> Engine:

@@ -37,6 +37,9 @@ class SplitScores:
         return cls(accuracy, torch.empty(0, dtype=torch.int64), torch.empty(0, 0))
 
 
+INFERENCE = "fp32"  # how every prediction is computed (metrics.json says so; older runs' files do not)
+
+
 @dataclass
 class Evaluation:
     classes: tuple[str, ...]
@@ -46,9 +49,11 @@ class Evaluation:
     report: dict[str, Any]  # scikit-learn's output_dict shape, test split
     report_text: str  # scikit-learn's table, test split
     confusion_matrix: np.ndarray  # test split, row = true class
+    note: str | None = None  # one line on how these scores compare with those recorded before, if they differ
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "inference": INFERENCE,
             "classes": list(self.classes),
             "train": {"accuracy": self.train.accuracy},
             "test": {

@@ -14,7 +14,8 @@ PyTorch's ``torch.export``-based exporter (``torch.onnx.export(dynamo=True)``) a
 :data:`OPSET`, always in fp32 (a run trained in bfloat16 is exported in fp32 too).
 
 Before the file is written, ONNX Runtime predicts every test image of the run's data,
-next to the same weights in PyTorch fp32: the labels must agree on at least
+next to what ``convnet predict RUN --device cpu`` answers for them (the run's own engine,
+in fp32 like every prediction: see :func:`convnet.engine.exact_arithmetic`): the labels must agree on at least
 :data:`MIN_LABEL_AGREEMENT` of them and no probability may differ by more than
 :data:`MAX_PROBABILITY_DIFFERENCE`. The figures are printed and written beside the file
 (``NAME.parity.json``); a model that fails is not written.
@@ -30,6 +31,7 @@ included), ``convnet.version``, ``convnet.model``, ``convnet.tta``,
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -47,9 +49,7 @@ from torch import nn
 from convnet import runs
 from convnet.datatypes import Images, InputSpec
 from convnet.durable import atomic_write, check_output_file, write_json
-from convnet.engine import Engine
 from convnet.errors import ConvnetError, RunError
-from convnet.inference import infer
 from convnet.loadrun import LoadedRun, load_run
 from convnet.onnxfile import OnnxModel, new_session
 from convnet.version import __version__
@@ -78,7 +78,7 @@ class Deployed(nn.Module):
 
 @dataclass(frozen=True)
 class Parity:
-    """ONNX Runtime against PyTorch fp32 on the same images."""
+    """ONNX Runtime against the run's own predictions (``convnet predict RUN``) on the same images."""
 
     images: int
     label_agreement: float  # share of images given the same label
@@ -97,7 +97,7 @@ class Parity:
         return {**asdict(self), "passed": self.passed}
 
     def describe(self) -> str:
-        text = (f"parity on {self.images:,} test images, ONNX Runtime vs PyTorch fp32: labels agree on "
+        text = (f"parity on {self.images:,} test images, ONNX Runtime vs `convnet predict RUN`: labels agree on "
                 f"{self.label_agreement:.2%} (need >= {self.min_label_agreement:.1%}), largest probability "
                 f"difference {self.max_probability_difference:.2e} (need <= {self.max_allowed_difference:.0e})")
         if self.onnx_accuracy is None or self.torch_accuracy is None:
@@ -148,7 +148,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | No
     recorded_accuracy(run)  # a missing run or damaged scores are named before the output path
     path = Path(out) if out is not None else default_output(run_dir)
     check_output(path)
-    loaded = load_run(run, engine=Engine.faithful())  # fp32, NCHW: the arithmetic the graph has
+    loaded = load_run(run, device="cpu")  # as `convnet predict RUN --device cpu` opens it
     dataset = loaded.dataset(data_dir, progress=progress)
     proto = export_model(loaded.model, run.spec, tta=run.tta)
     test = dataset.test
@@ -178,7 +178,8 @@ def export_model(model: nn.Module, spec: InputSpec, *, tta: bool) -> Any:
     """
     import onnx
 
-    deployed = Deployed(model.cpu().float().eval(), spec.scale, tta).eval()
+    plain = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format)  # the caller's is kept
+    deployed = Deployed(plain.eval(), spec.scale, tta).eval()
     example = torch.zeros((2, *spec.shape), dtype=torch.uint8)  # 2: a batch of 1 would be specialised
     batch = torch.export.Dim("batch", min=1)
     try:
@@ -214,10 +215,10 @@ def _quiet() -> Iterator[None]:
 
 
 def check_parity(session: Any, loaded: LoadedRun, images: Images, labels: torch.Tensor | None = None) -> Parity:
-    """The one parity check: the exported model in ONNX Runtime (``session``) against the
-    run's model in PyTorch fp32, on uint8 ``images`` (with their ``labels``, the accuracy
-    of both too)."""
-    reference = infer(loaded.model, images, engine=Engine.faithful(), tta=loaded.tta).softmax(dim=1).numpy()  # (N, K)
+    """The one parity check: the exported model in ONNX Runtime (``session``) against what
+    the run itself predicts (:meth:`LoadedRun.probabilities`, the path of ``convnet predict
+    RUN``), on uint8 ``images`` (with their ``labels``, the accuracy of both too)."""
+    reference = loaded.probabilities(images)  # (N, K)
     ours = np.concatenate([session.run(None, {INPUT_NAME: images[s:s + PARITY_BATCH].numpy()})[0]
                            for s in range(0, len(images), PARITY_BATCH)])
     y = labels.cpu().numpy() if labels is not None else None

@@ -16,7 +16,7 @@ from torch import nn
 
 from convnet.arrays import as_images
 from convnet.datatypes import DiskImages
-from convnet.engine import Engine
+from convnet.engine import Engine, exact_arithmetic
 from convnet.errors import InputError
 from convnet.models import fold_batchnorm
 
@@ -28,7 +28,9 @@ def infer(model: nn.Module, images: torch.Tensor | DiskImages, *, engine: Engine
     Args:
         model: any registered model, already on ``engine.device``.
         images: uint8 ``(N, C, H, W)`` in [0, 255] (in memory or on disk) or float in [0, 1].
-        engine: device and precision; defaults to the CPU fast path.
+        engine: device, memory layout and batch size; defaults to the CPU fast path. The
+            arithmetic is always fp32 (:func:`~convnet.engine.exact_arithmetic`), whatever
+            precision the engine trains in: a run predicts the same everywhere.
         batch_size: images per forward pass; defaults to ``engine.infer_batch_size``.
         tta: test-time augmentation: the mean of the logits of each image and its mirror.
     """
@@ -38,17 +40,16 @@ def infer(model: nn.Module, images: torch.Tensor | DiskImages, *, engine: Engine
     if engine.fold_batchnorm:
         model = fold_batchnorm(model)  # a copy; the caller's model is left as it is
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_arithmetic(engine.device):
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             if chunk.dtype == torch.uint8:
                 x = engine.batch(chunk)
             else:
                 x = chunk.to(engine.device, torch.float32).contiguous(memory_format=engine.memory_format)
-            with engine.precision():
-                logits = model(x).float()
-                if tta:
-                    logits = (logits + model(x.flip(3)).float()) / 2
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
             out.append(logits)  # kept on the device: one copy to the host at the end, not one per batch
     if not out:
         return torch.empty(0, 0)

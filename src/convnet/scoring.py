@@ -9,7 +9,9 @@ drawn from the scores are :mod:`convnet.report`'s.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -42,11 +44,33 @@ def evaluate_run(run_dir: PathLike, *, data_dir: PathLike | None = None, engine:
 
 def score_run(loaded: LoadedRun, dataset: Dataset, *, test_logits: torch.Tensor | None = None,
               score_train: bool = True) -> Evaluation:
-    """Score an opened run on ``dataset`` (its own data) and write its ``metrics.json``."""
+    """Score an opened run on ``dataset`` (its own data) and write its ``metrics.json``.
+
+    A run scored before every prediction was fp32 (its ``metrics.json`` does not say
+    ``"inference": "fp32"``) may have recorded a test accuracy computed in bfloat16; when
+    the new one differs, :attr:`Evaluation.note` says so in one line."""
+    before = _recorded_before(loaded.path / runs.METRICS)
     result = evaluate(loaded.model, dataset, engine=loaded.engine, tta=loaded.tta, test_logits=test_logits,
                       score_train=score_train)
+    now = result.test.accuracy
+    if before is not None and now is not None and round(before, 6) != round(now, 6):
+        result.note = (f"the test accuracy recorded before, {before:.4f}, was predicted in the precision the run "
+                       f"trained in; every prediction is fp32 now, which gives {now:.4f} (metrics.json updated)")
     write_json(loaded.path / runs.METRICS, result.to_json())
     return result
+
+
+def _recorded_before(path: Path) -> float | None:
+    """The test accuracy in a ``metrics.json`` written before predictions were always
+    fp32; None for a newer one, a missing one, or one that cannot be read (it is rewritten)."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metrics, dict) or "inference" in metrics or not isinstance(metrics.get("test"), dict):
+        return None
+    value = metrics["test"].get("accuracy")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def score_model(model: Model, dataset: Dataset) -> Evaluation:

@@ -44,7 +44,6 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from convnet.batcher import Batcher
-from convnet.engine import Engine
 from convnet.errors import ConvnetError
 from convnet.export import export_in_memory
 from convnet.httpinputs import JSON, MULTIPART, RequestError, request_images
@@ -196,7 +195,7 @@ PREDICT_OPENAPI: dict[str, Any] = {"requestBody": {"required": True, "content": 
 
 def load_for_serving(source: str | Path, threads: int = 1) -> OnnxModel:
     """The model to serve: an ``.onnx`` file, or a run folder exported in memory."""
-    model = open_model(source, engine=Engine.faithful(), threads=threads)  # fp32: the arithmetic the graph has
+    model = open_model(source, device="cpu", threads=threads)  # checked against `convnet predict RUN --device cpu`
     return export_in_memory(model, threads) if isinstance(model, LoadedRun) else model
 
 
