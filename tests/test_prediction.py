@@ -112,3 +112,56 @@ def test_a_table_that_cannot_be_written_is_refused_before_anything(tmp_path: Pat
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"]  # nothing written
+
+
+def test_below_min_confidence_the_answer_is_unsure_with_its_probabilities(random_run: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import csv
+
+    from convnet.cli import main
+
+    arr = np.random.default_rng(2).integers(0, 256, (40, 28, 28)).astype(np.uint8)
+    np.save(tmp_path / "a.npy", arr)
+    assert main(["predict", "--device", "cpu", str(random_run), str(tmp_path / "a.npy"), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    tops = sorted(r["probability"] for r in plain)
+    p = (tops[9] + tops[10]) / 2  # 10 of the 40 images fall below it
+    assert main(["predict", "--device", "cpu", str(random_run), str(tmp_path / "a.npy"), "--json",
+                 "--min-confidence", f"{p}"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    for before, row in zip(plain, rows, strict=True):
+        assert row["top"] == before["top"] and row["probability"] == before["probability"]  # probabilities kept
+        if before["probability"] < p:
+            assert row["label"] is None and row["class"] == "unsure"
+        else:
+            assert row["label"] == before["label"] and row["class"] == before["class"]
+    assert sum(r["class"] == "unsure" for r in rows) == 10
+    assert err == f"10 of 40 images unsure (most probable class below {p:g})\n"  # JSON stays JSON on stdout
+
+    assert main(["predict", "--device", "cpu", str(random_run), str(tmp_path / "a.npy"), "--min-confidence",
+                 f"{p}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 41 and lines[-1] == f"10 of 40 images unsure (most probable class below {p:g})"
+    assert sum(" - " in line and "unsure" in line for line in lines[:-1]) == 10
+
+    table = tmp_path / "t.csv"
+    assert main(["predict", "--device", "cpu", str(random_run), str(tmp_path / "a.npy"), "--csv", str(table),
+                 "--min-confidence", f"{p}", "--top-k", "2"]) == 0
+    csv_rows = list(csv.reader(table.open(newline="")))
+    assert csv_rows[0] == ["path", "answer", "class", "probability", "class_2", "probability_2", "error"]
+    assert [r[1] for r in csv_rows[1:]] == [r["class"] for r in rows]
+    assert [r[2] for r in csv_rows[1:]] == [r["top"][0]["class"] for r in rows]  # the top class is kept
+    assert capsys.readouterr().out.splitlines()[0] == f"10 of 40 images unsure (most probable class below {p:g})"
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "nan"])
+def test_a_min_confidence_that_is_not_a_probability_is_refused(value: str, random_run: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from convnet.cli import main
+
+    np.save(tmp_path / "a.npy", np.zeros((2, 28, 28), np.uint8))
+    assert main(["predict", "--device", "cpu", str(random_run), str(tmp_path / "a.npy"), "--min-confidence",
+                 value]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "--min-confidence must be a probability in (0, 1]" in err

@@ -23,6 +23,7 @@ from PIL import Image
 
 from convnet.arrays import load_image
 from convnet.cli import build_parser, main
+from convnet.errors import ConvnetError
 from convnet.export import export_run
 from convnet.loadtest import check_loopback, multipart_body, parse_wrk, python_load, run_wrk, start_server, stop_server
 from convnet.onnxfile import open_onnx
@@ -394,3 +395,21 @@ def test_a_run_folder_is_served_through_an_in_memory_export(tmp_path: Path, pngs
     images = torch.stack([load_image(p, loaded.spec) for p in pngs])
     assert [p["label"] for p in answer] == infer(torch_model, images, engine=Engine.faithful()).argmax(1).tolist()
     assert about["model"] == "seed" and about["test_accuracy"] is None and about["parity"] is None
+
+
+def test_the_service_answers_unsure_below_min_confidence(onnx_file: Path, pngs: list[Path]) -> None:
+    from fastapi.testclient import TestClient
+
+    expected = [row for batch in predict_files(onnx_file, pngs) for row in batch]  # type: ignore[union-attr]
+    p = sorted(r.probability for r in expected)[1] + 1e-6  # the two least sure images fall below it
+    with TestClient(create_app(open_onnx(onnx_file), ServeOptions(min_confidence=p))) as c:
+        got = c.post("/predict", files=files(*pngs)).json()["predictions"]
+        assert c.get("/model").json()["limits"]["min_confidence"] == p
+    for row, want in zip(got, expected, strict=True):
+        unsure = want.probability < p
+        assert row["label"] == (None if unsure else want.label)
+        assert row["class"] == ("unsure" if unsure else want.cls)
+        assert row["top"][0]["label"] == want.label and row["probability"] == want.probability
+    assert sum(row["class"] == "unsure" for row in got) == 2
+    with pytest.raises(ConvnetError, match=r"--min-confidence must be a probability in \(0, 1\], got 2"):
+        ServeOptions(min_confidence=2).validate()

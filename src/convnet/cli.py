@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "summary instead of the rows (default: no file)")
     p.add_argument("--top-k", type=int, default=3, metavar="K",
                    help="classes each CSV and JSON row carries (default: %(default)s)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                   help="answer \"unsure\" (label null) where the most probable class is below P, keeping the "
+                        "probabilities (default: always the most probable class)")
     _device_flag(p)
 
     p = sub.add_parser("export", help="the run's model as an ONNX file, checked in ONNX Runtime",
@@ -154,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=0.0,
                    help="how long a batch waits for more requests once one arrives; requests that come while "
                         "the model runs are batched anyway (default: %(default)s)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                   help="answer \"unsure\" (label null) where the most probable class is below P "
+                        "(default: always the most probable class)")
 
     p = sub.add_parser("tutorial", help="the tutorial's whole story: SGD vs Adam, reports, channels first/last")
     p.add_argument("--quick", action="store_true", help="a first look: 12,000 images, 5 SGD + 3 Adam epochs")

@@ -101,7 +101,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not (math.isfinite(a.max_body_mb) and a.max_body_mb >= 0.001):  # nan and inf cannot become a byte count
         raise ConvnetError(f"--max-body-mb must be a finite number of at least 0.001 (MB), got {a.max_body_mb:g}")
     serve(a.model, ServeOptions(host=a.host, port=a.port, max_body_bytes=round(a.max_body_mb * 1e6),
-                                max_images=a.max_images, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms))
+                                max_images=a.max_images, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
+                                min_confidence=a.min_confidence))
     return 0
 
 
@@ -128,10 +129,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from convnet.errors import InputError
     from convnet.inputfiles import expand_inputs
     from convnet.loadrun import open_model
-    from convnet.prediction import check_top_k, csv_header, csv_row, predict_files
+    from convnet.prediction import check_min_confidence, check_top_k, csv_header, csv_row, predict_files
     from convnet.progress import Bar
 
     check_top_k(a.top_k)
+    check_min_confidence(a.min_confidence)
+    answer = a.min_confidence is not None
     if a.csv is not None:
         check_output_file(a.csv, "--csv")
     inputs = expand_inputs(a.inputs)  # a folder: its image files
@@ -142,36 +145,43 @@ def cmd_predict(a: argparse.Namespace) -> int:
         n = len(inputs.passed_over)
         print(f"convnet: passed over {n} file{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not an image: "
               f"{shown}", file=sys.stderr)
-    failed, printed, width, rows = 0, 0, 0, 0
+    failed, printed, width, rows, unsure = 0, 0, 0, 0, 0
     bar = Bar(inputs.from_folders or None, "predicting", enabled=inputs.from_folders > 0)
     with atomic_file(a.csv, text=True) if a.csv is not None else contextlib.nullcontext() as f:
         table = csv.writer(f) if f is not None else None
         if table is not None:
-            table.writerow(csv_header(k))
-        for item in predict_files(model, inputs.files, layout=a.layout, top_k=k):  # bounded memory for any input
+            table.writerow(csv_header(k, answer))
+        for item in predict_files(model, inputs.files, layout=a.layout, top_k=k,
+                                  min_confidence=a.min_confidence):  # bounded memory for any input
             if isinstance(item, InputError):
                 print(f"convnet: error: {item}", file=sys.stderr)
                 failed += 1
                 bar.update(1)
                 if table is not None:
-                    table.writerow(csv_row(item, k))
+                    table.writerow(csv_row(item, k, answer))
                 continue
             bar.update(len(item))
             width = max(width, *(len(r.input) for r in item))
             for row in item:
+                unsure += row.unsure
                 if table is not None:
-                    table.writerow(csv_row(row, k))
+                    table.writerow(csv_row(row, k, answer))
                     rows += 1
                     continue
                 if a.json:  # one JSON list, printed a row at a time
                     json_text = json.dumps(row.to_json(), indent=2).replace("\n", "\n  ")
                     print("[\n  " if not printed else ",\n  ", json_text, sep="", end="")
                 else:
-                    print(f"{row.input:<{width}}  {row.label}  {row.cls:<12}  {row.probability:.3f}")
+                    label = "-" if row.label is None else row.label
+                    print(f"{row.input:<{width}}  {label}  {row.cls:<12}  {row.probability:.3f}")
                 printed += 1
     bar.close()
     if a.json and table is None:
         print("\n]" if printed else "[]")
+    if answer:
+        done = rows if table is not None else printed
+        print(f"{unsure:,} of {done:,} images unsure (most probable class below {a.min_confidence:g})",
+              file=sys.stderr if a.json and table is None else sys.stdout)
     if a.csv is not None:
         print(f"{rows:,} images predicted, {failed} unreadable inputs; table in {a.csv}")
     if failed:

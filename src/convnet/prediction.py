@@ -28,6 +28,7 @@ from convnet.loadrun import LoadedRun, Model, load_run, open_model
 from convnet.onnxfile import OnnxModel
 
 TOP_K = 3  # classes each row carries by default (--top-k)
+UNSURE = "unsure"  # the class of an image whose most probable class is below --min-confidence
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,14 @@ class PredictionRow:
 
     Attributes:
         input: the file (``FILE[i]`` for the i-th image of an array file).
-        label, cls, probability: the most probable class: its index, name and probability.
+        label, cls, probability: the most probable class: its index, name and probability;
+            below ``--min-confidence``, label None and class ``"unsure"`` (the probability
+            and :attr:`top` are kept).
         top: the most probable classes, most probable first, as ``(label, class, probability)``.
     """
 
     input: str
-    label: int
+    label: int | None
     cls: str
     probability: float
     top: tuple[tuple[int, str, float], ...] = ()
@@ -50,10 +53,15 @@ class PredictionRow:
         return {"input": self.input, "label": self.label, "class": self.cls, "probability": self.probability,
                 "top": [{"label": j, "class": c, "probability": p} for j, c, p in self.top]}
 
+    @property
+    def unsure(self) -> bool:
+        return self.label is None
+
 
 def predict_files(run_dir: str | os.PathLike[str] | Model, paths: Sequence[str | os.PathLike[str]], *,
                   layout: str = "auto", device: str | torch.device = "auto",
-                  top_k: int = TOP_K) -> Iterator[list[PredictionRow] | InputError]:
+                  top_k: int = TOP_K, min_confidence: float | None = None
+                  ) -> Iterator[list[PredictionRow] | InputError]:
     """What ``convnet predict RUN INPUT...`` does: the rows of each batch of inputs, in
     order, converted to the run's input spec and predicted the way the run was evaluated
     (its engine, its test-time augmentation); an input that cannot be read yields its
@@ -66,12 +74,16 @@ def predict_files(run_dir: str | os.PathLike[str] | Model, paths: Sequence[str |
         run_dir: a run folder or an ``.onnx`` file, or one already opened
             (:func:`~convnet.loadrun.open_model`).
         top_k: the classes each row carries (at most the run's classes).
+        min_confidence: answer ``"unsure"`` (label None) where the most probable class has
+            a lower probability (None: always the most probable class).
 
     Raises:
-        ConvnetError: a run that cannot be opened, a ``top_k`` below 1, a folder that
-            cannot be read or holds no images (before anything is predicted).
+        ConvnetError: a run that cannot be opened, a ``top_k`` below 1, a
+            ``min_confidence`` outside (0, 1], a folder that cannot be read or holds no
+            images (before anything is predicted).
     """
     check_top_k(top_k)
+    check_min_confidence(min_confidence)
     files = expand_inputs(paths).files
     model = run_dir if isinstance(run_dir, LoadedRun | OnnxModel) else open_model(run_dir, device=device)
     spec: InputSpec = model.spec
@@ -85,7 +97,10 @@ def predict_files(run_dir: str | os.PathLike[str] | Model, paths: Sequence[str |
         rows = []
         for name, best, p in zip(item.names, order.tolist(), probs, strict=True):
             top = tuple((j, spec.classes[j], round(float(p[j]), 6)) for j in best)
-            rows.append(PredictionRow(name, *top[0], top=top))
+            if is_unsure(float(p[best[0]]), min_confidence):
+                rows.append(PredictionRow(name, None, UNSURE, top[0][2], top=top))
+            else:
+                rows.append(PredictionRow(name, *top[0], top=top))
         yield rows
 
 
@@ -94,18 +109,31 @@ def check_top_k(top_k: int) -> None:
         raise ConvnetError(f"--top-k must be at least 1, got {top_k}")
 
 
-def csv_header(top_k: int) -> list[str]:
-    """``path,class,probability,class_2,probability_2,...,error`` for ``top_k`` classes."""
+def check_min_confidence(min_confidence: float | None) -> None:
+    if min_confidence is not None and not 0 < min_confidence <= 1:  # NaN fails too
+        raise ConvnetError(f"--min-confidence must be a probability in (0, 1], got {min_confidence:g}; e.g. 0.9 "
+                           "answers only the images whose most probable class has 90 % or more")
+
+
+def is_unsure(top_probability: float, min_confidence: float | None) -> bool:
+    """Whether an image whose most probable class has ``top_probability`` is answered "unsure"."""
+    return min_confidence is not None and top_probability < min_confidence
+
+
+def csv_header(top_k: int, answer: bool = False) -> list[str]:
+    """``path,class,probability,class_2,probability_2,...,error`` for ``top_k`` classes;
+    with ``answer`` (``--min-confidence``) an ``answer`` column after the path: the class,
+    or ``unsure``."""
     ranks = [("class", "probability"), *((f"class_{i}", f"probability_{i}") for i in range(2, top_k + 1))]
-    return ["path", *(name for pair in ranks for name in pair), "error"]
+    return ["path", *(["answer"] if answer else []), *(name for pair in ranks for name in pair), "error"]
 
 
-def csv_row(item: PredictionRow | InputError, top_k: int) -> list[str]:
+def csv_row(item: PredictionRow | InputError, top_k: int, answer: bool = False) -> list[str]:
     """One CSV row: an image's classes and probabilities, or a file's error in the last column."""
     if isinstance(item, InputError):
-        return [item.path or "", *[""] * (2 * top_k), str(item)]
+        return [item.path or "", *([""] if answer else []), *[""] * (2 * top_k), str(item)]
     cells = [cell for _, cls, p in item.top for cell in (cls, f"{p:.6f}")]
-    return [item.input, *cells, *[""] * (2 * top_k - len(cells)), ""]
+    return [item.input, *([item.cls] if answer else []), *cells, *[""] * (2 * top_k - len(cells)), ""]
 
 
 @dataclass

@@ -49,6 +49,7 @@ from convnet.export import export_in_memory
 from convnet.httpinputs import JSON, MULTIPART, RequestError, request_images
 from convnet.loadrun import LoadedRun, open_model
 from convnet.onnxfile import OnnxModel
+from convnet.prediction import UNSURE, check_min_confidence, is_unsure
 from convnet.version import __version__
 
 TOP_K = 5
@@ -67,6 +68,8 @@ class ServeOptions:
         batch_wait_ms: how long the batcher waits for more requests after the first one
             while the batch is not full.
         threads: ONNX Runtime's threads per call (1 leaves the other core to the HTTP side).
+        min_confidence: answer ``"unsure"`` (label null) where the most probable class has a
+            lower probability; None: always the most probable class.
     """
 
     host: str = "127.0.0.1"
@@ -76,9 +79,11 @@ class ServeOptions:
     max_batch: int = 64
     batch_wait_ms: float = 0.0
     threads: int = 1
+    min_confidence: float | None = None
 
     def validate(self) -> None:
         """Check every value before anything is loaded."""
+        check_min_confidence(self.min_confidence)
         if not 0 <= self.port <= 65535:
             raise ConvnetError(f"--port must be between 0 and 65535, got {self.port}")
         if self.max_body_bytes < 1000:
@@ -93,14 +98,18 @@ class ServeOptions:
             raise ConvnetError(f"threads must be at least 1, got {self.threads}")
 
 
-def prediction_rows(probs: np.ndarray, classes: tuple[str, ...], inputs: np.ndarray | None = None) -> list[dict]:
-    """The JSON of each image's prediction: label, class, probability and the top classes."""
+def prediction_rows(probs: np.ndarray, classes: tuple[str, ...], inputs: np.ndarray | None = None,
+                    min_confidence: float | None = None) -> list[dict]:
+    """The JSON of each image's prediction: label, class, probability and the top classes;
+    label null and class "unsure" where the most probable class is below ``min_confidence``."""
     k = min(TOP_K, probs.shape[1])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k), most probable first
     rows = []
     for i, order in enumerate(top.tolist()):
         best = [{"label": j, "class": classes[j], "probability": round(float(probs[i, j]), 6)} for j in order]
         row: dict[str, Any] = {**best[0], "top": best}
+        if is_unsure(float(probs[i, order[0]]), min_confidence):
+            row.update(label=None, **{"class": UNSURE})
         if inputs is not None:
             row["input"] = png_data_url(inputs[i])
         rows.append(row)
@@ -162,7 +171,8 @@ def create_app(model: OnnxModel, options: ServeOptions) -> FastAPI:
         images = await request_images(request, model.spec, options.max_body_bytes, options.max_images)
         probs = await batcher.submit(images)
         return JSONResponse({"predictions": prediction_rows(probs, model.spec.classes,
-                                                            images if include_input else None)})
+                                                            images if include_input else None,
+                                                            options.min_confidence)})
 
     @app.get("/health", summary="200 while the model is loaded")
     async def health() -> JSONResponse:
@@ -173,7 +183,8 @@ def create_app(model: OnnxModel, options: ServeOptions) -> FastAPI:
     @app.get("/model", summary="Input spec, classes, test accuracy, versions, limits")
     async def about() -> JSONResponse:
         limits = {"max_body_bytes": options.max_body_bytes, "max_images": options.max_images,
-                  "max_batch": options.max_batch, "batch_wait_ms": options.batch_wait_ms}
+                  "max_batch": options.max_batch, "batch_wait_ms": options.batch_wait_ms,
+                  "min_confidence": options.min_confidence}
         return JSONResponse({**model.describe(), "backend": "onnxruntime", "server_version": __version__,
                              "limits": limits, "served": {"batches": batcher.batches, "images": batcher.images,
                                         "requests_waiting": batcher.waiting}})
