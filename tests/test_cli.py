@@ -253,3 +253,26 @@ def test_models_lists_every_model_with_its_size_and_speed(capsys: pytest.Capture
     assert set(rows) == set(list_models())
     for name, cells in rows.items():
         assert cells[1] == f"{count_parameters(create_model(name)):,}" and float(cells[2].replace(",", "")) > 0
+
+
+def test_imbalanced_classes_are_named_in_one_line_with_both_remedies(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    for name, n in (("common", 30), ("middle", 12), ("rare", 5)):
+        (folder / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), "L").save(folder / name / f"{i}.png")
+    args = ["train", "--device", "cpu", "--data", str(folder), "--model", "seed", "--epochs", "1", "--no-progress",
+            "--test-split", "0.2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("convnet: imbalanced")]
+    assert warnings == ["convnet: imbalanced classes: 'common' has 24 training images, 'rare' 4 (6x); "
+                        "--class-weight balanced or --sampler balanced gives the small classes more weight"]
+    for remedy in (["--class-weight", "balanced"], ["--sampler", "balanced"]):
+        assert main([*args, *remedy, "--out", str(tmp_path / remedy[0].strip("-"))]) == 0
+        assert "convnet: imbalanced" not in capsys.readouterr().out
+        config = json.loads((tmp_path / remedy[0].strip("-") / runs.CONFIG).read_text())["train"]
+        assert config[remedy[0].strip("-").replace("-", "_")] == "balanced"

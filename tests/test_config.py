@@ -29,6 +29,8 @@ def test_faithful_turns_shuffling_off_and_refuses_what_departs_from_the_tutorial
     assert TrainConfig(faithful=True).shuffle is False
     with pytest.raises(ConvnetError, match="--faithful .* cannot be combined with --augment flip"):
         TrainConfig(faithful=True, augment="flip").validate()
+    with pytest.raises(ConvnetError, match="--faithful .* cannot be combined with --sampler balanced"):
+        TrainConfig(faithful=True, sampler="balanced").validate()
 
 
 def test_an_unknown_model_is_refused_with_the_registered_names() -> None:
@@ -58,7 +60,8 @@ def test_data_whose_mirror_changes_class_gets_no_flips() -> None:
 def test_config_validation_names_the_flag() -> None:
     for bad, flag in [(dict(optimizer="lbfgs"), "--optimizer"), (dict(epochs=0), "--epochs"),
                       (dict(batch_size=0), "--batch-size"), (dict(lr=-1.0), "--lr"), (dict(lr=float("nan")), "--lr"),
-                      (dict(momentum=1.0), "--momentum")]:
+                      (dict(momentum=1.0), "--momentum"), (dict(class_weight="inverse"), "--class-weight"),
+                      (dict(sampler="weighted"), "--sampler")]:
         with pytest.raises(ConvnetError, match=flag):
             TrainConfig(**bad).validate()  # type: ignore[arg-type]
     assert TrainConfig(faithful=True).shuffle is False

@@ -118,6 +118,10 @@ def test_settings_are_the_recipe_with_the_parameters_laid_over_it(digits: tuple[
     assert (clf.config_.optimizer, clf.config_.lr, clf.config_.ema) == (cpu.optimizer, cpu.lr, cpu.ema)
     assert (clf.config_.model, clf.config_.epochs, clf.config_.batch_size, clf.config_.seed) == ("seed", 1, 64, 3)
     assert clf.config_.augment == "translate" and not clf.config_.tta  # hflip=False: no mirrors
+    assert (clf.config_.class_weight, clf.config_.sampler) == ("none", "passes")
+    balanced = ConvNetClassifier(model="seed", epochs=1, device="cpu", verbose=0, hflip=False, class_weight="balanced",
+                                 sampler="balanced").fit(X[:100], y[:100])
+    assert (balanced.config_.class_weight, balanced.config_.sampler) == ("balanced", "balanced")
     with pytest.raises(ConvnetError, match="--optimizer"):
         ConvNetClassifier(**{**FAST, "optimizer": "lbfgs"}).fit(X[:50], y[:50])
 

@@ -15,7 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from convnet.commands import COMMANDS
-from convnet.config import AUGMENTS, DEVICES, LAYOUTS, OPTIMIZERS, RECIPES, SCHEDULES, TrainConfig
+from convnet.config import (
+    AUGMENTS,
+    CLASS_WEIGHTS,
+    DEVICES,
+    LAYOUTS,
+    OPTIMIZERS,
+    RECIPES,
+    SAMPLERS,
+    SCHEDULES,
+    TrainConfig,
+)
 from convnet.errors import ConvnetError
 from convnet.version import __version__
 
@@ -89,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep and evaluate a moving average of the weights, decay per step (default: the recipe's)")
     p.add_argument("--shuffle", action=argparse.BooleanOptionalAction,
                    help="a new order every epoch (default: on, off with --faithful)")
+    p.add_argument("--class-weight", choices=CLASS_WEIGHTS,
+                   help="balanced: weigh each class's loss inversely to its images, for imbalanced classes "
+                        "(default: none)")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="balanced: draw every class equally often, with replacement (default: passes, every image "
+                        "once per pass)")
     p.add_argument("--faithful", action="store_true",
                    help="the tutorial's exact arithmetic: fp32, no shuffling, its float32 learning rate")
     p.add_argument("--init-from", default=None, metavar="SOURCE",

@@ -13,6 +13,8 @@ from convnet.errors import ConvnetError, RunError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
 AUGMENTS = ("none", "flip", "translate", "flip-translate")
+CLASS_WEIGHTS = ("none", "balanced")  # --class-weight: the loss's weight of each class
+SAMPLERS = ("passes", "balanced")  # --sampler: every image once per pass, or classes drawn equally often
 DEVICES = ("auto", "cpu", "cuda")
 LAYOUTS = ("auto", "nchw", "nhwc")
 
@@ -51,6 +53,11 @@ class TrainConfig:
             still follow the new images), before everything learns.
         body_lr: for a run started from trained weights: the learning rate of every layer
             but the head, as a fraction of the head's (1 = the same).
+        class_weight: ``balanced`` weighs each class's loss by ``N / (classes * N_class)``
+            (scikit-learn's ``compute_class_weight("balanced")``), so that a rare class
+            counts as much as a common one; ``none`` weighs every image alike.
+        sampler: ``passes``: every image once per pass; ``balanced``: each batch's images
+            drawn with replacement, every class equally likely (as many images per epoch).
         repeats: passes over the training images in one epoch, each shuffled and
             augmented anew: 1 as given; more when the training is sized to a small
             data set (:func:`size_to_data`), so that its epochs, schedule, moving
@@ -79,6 +86,8 @@ class TrainConfig:
     ema: float = 0.0
     freeze_epochs: int = 0
     body_lr: float = 1.0
+    class_weight: str = "none"
+    sampler: str = "passes"
     repeats: int = 1
     faithful: bool = False
 
@@ -94,7 +103,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise :class:`ConvnetError` naming the flag of the first bad value."""
         for flag, value, choices in (("--optimizer", self.optimizer, OPTIMIZERS), ("--augment", self.augment, AUGMENTS),
-                                     ("--schedule", self.schedule, SCHEDULES)):
+                                     ("--schedule", self.schedule, SCHEDULES),
+                                     ("--class-weight", self.class_weight, CLASS_WEIGHTS),
+                                     ("--sampler", self.sampler, SAMPLERS)):
             if value not in choices:
                 raise ConvnetError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
         from convnet.models import list_models  # imported here: models needs torch, and the CLI reads config at start
@@ -128,7 +139,7 @@ class TrainConfig:
         if self.faithful:
             plain = TrainConfig()
             for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema",
-                         "repeats", "freeze_epochs", "body_lr"):
+                         "repeats", "freeze_epochs", "body_lr", "class_weight", "sampler"):
                 if getattr(self, name) != getattr(plain, name):
                     raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
                                        f"--{name.replace('_', '-')} {getattr(self, name)}")
@@ -172,7 +183,8 @@ RECIPES: dict[str, TrainConfig] = {
 }
 DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
 # settings of one run, not of a recipe
-PER_RUN = ("seed", "val_split", "target_accuracy", "faithful", "repeats", "freeze_epochs", "body_lr")
+PER_RUN = ("seed", "val_split", "target_accuracy", "faithful", "repeats", "freeze_epochs", "body_lr", "class_weight",
+           "sampler")
 
 
 def recipe(name: str) -> TrainConfig:

@@ -51,7 +51,7 @@ from convnet.training import train
 # Parameters that are TrainConfig fields of the same name: None means "the recipe's value".
 CONFIG_PARAMS = ("model", "optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay",
                  "label_smoothing", "augment", "translate_px", "schedule", "warmup_epochs", "ema", "tta", "shuffle",
-                 "freeze_epochs", "body_lr")
+                 "freeze_epochs", "body_lr", "class_weight", "sampler")
 
 
 class ConvNetClassifier(ClassifierMixin, BaseEstimator):
@@ -70,6 +70,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         faithful: the tutorial's exact arithmetic (fp32, no shuffling).
         init_from, freeze_epochs, body_lr: start from trained weights (a run folder or a
             ``.safetensors`` file), as ``convnet train --init-from`` does.
+        class_weight, sampler: ``"balanced"`` for imbalanced classes, as ``convnet train
+            --class-weight`` and ``--sampler`` (None: ``"none"`` and ``"passes"``).
         validation_fraction: share of the training images held out, stratified, and scored
             after every epoch (``history_``'s ``val_loss`` and ``val_accuracy``); 0 = none.
         warm_start: a second ``fit`` continues from the weights learned so far (a fresh
@@ -109,7 +111,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
                  schedule: str | None = None, warmup_epochs: float | None = None, ema: float | None = None,
                  tta: bool | None = None, shuffle: bool | None = None, faithful: bool = False,
                  init_from: str | os.PathLike[str] | None = None, freeze_epochs: int | None = None,
-                 body_lr: float | None = None,
+                 body_lr: float | None = None, class_weight: str | None = None, sampler: str | None = None,
                  validation_fraction: float = 0.0, warm_start: bool = False, hflip: bool = True,
                  layout: str = "auto", device: str = "auto", random_state: int | np.random.RandomState | None = None,
                  verbose: int = 1) -> None:
@@ -134,6 +136,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         self.init_from = init_from
         self.freeze_epochs = freeze_epochs
         self.body_lr = body_lr
+        self.class_weight = class_weight
+        self.sampler = sampler
         self.validation_fraction = validation_fraction
         self.warm_start = warm_start
         self.hflip = hflip

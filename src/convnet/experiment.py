@@ -84,6 +84,24 @@ def run_training(request: TrainRequest, *, env: dict[str, str] | None = None,
         finish(info)
 
 
+IMBALANCE = 5  # the largest class's images over the smallest's from which `convnet train` warns
+
+
+def imbalance_warning(dataset: Dataset, config: TrainConfig) -> str | None:
+    """One line when the largest class of the training split has :data:`IMBALANCE` times
+    the images of the smallest and neither remedy is asked for; None otherwise."""
+    if config.class_weight != "none" or config.sampler != "passes" or len(dataset.train) == 0:
+        return None
+    counts = torch.bincount(dataset.train.labels.cpu(), minlength=dataset.num_classes)
+    present = counts[counts > 0]
+    big, small = int(counts.argmax()), int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
+    if len(present) < 2 or counts[big] < IMBALANCE * counts[small]:
+        return None
+    return (f"imbalanced classes: {dataset.classes[big]!r} has {int(counts[big]):,} training images, "
+            f"{dataset.classes[small]!r} {int(counts[small]):,} ({float(counts[big] / counts[small]):.0f}x); "
+            "--class-weight balanced or --sampler balanced gives the small classes more weight")
+
+
 def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> TrainOutcome:
     device = resolve_device(request.device)
     if info is not None and device.type == "cuda":
@@ -128,6 +146,9 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
                 print(f"starting from {init_record['source']} ({changes})", file=out)
             if sizing:
                 print(sizing, file=out, flush=True)
+            imbalance = imbalance_warning(dataset, config)
+            if imbalance:
+                print(f"convnet: {imbalance}", file=out, flush=True)
             assert run_dir is not None
             write_data_files(run_dir, dataset)
         stop = [StopAtAccuracy(dataset.test, config.target_accuracy, tta=config.tta)] if config.target_accuracy else []

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -251,9 +252,12 @@ def train(
     where = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")  # of the images, for indices
     steps_per_epoch = len(batches(n, config.batch_size))
     correct = torch.zeros((), dtype=torch.int64, device=engine.device)
-    step = StepRunner(functools.partial(train_step, net, optimizer,
-                                        nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), engine, ema,
-                                        correct, config.translate_px), engine)
+    weight = class_weights(labels, spec.num_classes).to(engine.device) if config.class_weight == "balanced" else None
+    # --sampler balanced: each image's chance is its class's weight (1 / its images), every class drawn equally often
+    draw = class_weights(labels, spec.num_classes)[labels.cpu()] if config.sampler == "balanced" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    step = StepRunner(functools.partial(train_step, net, optimizer, loss_fn, engine, ema, correct,
+                                        config.translate_px), engine)
     scaled = any("lr_scale" in g for g in optimizer.param_groups)  # head and body apart (make_optimizer)
     check_each_batch = engine.device.type == "cpu"  # a finite-check costs a GPU sync; there, check per epoch
     hooks.on_train_start(state, n)
@@ -261,7 +265,7 @@ def train(
     for epoch in range(state.epoch, config.epochs):
         model.train()
         t0 = time.perf_counter()
-        order = epoch_order(len(data), config, state.shuffle_rng, where)
+        order = epoch_order(len(data), config, state.shuffle_rng, where, draw)
         losses = []
         correct.zero_()
         for i, rows in enumerate(batches(n, config.batch_size)):
@@ -297,13 +301,30 @@ def train(
                        graphed=step.graph is not None)
 
 
-def epoch_order(n: int, config: TrainConfig, rng: torch.Generator, where: torch.device) -> torch.Tensor | None:
+def epoch_order(n: int, config: TrainConfig, rng: torch.Generator, where: torch.device,
+                draw: torch.Tensor | None = None) -> torch.Tensor | None:
     """The rows of one epoch, in order: ``config.repeats`` passes over the ``n`` images,
     each in a new random order (or in their own order without shuffling); None for one
-    unshuffled pass (the rows are then taken as slices)."""
+    unshuffled pass (the rows are then taken as slices). With ``draw`` (``--sampler
+    balanced``: each image's relative chance), as many rows drawn with replacement."""
+    if draw is not None:
+        return torch.multinomial(draw, n * config.repeats, replacement=True, generator=rng).to(where)
     if config.shuffle:
         return torch.cat([torch.randperm(n, generator=rng) for _ in range(config.repeats)]).to(where)
     return torch.arange(n, device=where).repeat(config.repeats) if config.repeats > 1 else None
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``--class-weight balanced``: float32 ``(num_classes,)``, ``N / (classes present *
+    N_class)`` as scikit-learn's ``compute_class_weight("balanced")`` gives it; 0 for a
+    class with no training images."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = labels.cpu().numpy()
+    present = np.unique(y)
+    out = torch.zeros(num_classes)
+    out[torch.from_numpy(present)] = torch.from_numpy(compute_class_weight("balanced", classes=present, y=y)).float()
+    return out
 
 
 def _diverged(epoch: int, batch: int, loss: torch.Tensor) -> TrainingDiverged:
