@@ -209,6 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None, help="where the runs' data is now (default: as trained)")
     _device_flag(p)
 
+    p = sub.add_parser("inspect", help="can I trust it? likely label errors, calibration, per-class scores",
+                       description="Inspect a run: likely label errors (confident learning) on the test split, and "
+                                   "with --train-folds on the training split; the expected calibration error with "
+                                   "a 95 %% interval and a reliability diagram; support, precision and recall per "
+                                   "class and the most confused pairs. Kept in RUN/inspect.json for `convnet "
+                                   "report`.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--train-folds", type=int, default=None, metavar="K",
+                   help="also check the training labels: K models, each trained on the other folds for half the "
+                        "run's epochs, predict each image (kept in RUN/inspect/; default: test split only)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--csv", type=Path, default=None, metavar="FILE",
+                   help="write every likely label error to FILE (default: no file)")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the run's data is now (default: as trained)")
+    _device_flag(p)
+
     p = sub.add_parser("compare", help="runs side by side in the terminal: accuracies, losses, f1 per class")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders")
     p.add_argument("--data-dir", type=Path, default=None, help="where the runs' data is now (default: as trained)")

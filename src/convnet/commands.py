@@ -114,6 +114,55 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+ISSUES_PRINTED = 20  # likely label errors printed in the terminal (--csv and --json hold them all)
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from convnet.durable import check_output_file
+    from convnet.inspection import inspect_and_plot, write_issues_csv
+
+    if a.train_folds is not None and a.train_folds < 2:
+        raise ConvnetError(f"--train-folds must be at least 2, got {a.train_folds}")
+    if a.csv is not None:
+        check_output_file(a.csv, "--csv")
+    found, diagram = inspect_and_plot(a.run, train_folds=a.train_folds, data_dir=a.data_dir, device=a.device,
+                                      progress=not a.json)
+    if a.csv is not None:
+        write_issues_csv(found, a.csv)
+    if a.json:
+        print(json.dumps(found.to_json(), indent=2))
+        return 0
+    names = found.classes
+    print(f"inspected {found.run}: {found.test_images:,} test images, accuracy {found.test_accuracy:.4f}")
+    by_split = {s: sum(i.split == s for i in found.issues) for s in ("train", "test")}
+    how = ""
+    if found.folds is not None:
+        f = found.folds
+        epochs = f"{f['epochs']} epoch{'s' if f['epochs'] > 1 else ''}"
+        how = (f"; training labels checked by {f['folds']} models of {epochs}, each predicting the "
+               f"fold it did not train on" + (" (kept from an earlier inspection)" if f["reused"] else ""))
+    print(f"likely label errors: {by_split['test']:,} in the test split"
+          + (f", {by_split['train']:,} in the training split" if found.folds is not None else "") + how)
+    width = max((len(n) for n in names), default=5)
+    for i in found.issues[:ISSUES_PRINTED]:
+        where = f"  {i.path}" if i.path else ""
+        print(f"  {i.rank:>4}  {i.split:<5} {i.index:>6}  given {names[i.given]:<{width}}  looks like "
+              f"{names[i.suggested]:<{width}} {i.confidence:.3f}{where}")
+    if len(found.issues) > ISSUES_PRINTED:
+        print(f"  … {len(found.issues) - ISSUES_PRINTED:,} more: --csv FILE or --json lists them all")
+    c = found.calibration
+    print(f"calibration on the test split: expected calibration error {c.ece:.2%} (95 % interval {c.low:.2%}–"
+          f"{c.high:.2%}, {len(c.bins)} bins); reliability diagram in {diagram}")
+    print(f"{'class':<{width}}  support  precision  recall")
+    for r in found.per_class:
+        print(f"{r.name:<{width}}  {r.support:>7,}  {r.precision:>9.3f}  {r.recall:>6.3f}")
+    if found.confused:
+        print("most confused: " + ", ".join(f"{t} as {p} {n:,}" for t, p, n in found.confused))
+    if a.csv is not None:
+        print(f"{len(found.issues):,} likely label errors in {a.csv}")
+    return 0
+
+
 def cmd_compare(a: argparse.Namespace) -> int:
     from convnet.report import compare
 
@@ -257,4 +306,5 @@ def cmd_datasets(a: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tutorial": cmd_tutorial,
             "models": cmd_models, "recipes": cmd_recipes, "datasets": cmd_datasets, "bench": cmd_bench,
-            "report": cmd_report, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve}
+            "report": cmd_report, "inspect": cmd_inspect, "compare": cmd_compare, "export": cmd_export,
+            "serve": cmd_serve}

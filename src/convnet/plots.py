@@ -233,3 +233,30 @@ def plot_f1_differences(reports: Sequence[Mapping[str, Any]], names: Sequence[st
     ax.legend(loc="best", framealpha=0.9)
     ax.set_title("Per-class f1 difference")
     return fig
+
+
+def plot_reliability(bins: Sequence[Mapping[str, float]], ece: float, low: float, high: float, title: str) -> Figure:
+    """A reliability diagram: each confidence bin's accuracy against its mean confidence
+    (the diagonal: perfect calibration), the images per bin below."""
+    fig = Figure(figsize=(6.4, 6.4), layout="constrained")
+    ax, counts = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    lows = np.array([b["low"] for b in bins])
+    width = np.array([b["high"] - b["low"] for b in bins])
+    n = np.array([b["images"] for b in bins])
+    accuracy = np.array([b["accuracy"] if b["images"] else 0.0 for b in bins])
+    confidence = np.array([b["confidence"] if b["images"] else 0.0 for b in bins])
+    ax.bar(lows, accuracy, width=width, align="edge", color="#0969da", edgecolor="white", label="accuracy")
+    gap_low, gap = np.minimum(accuracy, confidence), np.abs(confidence - accuracy)
+    ax.bar(lows, np.where(n > 0, gap, 0), bottom=gap_low, width=width, align="edge", fill=False, hatch="///",
+           edgecolor=WRONG, lw=0.8, label="gap to the bin's mean confidence")
+    ax.plot([0, 1], [0, 1], color="black", lw=1, ls="--", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left")
+    ax.set_title(f"Reliability (test set): ECE {ece:.2%} (95 % interval {low:.2%}–{high:.2%})\n{title}")
+    counts.bar(lows, n, width=width, align="edge", color="#6e7781", edgecolor="white")
+    counts.set_yscale("log" if n.max(initial=0) > 0 else "linear")
+    counts.set_xlabel("confidence (top probability)")
+    counts.set_ylabel("images")
+    return fig

@@ -17,7 +17,6 @@ is drawn, so the other commands do not pay for it.
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import os
@@ -35,6 +34,8 @@ from convnet.datatypes import Images
 from convnet.durable import atomic_write
 from convnet.errors import ConvnetError, RunError
 from convnet.evaluation import Evaluation
+from convnet.htmlparts import CSS, SCRIPT, Raw, img, table
+from convnet.inspection import inspection_html
 from convnet.loadrun import LoadedRun, load_run
 from convnet.scoring import evaluate_model, score_run
 
@@ -273,48 +274,10 @@ def compare(run_dirs: Sequence[PathLike], *, data_dir: PathLike | None = None, d
 
 # --- the HTML report
 
-CSS = """
-body { font: 15px/1.45 system-ui, sans-serif; color: #1f2328; margin: 0 auto; max-width: 1200px; padding: 1.5em; }
-h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #d0d7de; padding-bottom: 0.2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #d0d7de; padding: 0.25em 0.7em; text-align: right; }
-th:first-child, td:first-child { text-align: left; } thead th { background: #f6f8fa; }
-td.better { color: #1a7f37; } td.worse { color: #cf222e; } .muted { color: #59636e; }
-.kv td, .kv th { text-align: left; max-width: 60em; overflow-wrap: anywhere; }
-figure { margin: 0.8em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
-.row { display: flex; flex-wrap: wrap; gap: 1.2em; align-items: flex-start; } .row figure { flex: 1 1 440px; }
-"""
-
-# Written by the page itself once it has loaded: how many images decoded (a test reads these).
-SCRIPT = """
-window.addEventListener("load", function () {
-  var images = Array.prototype.slice.call(document.images);
-  var loaded = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
-  document.body.setAttribute("data-images-loaded", String(loaded));
-  document.body.setAttribute("data-images-total", String(images.length));
-});
-"""
 
 
 def _accuracy(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>'
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(c if isinstance(c, _Raw) else f"<td>{e(str(c))}</td>" for c in r) + "</tr>"
-                   for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-class _Raw(str):
-    """A table cell already rendered as HTML."""
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
@@ -330,29 +293,29 @@ def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
 def _comparison_html(summaries: Sequence[RunSummary]) -> str:
     from convnet import plots  # imported here: matplotlib only when drawing
 
-    table = comparison(summaries)
-    names, classes = table.names, summaries[0].classes
+    found = comparison(summaries)
+    names, classes = found.names, summaries[0].classes
 
-    def delta(v: float) -> _Raw:
+    def delta(v: float) -> Raw:
         cls = "better" if v > 0.0005 else "worse" if v < -0.0005 else ""
-        return _Raw(f'<td class="{cls}">{v:+.3f}</td>')
+        return Raw(f'<td class="{cls}">{v:+.3f}</td>')
 
     f1_rows = [[c, *(f"{v:.3f}" for v in f1), *(delta(v - f1[0]) for v in f1[1:])]
-               for c, f1 in zip(table.classes, table.f1, strict=True)]
+               for c, f1 in zip(found.classes, found.f1, strict=True)]
     return "".join([
         '<h2>Comparison</h2><div class="row"><div>',
-        _table(["", *names], [[label, *cells] for label, cells in table.rows]),
+        table(["", *names], [[label, *cells] for label, cells in found.rows]),
         "</div>",
-        _img(plots.save(plots.plot_accuracies(names, [math.nan if s.train_accuracy is None else s.train_accuracy
+        img(plots.save(plots.plot_accuracies(names, [math.nan if s.train_accuracy is None else s.train_accuracy
                                                       for s in summaries],
                                               [s.test_accuracy for s in summaries])), "accuracy of each run"),
         "</div>",
-        _img(plots.save(plots.plot_histories([s.history for s in summaries], names)), "loss curves overlaid"),
+        img(plots.save(plots.plot_histories([s.history for s in summaries], names)), "loss curves overlaid"),
         "<h3>f1 per class (test set)</h3>",
         '<div class="row"><div>',
-        _table(["class", *names, *(f"{n} − {names[0]}" for n in names[1:])], f1_rows),
+        table(["class", *names, *(f"{n} − {names[0]}" for n in names[1:])], f1_rows),
         "</div>",
-        _img(plots.save(plots.plot_f1_differences([s.report for s in summaries], names, classes)),
+        img(plots.save(plots.plot_f1_differences([s.report for s in summaries], names, classes)),
              "per-class f1 differences"),
         "</div>",
     ])
@@ -369,19 +332,20 @@ def _run_html(s: RunSummary, anchor: str) -> str:
     pictures = {"history": "loss and accuracy per epoch", "confusion_matrix": "confusion matrix",
                 "class_scores": "precision, recall and f1 per class", "mistakes": "most confidently wrong",
                 "samples": "sample predictions"}
-    images = {k: _img(s.plot(k).read_bytes(), alt) for k, alt in pictures.items()}
+    images = {k: img(s.plot(k).read_bytes(), alt) for k, alt in pictures.items()}
     return "".join([
         f'<section id="{anchor}"><h2>Run {e(s.name)}</h2><p class="muted">{e(str(s.path))}</p>',
-        _table(["", "train", "test"], [["accuracy", _accuracy(s.train_accuracy), f"{s.test_accuracy:.3f}"]]),
+        table(["", "train", "test"], [["accuracy", _accuracy(s.train_accuracy), f"{s.test_accuracy:.3f}"]]),
         images["history"],
         '<div class="row"><div><h3>Classification report (test set)</h3>',
-        _table(["class", "precision", "recall", "f1-score", "support"], report_rows),
+        table(["class", "precision", "recall", "f1-score", "support"], report_rows),
         "</div>", images["class_scores"], "</div>",
         images["confusion_matrix"], images["mistakes"], images["samples"],
+        inspection_html(s.path),
         f"<h3>Epochs ({s.training_seconds:.1f} s of training)</h3>",
-        _table(["epoch", "loss", "val loss", "val accuracy", "seconds", "images/s"], history_rows),
+        table(["epoch", "loss", "val loss", "val accuracy", "seconds", "images/s"], history_rows),
         "<h3>Config</h3>",
-        _table(["key", "value"], _flat(s.config), cls="kv"),
+        table(["key", "value"], _flat(s.config), cls="kv"),
         "</section>",
     ])
 
