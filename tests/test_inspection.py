@@ -100,7 +100,8 @@ def test_inspect_a_run_in_the_terminal_as_json_as_csv_and_in_the_report(
     assert main(["inspect", str(trained_run), "--device", "cpu", "--train-folds", "2", "--csv", str(table)]) == 0
     out = capsys.readouterr().out
     assert "training labels checked by 2 models of 2 epochs, each predicting the fold it did not train on" in out
-    assert "calibration on the test split: expected calibration error" in out and "most confused:" in out
+    assert "calibration on the test split, no temperature (train with --calibrate" in out
+    assert "expected calibration error" in out and "most confused:" in out
     kept = list((trained_run / "inspect").glob("train-folds-2-*.npy"))
     assert len(kept) == 1 and np.load(kept[0]).shape == (200, 10)
     assert (trained_run / "plots" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
@@ -140,3 +141,97 @@ def test_inspect_refuses_what_it_cannot_do_in_one_line(args: list[str], message:
     assert main(["inspect", str(trained_run), "--device", "cpu", *args]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_the_fitted_temperature_is_the_one_that_made_the_labels() -> None:
+    import torch
+
+    from convnet.events import fit_temperature
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20_000, 10, generator=g) * 3
+    labels = torch.multinomial((logits / 2.0).softmax(1), 1, generator=g).flatten()  # drawn at temperature 2
+    assert fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.05)
+
+
+def test_a_calibrated_run_answers_with_its_temperature_everywhere(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from convnet.estimator import ConvNetClassifier
+    from convnet.inference import infer
+    from convnet.loadrun import load_run
+    from convnet.models import Calibrated, uncalibrated
+
+    from .conftest import make_dataset_dir
+
+    toy = make_dataset_dir(tmp_path / "toy", n_train=300, n_test=100)
+    run = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--data-dir", str(toy), "--model", "seed", "--epochs", "6",
+                 "--calibrate", "--out", str(run), "--no-progress"]) == 0
+    found = json.loads((run / "calibration.json").read_text())
+    assert found["fitted_on"] == "validation split" and found["images"] == 30  # 0.1 of 300, held out
+    assert found["nll_after"] <= found["nll_before"] and found["temperature"] > 0
+    assert json.loads((run / "config.json").read_text())["train"]["val_split"] == 0.1
+    loaded = load_run(run, device="cpu")
+    assert isinstance(loaded.model, Calibrated) and loaded.model.temperature == found["temperature"]
+    x = loaded.dataset(progress=False).test.images
+    raw = infer(uncalibrated(loaded.model)[0], x, engine=loaded.engine, tta=loaded.tta).softmax(1).numpy()
+    scaled = loaded.probabilities(x)
+    assert np.abs(scaled - raw).max() > 1e-3 and (scaled.argmax(1) == raw.argmax(1)).all()  # same classes
+    np.testing.assert_allclose(scaled, (torch.from_numpy(np.log(raw)) / found["temperature"]).softmax(1).numpy(),
+                               atol=1e-5)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] == float((raw.argmax(1) == loaded.dataset(progress=False).test.labels.numpy())
+                                                .mean())
+    # the ONNX file carries it in its graph (the parity gate compared it with the run), the estimator too
+    assert main(["export", str(run)]) == 0
+    from convnet.onnxfile import open_onnx
+
+    onnx = open_onnx(run / "model.onnx")
+    assert onnx.describe()["temperature"] == found["temperature"]
+    np.testing.assert_allclose(onnx.probabilities(x), scaled, atol=1e-4)
+    clf = ConvNetClassifier.load(run, device="cpu")
+    np.testing.assert_allclose(clf.predict_proba(x.numpy()), scaled, atol=1e-4)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_allclose(again.predict_proba(x.numpy()), scaled, atol=1e-4)
+    saved = clf.save(tmp_path / "saved")
+    assert json.loads((saved / "calibration.json").read_text())["temperature"] == found["temperature"]
+
+    (run / "calibration.json").write_text('{"temperature": -1}')
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "calibration.json: no positive temperature in it" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--calibrate", "--val-split", "0"], "--calibrate fits a temperature on held-out training images"),
+    (["--calibrate", "--faithful"], "cannot be combined with --calibrate True"),
+])
+def test_calibrate_refuses_what_leaves_nothing_to_fit_on(args: list[str], message: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from .conftest import make_dataset_dir
+
+    toy = make_dataset_dir(tmp_path / "toy", n_train=50, n_test=20)
+    capsys.readouterr()
+    assert main(["train", "--device", "cpu", "--data-dir", str(toy), "--out", str(tmp_path / "run"), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_inspect_fits_the_temperature_on_out_of_fold_probabilities(
+        trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    run = trained_run.parent / "to-calibrate"
+    shutil.copytree(trained_run, run)
+    assert main(["inspect", str(run), "--device", "cpu", "--calibrate"]) == 1
+    assert "--calibrate fits the temperature on out-of-fold probabilities" in capsys.readouterr().err
+    assert main(["inspect", str(run), "--device", "cpu", "--train-folds", "2", "--calibrate", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    kept = json.loads((run / "calibration.json").read_text())
+    assert kept["fitted_on"] == "out-of-fold probabilities of 2 folds" and kept["images"] == 200
+    assert found["temperature"] == kept["temperature"] and found["train_folds"]["folds"] == 2

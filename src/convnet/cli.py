@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS,
                    help="balanced: draw every class equally often, with replacement (default: passes, every image "
                         "once per pass)")
+    p.add_argument("--calibrate", action="store_true", default=None,
+                   help="after training, fit a temperature on held-out images (--val-split, 0.1 if not given) so that "
+                        "probabilities match accuracy; every way of predicting uses it (default: off)")
     p.add_argument("--faithful", action="store_true",
                    help="the tutorial's exact arithmetic: fp32, no shuffling, its float32 learning rate")
     p.add_argument("--init-from", default=None, metavar="SOURCE",
@@ -219,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-folds", type=int, default=None, metavar="K",
                    help="also check the training labels: K models, each trained on the other folds for half the "
                         "run's epochs, predict each image (kept in RUN/inspect/; default: test split only)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --train-folds: fit the run's temperature on the out-of-fold probabilities and keep it "
+                        "in the run (default: off)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--csv", type=Path, default=None, metavar="FILE",
                    help="write every likely label error to FILE (default: no file)")

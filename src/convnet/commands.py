@@ -125,8 +125,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         raise ConvnetError(f"--train-folds must be at least 2, got {a.train_folds}")
     if a.csv is not None:
         check_output_file(a.csv, "--csv")
-    found, diagram = inspect_and_plot(a.run, train_folds=a.train_folds, data_dir=a.data_dir, device=a.device,
-                                      progress=not a.json)
+    found, diagram = inspect_and_plot(a.run, train_folds=a.train_folds, calibrate=a.calibrate, data_dir=a.data_dir,
+                                      device=a.device, progress=not a.json)
     if a.csv is not None:
         write_issues_csv(found, a.csv)
     if a.json:
@@ -151,8 +151,13 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if len(found.issues) > ISSUES_PRINTED:
         print(f"  … {len(found.issues) - ISSUES_PRINTED:,} more: --csv FILE or --json lists them all")
     c = found.calibration
-    print(f"calibration on the test split: expected calibration error {c.ece:.2%} (95 % interval {c.low:.2%}–"
-          f"{c.high:.2%}, {len(c.bins)} bins); reliability diagram in {diagram}")
+    scaled = f"with temperature {found.temperature:.3f}" if found.temperature else "no temperature (train with " \
+        "--calibrate, or inspect --train-folds K --calibrate)"
+    print(f"calibration on the test split, {scaled}: expected calibration error {c.ece:.2%} (95 % interval "
+          f"{c.low:.2%}–{c.high:.2%}, {len(c.bins)} bins); reliability diagram in {diagram}")
+    if a.calibrate:
+        print(f"temperature fitted on the out-of-fold probabilities, kept in {found.run / 'calibration.json'}; "
+              "`convnet evaluate` and `convnet export` use it from now on")
     print(f"{'class':<{width}}  support  precision  recall")
     for r in found.per_class:
         print(f"{r.name:<{width}}  {r.support:>7,}  {r.precision:>9.3f}  {r.recall:>6.3f}")

@@ -58,6 +58,9 @@ class TrainConfig:
             counts as much as a common one; ``none`` weighs every image alike.
         sampler: ``passes``: every image once per pass; ``balanced``: each batch's images
             drawn with replacement, every class equally likely (as many images per epoch).
+        calibrate: after training, fit a temperature on the validation split (``val_split``,
+            0.1 when not given) that makes the probabilities calibrated; kept in the run
+            (``calibration.json``) and used by every way of predicting.
         repeats: passes over the training images in one epoch, each shuffled and
             augmented anew: 1 as given; more when the training is sized to a small
             data set (:func:`size_to_data`), so that its epochs, schedule, moving
@@ -88,6 +91,7 @@ class TrainConfig:
     body_lr: float = 1.0
     class_weight: str = "none"
     sampler: str = "passes"
+    calibrate: bool = False
     repeats: int = 1
     faithful: bool = False
 
@@ -139,7 +143,7 @@ class TrainConfig:
         if self.faithful:
             plain = TrainConfig()
             for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema",
-                         "repeats", "freeze_epochs", "body_lr", "class_weight", "sampler"):
+                         "repeats", "freeze_epochs", "body_lr", "class_weight", "sampler", "calibrate"):
                 if getattr(self, name) != getattr(plain, name):
                     raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
                                        f"--{name.replace('_', '-')} {getattr(self, name)}")
@@ -184,7 +188,8 @@ RECIPES: dict[str, TrainConfig] = {
 DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
 # settings of one run, not of a recipe
 PER_RUN = ("seed", "val_split", "target_accuracy", "faithful", "repeats", "freeze_epochs", "body_lr", "class_weight",
-           "sampler")
+           "sampler", "calibrate")
+CALIBRATION_SPLIT = 0.1  # --calibrate without --val-split: the share of the training images held out for it
 
 
 def recipe(name: str) -> TrainConfig:

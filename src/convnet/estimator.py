@@ -42,7 +42,7 @@ from convnet.evaluation import SplitScores, evaluate
 from convnet.events import ConsolePrinter
 from convnet.experiment import run_config
 from convnet.loadrun import load_run
-from convnet.models import create_model
+from convnet.models import Calibrated, create_model, uncalibrated
 from convnet.prediction import Predictor
 from convnet.pretrained import Source, fit, open_source, spec_for
 from convnet.report import write_plots
@@ -51,7 +51,7 @@ from convnet.training import train
 # Parameters that are TrainConfig fields of the same name: None means "the recipe's value".
 CONFIG_PARAMS = ("model", "optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay",
                  "label_smoothing", "augment", "translate_px", "schedule", "warmup_epochs", "ema", "tta", "shuffle",
-                 "freeze_epochs", "body_lr", "class_weight", "sampler")
+                 "freeze_epochs", "body_lr", "class_weight", "sampler", "calibrate")
 
 
 class ConvNetClassifier(ClassifierMixin, BaseEstimator):
@@ -72,6 +72,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
             ``.safetensors`` file), as ``convnet train --init-from`` does.
         class_weight, sampler: ``"balanced"`` for imbalanced classes, as ``convnet train
             --class-weight`` and ``--sampler`` (None: ``"none"`` and ``"passes"``).
+        calibrate: fit a temperature on held-out images after training, as ``convnet train
+            --calibrate`` (``validation_fraction``, 0.1 when it is 0); ``predict_proba`` uses it.
         validation_fraction: share of the training images held out, stratified, and scored
             after every epoch (``history_``'s ``val_loss`` and ``val_accuracy``); 0 = none.
         warm_start: a second ``fit`` continues from the weights learned so far (a fresh
@@ -112,6 +114,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
                  tta: bool | None = None, shuffle: bool | None = None, faithful: bool = False,
                  init_from: str | os.PathLike[str] | None = None, freeze_epochs: int | None = None,
                  body_lr: float | None = None, class_weight: str | None = None, sampler: str | None = None,
+                 calibrate: bool = False,
                  validation_fraction: float = 0.0, warm_start: bool = False, hflip: bool = True,
                  layout: str = "auto", device: str = "auto", random_state: int | np.random.RandomState | None = None,
                  verbose: int = 1) -> None:
@@ -138,6 +141,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         self.body_lr = body_lr
         self.class_weight = class_weight
         self.sampler = sampler
+        self.calibrate = calibrate
         self.validation_fraction = validation_fraction
         self.warm_start = warm_start
         self.hflip = hflip
@@ -190,7 +194,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         data = Split(images, torch.from_numpy(labels.astype(np.int64)))
         events = ConsolePrinter(sys.stdout) if self.verbose else None
         # warm: from the weights learned so far, with a fresh optimizer and schedule
-        init = self.model_.state_dict() if warm else None
+        init = uncalibrated(self.model_)[0].state_dict() if warm else None
         if source is not None:
             init = fit(source, config.model, spec, config.seed)[0]
         result = train(config, data, spec, engine=engine, events=events, init=init)
@@ -207,7 +211,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         seed = self.random_state if isinstance(self.random_state, int) and not isinstance(self.random_state, bool) \
             else int(check_random_state(self.random_state).randint(2**31 - 1))
         overrides = {name: getattr(self, name) for name in CONFIG_PARAMS}
-        overrides.update(seed=seed, val_split=float(self.validation_fraction))
+        held_out = float(self.validation_fraction) if self.validation_fraction or not self.calibrate else None
+        overrides.update(seed=seed, val_split=held_out)  # None: --calibrate's own share
         return run_config(self.recipe, overrides, device_type=device_type, faithful=self.faithful, hflip=self.hflip,
                           source=source, train_images=images)[0]
 
@@ -255,12 +260,15 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
             runs.save_tensors(run_dir / runs.TEST_DATA, {"images": test[0], "labels": test[1]})
             data.update(test_images=len(test[1]), test_data=runs.TEST_DATA)
         engine = make_engine(self.device, faithful=self.config_.faithful)
-        write_config(run_dir, self.config_, self.input_spec_, engine, self.model_, data)
+        model, temperature = uncalibrated(self.model_)
+        write_config(run_dir, self.config_, self.input_spec_, engine, model, data)
         record = runs.read_json(run_dir / runs.CONFIG)
         record["estimator"] = {"params": self.get_params(), "classes": self.classes_.tolist()}
         write_json(run_dir / runs.CONFIG, json.loads(json.dumps(record, default=repr)))
         write_json(run_dir / runs.HISTORY, self.history_)
-        runs.save_tensors(run_dir / runs.WEIGHTS, self.model_.state_dict(), {"model": self.config_.model})
+        runs.save_tensors(run_dir / runs.WEIGHTS, model.state_dict(), {"model": self.config_.model})
+        if temperature is not None:
+            write_json(run_dir / runs.CALIBRATION, {"temperature": temperature, "fitted_on": "validation split"})
         if test is not None:
             self._write_scores(run_dir, *test)
         return run_dir
@@ -335,8 +343,10 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
         if "model_" in state:
-            weights = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
-            state["model_"] = {"safetensors": save_safetensors(weights), "model": self.config_.model}
+            model, temperature = uncalibrated(self.model_)
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            state["model_"] = {"safetensors": save_safetensors(weights), "model": self.config_.model,
+                               "temperature": temperature}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -346,5 +356,6 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
             model = create_model(saved["model"], spec.num_classes, spec.channels, (spec.height, spec.width),
                                  mean=spec.mean, std=spec.std)
             model.load_state_dict(load_safetensors(saved["safetensors"]))
-            state = {**state, "model_": model.eval()}
+            temperature = saved.get("temperature")
+            state = {**state, "model_": (Calibrated(model, temperature) if temperature else model).eval()}
         super().__setstate__(state)

@@ -7,6 +7,7 @@ The loop calls them in the order given; an event that fills in the epoch's recor
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -77,6 +78,33 @@ class Validation(TrainEvents):
         record.val_loss, record.val_accuracy = score(state.final_model, self.split, state, state.config.tta)
 
 
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T that minimises the negative log-likelihood of ``softmax(logits /
+    T)`` on held-out images (Guo et al., 2017), searched over log T in [-4, 4]."""
+    from scipy.optimize import minimize_scalar
+
+    z, y = logits.double().cpu(), labels.cpu()
+    found = minimize_scalar(lambda log_t: float(nn.functional.cross_entropy(z / math.exp(log_t), y)),
+                            bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-6})
+    return math.exp(float(found.x))
+
+
+class Calibrate(TrainEvents):
+    """At the end of training: the temperature that calibrates the final model's
+    probabilities on ``split`` (held-out images), in ``state.calibration``."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def on_train_end(self, state: TrainState) -> None:
+        logits = infer(state.final_model, self.split.images, engine=state.engine, tta=state.config.tta)
+        labels = self.split.labels.cpu()
+        t = fit_temperature(logits, labels)
+        loss = nn.functional.cross_entropy
+        state.calibration = {"temperature": t, "fitted_on": "validation split", "images": len(labels),
+                             "nll_before": float(loss(logits, labels)), "nll_after": float(loss(logits / t, labels))}
+
+
 class StopAtAccuracy(TrainEvents):
     """Measure the accuracy on ``split`` after every epoch (``test_accuracy``) and stop
     training once it reaches ``target``: a time-to-accuracy run."""
@@ -138,3 +166,5 @@ class RunWriter(TrainEvents):
 
     def on_train_end(self, state: TrainState) -> None:
         runs.save_tensors(self.run_dir / runs.WEIGHTS, state.final_model.state_dict(), {"model": state.config.model})
+        if state.calibration is not None:
+            write_json(self.run_dir / runs.CALIBRATION, state.calibration)

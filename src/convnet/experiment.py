@@ -19,7 +19,7 @@ import torch
 
 from convnet import runs
 from convnet.catalog import DATASETS
-from convnet.config import TrainConfig, fine_tune_defaults, resolve_config, size_to_data
+from convnet.config import CALIBRATION_SPLIT, TrainConfig, fine_tune_defaults, resolve_config, size_to_data
 from convnet.data import DataOptions, load_data
 from convnet.datatypes import Dataset
 from convnet.distributed import DistributedInfo, finish, init_distributed
@@ -204,6 +204,11 @@ def run_config(recipe: str | None, overrides: dict[str, Any], *, device_type: st
     if source is not None:
         given["model"] = model_of(source, given.get("model"))  # the source's
     config = resolve_config(recipe, given, device_type=device_type, faithful=faithful, hflip=hflip)
+    if config.calibrate and not config.val_split:  # the temperature is fitted on held-out images
+        if "val_split" in given:
+            raise ConvnetError("--calibrate fits a temperature on held-out training images; --val-split 0 holds "
+                               f"none (leave it out for {CALIBRATION_SPLIT})")
+        config = replace(config, val_split=CALIBRATION_SPLIT)
     if source is not None:  # fine-tuning's defaults, where no setting says otherwise
         config = replace(config, **{k: v for k, v in fine_tune_defaults(config.epochs).items() if k not in given})
     sizing = ""

@@ -50,7 +50,7 @@ from convnet import runs
 from convnet.datatypes import Images, InputSpec
 from convnet.durable import atomic_write, check_output_file, write_json
 from convnet.errors import ConvnetError, RunError
-from convnet.loadrun import LoadedRun, load_run
+from convnet.loadrun import LoadedRun, load_run, run_temperature
 from convnet.onnxfile import OnnxModel, new_session
 from convnet.version import __version__
 
@@ -269,6 +269,7 @@ def run_metadata(run: runs.Run, parity: Parity | None) -> dict[str, str]:
         "convnet.test_accuracy": json.dumps(recorded),
         "convnet.data": json.dumps(run.config["data"]),
         "convnet.run": run.path.name,
+        "convnet.temperature": json.dumps(run_temperature(run)),  # in the graph already; null: not calibrated
     }
     if parity is not None:
         meta["convnet.parity"] = json.dumps(parity.to_json())

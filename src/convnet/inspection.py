@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from convnet import plots
+from convnet import plots, runs
 from convnet.config import TrainConfig
 from convnet.datatypes import Dataset, Split
-from convnet.durable import atomic_file, atomic_write
+from convnet.durable import atomic_file, atomic_write, write_json
 from convnet.engine import single_process
 from convnet.errors import ConvnetError
-from convnet.events import ConsolePrinter
+from convnet.events import ConsolePrinter, fit_temperature
 from convnet.htmlparts import img, table
-from convnet.loadrun import LoadedRun, load_run
+from convnet.loadrun import LoadedRun, load_run, run_temperature
 from convnet.training import train
 
 PathLike = str | os.PathLike[str]
@@ -109,6 +110,7 @@ class Inspection:
     per_class: list[ClassReport]
     confused: list[tuple[str, str, int]]  # (true class, predicted class, test images), most first
     folds: dict[str, Any] | None = None  # how the out-of-fold probabilities were made (train_folds)
+    temperature: float | None = None  # the run's calibration (None: none), in the probabilities above
 
     def to_json(self) -> dict[str, Any]:
         return {"run": str(self.run), "classes": list(self.classes), "test_images": self.test_images,
@@ -118,7 +120,7 @@ class Inspection:
                 "calibration": asdict(self.calibration),
                 "per_class": [asdict(c) for c in self.per_class],
                 "confused": [{"true": t, "predicted": p, "images": n} for t, p, n in self.confused],
-                "train_folds": self.folds}
+                "train_folds": self.folds, "temperature": self.temperature}
 
 
 # --- the numbers: pure functions of probabilities and labels
@@ -205,7 +207,7 @@ def fold_config(config: TrainConfig) -> TrainConfig:
     (at least 1), from fresh weights, without validation or a target accuracy."""
     epochs = max(1, round(config.epochs / 2))
     return replace(config, epochs=epochs, warmup_epochs=min(config.warmup_epochs, epochs), val_split=0.0,
-                   target_accuracy=0.0, freeze_epochs=0, body_lr=1.0)
+                   target_accuracy=0.0, freeze_epochs=0, body_lr=1.0, calibrate=False)
 
 
 def out_of_fold(loaded: LoadedRun, train_split: Split, folds: int, *, progress: bool = True
@@ -248,18 +250,37 @@ def out_of_fold(loaded: LoadedRun, train_split: Split, folds: int, *, progress: 
     return probs, {**record, "reused": False}
 
 
-def inspect_run(path: PathLike, *, train_folds: int | None = None, data_dir: PathLike | None = None,
-                device: str = "auto", progress: bool = True) -> Inspection:
+def inspect_run(path: PathLike, *, train_folds: int | None = None, calibrate: bool = False,
+                data_dir: PathLike | None = None, device: str = "auto", progress: bool = True) -> Inspection:
     """What ``convnet inspect RUN`` computes (see the module's docstring).
 
+    Args:
+        calibrate: with ``train_folds``, fit the run's temperature on the out-of-fold
+            probabilities (images the fold models did not train on) and keep it in the run
+            (``calibration.json``), replacing any other; the test split is then scored with it.
+
     Raises:
-        ConvnetError: not a run folder, its data not found, ``train_folds`` below 2, or a
-            class with fewer training images than folds.
+        ConvnetError: not a run folder, its data not found, ``train_folds`` below 2, a
+            class with fewer training images than folds, ``calibrate`` without folds.
     """
     if train_folds is not None and train_folds < 2:
         raise ConvnetError(f"--train-folds must be at least 2, got {train_folds}")
+    if calibrate and train_folds is None:
+        raise ConvnetError("--calibrate fits the temperature on out-of-fold probabilities: give --train-folds K "
+                           "(or train with `convnet train --calibrate`)")
     loaded = load_run(path, device=device)
     dataset: Dataset = loaded.dataset(data_dir, progress=progress)
+    folds, oof = None, None
+    if train_folds is not None:
+        if len(dataset.train) == 0:
+            raise ConvnetError(f"{loaded.path}: the run keeps no training images, so --train-folds has none to check")
+        oof, folds = out_of_fold(loaded, dataset.train, train_folds, progress=progress)
+    if calibrate and oof is not None:
+        logits = torch.from_numpy(np.log(np.clip(oof, 1e-12, None)))  # log-probabilities: logits up to a constant
+        t = fit_temperature(logits, dataset.train.labels)
+        write_json(loaded.path / runs.CALIBRATION, {"temperature": t, "fitted_on": f"out-of-fold probabilities of "
+                                                    f"{train_folds} folds", "images": len(oof)})
+        loaded = load_run(loaded.run, engine=loaded.engine)  # with the temperature now
     classes = dataset.classes
     test_labels = dataset.test.labels.cpu().numpy()
     if len(test_labels) == 0:
@@ -267,18 +288,14 @@ def inspect_run(path: PathLike, *, train_folds: int | None = None, data_dir: Pat
     test_probs = loaded.probabilities(dataset.test.images).astype(np.float64)
     files = dataset.files or {}
     issues = label_issues(test_probs, test_labels, "test", files.get("test"))
-    folds = None
-    if train_folds is not None:
-        if len(dataset.train) == 0:
-            raise ConvnetError(f"{loaded.path}: the run keeps no training images, so --train-folds has none to check")
-        oof, folds = out_of_fold(loaded, dataset.train, train_folds, progress=progress)
+    if oof is not None:
         issues = label_issues(oof.astype(np.float64), dataset.train.labels.cpu().numpy(), "train",
                               files.get("train")) + issues
     reports, pairs = per_class(test_probs, test_labels, classes)
     return Inspection(run=loaded.path, classes=classes, test_images=len(test_labels),
                       test_accuracy=float((test_probs.argmax(1) == test_labels).mean()), issues=issues,
                       calibration=calibration(test_probs, test_labels), per_class=reports, confused=pairs,
-                      folds=folds)
+                      folds=folds, temperature=run_temperature(loaded.run))
 
 
 def write_issues_csv(inspection: Inspection, out: Path) -> None:
@@ -294,8 +311,9 @@ def write_issues_csv(inspection: Inspection, out: Path) -> None:
                             inspection.classes[i.suggested], f"{i.confidence:.6f}", f"{i.given_probability:.6f}"])
 
 
-def inspect_and_plot(path: PathLike, *, train_folds: int | None = None, data_dir: PathLike | None = None,
-                     device: str = "auto", progress: bool = True) -> tuple[Inspection, Path]:
+def inspect_and_plot(path: PathLike, *, train_folds: int | None = None, calibrate: bool = False,
+                     data_dir: PathLike | None = None, device: str = "auto", progress: bool = True
+                     ) -> tuple[Inspection, Path]:
     """What ``convnet inspect RUN`` does: :func:`inspect_run`, the findings kept in
     ``RUN/inspect.json`` (for ``convnet report``) and the reliability diagram drawn into
     ``RUN/plots/reliability.png``.
@@ -303,7 +321,8 @@ def inspect_and_plot(path: PathLike, *, train_folds: int | None = None, data_dir
     Returns:
         The findings and the diagram's path.
     """
-    found = inspect_run(path, train_folds=train_folds, data_dir=data_dir, device=device, progress=progress)
+    found = inspect_run(path, train_folds=train_folds, calibrate=calibrate, data_dir=data_dir, device=device,
+                        progress=progress)
     folder = found.run / "plots"
     folder.mkdir(exist_ok=True)
     c = found.calibration

@@ -25,8 +25,9 @@ from convnet.config import TrainConfig
 from convnet.data import run_data
 from convnet.datatypes import Dataset, Images, InputSpec
 from convnet.engine import Engine, make_engine
+from convnet.errors import RunError
 from convnet.inference import infer
-from convnet.models import create_model
+from convnet.models import Calibrated, create_model
 from convnet.onnxfile import OnnxModel, is_onnx, open_onnx
 
 PathLike = str | os.PathLike[str]
@@ -105,7 +106,27 @@ def load_run(source: PathLike | runs.Run, *, device: str | torch.device = "auto"
     model = create_model(run.model_name, spec.num_classes, spec.channels, (spec.height, spec.width),
                          mean=spec.mean, std=spec.std)
     runs.load_weights(model, run.path / runs.WEIGHTS)
-    return LoadedRun(run, engine, engine.prepare_model(model).eval())
+    model = engine.prepare_model(model).eval()
+    temperature = run_temperature(run)
+    return LoadedRun(run, engine, Calibrated(model, temperature).eval() if temperature is not None else model)
+
+
+def run_temperature(run: runs.Run) -> float | None:
+    """The temperature a run was calibrated with (``calibration.json``, from ``convnet train
+    --calibrate``); None for a run without one.
+
+    Raises:
+        RunError: the file is damaged, or its temperature is not a positive number.
+    """
+    path = run.path / runs.CALIBRATION
+    if not path.is_file():
+        return None
+    found = runs.read_json(path)
+    t = found.get("temperature") if isinstance(found, dict) else None
+    if not isinstance(t, int | float) or isinstance(t, bool) or not 0 < t < float("inf"):
+        raise RunError(f"{path}: no positive temperature in it; the run folder is damaged (delete the file to "
+                       "predict uncalibrated)")
+    return float(t)
 
 
 def load_model(run_dir: PathLike, engine: Engine | None = None) -> tuple[nn.Module, runs.Run]:

@@ -121,6 +121,25 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+class Calibrated(nn.Module):
+    """A trained model whose logits are divided by a temperature fitted after training
+    (``convnet train --calibrate``): the same classes, better-calibrated probabilities.
+    Applied when a run is opened for use, so every way of predicting has it (the ONNX
+    graph too); the weights file holds the model's own weights only."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
+def uncalibrated(model: nn.Module) -> tuple[nn.Module, float | None]:
+    """The model inside a :class:`Calibrated` one and its temperature (None: not calibrated)."""
+    return (model.model, model.temperature) if isinstance(model, Calibrated) else (model, None)
+
+
 class ConvNet(nn.Module):
     """The tutorial's network, layer for layer and in the same creation order, so that
     ``torch.manual_seed(42)`` gives the tutorial's initial weights (and its state-dict

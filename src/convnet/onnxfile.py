@@ -27,7 +27,7 @@ from convnet.errors import RunError
 
 PREDICT_BATCH = 256  # images per ONNX Runtime call when predicting files or a data set
 JSON_KEYS = ("convnet.input", "convnet.tta", "convnet.test_accuracy", "convnet.parity", "convnet.data",
-             "convnet.split")  # the metadata held as JSON (see convnet.export)
+             "convnet.split", "convnet.temperature")  # the metadata held as JSON (see convnet.export)
 
 
 def is_onnx(path: str | os.PathLike[str]) -> bool:
@@ -118,7 +118,8 @@ class OnnxModel:
         """What ``GET /model`` answers: the input spec, classes, scores and versions."""
         return {"file": self.path.name, "model": self.metadata.get("convnet.model"),
                 "input": self.spec.to_json(), "classes": list(self.spec.classes), "tta": self.tta,
-                "test_accuracy": self.test_accuracy, "convnet_version": self.metadata.get("convnet.version"),
+                "test_accuracy": self.test_accuracy, "temperature": self._json("convnet.temperature"),
+                "convnet_version": self.metadata.get("convnet.version"),
                 "parity": self._json("convnet.parity")}
 
 

@@ -43,6 +43,7 @@ CONFIG, HISTORY, WEIGHTS, CHECKPOINT, METRICS, SPLIT, SKIPPED = (
     "config.json", "history.json", "model.safetensors", "checkpoint.safetensors", "metrics.json", "split.json",
     "skipped_images.txt")
 TEST_DATA = "test_data.safetensors"
+CALIBRATION = "calibration.json"  # the temperature fitted after training (--calibrate)
 
 
 def read_json(path: Path) -> Any:

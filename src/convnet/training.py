@@ -29,8 +29,8 @@ from convnet.datatypes import DiskImages, InputSpec, Split, batches, split_valid
 from convnet.distributed import all_mean, wrap
 from convnet.engine import Engine, StepRunner, make_engine
 from convnet.errors import ConvnetError, InputError, RunError, TrainingDiverged
-from convnet.events import EventList, RunWriter, StopAtAccuracy, Validation
-from convnet.models import create_model, head_name, weight_mismatch
+from convnet.events import Calibrate, EventList, RunWriter, StopAtAccuracy, Validation
+from convnet.models import Calibrated, create_model, head_name, weight_mismatch
 from convnet.trainstate import EMA, TrainState
 
 
@@ -219,6 +219,9 @@ def train(
                            "give them with --init-from")
     if val is None and config.val_split:
         data, val = split_validation(data, config.val_split, config.seed)
+    if config.calibrate and (val is None or len(val) == 0):
+        raise ConvnetError("--calibrate fits a temperature on held-out images: give --val-split (0.1 by default "
+                           "with --calibrate) or val=")
 
     torch.manual_seed(config.seed)  # the initial weights, as the tutorial seeds them
     net = create_model(config.model, spec.num_classes, spec.channels, (spec.height, spec.width),
@@ -243,7 +246,9 @@ def train(
         checkpoint.write_config(run_dir, config, spec, engine, model,
                                 data_record or {"name": "arrays", "train_images": len(data)}, init_record)
     writer = RunWriter(run_dir) if run_dir is not None and engine.is_main else None  # one process writes
-    hooks = EventList(*(e for e in (Validation(val) if val is not None else None, *extra, writer) if e is not None))
+    calibrate = Calibrate(val) if config.calibrate and val is not None else None  # before the writer keeps it
+    hooks = EventList(*(e for e in (Validation(val) if val is not None else None, *extra, calibrate, writer)
+                        if e is not None))
     net = wrap(model, engine)  # DistributedDataParallel under torchrun, else the model itself
 
     data = data.to(engine.device)  # (N, C, H, W) uint8, whole on the device (or left on disk)
@@ -297,7 +302,9 @@ def train(
         if state.stop:
             break
     hooks.on_train_end(state)
-    return TrainResult(state.final_model, state.history, run_dir, time.perf_counter() - start, spec, config,
+    final = state.final_model if state.calibration is None else \
+        Calibrated(state.final_model, state.calibration["temperature"])
+    return TrainResult(final, state.history, run_dir, time.perf_counter() - start, spec, config,
                        graphed=step.graph is not None)
 
 

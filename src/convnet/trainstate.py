@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +64,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     history: list[EpochRecord] = field(default_factory=list)
     stop: bool = False  # an event sets this to end training after the current epoch
+    calibration: dict[str, Any] | None = None  # the temperature fitted at the end (--calibrate), and on what
 
     @property
     def final_model(self) -> nn.Module:
