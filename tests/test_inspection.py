@@ -105,6 +105,7 @@ def test_inspect_a_run_in_the_terminal_as_json_as_csv_and_in_the_report(
     kept = list((trained_run / "inspect").glob("train-folds-2-*.npy"))
     assert len(kept) == 1 and np.load(kept[0]).shape == (200, 10)
     assert (trained_run / "plots" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert (trained_run / "plots" / "mistakes_explained.png").read_bytes()[:4] == b"\x89PNG"
 
     assert main(["inspect", str(trained_run), "--device", "cpu", "--train-folds", "2", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)  # nothing but JSON on stdout, and no training this time
@@ -123,6 +124,7 @@ def test_inspect_a_run_in_the_terminal_as_json_as_csv_and_in_the_report(
     assert main(["report", str(trained_run), "-o", str(tmp_path / "r.html"), "--device", "cpu"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "Can I trust it?" in page and "expected calibration error" in page and "reliability diagram" in page
+    assert 'alt="mistakes with heat maps"' in page
 
 
 def _test_labels(run: Path) -> list[int]:

@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=None, metavar="P",
                    help="answer \"unsure\" (label null) where the most probable class is below P, keeping the "
                         "probabilities (default: always the most probable class)")
+    p.add_argument("--explain", type=Path, default=None, metavar="DIR",
+                   help="also write each image with a heat map of the evidence for its predicted class (integrated "
+                        "gradients) "
+                        "into DIR, as PNG files; run folders only (default: none)")
     _device_flag(p)
 
     p = sub.add_parser("export", help="the run's model as an ONNX file, checked in ONNX Runtime",

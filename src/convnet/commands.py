@@ -193,6 +193,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
         check_output_file(a.csv, "--csv")
     inputs = expand_inputs(a.inputs)  # a folder: its image files
     model = open_model(a.run, device=a.device)
+    if a.explain is not None:
+        from convnet.explain import check_explain_output
+
+        check_explain_output(model, a.explain)
     k = min(a.top_k, model.spec.num_classes)
     if inputs.passed_over:
         shown = ", ".join(map(str, inputs.passed_over[:3])) + (" …" if len(inputs.passed_over) > 3 else "")
@@ -238,6 +242,14 @@ def cmd_predict(a: argparse.Namespace) -> int:
               file=sys.stderr if a.json and table is None else sys.stdout)
     if a.csv is not None:
         print(f"{rows:,} images predicted, {failed} unreadable inputs; table in {a.csv}")
+    if a.explain is not None:
+        from convnet.explain import write_explanations
+        from convnet.loadrun import LoadedRun
+
+        assert isinstance(model, LoadedRun)  # check_explain_output refused an .onnx file
+        n = write_explanations(model.model, model.spec, inputs.files, a.explain, layout=a.layout)
+        print(f"{n:,} heat maps (integrated gradients, the predicted class) in {a.explain}",
+              file=sys.stderr if a.json and a.csv is None else sys.stdout)
     if failed:
         print(f"convnet: {failed} of {len(inputs.files)} inputs could not be read", file=sys.stderr)
     return 1 if failed else 0
