@@ -102,8 +102,10 @@ def test_inspect_a_run_in_the_terminal_as_json_as_csv_and_in_the_report(
     assert "training labels checked by 2 models of 2 epochs, each predicting the fold it did not train on" in out
     assert "calibration on the test split, no temperature (train with --calibrate" in out
     assert "expected calibration error" in out and "most confused:" in out
-    kept = list((trained_run / "inspect").glob("train-folds-2-*.npy"))
-    assert len(kept) == 1 and np.load(kept[0]).shape == (200, 10)
+    kept = list((trained_run / "inspect").glob("train-folds-2-*.safetensors"))
+    from convnet import runs
+
+    assert len(kept) == 1 and runs.load_tensors(kept[0])["probabilities"].shape == (200, 10)
     assert (trained_run / "plots" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert (trained_run / "plots" / "mistakes_explained.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -225,13 +225,13 @@ def out_of_fold(loaded: LoadedRun, train_split: Split, folds: int, *, progress: 
     labels = train_split.labels.cpu().numpy()
     key = hashlib.sha256(json.dumps({"folds": folds, "config": asdict(config)}, sort_keys=True).encode()
                          + labels.tobytes()).hexdigest()[:16]
-    path = loaded.path / INSPECT / f"train-folds-{folds}-{key}.npy"
+    path = loaded.path / INSPECT / f"train-folds-{folds}-{key}.safetensors"
     record = {"folds": folds, "epochs": config.epochs, "repeats": config.repeats, "model": config.model,
               "file": str(path.relative_to(loaded.path))}
     if path.is_file():
-        probs = np.load(path)
-        if probs.shape == (len(labels), loaded.spec.num_classes):
-            return probs, {**record, "reused": True}
+        kept = runs.load_tensors(path).get("probabilities")
+        if kept is not None and tuple(kept.shape) == (len(labels), loaded.spec.num_classes):
+            return kept.numpy(), {**record, "reused": True}
     counts = np.bincount(labels, minlength=loaded.spec.num_classes)
     smallest = int(counts[counts > 0].min()) if len(labels) else 0  # a class without training images has no fold
     if smallest < folds:
@@ -249,7 +249,7 @@ def out_of_fold(loaded: LoadedRun, train_split: Split, folds: int, *, progress: 
         fold = LoadedRun(loaded.run, engine, result.model.eval())
         probs[held_rows] = fold.probabilities(train_split.take(held_rows).images)
     path.parent.mkdir(exist_ok=True)
-    atomic_write(path, lambda f: np.save(f, probs))
+    runs.save_tensors(path, {"probabilities": torch.from_numpy(probs)})
     return probs, {**record, "reused": False}
 
 
