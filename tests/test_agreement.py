@@ -24,8 +24,8 @@ from convnet.models import create_model, head_name, list_models
 from convnet.serve import ServeOptions, create_app, load_for_serving
 
 from .conftest import make_dataset_dir
+from .test_export import CLASSES, untrained_run
 
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TOLERANCE = 1e-4  # the bound every way of predicting keeps to: the export's parity bound
 assert TOLERANCE == MAX_PROBABILITY_DIFFERENCE
 
@@ -44,28 +44,19 @@ def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def decisive_run(folder: Path, model_name: str, data: Path, *, tta: bool) -> Path:
     """A run folder of a freshly built model made decisive: batch-norm statistics far from
-    (0, 1) and a classifier head scaled so that the logits of :func:`images` spread by
-    about 3 (probabilities far from uniform, not saturated, where bf16 rounding would move
-    them by much more than the tolerance)."""
-    folder.mkdir(parents=True)
+    (0, 1) (:func:`untrained_run`) and a classifier head scaled so that the logits of
+    :func:`images` spread by about 3 (probabilities far from uniform, not saturated, where
+    bf16 rounding would move them by much more than the tolerance)."""
     torch.manual_seed(1)
+    untrained_run(folder, model_name, data, tta=tta)
     model = create_model(model_name)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
+    runs.load_weights(model, folder / runs.WEIGHTS)
     head = model.get_submodule(head_name(model))
     with torch.no_grad():
         spread = model.eval()(torch.from_numpy(images())[:, None].float() / 255).std()
         head.weight.mul_(3 / spread)
         if head.bias is not None:
             head.bias.mul_(3 / spread)
-    spec = {"channels": 1, "height": 28, "width": 28, "classes": CLASSES, "dark_background": True, "hflip": True,
-            "scale": 1 / 255}
-    durable.write_json(folder / runs.CONFIG, {
-        "train": {"model": model_name, "tta": tta, "faithful": False}, "input": spec,
-        "data": {"name": "fashion-mnist", "source": str(data), "subset": None, "kind": "named", "classes": CLASSES,
-                 "image_shape": [1, 28, 28]}})
     runs.save_tensors(folder / runs.WEIGHTS, model.state_dict())
     return folder
 

@@ -121,8 +121,6 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from convnet.durable import check_output_file
     from convnet.inspection import inspect_and_plot, write_issues_csv
 
-    if a.train_folds is not None and a.train_folds < 2:
-        raise ConvnetError(f"--train-folds must be at least 2, got {a.train_folds}")
     if a.csv is not None:
         check_output_file(a.csv, "--csv")
     found, diagram = inspect_and_plot(a.run, train_folds=a.train_folds, calibrate=a.calibrate, data_dir=a.data_dir,
