@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from convnet.cli import main
 from convnet.config import TrainConfig
@@ -126,7 +127,9 @@ def test_inspect_a_run_in_the_terminal_as_json_as_csv_and_in_the_report(
     assert main(["report", str(trained_run), "-o", str(tmp_path / "r.html"), "--device", "cpu"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "Can I trust it?" in page and "expected calibration error" in page and "reliability diagram" in page
-    assert 'alt="mistakes with heat maps"' in page
+    assert found["label_issues"] and 'alt="likely label errors"' in page  # an untrained model: labels disagree
+    with Image.open(trained_run / "plots" / "label_issues.png") as grid:
+        assert grid.format == "PNG" and grid.height >= 200
 
 
 def _test_labels(run: Path) -> list[int]:

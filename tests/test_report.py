@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn import metrics as skm
 
@@ -21,6 +22,7 @@ from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.config import TrainConfig
 from convnet.experiment import data_record
+from convnet.explain import explained
 from convnet.scoring import evaluate_run
 from convnet.training import train
 
@@ -112,6 +114,10 @@ def test_image_grid_captions() -> None:
     none = np.array([], dtype=int)
     empty = plots.plot_image_grid(images[:0], none, none, np.array([]), CLASSES, "no mistakes")
     assert not empty.legends and plots.save(empty).startswith(b"\x89PNG")
+    flagged = plots.plot_image_grid(images, np.array([0, 1, 2]), np.array([1, 2, 0]), np.array([0.9, 0.8, 0.55]),
+                                    CLASSES, "likely label errors", captions=("given", "seen"))
+    assert [ax.get_title() for ax in flagged.axes if ax.get_title()][0] == "given: class 0\nseen: class 1 90%"
+    assert not flagged.legends  # a likely label error is not a wrong prediction
 
 
 def test_image_grid_shows_colour() -> None:
@@ -149,6 +155,24 @@ def test_evaluate_writes_the_plots(two_runs: tuple[Path, Path, Path], capsys: py
         with Image.open(sgd / "plots" / f"{name}.png") as im:
             assert im.format == "PNG" and im.width >= 600 and im.height >= 400, name
     assert not list((sgd / "plots").glob(".*"))  # no temporary files left
+
+
+def test_the_mistakes_are_drawn_with_the_heat_map_of_the_class_given(two_runs: tuple[Path, Path, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _, sgd, _ = two_runs
+    seen = []
+
+    def spy(model: torch.nn.Module, images: torch.Tensor, targets: np.ndarray) -> np.ndarray:
+        seen.append((images.clone(), targets.copy()))
+        return explained(model, images, targets)
+
+    monkeypatch.setattr(report, "explained", spy)
+    ev, _ = report.evaluate_and_plot(sgd, device="cpu", progress=False)
+    probs, labels = ev.test.probabilities.numpy(), ev.test_labels.numpy()
+    rows = plots.top_mistakes(probs, labels, report.GRID_IMAGES)
+    (images, targets), = seen  # the mistakes grid only: the samples grid is drawn as the images are
+    np.testing.assert_array_equal(targets, probs[rows].argmax(1))
+    assert len(rows) > 0 and images.shape[0] == len(rows)
 
 
 def test_summary_numbers_are_the_runs_numbers(two_runs: tuple[Path, Path, Path]) -> None:

@@ -303,7 +303,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         record = evaluation.to_json()
         record["train"]["measured"] = "on the training batches during the last epoch (no training images are kept)"
         write_json(run_dir / runs.METRICS, record)
-        write_plots(run_dir, evaluation, images)
+        write_plots(run_dir, evaluation, images, p.model)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | None = None) -> ConvNetClassifier:

@@ -70,6 +70,15 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
     return np.round(255 * ((1 - weight) * base + weight * colour)).astype(np.uint8)
 
 
+def explained(model: nn.Module, images: torch.Tensor, targets: np.ndarray) -> np.ndarray:
+    """uint8 ``images`` ``(N, C, H, W)``, each with the heat map of its class in ``targets``
+    laid over it: RGB uint8 ``(N, 3, H, W)``, for the grids of mistakes."""
+    if len(images) == 0:
+        return np.zeros((0, 3, *images.shape[-2:]), np.uint8)
+    maps = heat_maps(model, images.cpu(), torch.as_tensor(targets, dtype=torch.long))
+    return np.stack([overlay(i, h).transpose(2, 0, 1) for i, h in zip(images.cpu().numpy(), maps, strict=True)])
+
+
 def check_explain_output(model: Model | None, out: Path) -> None:
     """``--explain DIR``, checked before anything is predicted: a run folder (an ``.onnx``
     file has no gradients), and a folder that is one or can be made."""

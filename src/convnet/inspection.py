@@ -35,7 +35,7 @@ from convnet.durable import atomic_file, atomic_write, write_json
 from convnet.engine import single_process
 from convnet.errors import ConvnetError
 from convnet.events import ConsolePrinter, fit_temperature
-from convnet.explain import heat_maps, overlay
+from convnet.explain import explained
 from convnet.htmlparts import img, table
 from convnet.loadrun import LoadedRun, load_run, run_temperature
 from convnet.training import train
@@ -44,6 +44,7 @@ PathLike = str | os.PathLike[str]
 FOUND = "inspect.json"  # what `convnet inspect RUN` found, in the run folder: shown by `convnet report`
 DIAGRAM = "reliability.png"  # the reliability diagram, in the run's plots folder
 EXPLAINED = "mistakes_explained.png"  # the most confidently wrong test images with their heat maps, beside it
+FLAGGED = "label_issues.png"  # the most likely label errors, beside it
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 BOOTSTRAP = 1000  # resamples of the test images behind the ECE's 95 % interval
 CONFUSED_PAIRS = 5  # the most confused (true, predicted) pairs shown
@@ -114,6 +115,7 @@ class Inspection:
     folds: dict[str, Any] | None = None  # how the out-of-fold probabilities were made (train_folds)
     temperature: float | None = None  # the run's calibration (None: none), in the probabilities above
     mistakes: dict[str, np.ndarray] | None = None  # the most confidently wrong test images, with heat maps (not JSON)
+    flagged: np.ndarray | None = None  # the first :data:`SHOWN` likely label errors' images (not JSON)
 
     def to_json(self) -> dict[str, Any]:
         return {"run": str(self.run), "classes": list(self.classes), "test_images": self.test_images,
@@ -295,28 +297,28 @@ def inspect_run(path: PathLike, *, train_folds: int | None = None, calibrate: bo
         issues = label_issues(oof.astype(np.float64), dataset.train.labels.cpu().numpy(), "train",
                               files.get("train")) + issues
     reports, pairs = per_class(test_probs, test_labels, classes)
+    splits = {"train": dataset.train.images, "test": dataset.test.images}
+    flagged = [splits[i.split][torch.tensor([i.index])][0].cpu() for i in issues[:SHOWN]]
     return Inspection(run=loaded.path, classes=classes, test_images=len(test_labels),
                       test_accuracy=float((test_probs.argmax(1) == test_labels).mean()), issues=issues,
                       calibration=calibration(test_probs, test_labels), per_class=reports, confused=pairs,
                       folds=folds, temperature=run_temperature(loaded.run),
-                      mistakes=explained_mistakes(loaded, dataset.test.images, test_probs, test_labels))
+                      mistakes=explained_mistakes(loaded, dataset.test.images, test_probs, test_labels),
+                      flagged=torch.stack(flagged).numpy() if flagged else None)
 
 
-MISTAKES_SHOWN = 18  # the most confidently wrong test images drawn with their heat maps
+SHOWN = 18  # images in the grids of mistakes and of likely label errors (3 rows of 6)
 
 
 def explained_mistakes(loaded: LoadedRun, images: Any, probs: np.ndarray, labels: np.ndarray
                        ) -> dict[str, np.ndarray]:
     """The most confidently wrong test images, each with the heat map of the class it was
     given laid over it (:mod:`convnet.explain`), for the grid ``convnet inspect`` draws."""
-    rows = plots.top_mistakes(probs, labels, MISTAKES_SHOWN)
+    rows = plots.top_mistakes(probs, labels, SHOWN)
     predicted = probs.argmax(1)
     chosen = images[torch.from_numpy(rows)].cpu() if len(rows) else torch.zeros((0, *loaded.spec.shape), torch.uint8)
-    maps = heat_maps(loaded.model, chosen, torch.from_numpy(predicted[rows]))
-    pictures = np.stack([overlay(i, h).transpose(2, 0, 1) for i, h in zip(chosen.numpy(), maps, strict=True)]) \
-        if len(rows) else np.zeros((0, 3, *loaded.spec.shape[1:]), np.uint8)
-    return {"images": pictures, "labels": labels[rows], "predicted": predicted[rows],
-            "confidence": probs[rows, predicted[rows]]}
+    return {"images": explained(loaded.model, chosen, predicted[rows]), "labels": labels[rows],
+            "predicted": predicted[rows], "confidence": probs[rows, predicted[rows]]}
 
 
 def write_issues_csv(inspection: Inspection, out: Path) -> None:
@@ -356,6 +358,16 @@ def inspect_and_plot(path: PathLike, *, train_folds: int | None = None, calibrat
         grid = plots.save(plots.plot_image_grid(m["images"], m["labels"], m["predicted"], m["confidence"],
                                                 found.classes, title))
         atomic_write(folder / EXPLAINED, lambda f: f.write(grid))
+    (folder / FLAGGED).unlink(missing_ok=True)  # an earlier inspection's, when nothing is flagged now
+    if found.flagged is not None:
+        shown = found.issues[:len(found.flagged)]
+        title = (f"The {len(shown)} most likely label errors of {len(found.issues):,} flagged (given label, and the "
+                 f"class the model sees): {found.run.name}")
+        grid = plots.save(plots.plot_image_grid(found.flagged, np.array([i.given for i in shown]),
+                                                np.array([i.suggested for i in shown]),
+                                                np.array([i.confidence for i in shown]), found.classes, title,
+                                                captions=("given", "seen")))
+        atomic_write(folder / FLAGGED, lambda f: f.write(grid))
     text = json.dumps(found.to_json(), indent=1).encode()
     atomic_write(found.run / FOUND, lambda f: f.write(text))
     return found, folder / DIAGRAM
@@ -373,7 +385,7 @@ def inspection_html(run: Path) -> str:
         ece = f"{c['ece']:.2%} (95 % interval {c['low']:.2%}–{c['high']:.2%})"
     except (OSError, ValueError, KeyError, TypeError):
         return ""
-    diagram, explained = run / "plots" / DIAGRAM, run / "plots" / EXPLAINED
+    diagram, flagged = run / "plots" / DIAGRAM, run / "plots" / FLAGGED
     rows = [[i["rank"], i["split"], i["index"], i.get("path") or "", i["given_class"], i["suggested_class"],
              f"{i['confidence']:.3f}"] for i in issues[:ISSUES_SHOWN]]
     per_class = [[r["name"], r["support"], f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
@@ -384,8 +396,8 @@ def inspection_html(run: Path) -> str:
         "<h3>Can I trust it? (<code>convnet inspect</code>)</h3>",
         f"<p>Calibration on {found.get('test_images', 0):,} test images: expected calibration error {ece}.</p>",
         img(diagram.read_bytes(), "reliability diagram") if diagram.is_file() else "",
-        img(explained.read_bytes(), "mistakes with heat maps") if explained.is_file() else "",
         f"<p>{len(issues):,} likely label errors (confident learning){shown}.</p>",
+        img(flagged.read_bytes(), "likely label errors") if flagged.is_file() and issues else "",
         table(["rank", "split", "image", "file", "given class", "suggested class", "confidence"], rows) if rows else "",
         '<div class="row"><div>', table(["class", "support", "precision", "recall"], per_class), "</div><div>",
         table(["true class", "predicted as", "test images"], confused) if confused else "", "</div></div>",

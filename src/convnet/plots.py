@@ -125,9 +125,12 @@ def plot_class_scores(report: Mapping[str, Any], classes: Sequence[str], title: 
 
 
 def plot_image_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
-                    classes: Sequence[str], title: str, cols: int = 6) -> Figure:
+                    classes: Sequence[str], title: str, cols: int = 6,
+                    captions: tuple[str, str] = ("true", "pred")) -> Figure:
     """Images ``(N, C, H, W)`` (grey or colour) in a grid, each captioned with its true and
-    predicted class and the predicted probability; green when right, red when wrong."""
+    predicted class and the predicted probability; green when right, red when wrong.
+    ``captions`` names the two classes (a likely label error: ``("given", "seen")``); with
+    other captions than the default, red and green need no legend."""
     n = len(images)
     rows = max(1, -(-n // cols))
     fig = Figure(figsize=(cols * 1.75, rows * 2.05 + 0.7), layout="constrained")
@@ -143,12 +146,13 @@ def plot_image_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarra
         else:
             ax.imshow(image.transpose(1, 2, 0))  # (H, W, 3): colour
         right = labels[i] == predicted[i]
-        ax.set_title(f"true: {classes[labels[i]]}\npred: {classes[predicted[i]]} {confidence[i]:.0%}",
-                     fontsize=8, color=RIGHT if right else WRONG)
+        ax.set_title(f"{captions[0]}: {classes[labels[i]]}\n{captions[1]}: {classes[predicted[i]]} "
+                     f"{confidence[i]:.0%}", fontsize=8, color=RIGHT if right else WRONG)
     if n == 0:
         axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=12)
     kinds = [(RIGHT, "right"), (WRONG, "wrong")]
-    present = [(c, k) for c, k in kinds if any((labels[:n] == predicted[:n]) == (k == "right"))]
+    present = [(c, k) for c, k in kinds if any((labels[:n] == predicted[:n]) == (k == "right"))
+               and captions == ("true", "pred")]
     if present:
         fig.legend([Patch(color=c) for c, _ in present], [f"{k} prediction" for _, k in present],
                    loc="outside lower center", ncol=2, fontsize=9, frameon=False)

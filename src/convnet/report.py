@@ -28,12 +28,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from convnet import runs
 from convnet.datatypes import Images
 from convnet.durable import atomic_write
 from convnet.errors import ConvnetError, RunError
 from convnet.evaluation import Evaluation
+from convnet.explain import explained
 from convnet.htmlparts import CSS, SCRIPT, Raw, img, table
 from convnet.inspection import inspection_html
 from convnet.loadrun import LoadedRun, load_run
@@ -85,7 +87,8 @@ class RunSummary:
 # --- plots in the run folder
 
 
-def write_plots(run_dir: PathLike | runs.Run, evaluation: Evaluation, test_images: Images) -> dict[str, Path]:
+def write_plots(run_dir: PathLike | runs.Run, evaluation: Evaluation, test_images: Images,
+                model: nn.Module | None = None) -> dict[str, Path]:
     """Draw a run's pictures into ``RUN/plots/`` (each file written atomically).
 
     Args:
@@ -93,6 +96,8 @@ def write_plots(run_dir: PathLike | runs.Run, evaluation: Evaluation, test_image
         evaluation: the run's scores, with test predictions and probabilities.
         test_images: the test split's uint8 images ``(N, C, H, W)``, in the order scored
             (in memory or on disk: only the pictured ones are read).
+        model: the run's model: the mistakes are drawn with the heat map of the class it
+            gave them (:mod:`convnet.explain`); without it, as they are.
 
     Returns:
         The path of each picture, by name (see :data:`PLOT_FILES`).
@@ -114,17 +119,20 @@ def write_plots(run_dir: PathLike | runs.Run, evaluation: Evaluation, test_image
         png = plots.save(fig)
         atomic_write(folder / f"{name}.png", lambda f: f.write(png))
 
-    def grid(idx: np.ndarray, heading: str) -> Any:
-        images = test_images[torch.from_numpy(idx)].cpu().numpy() if len(idx) else np.empty((0, 1, 1, 1))
-        return plots.plot_image_grid(images, labels[idx], predicted[idx], probs[idx, predicted[idx]],
+    def grid(idx: np.ndarray, heading: str, explain: bool = False) -> Any:
+        images = test_images[torch.from_numpy(idx)].cpu() if len(idx) else torch.zeros((0, 1, 1, 1), torch.uint8)
+        pictures = explained(model, images, predicted[idx]) if explain and model is not None else images.numpy()
+        return plots.plot_image_grid(pictures, labels[idx], predicted[idx], probs[idx, predicted[idx]],
                                      classes, heading)
 
     save("history", plots.plot_history(run.history, title))
     save("confusion_matrix", plots.plot_confusion(evaluation.confusion_matrix, classes, title))
     save("class_scores", plots.plot_class_scores(evaluation.report, classes, title))
     mistakes, n_wrong = plots.top_mistakes(probs, labels, GRID_IMAGES), int((predicted != labels).sum())
+    why = " (heat map: the evidence for the class given, integrated gradients)" if model is not None else ""
     save("mistakes", grid(mistakes, f"The {len(mistakes)} most confidently wrong of {n_wrong:,} mistakes on "
-                                    f"{len(labels):,} test images: {title}" if n_wrong else f"No mistakes: {title}"))
+                                    f"{len(labels):,} test images{why}: {title}" if n_wrong
+                          else f"No mistakes: {title}", explain=True))
     first = np.arange(min(GRID_IMAGES, len(labels)))
     save("samples", grid(first, f"Predictions on the first {len(first)} test images: {title}"))
     return {name: folder / f"{name}.png" for name in PLOT_FILES}
@@ -142,7 +150,7 @@ def evaluate_and_plot(path: PathLike, *, data_dir: PathLike | None = None, devic
     evaluation, model, dataset = evaluate_model(path, data_dir=data_dir, device=device, progress=progress)
     if not isinstance(model, LoadedRun):
         return evaluation, None
-    write_plots(model.run, evaluation, dataset.test.images)
+    write_plots(model.run, evaluation, dataset.test.images, model.model)
     return evaluation, model.path / PLOTS
 
 
@@ -173,7 +181,7 @@ def load_summary(run_dir: PathLike, *, name: str | None = None, plots: bool = Tr
         dataset = loaded.dataset(data_dir)
         evaluation = score_run(loaded, dataset)
         if plots:
-            write_plots(run, evaluation, dataset.test.images)
+            write_plots(run, evaluation, dataset.test.images, loaded.model)
     metrics = runs.read_json(run.path / runs.METRICS)
     try:
         classes = metrics["classes"]

@@ -96,7 +96,7 @@ def run_tutorial(data: DataOptions | Dataset | None = None, out: str | Path | No
         say(f"\n== Make predictions ({title})")
         ev = evaluate(result.model, dataset, engine=engine)
         write_json(run_dir / "metrics.json", ev.to_json())
-        write_plots(run_dir, ev, dataset.test.images)
+        write_plots(run_dir, ev, dataset.test.images, result.model)
         say(f"test predictions  {ev.test.predictions[:5].tolist()}   labels {dataset.test.labels[:5].tolist()}")
         say(f"train predictions {ev.train.predictions[:5].tolist()}   labels {dataset.train.labels[:5].tolist()}")
         say(f"\n== Evaluate model performance ({title})")
