@@ -60,7 +60,10 @@ def test_confident_learning_finds_planted_label_errors() -> None:
     labels[planted] = (truth[planted] + rng.integers(1, k, 90)) % k  # another class
     flagged = find_label_issues(probs, labels)
     hits = np.isin(flagged, planted).sum()
-    assert hits / len(planted) >= 0.8 and hits / len(flagged) >= 0.8, (hits, len(flagged))  # 78 of 90, 78 of 83
+    from cleanlab.count import num_label_issues
+
+    assert len(flagged) == num_label_issues(labels, probs)  # as many as confident learning estimates: 61 here
+    assert hits / len(flagged) >= 0.95 and hits / len(planted) >= 0.6, (hits, len(flagged))  # 61 of 61, of 90
     assert probs[flagged[0], labels[flagged[0]]] <= probs[flagged[-1], labels[flagged[-1]]]  # least likely first
 
 

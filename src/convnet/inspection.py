@@ -6,7 +6,7 @@
   the training split (``train_folds=K``) from out-of-fold probabilities, each image
   predicted by a model trained on the other K-1 folds (kept in the run folder, so a
   second inspection does not train again). Confident learning ranks them: cleanlab's
-  ``find_label_issues`` (prune by noise rate, ranked by self-confidence);
+  ``find_label_issues`` (as many as it estimates, the lowest self-confidence first);
 * **calibration** on the test split: the expected calibration error over
   :data:`ECE_BINS` equal-width confidence bins, with a bootstrap 95 % interval, and the
   bins behind a reliability diagram;
@@ -167,12 +167,17 @@ def calibration(probs: np.ndarray, labels: np.ndarray, *, bins: int = ECE_BINS, 
 
 def find_label_issues(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Rows whose label is likely wrong, most likely first: cleanlab's confident learning
-    (``find_label_issues``, pruned by noise rate, ranked by self-confidence)."""
+    (``find_label_issues``): as many rows as confident learning estimates the labels hold
+    errors, those whose given label has the lowest probability (``filter_by=
+    "low_self_confidence"``), ranked by it. Chosen over cleanlab's default (prune by noise
+    rate) on Fashion-MNIST with 3 % of 10,000 labels moved (``benchmarks/trust.py``,
+    planting seed 2): precision 0.63 and recall 0.92 against 0.40 and 0.83."""
     from cleanlab.filter import find_label_issues as cleanlab_issues
 
     if len(labels) == 0 or len(np.unique(labels)) < 2:
         return np.empty(0, dtype=np.int64)
-    return np.asarray(cleanlab_issues(labels, probs, return_indices_ranked_by="self_confidence"), dtype=np.int64)
+    return np.asarray(cleanlab_issues(labels, probs, filter_by="low_self_confidence",
+                                      return_indices_ranked_by="self_confidence"), dtype=np.int64)
 
 
 def label_issues(probs: np.ndarray, labels: np.ndarray, split: str, files: list[str] | None = None
