@@ -67,12 +67,13 @@ def test_the_maps_find_the_evidence_and_depend_on_the_weights(trained: torch.nn.
 
 
 def test_an_overlay_is_the_image_where_there_is_no_evidence() -> None:
-    image = np.full((1, 4, 4), 100, np.uint8)
-    heat = np.zeros((4, 4))
-    heat[0, 0] = 1.0
+    image = np.full((1, 28, 28), 100, np.uint8)
+    heat = np.zeros((28, 28))
+    heat[:3, :3] = 1.0
     picture = overlay(image, heat)
-    assert picture.shape == (4, 4, 3) and picture.dtype == np.uint8
-    assert (picture[1:, 1:] == 100).all() and not (picture[0, 0] == 100).all()
+    assert picture.shape == (28, 28, 3) and picture.dtype == np.uint8
+    assert (picture[10:, :] == 100).all() and (picture[:, 10:] == 100).all()  # smoothed, but only nearby
+    assert np.abs(picture[1, 1].astype(int) - 100).max() > 50  # the evidence, in colour
 
 
 def test_predict_explain_writes_a_picture_per_image_and_refuses_an_onnx_file(
