@@ -70,6 +70,16 @@ def files(*paths: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("file", (p.name, p.read_bytes(), "image/png")) for p in paths]
 
 
+def _poll(get, done, timeout_s: float = 30):  # type: ignore[no-untyped-def]
+    """``get()`` again until ``done`` says yes of its answer, or ``timeout_s`` pass; the last answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = get()
+        if done(answer) or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.02)
+
+
 def test_answers_match_convnet_predict(client, onnx_file: Path, pngs: list[Path]) -> None:  # type: ignore[no-untyped-def]
     expected = [row for batch in predict_files(onnx_file, pngs) for row in batch]  # type: ignore[union-attr]
     r = client.post("/predict", files=files(*pngs))
@@ -213,7 +223,8 @@ def test_max_body_mb_must_be_a_finite_number(value: str, onnx_file: Path, capsys
 def test_a_model_failing_in_onnx_runtime_is_one_json_error(onnx_file: Path, pngs: list[Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A model that fails at run time (a file changed after its export): 500 with the
-    reason as JSON, one line on the server's stderr, and the service still up."""
+    reason as JSON, one line on the server's stderr for the warm-up prediction and one for
+    the request, /ready 503 with the reason, and the service still up."""
     import dataclasses
 
     from fastapi.testclient import TestClient
@@ -229,8 +240,10 @@ def test_a_model_failing_in_onnx_runtime_is_one_json_error(onnx_file: Path, pngs
         assert "ONNX Runtime failed on this model (Non-zero status code returned while running Gemm node)" \
             in r.json()["error"]
         assert c.get("/health").status_code == 200
+        ready = _poll(lambda: c.get("/ready"), lambda r: "failed" in r.text)
+        assert ready.status_code == 503 and ready.json()["error"].startswith("the first prediction failed: ")
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.count("\n") == 2 and "Traceback" not in err and "the first prediction failed" in err
 
 
 # --- a real server process

@@ -21,8 +21,10 @@ import numpy as np
 class Batcher:
     """One thread that predicts queued requests together (see the module's docstring)."""
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int, wait_s: float) -> None:
-        self.predict, self.max_batch, self.wait_s = predict, max_batch, wait_s
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int, wait_s: float,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        """``on_batch`` is called, on the batcher's thread, with the images of each batch predicted."""
+        self.predict, self.max_batch, self.wait_s, self.on_batch = predict, max_batch, wait_s, on_batch
         self.queue: queue.SimpleQueue[tuple[np.ndarray, asyncio.Future[np.ndarray]] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, name="convnet-batcher", daemon=True)
         self.batches = self.images = self.waiting = 0  # counters, for /model
@@ -84,6 +86,8 @@ class Batcher:
         for images, future in batch:
             answers.append((future, probs[start:start + len(images)]))
             start += len(images)
+        if self.on_batch is not None:  # before the answers: a client that has its answer finds its batch counted
+            self.on_batch(len(probs))
         loop.call_soon_threadsafe(_deliver, answers)  # one wake-up of the event loop per batch
 
 

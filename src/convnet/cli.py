@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the run's data is now, if it moved (default: where it was trained)")
 
     p = sub.add_parser("serve", help="an HTTP prediction service and web page for a run or an .onnx file",
-                       description="Serve predictions over HTTP: POST /predict, GET /health, GET /model, "
-                                   "API docs at /docs and a page at / to try images.")
+                       description="Serve predictions over HTTP: POST /predict, GET /health, GET /ready, "
+                                   "GET /model, GET /metrics (Prometheus), API docs at /docs and a page at / to "
+                                   "try images.")
     p.add_argument("model", type=Path, metavar="RUN|FILE.onnx", help="run folder or .onnx file")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 opens it to the network (default: %(default)s)")
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=None, metavar="P",
                    help="answer \"unsure\" (label null) where the most probable class is below P "
                         "(default: always the most probable class)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes answering on the one port, each with its own ONNX Runtime session; a run "
+                        "folder is exported once (default: %(default)s)")
 
     p = sub.add_parser("tutorial", help="the tutorial's whole story: SGD vs Adam, reports, channels first/last")
     p.add_argument("--quick", action="store_true", help="a first look: 12,000 images, 5 SGD + 3 Adam epochs")

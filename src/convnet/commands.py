@@ -102,7 +102,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise ConvnetError(f"--max-body-mb must be a finite number of at least 0.001 (MB), got {a.max_body_mb:g}")
     serve(a.model, ServeOptions(host=a.host, port=a.port, max_body_bytes=round(a.max_body_mb * 1e6),
                                 max_images=a.max_images, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
-                                min_confidence=a.min_confidence))
+                                min_confidence=a.min_confidence, workers=a.workers))
     return 0
 
 

@@ -51,7 +51,7 @@ from convnet.datatypes import Images, InputSpec
 from convnet.durable import atomic_write, check_output_file, write_json
 from convnet.errors import ConvnetError, RunError
 from convnet.loadrun import LoadedRun, load_run, run_temperature
-from convnet.onnxfile import OnnxModel, new_session
+from convnet.onnxfile import new_session
 from convnet.version import __version__
 
 OPSET = 18  # the exporter's own default in torch 2.9-2.13; ONNX Runtime >= 1.14 runs it
@@ -234,10 +234,11 @@ def check_parity(session: Any, loaded: LoadedRun, images: Images, labels: torch.
 PROBE_IMAGES = 32  # random images a run exported in memory is checked on before it is served
 
 
-def export_in_memory(loaded: LoadedRun, threads: int | None = None) -> OnnxModel:
-    """A run's model exported to ONNX in memory and loaded in ONNX Runtime, for serving:
-    checked first (:func:`check_parity`) on :data:`PROBE_IMAGES` random images; ``convnet
-    export`` checks every test image.
+def export_in_memory(loaded: LoadedRun, threads: int | None = None) -> bytes:
+    """A run's model exported to ONNX in memory, for serving: the bytes of an ``.onnx`` file
+    with the run's metadata, checked first in ONNX Runtime (:func:`check_parity`, ``threads``
+    per call) on :data:`PROBE_IMAGES` random images; ``convnet export`` checks every test
+    image. Bytes, so that every worker of ``convnet serve`` makes its own session of one export.
 
     Raises:
         ConvnetError: the exported model differs from PyTorch.
@@ -252,8 +253,7 @@ def export_in_memory(loaded: LoadedRun, threads: int | None = None) -> OnnxModel
                            f"{parity.max_probability_difference:.1e} on random images; export it with `convnet "
                            "export` to see the parity figures")
     set_metadata(proto, run_metadata(loaded.run, None))
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    return OnnxModel(loaded.path, loaded.spec, metadata, session)
+    return proto.SerializeToString()
 
 
 def run_metadata(run: runs.Run, parity: Parity | None) -> dict[str, str]:

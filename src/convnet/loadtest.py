@@ -5,7 +5,7 @@ Every request goes to a loopback address only, and every run is bounded in time 
 ``--duration``) or in count and time (:func:`python_load`). :func:`measure` is the
 published test (``benchmarks/serve_load.py`` runs it): a server on a free port of
 127.0.0.1, single-image PNG requests at 1, 8, 32 and 128 concurrent clients and batch
-requests, then SIGTERM.
+requests, then SIGTERM; with several worker counts, a server with each in turn.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 BOUNDARY = "convnetloadtestboundary"
@@ -32,7 +32,7 @@ BOUNDARY = "convnetloadtestboundary"
 @dataclass(frozen=True)
 class LoadResult:
     """One load run: ``requests`` answered in ``seconds``, latency percentiles, errors
-    (connection errors, timeouts and non-2xx answers)."""
+    (connection errors, timeouts and non-2xx answers), against a server of ``workers`` processes."""
 
     clients: int
     requests: int
@@ -41,6 +41,7 @@ class LoadResult:
     p99_ms: float
     errors: int
     images_per_request: int = 1
+    workers: int = 1
 
     @property
     def requests_per_s(self) -> float:
@@ -167,10 +168,14 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
 # --- the whole measurement
 
 
-def start_server(model: str | os.PathLike[str], *extra: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
-    """``convnet serve MODEL --port 0`` in a child process; returns it and its base URL once it answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "convnet", "serve", str(model), "--port", "0", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_server(model: str | os.PathLike[str], *extra: str, workers: int = 1,
+                 timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """``convnet serve MODEL --port 0 --workers N`` in a child process; returns it and its base
+    URL once every worker is ready (has run a first prediction: ``/ready`` and, for several,
+    ``convnet_workers_ready`` in ``/metrics``)."""
+    proc = subprocess.Popen([sys.executable, "-m", "convnet", "serve", str(model), "--port", "0",
+                             "--workers", str(workers), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()  # "serving FILE on http://127.0.0.1:PORT/ ..." once it listens
     m = re.search(r"on (http://\S+/)", line)
@@ -181,14 +186,27 @@ def start_server(model: str | os.PathLike[str], *extra: str, timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(url + "health", timeout=5) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("the server did not answer /health") from None
-            time.sleep(0.2)
+            if _ready(url, workers):
+                return proc, url
+        except OSError:  # not listening yet, or 503: not ready yet
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(f"the server did not get ready: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.2)
+
+
+def _ready(url: str, workers: int) -> bool:
+    """Whether ``/ready`` says 200 and, with several workers, ``/metrics`` counts them all ready
+    (``/ready`` is one worker's answer)."""
+    with urllib.request.urlopen(url + "ready", timeout=5) as r:
+        if r.status != 200:
+            return False
+    if workers == 1:
+        return True
+    with urllib.request.urlopen(url + "metrics", timeout=5) as r:
+        found = re.search(r"^convnet_workers_ready (\S+)$", r.read().decode(), re.M)
+    return found is not None and float(found.group(1)) >= workers
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> int:
@@ -201,40 +219,54 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> int:
         return proc.wait()
 
 
+WARMUP_S = 1.0  # wrk at 8 clients on each new server before the measured runs, not counted
+
+
 def measure(model: str | os.PathLike[str], png: bytes, *, seconds: float = 10, repeats: int = 3,
-            clients: Sequence[int] = (1, 8, 32, 128), batch: int = 32,
-            server_args: Sequence[str] = ()) -> tuple[list[LoadResult], int]:
-    """The published load test: a server for ``model`` on a free port of 127.0.0.1, then
-    wrk with single-PNG requests at each of ``clients`` and ``batch``-PNG requests at 8
-    clients, ``repeats`` runs of ``seconds`` each (the median run of each row); the server
-    is stopped with SIGTERM at the end. Returns the rows and the server's exit status."""
-    proc, url = start_server(model, *server_args)
-    try:
-        single, ctype = multipart_body([png])
-        many, _ = multipart_body([png] * batch)
-        plan = [(c, single, 1) for c in clients] + [(8, many, batch)]
-        rows = [median_result([run_wrk(url + "predict", body, ctype, clients=c, seconds=seconds,
-                                       images_per_request=per) for _ in range(repeats)]) for c, body, per in plan]
-    finally:
-        status = stop_server(proc)
-    return rows, status
+            clients: Sequence[int] = (1, 8, 32, 128), batch: int = 32, server_args: Sequence[str] = (),
+            workers: Sequence[int] = (1,)) -> tuple[list[LoadResult], list[int]]:
+    """The published load test: ``repeats`` rounds; in each, for every count of ``workers``,
+    a server for ``model`` (``convnet serve --workers N``) on a free port of 127.0.0.1, a
+    warm-up, then wrk for ``seconds`` with single-PNG requests at each of ``clients`` and
+    ``batch``-PNG requests at 8 clients (none with ``batch`` 0), then SIGTERM. The worker
+    counts take turns, in reverse order every other round (1, 2, then 2, 1, ...), so that
+    the machine's load drifting during the measurement weighs on each alike. Returns the
+    median run of each row by requests/s (by worker count, then row; errors summed over the
+    rounds) and the exit status of every server."""
+    single, ctype = multipart_body([png])
+    plan = [(c, single, 1) for c in clients]
+    if batch:
+        plan.append((8, multipart_body([png] * batch)[0], batch))
+    runs: dict[tuple[int, int], list[LoadResult]] = {}
+    statuses = []
+    for round_ in range(repeats):
+        for n in (workers if round_ % 2 == 0 else workers[::-1]):
+            proc, url = start_server(model, *server_args, workers=n)
+            try:
+                run_wrk(url + "predict", single, ctype, clients=8, seconds=WARMUP_S)
+                for row, (c, body, per) in enumerate(plan):
+                    result = run_wrk(url + "predict", body, ctype, clients=c, seconds=seconds, images_per_request=per)
+                    runs.setdefault((n, row), []).append(replace(result, workers=n))
+            finally:
+                statuses.append(stop_server(proc))
+    return [median_result(runs[n, row]) for n in workers for row in range(len(plan))], statuses
 
 
 def format_table(rows: Sequence[LoadResult]) -> str:
-    """The rows as the README's Markdown table."""
-    lines = ["| request | clients | requests/s | images/s | p50 ms | p99 ms | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    """The rows as the README's Markdown table (a workers column where a server had more than one)."""
+    by_workers = any(r.workers != 1 for r in rows)
+    lines = ["| " + ("workers | " if by_workers else "") + "request | clients | requests/s | images/s | p50 ms | "
+             "p99 ms | errors |", "| --- " * (7 + by_workers) + "|"]
     for r in rows:
         kind = "1 PNG" if r.images_per_request == 1 else f"{r.images_per_request} PNGs"
-        lines.append(f"| {kind} | {r.clients} | {r.requests_per_s:,.0f} | {r.images_per_s:,.0f} | {r.p50_ms:.1f} | "
-                     f"{r.p99_ms:.1f} | {r.errors} |")
+        lines.append("| " + (f"{r.workers} | " if by_workers else "") + f"{kind} | {r.clients} | "
+                     f"{r.requests_per_s:,.0f} | {r.images_per_s:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
+                     f"{r.errors} |")
     return "\n".join(lines)
 
 
 def median_result(results: Sequence[LoadResult]) -> LoadResult:
     """The run with the median throughput (its own latencies with it); errors summed over all runs."""
     ordered = sorted(results, key=lambda r: r.requests_per_s)
-    mid = ordered[len(ordered) // 2]
-    return LoadResult(mid.clients, mid.requests, mid.seconds, mid.p50_ms, mid.p99_ms,
-                      sum(r.errors for r in results), mid.images_per_request)
+    return replace(ordered[len(ordered) // 2], errors=sum(r.errors for r in results))
 

@@ -168,18 +168,23 @@ def _numpy(chunk: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.uint8)
 
 
-def open_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> OnnxModel:
+def open_onnx(path: str | os.PathLike[str], *, threads: int | None = None, content: bytes | None = None) -> OnnxModel:
     """Load an .onnx file written by ``convnet export``.
+
+    Args:
+        threads: ONNX Runtime's threads per call (None: one per core).
+        content: the model's bytes, already in memory (a run exported for serving, handed to
+            each worker of ``convnet serve``); ``path`` then only names it.
 
     Raises:
         RunError: no such file, not an ONNX model, or not one of convnet's (no input
             spec in its metadata, or inputs and outputs that do not match it).
     """
     p = Path(path)
-    if not p.is_file():
+    if content is None and not p.is_file():
         raise RunError(f"{p}: no such file" + ("; it is a folder" if p.is_dir() else ""))
     try:
-        session = new_session(p, threads)
+        session = new_session(p if content is None else content, threads)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/InvalidGraph types
         raise RunError(f"{p}: not a valid ONNX model ({_first_line(e)})") from None
     try:

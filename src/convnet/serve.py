@@ -4,7 +4,9 @@
 
     POST /predict   images as multipart field ``file`` (repeatable) or JSON {"images": [...]}
     GET  /health    200 while the model is loaded and the batcher runs
+    GET  /ready     200 once a first prediction has run (503 before): for a load balancer
     GET  /model     input spec, classes, test accuracy, versions, limits
+    GET  /metrics   Prometheus' text format (:mod:`convnet.servemetrics`)
     GET  /docs      the OpenAPI docs (``/openapi.json`` the schema)
     GET  /          a page to try an image (:file:`page.html`, no external scripts)
 
@@ -19,16 +21,24 @@ Runtime (a file changed after its export) is answered 500 with ``{"error": "..."
 saying why, and the same line on the server's stderr. Uvicorn handles SIGTERM and
 Ctrl-C: it stops accepting connections, lets the requests in flight finish, then the
 batcher stops.
+
+With ``workers`` > 1 the parent binds the socket and exports a run folder once, then each
+worker process (:mod:`convnet.workers`) makes its own ONNX Runtime session of those bytes
+and answers on the shared socket; the service keeps nothing between requests, so any worker
+(or replica) can answer any request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import io
+import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,7 +49,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.exceptions import HTTPException
 
@@ -48,9 +58,11 @@ from convnet.errors import ConvnetError
 from convnet.export import export_in_memory
 from convnet.httpinputs import JSON, MULTIPART, RequestError, request_images
 from convnet.loadrun import LoadedRun, open_model
-from convnet.onnxfile import OnnxModel
+from convnet.onnxfile import OnnxModel, open_onnx
 from convnet.prediction import UNSURE, check_min_confidence, is_unsure
+from convnet.servemetrics import CONTENT_TYPE, CountRequests, ServiceMetrics, shared_metrics, worker_exited
 from convnet.version import __version__
+from convnet.workers import MAX_WORKERS, as_worker, run_workers
 
 TOP_K = 5
 
@@ -70,6 +82,7 @@ class ServeOptions:
         threads: ONNX Runtime's threads per call (1 leaves the other core to the HTTP side).
         min_confidence: answer ``"unsure"`` (label null) where the most probable class has a
             lower probability; None: always the most probable class.
+        workers: processes answering on the one port, each with its own ONNX Runtime session.
     """
 
     host: str = "127.0.0.1"
@@ -80,6 +93,7 @@ class ServeOptions:
     batch_wait_ms: float = 0.0
     threads: int = 1
     min_confidence: float | None = None
+    workers: int = 1
 
     def validate(self) -> None:
         """Check every value before anything is loaded."""
@@ -96,6 +110,8 @@ class ServeOptions:
             raise ConvnetError(f"--batch-wait-ms must be between 0 and 1000, got {self.batch_wait_ms:g}")
         if self.threads < 1:
             raise ConvnetError(f"threads must be at least 1, got {self.threads}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConvnetError(f"--workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
 
 
 def prediction_rows(probs: np.ndarray, classes: tuple[str, ...], inputs: np.ndarray | None = None,
@@ -124,21 +140,44 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def create_app(model: OnnxModel, options: ServeOptions) -> FastAPI:
-    """The FastAPI application serving ``model``."""
+def create_app(model: OnnxModel, options: ServeOptions, *, metrics_dir: Path | None = None) -> FastAPI:
+    """The FastAPI application serving ``model``; ``metrics_dir``: the folder where the
+    workers of one server keep their metrics (None: this process only)."""
     options.validate()
-    batcher = Batcher(model.probabilities, options.max_batch, options.batch_wait_ms / 1000)
+    metrics = ServiceMetrics(model.metadata.get("convnet.model", "unknown"), model.path.name, model.test_accuracy,
+                             multiprocess_dir=metrics_dir)
+    batcher = Batcher(model.probabilities, options.max_batch, options.batch_wait_ms / 1000,
+                      on_batch=metrics.batch_images.observe)
     page = resources.files("convnet").joinpath("page.html").read_text(encoding="utf-8")
+    ready = asyncio.Event()  # set once the warm-up prediction has run
+    not_ready = "warming up: the first prediction has not run yet"  # why /ready answers 503
+
+    async def warm_up() -> None:
+        """One prediction of a blank image along a request's path, before /ready says 200."""
+        nonlocal not_ready
+        try:
+            probs = await batcher.submit(np.zeros((1, *model.spec.shape), np.uint8))
+            prediction_rows(probs, model.spec.classes, None, options.min_confidence)
+        except ConvnetError as e:
+            not_ready = f"the first prediction failed: {e}"
+            print(f"convnet: error: {not_ready}", file=sys.stderr, flush=True)
+            return
+        ready.set()
+        metrics.ready.set(1)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         batcher.start()
+        warming = asyncio.create_task(warm_up())  # in the background: /health and /ready answer meanwhile
         yield
+        warming.cancel()
+        metrics.ready.set(0)
         batcher.stop()  # after uvicorn has let the requests in flight finish
 
     app = FastAPI(title="convnet", version=__version__, lifespan=lifespan,
                   description=f"Predictions of {model.path.name}: {model.spec.channels}x{model.spec.height}x"
                               f"{model.spec.width} images, {model.spec.num_classes} classes.")
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, e: RequestError) -> JSONResponse:
@@ -170,6 +209,7 @@ def create_app(model: OnnxModel, options: ServeOptions) -> FastAPI:
         `include_input=true` adds each image as the model sees it (a PNG data URL)."""
         images = await request_images(request, model.spec, options.max_body_bytes, options.max_images)
         probs = await batcher.submit(images)
+        metrics.images.inc(len(images))
         return JSONResponse({"predictions": prediction_rows(probs, model.spec.classes,
                                                             images if include_input else None,
                                                             options.min_confidence)})
@@ -179,6 +219,17 @@ def create_app(model: OnnxModel, options: ServeOptions) -> FastAPI:
         if not batcher.alive:
             return JSONResponse({"error": "the prediction thread is not running"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/ready", summary="200 once the model has run a first prediction; 503 before")
+    async def is_ready() -> JSONResponse:
+        if not ready.is_set() or not batcher.alive:
+            return JSONResponse({"error": not_ready if batcher.alive else "the prediction thread is not running"},
+                                status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", summary="Prometheus metrics: requests, latency, batch sizes, images, the model")
+    def prometheus() -> Response:  # a plain def: FastAPI runs it on a thread, off the event loop
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/model", summary="Input spec, classes, test accuracy, versions, limits")
     async def about() -> JSONResponse:
@@ -204,10 +255,17 @@ PREDICT_OPENAPI: dict[str, Any] = {"requestBody": {"required": True, "content": 
 }}}
 
 
-def load_for_serving(source: str | Path, threads: int = 1) -> OnnxModel:
-    """The model to serve: an ``.onnx`` file, or a run folder exported in memory."""
+def model_bytes(source: str | Path, threads: int = 1) -> tuple[Path, bytes]:
+    """The model to serve as the bytes of an ``.onnx`` file, and what they came from: an
+    ``.onnx`` file read (once checked), or a run folder exported in memory."""
     model = open_model(source, device="cpu", threads=threads)  # checked against `convnet predict RUN --device cpu`
-    return export_in_memory(model, threads) if isinstance(model, LoadedRun) else model
+    return model.path, export_in_memory(model, threads) if isinstance(model, LoadedRun) else model.path.read_bytes()
+
+
+def load_for_serving(source: str | Path, threads: int = 1) -> OnnxModel:
+    """The model to serve, in ONNX Runtime: an ``.onnx`` file, or a run folder exported in memory."""
+    path, content = model_bytes(source, threads)
+    return open_onnx(path, threads=threads, content=content)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -233,23 +291,65 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(source: str | Path, options: ServeOptions = ServeOptions()) -> None:
-    """What ``convnet serve`` does: load the model, listen, answer until SIGTERM or Ctrl-C."""
-    import uvicorn
+    """What ``convnet serve`` does: load the model, listen, answer until SIGTERM or Ctrl-C;
+    with ``options.workers`` > 1 in that many worker processes on the one socket.
 
+    Raises:
+        ConvnetError: a bad option, a model that cannot be served, a port taken, a worker
+            that stopped on its own.
+    """
     options.validate()
     sock = bind(options.host, options.port)  # before the model: a taken port fails at once
-    model = load_for_serving(source, options.threads)
-    app = create_app(model, options)
-    gc.collect()
-    gc.freeze()  # the millions of objects torch and onnx left are never collected: shorter pauses under load
+    if options.workers == 1:
+        model = load_for_serving(source, options.threads)
+        app = create_app(model, options)
+        _announce(model.path, sock, options.workers)
+        # uvicorn answers SIGTERM by finishing the requests in flight, then raises the signal again
+        # to the handler it found: this one, so that a stop on request ends with status 0
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        _run(app, sock)
+    else:
+        path, content = model_bytes(source, options.threads)  # a run folder is exported once, here
+        _announce(path, sock, options.workers)
+        with tempfile.TemporaryDirectory(prefix="convnet-serve-") as tmp, \
+                shared_metrics(Path(tmp) / "metrics") as folder:
+            model_file = Path(tmp) / "model.onnx"  # read by each worker: a worker's start waits for no pipe
+            model_file.write_bytes(content)
+            run_workers(_worker, (path, model_file, options, sock, folder, os.getpid()), options.workers,
+                        on_exit=lambda pid: worker_exited(pid, folder))
+    print("server stopped", file=sys.stderr, flush=True)
+
+
+def _announce(path: Path, sock: socket.socket, workers: int) -> None:
+    """The one line saying where the service listens (``--port 0``: the port chosen)."""
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {model.path} on http://{shown}:{port}/ (page at /, API docs at /docs); Ctrl-C to stop",
+    how = f" with {workers} workers" if workers > 1 else ""
+    print(f"serving {path} on http://{shown}:{port}/{how} (page at /, API docs at /docs); Ctrl-C to stop",
           flush=True)
+
+
+def _worker(path: Path, model_file: Path, options: ServeOptions, sock: socket.socket, metrics_dir: Path,
+            parent: int, index: int) -> None:
+    """One worker of ``convnet serve --workers N``, in its own process: its own ONNX Runtime
+    session of ``model_file`` (the model served from ``path``), answering on the shared socket
+    until SIGTERM."""
+    as_worker(parent)
+    try:
+        model = open_onnx(path, threads=options.threads, content=model_file.read_bytes())
+        app = create_app(model, options, metrics_dir=metrics_dir)
+    except ConvnetError as e:
+        print(f"convnet: error: worker {index}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    _run(app, sock)
+
+
+def _run(app: FastAPI, sock: socket.socket) -> None:
+    """Answer on ``sock`` until SIGTERM or Ctrl-C (uvicorn lets the requests in flight finish)."""
+    import uvicorn
+
+    gc.collect()
+    gc.freeze()  # the millions of objects torch and onnx left are never collected: shorter pauses under load
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
                             timeout_keep_alive=30, backlog=2048)
-    # uvicorn answers SIGTERM by finishing the requests in flight, then raises the signal again
-    # to the handler it found: this one, so that a stop on request ends with status 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run(sockets=[sock])
-    print("server stopped", file=sys.stderr, flush=True)
