@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, default=None, metavar="RUN",
                    help="continue RUN from its last complete epoch, with its own config")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar (default: bar in a terminal)")
+    p.add_argument("--log", action="append", default=[], choices=["tensorboard", "mlflow"],
+                   help="also send the epochs, scores and pictures to TensorBoard (RUN/tensorboard/) or MLflow; "
+                        "repeat for both; needs pip install 'convnet[tracking]' (default: the run folder only)")
+    p.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="with --log mlflow: the tracking server or store (default: MLFLOW_TRACKING_URI, else "
+                        "MLflow's own default)")
     _named_data_flags(p)
     _folder_flags(p)
     _device_flag(p)
@@ -223,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="can I trust it? likely label errors, calibration, per-class scores",
                        description="Inspect a run: likely label errors (confident learning) on the test split, and "
                                    "with --train-folds on the training split; the expected calibration error with "
-                                   "a 95 %% interval and a reliability diagram; support, precision and recall per "
+                                   "a 95 % interval and a reliability diagram; support, precision and recall per "
                                    "class and the most confused pairs. Kept in RUN/inspect.json for `convnet "
                                    "report`.")
     p.add_argument("run", type=Path, help="run folder")

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from convnet.config import RECIPES, TrainConfig
@@ -42,7 +43,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     overrides = {f.name: getattr(a, f.name, None) for f in fields(TrainConfig) if f.name != "faithful"}
     request = TrainRequest(overrides=overrides, data=data_options(a), recipe=a.recipe, faithful=a.faithful,
                            device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress,
-                           init_from=a.init_from)
+                           init_from=a.init_from, log=tuple(a.log), mlflow_uri=a.mlflow_uri)
     outcome = run_training(request, env=dict(os.environ))
     if outcome.evaluation is None:  # not the main process under torchrun
         return 0
@@ -86,10 +87,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from convnet.export import export_run
+    from convnet.tracking import log_file
 
     result = export_run(a.run, a.out, data_dir=a.data_dir)
     print(result.parity.describe())
     print(f"ONNX model (opset {result.opset}) written to {result.path}; parity figures in {result.parity_path}")
+    tracked = log_file(Path(a.run), result.path)  # a run trained with --log mlflow keeps its export too
+    if tracked is not None:
+        print(f"added to MLflow run {tracked}")
     return 0
 
 

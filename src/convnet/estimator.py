@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,13 @@ from convnet.engine import make_engine, resolve_device
 from convnet.errors import InputError, RunError
 from convnet.evaluation import SplitScores, evaluate
 from convnet.events import ConsolePrinter
-from convnet.experiment import run_config
+from convnet.experiment import run_config, tracked
 from convnet.loadrun import load_run
 from convnet.models import Calibrated, create_model, uncalibrated
 from convnet.prediction import Predictor
 from convnet.pretrained import Source, fit, open_source, spec_for
 from convnet.report import write_plots
+from convnet.tracking import check_log, connect, start
 from convnet.training import train
 
 # Parameters that are TrainConfig fields of the same name: None means "the recipe's value".
@@ -85,6 +87,12 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         random_state: an int seeds the initial weights, the shuffle order, the augmentation
             and the validation split (the same model every time on a CPU); None draws a
             seed from numpy's global random state.
+        log: ``"tensorboard"``, ``"mlflow"`` or both (a list), as ``convnet train --log``: the
+            epochs and settings of each ``fit`` sent to TensorBoard (event files in
+            ``log_dir/MODEL-OPTIMIZER-TIME/``) or to MLflow (``mlflow_uri``, else
+            ``MLFLOW_TRACKING_URI``, else MLflow's default); needs ``pip install 'convnet[tracking]'``.
+        log_dir: TensorBoard's folder (default ``tensorboard``: ``tensorboard --logdir tensorboard``).
+        mlflow_uri: where MLflow keeps runs.
         verbose: 0 prints nothing; 1 prints a line per epoch, with a live bar in a terminal
             or notebook.
 
@@ -117,7 +125,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
                  calibrate: bool = False,
                  validation_fraction: float = 0.0, warm_start: bool = False, hflip: bool = True,
                  layout: str = "auto", device: str = "auto", random_state: int | np.random.RandomState | None = None,
-                 verbose: int = 1) -> None:
+                 log: str | list[str] | tuple[str, ...] | None = None, log_dir: str | os.PathLike[str] | None = None,
+                 mlflow_uri: str | None = None, verbose: int = 1) -> None:
         self.model = model
         self.recipe = recipe
         self.optimizer = optimizer
@@ -148,6 +157,9 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         self.layout = layout
         self.device = device
         self.random_state = random_state
+        self.log = log
+        self.log_dir = log_dir
+        self.mlflow_uri = mlflow_uri
         self.verbose = verbose
 
     def __sklearn_tags__(self) -> Any:
@@ -166,6 +178,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
             ConvnetError: a bad setting, named as ``convnet train`` names it.
         """
         warm = self.warm_start and hasattr(self, "model_")
+        trackers = check_log((self.log,) if isinstance(self.log, str) else tuple(self.log or ()), self.mlflow_uri)
         y = column_or_1d(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y), warn=True)
         if len(y) == 0:
             raise InputError("y holds no labels (0 samples); give images of at least 2 classes")
@@ -192,12 +205,21 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
                              "warm_start=False to train a new one")
         engine = make_engine(device, faithful=config.faithful)
         data = Split(images, torch.from_numpy(labels.astype(np.int64)))
-        events = ConsolePrinter(sys.stdout) if self.verbose else None
+        events = [ConsolePrinter(sys.stdout) if self.verbose else None]
+        tracker = None
+        if trackers:  # a tracked run of its own per fit, named as `convnet train` names a run folder
+            name = f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+            tracker = start(connect(trackers, self.mlflow_uri), None, name, config,
+                            {"name": "arrays", "train_images": len(images)},
+                            tensorboard_dir=Path(self.log_dir or "tensorboard") / name)
+            events.append(tracker)
         # warm: from the weights learned so far, with a fresh optimizer and schedule
         init = uncalibrated(self.model_)[0].state_dict() if warm else None
         if source is not None:
             init = fit(source, config.model, spec, config.seed)[0]
-        result = train(config, data, spec, engine=engine, events=events, init=init)
+        result = tracked(tracker, lambda: train(config, data, spec, engine=engine, events=events, init=init))
+        if tracker is not None:
+            tracker.finish()
         done = len(self.history_) if warm else 0
         history = [*(self.history_ if warm else []), *({**asdict(r), "epoch": done + r.epoch} for r in result.history)]
         self.classes_, self.input_spec_, self.config_ = classes, spec, config

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,8 +29,11 @@ from convnet.engine import make_engine, resolve_device, single_process
 from convnet.errors import ConvnetError
 from convnet.evaluation import Evaluation
 from convnet.events import ConsolePrinter, StopAtAccuracy
+from convnet.loadrun import load_run
 from convnet.pretrained import Source, fit, model_of, open_source, spec_for
+from convnet.report import write_plots
 from convnet.scoring import evaluate_run
+from convnet.tracking import Tracker, check_log, connect, resume_tracking, start
 from convnet.training import TrainResult, resume, train
 
 
@@ -49,6 +53,8 @@ class TrainRequest:
         progress: live bars in a terminal.
         init_from: start from these weights (a run folder or a ``.safetensors`` file,
             see :mod:`convnet.pretrained`) instead of fresh ones.
+        log: trackers to send the run to (``tensorboard``, ``mlflow``: :mod:`convnet.tracking`).
+        mlflow_uri: where MLflow keeps runs (None: ``MLFLOW_TRACKING_URI``, else MLflow's default).
     """
 
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +66,8 @@ class TrainRequest:
     resume: Path | None = None
     progress: bool = True
     init_from: str | None = None
+    log: tuple[str, ...] = ()
+    mlflow_uri: str | None = None
 
 
 @dataclass
@@ -114,8 +122,10 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
         run = runs.open_run(request.resume)
         config = TrainConfig.from_dict(run.config["train"])
         engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
-        result = resume(run, engine=engine, events=printer, data_dir=request.data.data_dir,
-                        progress=request.progress and rank == 0)
+        tracker = resume_tracking(run.path, len(run.history)) if rank == 0 else None  # as the run recorded
+        result = tracked(tracker, lambda: resume(run, engine=engine, events=[printer, tracker],
+                                                 data_dir=request.data.data_dir,
+                                                 progress=request.progress and rank == 0))
         dataset, stop = None, []  # evaluate_run reads the run's own data
     else:
         source = open_source(request.init_from) if request.init_from is not None else None
@@ -127,6 +137,8 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
         plan(None)  # every check before anything is loaded or written
         request.data.validate()
         runs.check_out(request.out)
+        trackers = check_log(request.log, request.mlflow_uri)
+        connection = connect(trackers, request.mlflow_uri) if trackers and rank == 0 else None  # reached, or refused
         dataset = load_data(request.data, progress=request.progress and rank == 0)
         config, sizing = plan(len(dataset.train))
         if source is not None:  # the normalization the weights were trained with (a hub model's)
@@ -152,8 +164,12 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
             assert run_dir is not None
             write_data_files(run_dir, dataset)
         stop = [StopAtAccuracy(dataset.test, config.target_accuracy, tta=config.tta)] if config.target_accuracy else []
-        result = train(config, dataset.train, dataset.spec, engine=engine, events=[*stop, printer],
-                       run_dir=run_dir, data_record=data_record(dataset), init=init, init_record=init_record)
+        tracker = start(connection, run_dir, run_dir.name, config, data_record(dataset)) \
+            if connection is not None and run_dir is not None else None
+        result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, engine=engine,
+                                                events=[*stop, printer, tracker], run_dir=run_dir,
+                                                data_record=data_record(dataset), init=init,
+                                                init_record=init_record))
     if rank != 0:
         return TrainOutcome(result, None)
     assert result.run_dir is not None
@@ -163,7 +179,23 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
     evaluation = evaluate_run(result.run_dir, engine=single_process(engine), data_dir=request.data.data_dir,
                               dataset=dataset, test_logits=test_logits,  # the data in memory, not read again
                               score_train=not result.config.target_accuracy)
+    if tracker is not None:  # the scores, the pictures a user looks at first, and the run folder
+        images = (dataset or load_run(result.run_dir, engine=single_process(engine)).dataset(
+            request.data.data_dir, progress=False)).test.images
+        pictures = write_plots(result.run_dir, evaluation, images, result.model)
+        tracker.finish(evaluation.to_json(), {k: pictures[k] for k in ("confusion_matrix", "mistakes")},
+                       result.run_dir)
     return TrainOutcome(result, evaluation)
+
+
+def tracked(tracker: Tracker | None, training: Callable[[], TrainResult]) -> TrainResult:
+    """``training()``, with the trackers told how it ended if it does not finish."""
+    try:
+        return training()
+    except BaseException as e:
+        if tracker is not None:
+            tracker.fail(interrupted=isinstance(e, KeyboardInterrupt))
+        raise
 
 
 def check_resume(request: TrainRequest) -> None:
@@ -178,6 +210,9 @@ def check_resume(request: TrainRequest) -> None:
         given.append("out")
     if request.init_from is not None:
         given.append("init_from")
+    if request.log or request.mlflow_uri is not None:  # a resumed run continues the trackers it recorded
+        given += ["log"] if request.log else []
+        given += ["mlflow_uri"] if request.mlflow_uri is not None else []
     default = DataOptions()
     given += [f.name for f in fields(DataOptions) if f.name != "data_dir"
               and getattr(request.data, f.name) != getattr(default, f.name)]

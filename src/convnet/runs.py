@@ -11,6 +11,9 @@
       split.json           for a folder of images: the files of the training and the test split
       test_data.safetensors  for images given in Python: the held-out images and labels ConvNetClassifier.save kept
       skipped_images.txt   images left out with --skip-bad-images, one per line
+      calibration.json     the temperature fitted after training (--calibrate)
+      tracking.json        with --log: the trackers, the TensorBoard folder, the MLflow run (convnet.tracking)
+      tensorboard/         with --log tensorboard: TensorBoard's event files
 
 Every file is written through :func:`convnet.durable.atomic_write`, so a crash at any
 moment leaves the previous version whole.
