@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model; writes a run folder",
                        description="Train a model. Settings come from a recipe (see `convnet recipes`); "
                                    "each flag given overrides the recipe's value.")
-    p.add_argument("--recipe", default=None, choices=list(RECIPES),
-                   help="named settings (default: cpu on a CPU, gpu on a GPU; tutorial with --faithful)")
+    p.add_argument("--recipe", default=None, metavar="NAME|FILE",
+                   help=f"named settings ({', '.join(RECIPES)}) or a recipe file, e.g. one `convnet tune` wrote "
+                        "(default: cpu on a CPU, gpu on a GPU; tutorial with --faithful)")
     p.add_argument("--model", help="registered model (default: the recipe's; see `convnet models`)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="(default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
@@ -160,6 +161,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "into DIR, as PNG files; run folders only (default: none)")
     _device_flag(p)
 
+    p = sub.add_parser("tune", help="search for better settings on a validation split (Optuna); writes a recipe",
+                       description="Search training settings with Optuna, each trial scored on --val-split of the "
+                                   "training images (never the test split), and write the best as a recipe file "
+                                   "for `convnet train --recipe FILE`. Needs pip install 'convnet[tune]'.")
+    p.add_argument("--recipe", default=None, metavar="NAME|FILE",
+                   help="the base the trials' values are laid over (default: cpu on a CPU, gpu on a GPU)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
+                   help="search a setting as LOW:HIGH, LOW:HIGH:log or A,B,C, or fix it to one value; repeatable "
+                        "(default space: lr, weight_decay, epochs, label_smoothing, batch_size, model)")
+    p.add_argument("--space", type=Path, default=None, metavar="FILE",
+                   help="a TOML file of NAME = SPEC lines, like --param (which overrides it)")
+    p.add_argument("--trials", type=int, default=20,
+                   help="the study's total of finished trials; each process stops there (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop this process's search after this long (default: none)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="keep the study in a database that other convnet tune processes join, e.g. "
+                        "sqlite:///tune.db (default: in memory, this process only)")
+    p.add_argument("--study", default=None, metavar="NAME",
+                   help="the study's name in --storage (default: the data's name and the recipe's)")
+    p.add_argument("--val-split", type=float, default=0.1,
+                   help="share of the training images each trial is scored on (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="every trial's seed; the sampler's without --storage "
+                                                        "(default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="folder for best.toml and report.html (default: tune/STUDY)")
+    p.add_argument("--report", action="store_true",
+                   help="also write an HTML page of the study: trials, optimisation history, importances")
+    p.add_argument("--subset", type=int, default=None, help="search on the first N training images only")
+    _named_data_flags(p)
+    _folder_flags(p)
+    _device_flag(p)
+
     p = sub.add_parser("export", help="the run's model as an ONNX file, checked in ONNX Runtime",
                        description="Export a run's model to ONNX (uint8 images in, class probabilities out) and "
                                    "check it in ONNX Runtime against PyTorch on the run's test images; a model "
@@ -211,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--target", type=float, default=None,
                    help="instead: seconds of training to this test accuracy, per seed, for --recipe")
-    p.add_argument("--recipe", default=None, choices=list(RECIPES),
-                   help="with --target (default: the device's default recipe)")
+    p.add_argument("--recipe", default=None, metavar="NAME|FILE",
+                   help="with --target: a named recipe or a recipe file (default: the device's default recipe)")
     p.add_argument("--seeds", type=int, default=3, help="with --target: runs, seeds 0..N-1 (default: %(default)s)")
     p.add_argument("--no-reference", action="store_true",
                    help="with --target: skip the tutorial's Adam-15 reference run")
@@ -251,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flag(p)
 
     sub.add_parser("models", help="list the registered models")
-    sub.add_parser("recipes", help="list the named training recipes and their settings")
+    p = sub.add_parser("recipes", help="list the named training recipes and their settings, or a recipe file's")
+    p.add_argument("file", nargs="?", type=Path, default=None, help="a recipe file to show (default: the named ones)")
     sub.add_parser("datasets", help="list the named data sets: image size, channels, classes, where each is found")
     return parser
 

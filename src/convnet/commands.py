@@ -283,11 +283,40 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(a: argparse.Namespace) -> int:
+    from convnet.tune import TuneRequest, read_space, run_tune
+
+    space = read_space(a.space) if a.space is not None else {}
+    for item in a.param:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip():
+            raise ConvnetError(f"--param {item!r}: give NAME=SPEC, e.g. lr=0.01:0.5:log or model=fastnet,resnet20")
+        space[name.strip()] = spec
+    outcome = run_tune(TuneRequest(data=data_options(a), recipe=a.recipe, space=space, trials=a.trials,
+                                   timeout=a.timeout, storage=a.storage, study=a.study, out=a.out,
+                                   val_split=a.val_split, seed=a.seed, report=a.report, device=a.device))
+    print(f"study {outcome.study!r}: {outcome.finished} trials finished, {outcome.ran} run by this process")
+    if outcome.best_trial is not None:
+        print(f"best: trial {outcome.best_trial}, val accuracy {outcome.best_value:.4f}: "
+              + " ".join(f"{k} {v}" for k, v in outcome.best_params.items()))
+        print(f"recipe written to {outcome.recipe_path}: convnet train --recipe {outcome.recipe_path}")
+    if outcome.report_path is not None:
+        print(f"report written to {outcome.report_path}")
+    return 0
+
+
 def cmd_recipes(a: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from convnet.config import DEFAULT_RECIPE, PER_RUN
+    from convnet.config import DEFAULT_RECIPE, PER_RUN, read_recipe_file
 
+    if a.file is not None:  # one recipe file, as `convnet train --recipe FILE` reads it
+        config = read_recipe_file(a.file)
+        print(a.file)
+        for k, v in asdict(config).items():
+            if k not in PER_RUN:
+                print(f"  --{k.replace('_', '-'):<17} {v}")
+        return 0
     for name, config in RECIPES.items():
         default = [d for d, r in DEFAULT_RECIPE.items() if r == name]
         note = (f" (default on {', '.join(default)})" if default else
@@ -327,4 +356,4 @@ def cmd_datasets(a: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tutorial": cmd_tutorial,
             "models": cmd_models, "recipes": cmd_recipes, "datasets": cmd_datasets, "bench": cmd_bench,
             "report": cmd_report, "inspect": cmd_inspect, "compare": cmd_compare, "export": cmd_export,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "tune": cmd_tune}

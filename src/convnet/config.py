@@ -4,7 +4,9 @@ schedule and the record kept of each epoch."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from convnet.errors import ConvnetError, RunError
@@ -149,14 +151,16 @@ class TrainConfig:
                                        f"--{name.replace('_', '-')} {getattr(self, name)}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """A config from a run's ``config.json`` section; unknown keys are ignored.
+    def from_dict(cls, d: dict[str, Any], base: TrainConfig | None = None, where: str | None = None
+                  ) -> TrainConfig:
+        """A config from a run's ``config.json`` section (or a recipe file's settings laid
+        over ``base``); unknown keys are ignored.
 
         Raises:
-            RunError: a value of the wrong type.
+            RunError: a value of the wrong type (ConvnetError naming ``where``, a recipe file).
         """
         plain = cls()
-        values = {}
+        values = asdict(base) if base is not None else {}
         for f in fields(cls):
             if f.name not in d:
                 continue
@@ -164,6 +168,8 @@ class TrainConfig:
             ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value, ok = float(value), True
+            if not ok and where is not None:
+                raise ConvnetError(f"{where}: {f.name} = {value!r} should be a {want.__name__}")
             if not ok:
                 raise RunError(f"config value {f.name}={value!r} should be a {want.__name__}; "
                                "the run folder is damaged")
@@ -192,11 +198,60 @@ PER_RUN = ("seed", "val_split", "target_accuracy", "faithful", "repeats", "freez
 CALIBRATION_SPLIT = 0.1  # --calibrate without --val-split: the share of the training images held out for it
 
 
+RECIPE_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name not in PER_RUN)  # what a recipe holds
+RECIPE_BASE = "cpu"  # the named recipe a recipe file's settings are laid over, unless its `base` names another
+
+
 def recipe(name: str) -> TrainConfig:
-    """A copy of the named recipe's config."""
-    if name not in RECIPES:
-        raise ConvnetError(f"unknown --recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    return replace(RECIPES[name])
+    """A copy of the named recipe's config, or the one a recipe file holds
+    (:func:`read_recipe_file`: a ``.toml`` file, or any path to an existing file)."""
+    if name in RECIPES:
+        return replace(RECIPES[name])
+    if name.endswith(".toml") or os.sep in name or os.path.isfile(name):
+        return read_recipe_file(Path(name))
+    raise ConvnetError(f"unknown --recipe {name!r}; choose one of: {', '.join(RECIPES)}, or give a recipe file "
+                       "(.toml, as `convnet tune` writes)")
+
+
+def read_recipe_file(path: Path) -> TrainConfig:
+    """A recipe file: TOML, each key a setting of :class:`TrainConfig` by name (those of
+    :data:`RECIPE_FIELDS`), laid over the named recipe ``base`` (:data:`RECIPE_BASE`
+    unless the file says otherwise).
+
+    Raises:
+        ConvnetError: no such file, not TOML, an unknown key or a value of the wrong type.
+    """
+    import tomllib
+
+    try:
+        found = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvnetError(f"--recipe {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvnetError(f"--recipe {path}: cannot read it ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConvnetError(f"--recipe {path}: not a TOML file ({e})") from None
+    base = found.pop("base", RECIPE_BASE)
+    if base not in RECIPES:
+        raise ConvnetError(f"--recipe {path}: base = {base!r} is not a named recipe; choose one of: "
+                           f"{', '.join(RECIPES)}")
+    unknown = sorted(set(found) - set(RECIPE_FIELDS))
+    if unknown:
+        raise ConvnetError(f"--recipe {path}: unknown setting {', '.join(unknown)}; a recipe holds "
+                           f"{', '.join(RECIPE_FIELDS)} (and base)")
+    return TrainConfig.from_dict(found, base=RECIPES[base], where=f"--recipe {path}")
+
+
+def recipe_text(config: TrainConfig, comment: str, base: str = RECIPE_BASE) -> str:
+    """A recipe file holding ``config``'s recipe settings (:func:`read_recipe_file` reads it
+    back), headed by ``comment``."""
+    import json
+
+    lines = [f"# {line}" for line in comment.splitlines()] + [f"base = {json.dumps(base)}"]
+    for name in RECIPE_FIELDS:
+        value = getattr(config, name)
+        lines.append(f"{name} = {str(value).lower() if isinstance(value, bool) else json.dumps(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def resolve_config(recipe_name: str | None = None, overrides: dict[str, Any] | None = None, *,

@@ -1,0 +1,388 @@
+"""Hyperparameter search: ``convnet tune``, an Optuna study scored on a validation split.
+
+Each trial trains with the base recipe (sized to the data as ``convnet train`` sizes it)
+and the trial's values laid over it, on the training images less ``--val-split`` of them
+(stratified, the seed's split: the same for every trial), and is scored by the validation
+accuracy after its last epoch. The test split is never read. The training loop's events
+report the validation accuracy after every epoch to Optuna's median pruner (at the share of
+the trial's epochs done, so that short and long schedules are compared at the same point of
+their decay), which stops the trials that fall behind.
+
+With ``storage`` (a SQLite file or any database URL Optuna takes) several processes, on one
+machine or many, share one study: ``trials`` is the study's total (each process stops once
+the study has that many finished trials, so it can end with one extra per process), and
+``timeout`` bounds each process. The study's best trial is written as a recipe file
+(:func:`convnet.config.recipe_text`), which ``convnet train --recipe FILE`` trains with.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from convnet import htmlparts
+from convnet.config import RECIPE_FIELDS, TrainConfig, recipe, recipe_text, resolve_config, size_to_data
+from convnet.data import DataOptions, load_data
+from convnet.durable import atomic_write
+from convnet.engine import make_engine, resolve_device
+from convnet.errors import ConvnetError
+from convnet.events import TrainEvents
+from convnet.experiment import hflip_of, trained_images
+from convnet.training import train
+from convnet.trainstate import TrainState
+
+INSTALL = "pip install 'convnet[tune]'"
+BEST = "best.toml"  # the best trial's recipe, in the output folder
+REPORT = "report.html"
+PRUNE_AFTER = 5  # trials finished before the median pruner stops any
+PRUNE_FROM = 25  # nor before this share (%) of a trial's epochs is done
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting: a ``float`` or ``int`` range (``log``: on a log scale), a
+    ``choice`` among values, or a ``fixed`` value (narrowed to one)."""
+
+    name: str
+    kind: str
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind in ("fixed", "choice"):  # a fixed value too, so that the trial records it
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def describe(self) -> str:
+        if self.kind in ("fixed", "choice"):
+            return ", ".join(map(str, self.choices))
+        return f"{self.low:g} to {self.high:g}" + (" (log)" if self.log else "")
+
+
+def default_space(base: TrainConfig) -> dict[str, Param]:
+    """The search space around ``base``: its learning rate /10 to x3 and its epochs /4 to
+    x1, weight decay 1e-5 to 1e-3, label smoothing 0 to 0.2, batches of 64 to 256, and its
+    model or resnet20."""
+    return {
+        "lr": Param("lr", "float", base.lr / 10, base.lr * 3, log=True),
+        "weight_decay": Param("weight_decay", "float", 1e-5, 1e-3, log=True),
+        "epochs": Param("epochs", "int", max(1, base.epochs // 4), base.epochs),
+        "label_smoothing": Param("label_smoothing", "float", 0.0, 0.2),
+        "batch_size": Param("batch_size", "choice", choices=(64, 128, 256)),
+        "model": Param("model", "choice", choices=tuple(dict.fromkeys((base.model, "resnet20")))),
+    }
+
+
+def parse_param(name: str, spec: Any) -> Param:
+    """A setting's search from text (``LOW:HIGH``, ``LOW:HIGH:log``, ``A,B,C`` or one
+    value) or from a TOML value (a number, a string or a list of choices).
+
+    Raises:
+        ConvnetError: not a recipe setting, or a spec that does not fit its type.
+    """
+    if name not in RECIPE_FIELDS:
+        raise ConvnetError(f"--param {name}: not a setting a search can change; choose from "
+                           f"{', '.join(RECIPE_FIELDS)}")
+    want = type(getattr(TrainConfig(), name))
+
+    def value(text: Any) -> Any:
+        if isinstance(text, want) and not (want is int and isinstance(text, bool)):
+            return text
+        if want is float and isinstance(text, int) and not isinstance(text, bool):
+            return float(text)
+        if isinstance(text, str):
+            text = text.strip()
+            try:
+                return {"true": True, "false": False}[text.lower()] if want is bool else want(text)
+            except (KeyError, ValueError):
+                pass
+        raise ConvnetError(f"--param {name}={spec}: {text!r} is not a {want.__name__}")
+
+    if isinstance(spec, list):
+        return Param(name, "choice", choices=tuple(value(v) for v in spec))
+    if isinstance(spec, str) and ":" in spec and want in (int, float):
+        parts = spec.split(":")
+        log = len(parts) == 3 and parts[2].strip() == "log"
+        if len(parts) not in (2, 3) or (len(parts) == 3 and not log):
+            raise ConvnetError(f"--param {name}={spec}: a range is LOW:HIGH or LOW:HIGH:log")
+        low, high = value(parts[0]), value(parts[1])
+        if not low < high or (log and low <= 0):
+            raise ConvnetError(f"--param {name}={spec}: LOW must be below HIGH (and above 0 on a log scale)")
+        return Param(name, want.__name__, low, high, log=log)
+    if isinstance(spec, str) and "," in spec:
+        return Param(name, "choice", choices=tuple(value(v) for v in spec.split(",")))
+    return Param(name, "fixed", choices=(value(spec),))
+
+
+def read_space(path: Path) -> dict[str, Any]:
+    """A search-space file: TOML, each key a setting and its search as :func:`parse_param`
+    reads it (e.g. ``lr = "0.01:0.5:log"``, ``model = ["fastnet", "resnet20"]``)."""
+    import tomllib
+
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvnetError(f"--space {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConvnetError(f"--space {path}: not a readable TOML file ({e})") from None
+
+
+@dataclass
+class TuneRequest:
+    """Everything ``convnet tune`` is asked to do (see the module's docstring).
+
+    Attributes:
+        space: settings and their search, laid over the default space (:func:`parse_param`).
+        trials: the study's total of finished (complete or pruned) trials.
+        timeout: seconds this process may search (None: no bound).
+        storage: Optuna's storage URL; None: an in-memory study.
+        study: the study's name; None: the data's name and the recipe's.
+        out: where the best recipe (and the report) go; None: ``tune/STUDY``.
+        report: also write an HTML page of the study.
+        seed: the seed of every trial's training (weights, order, split) and, without
+            storage, of the sampler.
+    """
+
+    data: DataOptions = field(default_factory=DataOptions)
+    recipe: str | None = None
+    space: dict[str, Any] = field(default_factory=dict)
+    trials: int = 20
+    timeout: float | None = None
+    storage: str | None = None
+    study: str | None = None
+    out: Path | None = None
+    val_split: float = 0.1
+    seed: int = 42
+    report: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class TuneOutcome:
+    study: str
+    finished: int  # the study's finished trials
+    ran: int  # trials this process ran
+    best_value: float | None
+    best_trial: int | None
+    best_params: dict[str, Any]
+    recipe_path: Path | None
+    report_path: Path | None
+
+
+class Pruning(TrainEvents):
+    """Reports each epoch's validation accuracy to the trial (at the percentage of its
+    epochs done) and stops the trial when Optuna's pruner says so."""
+
+    def __init__(self, trial: Any) -> None:
+        self.trial = trial
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        import optuna
+
+        record = state.history[-1]
+        self.trial.report(record.val_accuracy, round(100 * record.epoch / state.config.epochs))
+        if self.trial.should_prune():
+            self.trial.set_user_attr("pruned_at_epoch", record.epoch)
+            raise optuna.TrialPruned()
+
+
+def check_request(request: TuneRequest) -> tuple[TrainConfig, str, dict[str, Param]]:
+    """Every check before any data is read: Optuna installed, the split, the trials, the
+    recipe and the space. Returns the base config, its name and the space."""
+    if importlib.util.find_spec("optuna") is None:
+        raise ConvnetError(f"convnet tune needs Optuna, which is not installed: {INSTALL}")
+    if not 0 < request.val_split < 1:
+        raise ConvnetError(f"--val-split must be in (0, 1) for tune: trials are scored on it, never on the test "
+                           f"split; got {request.val_split:g}")
+    if request.trials < 0:
+        raise ConvnetError(f"--trials must be at least 0, got {request.trials}")
+    if request.timeout is not None and not request.timeout > 0:
+        raise ConvnetError(f"--timeout must be a positive number of seconds, got {request.timeout:g}")
+    if request.study is not None and request.storage is None:
+        raise ConvnetError("--study names a study kept in --storage; give --storage too (an in-memory study "
+                           "has no name to share)")
+    device = resolve_device(request.device)
+    name = request.recipe or ("gpu" if device.type == "cuda" else "cpu")
+    base = recipe(name)
+    space = default_space(base) | {k: parse_param(k, v) for k, v in request.space.items()}
+    return base, name, space
+
+
+def trial_config(base_name: str, values: dict[str, Any], request: TuneRequest, train_images: int,
+                 device_type: str) -> TrainConfig:
+    """The config a trial trains with: the base recipe with the trial's values laid over
+    it, sized to the data as ``convnet train --recipe FILE`` sizes a recipe file's."""
+    config = resolve_config(base_name, values | {"seed": request.seed, "val_split": request.val_split},
+                            device_type=device_type, hflip=hflip_of(request.data))
+    config = replace(config, warmup_epochs=min(config.warmup_epochs, config.epochs))
+    config, _ = size_to_data(config, trained_images(train_images, request.val_split))
+    config.validate()
+    return config
+
+
+def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutcome:
+    """Search as ``request`` says (see the module's docstring).
+
+    Raises:
+        ConvnetError: a bad setting or input, named, before any data is read.
+    """
+    out_stream = stream or sys.stdout
+    base, base_name, space = check_request(request)
+    request.data.validate()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial, ours
+    data_name = Path(request.data.folder).name if request.data.folder else request.data.dataset
+    study_name = request.study or f"{data_name}-{base_name}"
+    out = request.out or Path("tune") / study_name
+    described = {"recipe": base_name, "data": data_name, "subset": request.data.subset,
+                 "val_split": request.val_split, "seed": request.seed,
+                 "space": {k: p.describe() for k, p in space.items()}}
+    sampler = optuna.samplers.TPESampler(seed=request.seed if request.storage is None else None)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER, n_warmup_steps=PRUNE_FROM)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=request.storage, direction="maximize",
+                                    sampler=sampler, pruner=pruner, load_if_exists=True)
+    except Exception as e:  # Optuna's, SQLAlchemy's and the driver's errors: all mean "cannot use this storage"
+        raise ConvnetError(f"--storage {request.storage}: cannot open the study ({str(e).splitlines()[0][:300]})") \
+            from None
+    kept = study.user_attrs.get("search")
+    if kept is None:
+        study.set_user_attr("search", described)
+    elif kept != described:
+        raise ConvnetError(f"study {study_name!r} searches {kept}; this process would search {described}: give "
+                           "the same data, recipe and space, or another --study")
+
+    def finished() -> int:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        return len(study.get_trials(deepcopy=False, states=states))
+
+    dataset = load_data(request.data, progress=False) if finished() < request.trials else None
+    device = resolve_device(request.device)
+    engine = make_engine(device)
+    ran = 0
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial: Any) -> float:
+        nonlocal ran
+        assert dataset is not None
+        ran += 1
+        trial.set_user_attr("process", worker)
+        values = {k: p.suggest(trial) for k, p in space.items()}
+        config = trial_config(base_name, values, request, len(dataset.train), device.type)
+        start = time.perf_counter()
+        try:
+            result = train(config, dataset.train, dataset.spec, engine=engine, events=[Pruning(trial)])
+        except optuna.TrialPruned:
+            at = trial.user_attrs.get("pruned_at_epoch")
+            print(f"trial {trial.number}: pruned after epoch {at} of {config.epochs}  "
+                  f"{time.perf_counter() - start:.0f} s  {_values(values)}", file=out_stream, flush=True)
+            raise
+        accuracy = float(result.history[-1].val_accuracy or 0.0)
+        best = max([accuracy, *(t.value for t in study.get_trials(deepcopy=False)
+                                if t.value is not None and t.number != trial.number)])
+        print(f"trial {trial.number}: val accuracy {accuracy:.4f}  {time.perf_counter() - start:.0f} s  "
+              f"{_values(values)}  (best so far {best:.4f})", file=out_stream, flush=True)
+        return accuracy
+
+    if dataset is not None:
+        print(f"tune: study {study_name!r}, {finished()} of {request.trials} trials finished; {len(dataset.train):,} "
+              f"{dataset.name} images, {request.val_split:g} held out for scoring", file=out_stream, flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            stop = optuna.study.MaxTrialsCallback(request.trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                                          optuna.trial.TrialState.PRUNED))
+        study.optimize(objective, timeout=request.timeout, callbacks=[stop], catch=(ConvnetError,))
+    return _finish(study, request, out, base, base_name, finished(), ran)
+
+
+def _values(values: dict[str, Any]) -> str:
+    return " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
+
+def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base_name: str, finished: int,
+            ran: int) -> TuneOutcome:
+    """The best trial's recipe (and the report) written into ``out``."""
+    complete = [t for t in study.trials if t.value is not None]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    recipe_path = report_path = None
+    if best is not None or request.report:
+        out.mkdir(parents=True, exist_ok=True)
+    if best is not None:
+        config = resolve_config(base_name, dict(best.params), hflip=hflip_of(request.data))
+        config = replace(config, warmup_epochs=min(config.warmup_epochs, config.epochs))
+        comment = (f"convnet recipe: the best of {finished} trials of study {study.study_name!r} (trial "
+                   f"{best.number}),\nvalidation accuracy {best.value:.4f} on --val-split {request.val_split:g}, "
+                   f"--seed {request.seed}")
+        text = recipe_text(config, comment, base=base_name).encode()
+        recipe_path = out / BEST
+        atomic_write(recipe_path, lambda f: f.write(text))
+    if request.report:
+        page = study_html(study, best.number if best else None).encode()
+        report_path = out / REPORT
+        atomic_write(report_path, lambda f: f.write(page))
+    return TuneOutcome(study.study_name, finished, ran, best.value if best else None, best.number if best else None,
+                       dict(best.params) if best else {}, recipe_path, report_path)
+
+
+def study_html(study: Any, best: int | None) -> str:
+    """An HTML page of the study: its trials, and Optuna's optimisation history and
+    parameter importances (matplotlib), embedded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import optuna
+    from matplotlib import pyplot as plt
+
+    def picture(draw: Any, alt: str) -> str:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = draw(study)
+        except (ValueError, RuntimeError) as e:  # e.g. importances need two finished trials
+            return f"<p>{html.escape(alt)}: {html.escape(str(e))}</p>"
+        buffer = io.BytesIO()
+        axes.figure.set_size_inches(8, 4.5)
+        axes.figure.tight_layout()
+        axes.figure.savefig(buffer, format="png", dpi=110)
+        plt.close(axes.figure)
+        return htmlparts.img(buffer.getvalue(), alt)
+
+    names = sorted({k for t in study.trials for k in t.params})
+    rows = [[t.number, t.state.name.lower(), "" if t.value is None else f"{t.value:.4f}",
+             *(_cell(t.params.get(k)) for k in names),
+             "" if t.datetime_complete is None or t.datetime_start is None
+             else f"{(t.datetime_complete - t.datetime_start).total_seconds():.0f}", t.user_attrs.get("process", "")]
+            for t in study.trials]
+    title = html.escape(f"convnet tune: study {study.study_name}")
+    return "".join([
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>',
+        f"<style>{htmlparts.CSS}</style></head><body><h1>{title}</h1>",
+        f"<p>{len(study.trials)} trials; best: trial {best}.</p>" if best is not None else "<p>No finished trial.</p>",
+        picture(optuna.visualization.matplotlib.plot_optimization_history, "optimisation history"),
+        picture(optuna.visualization.matplotlib.plot_param_importances, "parameter importances"),
+        htmlparts.table(["trial", "state", "val accuracy", *names, "seconds", "process"], rows),
+        "</body></html>\n",
+    ])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+

@@ -1,0 +1,139 @@
+"""`convnet tune`: an Optuna study on a validation split, shared by two processes through SQLite;
+the recipe it writes reproduces the best trial; pruning through the loop's events; the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convnet import runs, tune
+from convnet.catalog import load_dataset
+from convnet.cli import main
+from convnet.config import TrainConfig, read_recipe_file
+from convnet.errors import ConvnetError
+from convnet.training import train
+
+optuna = pytest.importorskip("optuna")
+
+TRIALS = 6
+SMALL = ["--param", "model=seed", "--param", "epochs=1:2", "--param", "batch_size=32", "--subset", "200"]
+
+
+@pytest.fixture(scope="module")
+def shared_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path, list[str]]:
+    """Two `convnet tune` processes started at once on one SQLite study of TRIALS trials."""
+    from .conftest import make_dataset_dir
+
+    base = tmp_path_factory.mktemp("tune")
+    data = make_dataset_dir(base / "toy")
+    storage = f"sqlite:///{base / 'study.db'}"
+    command = [sys.executable, "-m", "convnet", "tune", "--device", "cpu", "--data-dir", str(data), "--storage",
+               storage, "--study", "toy", "--trials", str(TRIALS), "--out", str(base / "out"), *SMALL]
+    started = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = []
+    for p in started:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err
+        outputs.append(out)
+    return data, storage, base / "out", outputs
+
+
+def test_two_processes_share_one_study(shared_study: tuple[Path, str, Path, list[str]]) -> None:
+    _, storage, out, outputs = shared_study
+    study = optuna.load_study(study_name="toy", storage=storage)
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert TRIALS <= len(done) <= TRIALS + 2  # each process stops at the total: at most one extra each
+    assert len({t.user_attrs["process"] for t in done}) == 2  # both contributed
+    assert all(o.count("\ntrial ") + o.startswith("trial ") >= 1 for o in outputs)  # one line per trial, in each
+    assert (out / tune.BEST).is_file()
+
+
+def test_the_recipe_reproduces_the_best_trial(shared_study: tuple[Path, str, Path, list[str]],
+                                              tmp_path: Path) -> None:
+    data, storage, out, _ = shared_study
+    study = optuna.load_study(study_name="toy", storage=storage)
+    config = read_recipe_file(out / tune.BEST)
+    assert config.model == "seed" and config.epochs == study.best_params["epochs"]
+    assert config.lr == pytest.approx(study.best_params["lr"], rel=1e-12)
+    run = tmp_path / "run"
+    assert main(["train", "--device", "cpu", "--data-dir", str(data), "--recipe", str(out / tune.BEST),
+                 "--val-split", "0.1", "--subset", "200", "--out", str(run), "--no-progress"]) == 0
+    history = json.loads((run / runs.HISTORY).read_text())
+    assert history[-1]["val_accuracy"] == pytest.approx(study.best_value, abs=0.005)
+    assert main(["recipes", str(out / tune.BEST)]) == 0
+
+
+def test_a_finished_study_writes_its_report_without_training(shared_study: tuple[Path, str, Path, list[str]],
+                                                             tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    data, storage, _, _ = shared_study
+    before = len(optuna.load_study(study_name="toy", storage=storage).trials)
+    assert main(["tune", "--device", "cpu", "--data-dir", str(data), "--storage", storage, "--study", "toy",
+                 "--trials", str(TRIALS), "--out", str(tmp_path), "--report", *SMALL]) == 0
+    assert "0 run by this process" in capsys.readouterr().out
+    assert len(optuna.load_study(study_name="toy", storage=storage).trials) == before
+    page = (tmp_path / tune.REPORT).read_text()
+    assert page.count("<img") == 2 and 'alt="optimisation history"' in page and 'alt="parameter importances"' in page
+    assert page.count("<tr>") == before + 1  # a row per trial, and the header
+
+
+def test_a_process_with_another_search_is_refused(shared_study: tuple[Path, str, Path, list[str]],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data, storage, _, _ = shared_study
+    assert main(["tune", "--device", "cpu", "--data-dir", str(data), "--storage", storage, "--study", "toy",
+                 "--trials", str(TRIALS + 1), *SMALL[:-2], "--subset", "100"]) == 1
+    assert "give the same data, recipe and space, or another --study" in capsys.readouterr().err
+
+
+def test_the_pruner_stops_a_trial_from_the_loops_events(toy_dir: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir, subset=100)
+    config = TrainConfig(model="seed", optimizer="sgd", lr=0.05, epochs=3, batch_size=32, val_split=0.2)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    study.optimize(lambda trial: train(config, ds.train, ds.spec, events=[tune.Pruning(trial)]).history[-1]
+                   .val_accuracy, n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["pruned_at_epoch"] == 1
+    assert list(trial.intermediate_values) == [33]  # reported at the share of the trial's epochs done
+
+
+def test_search_specs() -> None:
+    assert tune.parse_param("lr", "0.01:0.5:log") == tune.Param("lr", "float", 0.01, 0.5, log=True)
+    assert tune.parse_param("epochs", "4:12") == tune.Param("epochs", "int", 4, 12)
+    assert tune.parse_param("model", "fastnet,resnet20").choices == ("fastnet", "resnet20")
+    assert tune.parse_param("batch_size", [64, 128]).choices == (64, 128)
+    assert tune.parse_param("momentum", "0.9") == tune.Param("momentum", "fixed", choices=(0.9,))
+    assert tune.parse_param("tta", "false").choices == (False,)
+    for name, spec, message in [("seed", "1:2", "not a setting a search can change"),
+                                ("lr", "0.5:0.1", "LOW must be below HIGH"), ("lr", "0:1:log", "above 0"),
+                                ("epochs", "a:b", "'a' is not a int"), ("lr", "1:2:3", "LOW:HIGH or LOW:HIGH:log")]:
+        with pytest.raises(ConvnetError, match=message):
+            tune.parse_param(name, spec)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--val-split", "0"], "--val-split must be in (0, 1) for tune"),
+    (["--study", "x"], "--study names a study kept in --storage"),
+    (["--param", "lr"], "give NAME=SPEC"),
+    (["--param", "lr=abc"], "'abc' is not a float"),
+    (["--recipe", "nope"], "unknown --recipe 'nope'"),
+    (["--space", "/nonexistent/space.toml"], "no such file"),
+])
+def test_bad_flags_are_one_line_and_write_nothing(args: list[str], message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tune", "--device", "cpu", "--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "o"),
+                 *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_optuna_tune_names_the_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    real = tune.importlib.util.find_spec
+    monkeypatch.setattr(tune.importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    assert main(["tune", "--device", "cpu", "--out", str(tmp_path / "o")]) == 1
+    assert "convnet tune needs Optuna, which is not installed: pip install 'convnet[tune]'" in capsys.readouterr().err
