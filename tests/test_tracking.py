@@ -65,17 +65,18 @@ def _train(data: Path, *extra: str) -> int:
 def test_a_tracked_run_survives_a_crash_and_resume(toy_dir: Path, tmp_path: Path, mlflow_server: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
-    keep = events.RunWriter.on_epoch_end
+    keep = events.save_checkpoint
 
-    def crash_in_epoch_2(self: events.RunWriter, state: events.TrainState) -> None:
-        if state.epoch == 2:  # the worst moment: epoch 2 sent to the trackers, its checkpoint not yet written
+    def crash_in_epoch_2(path: Path, state: events.TrainState) -> None:
+        if state.epoch == 2:  # the worst moment: epoch 2 sent to the trackers and in history.json, no checkpoint
             raise KeyboardInterrupt
-        keep(self, state)
+        keep(path, state)
 
     with monkeypatch.context() as m:
-        m.setattr(events.RunWriter, "on_epoch_end", crash_in_epoch_2)
+        m.setattr(events, "save_checkpoint", crash_in_epoch_2)
         assert _train(toy_dir, "--out", str(run), "--log", "tensorboard", "--log", "mlflow",
                       "--mlflow-uri", mlflow_server) == 130
+    assert len(json.loads((run / runs.HISTORY).read_text())) == 2  # one epoch more than the checkpoint holds
     record = json.loads((run / tracking.RECORD).read_text())
     run_id = record["mlflow"]["run_id"]
     client = MlflowClient(mlflow_server)
@@ -133,6 +134,7 @@ def test_the_estimator_logs_each_fit(tmp_path: Path, mlflow_server: str) -> None
      "leave out --log, --mlflow-uri"),
     (["--mlflow-uri", "http://127.0.0.1:9"], "--mlflow-uri says where MLflow keeps runs: give it with --log mlflow"),
     (["--log", "mlflow", "--mlflow-uri", "nosuchscheme://x"], "--log mlflow: cannot use nosuchscheme://x"),
+    (["--log", "mlflow", "--mlflow-uri", "http://127.0.0.1:9"], "--log mlflow: cannot reach http://127.0.0.1:9"),
 ])
 def test_tracking_flags_are_checked_before_anything_is_written(toy_dir: Path, tmp_path: Path, args: list[str],
                                                                message: str,

@@ -93,11 +93,23 @@ def test_the_pruner_stops_a_trial_from_the_loops_events(toy_dir: Path) -> None:
     ds = load_dataset("fashion-mnist", toy_dir, subset=100)
     config = TrainConfig(model="seed", optimizer="sgd", lr=0.05, epochs=3, batch_size=32, val_split=0.2)
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
-    study.optimize(lambda trial: train(config, ds.train, ds.spec, events=[tune.Pruning(trial)]).history[-1]
-                   .val_accuracy, n_trials=1)
+    stopped = []
+
+    def objective(trial: optuna.Trial) -> float:
+        pruning = tune.Pruning(trial)
+        result = train(config, ds.train, ds.spec, events=[pruning])
+        stopped.append((pruning.pruned_at, len(result.history)))
+        raise optuna.TrialPruned()
+
+    study.optimize(objective, n_trials=1)
+    assert stopped == [(1, 1)]  # the loop stopped after the epoch the pruner spoke
     (trial,) = study.trials
-    assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["pruned_at_epoch"] == 1
-    assert list(trial.intermediate_values) == [33]  # reported at the share of the trial's epochs done
+    assert list(trial.intermediate_values) == [10, 20, 30]  # every tenth of the epochs done: 1 of 3 is 33 %
+
+
+def test_the_space_is_checked_before_any_data_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tune", "--device", "cpu", "--data-dir", str(tmp_path / "nodata"), "--param", "model=seed,nope"]) == 1
+    assert "--param model: 'nope' cannot be trained: unknown model 'nope'" in capsys.readouterr().err
 
 
 def test_search_specs() -> None:

@@ -43,7 +43,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     overrides = {f.name: getattr(a, f.name, None) for f in fields(TrainConfig) if f.name != "faithful"}
     request = TrainRequest(overrides=overrides, data=data_options(a), recipe=a.recipe, faithful=a.faithful,
                            device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress,
-                           init_from=a.init_from, log=tuple(a.log), mlflow_uri=a.mlflow_uri)
+                           init_from=a.init_from, log=tuple(a.log), mlflow_uri=a.mlflow_uri,
+                           mlflow_experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "convnet")
     outcome = run_training(request, env=dict(os.environ))
     if outcome.evaluation is None:  # not the main process under torchrun
         return 0

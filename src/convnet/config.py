@@ -3,8 +3,10 @@ schedule and the record kept of each epoch."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -221,8 +223,6 @@ def read_recipe_file(path: Path) -> TrainConfig:
     Raises:
         ConvnetError: no such file, not TOML, an unknown key or a value of the wrong type.
     """
-    import tomllib
-
     try:
         found = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -232,7 +232,7 @@ def read_recipe_file(path: Path) -> TrainConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConvnetError(f"--recipe {path}: not a TOML file ({e})") from None
     base = found.pop("base", RECIPE_BASE)
-    if base not in RECIPES:
+    if not isinstance(base, str) or base not in RECIPES:
         raise ConvnetError(f"--recipe {path}: base = {base!r} is not a named recipe; choose one of: "
                            f"{', '.join(RECIPES)}")
     unknown = sorted(set(found) - set(RECIPE_FIELDS))
@@ -245,11 +245,11 @@ def read_recipe_file(path: Path) -> TrainConfig:
 def recipe_text(config: TrainConfig, comment: str, base: str = RECIPE_BASE) -> str:
     """A recipe file holding ``config``'s recipe settings (:func:`read_recipe_file` reads it
     back), headed by ``comment``."""
-    import json
-
     lines = [f"# {line}" for line in comment.splitlines()] + [f"base = {json.dumps(base)}"]
     for name in RECIPE_FIELDS:
         value = getattr(config, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConvnetError(f"recipe setting {name} = {value}: TOML has no such number")
         lines.append(f"{name} = {str(value).lower() if isinstance(value, bool) else json.dumps(value)}")
     return "\n".join(lines) + "\n"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import asdict, replace
@@ -206,20 +207,20 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         engine = make_engine(device, faithful=config.faithful)
         data = Split(images, torch.from_numpy(labels.astype(np.int64)))
         events = [ConsolePrinter(sys.stdout) if self.verbose else None]
-        tracker = None
-        if trackers:  # a tracked run of its own per fit, named as `convnet train` names a run folder
-            name = f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
-            tracker = start(connect(trackers, self.mlflow_uri), None, name, config,
-                            {"name": "arrays", "train_images": len(images)},
-                            tensorboard_dir=Path(self.log_dir or "tensorboard") / name)
-            events.append(tracker)
         # warm: from the weights learned so far, with a fresh optimizer and schedule
         init = uncalibrated(self.model_)[0].state_dict() if warm else None
         if source is not None:
             init = fit(source, config.model, spec, config.seed)[0]
+        tracker = None
+        if trackers:  # a tracked run of its own per fit (several fits a second apart in a grid search too)
+            name = f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+            tracker = start(connect(trackers, self.mlflow_uri), None, name, config,
+                            {"name": "arrays", "train_images": len(images)},
+                            tensorboard_dir=Path(self.log_dir or "tensorboard") / name)
+            events.append(tracker)
         result = tracked(tracker, lambda: train(config, data, spec, engine=engine, events=events, init=init))
         if tracker is not None:
-            tracker.finish()
+            tracker.finish({"train": {"accuracy": result.history[-1].accuracy}})
         done = len(self.history_) if warm else 0
         history = [*(self.history_ if warm else []), *({**asdict(r), "epoch": done + r.epoch} for r in result.history)]
         self.classes_, self.input_spec_, self.config_ = classes, spec, config

@@ -33,7 +33,7 @@ from convnet.loadrun import load_run
 from convnet.pretrained import Source, fit, model_of, open_source, spec_for
 from convnet.report import write_plots
 from convnet.scoring import evaluate_run
-from convnet.tracking import Tracker, check_log, connect, resume_tracking, start
+from convnet.tracking import EXPERIMENT, Tracker, check_log, connect, resume_tracking, start
 from convnet.training import TrainResult, resume, train
 
 
@@ -54,7 +54,9 @@ class TrainRequest:
         init_from: start from these weights (a run folder or a ``.safetensors`` file,
             see :mod:`convnet.pretrained`) instead of fresh ones.
         log: trackers to send the run to (``tensorboard``, ``mlflow``: :mod:`convnet.tracking`).
-        mlflow_uri: where MLflow keeps runs (None: ``MLFLOW_TRACKING_URI``, else MLflow's default).
+        mlflow_uri: where MLflow keeps runs (None: MLflow's default, which its
+            ``MLFLOW_TRACKING_URI`` sets).
+        mlflow_experiment: the MLflow experiment the run goes into.
     """
 
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +70,7 @@ class TrainRequest:
     init_from: str | None = None
     log: tuple[str, ...] = ()
     mlflow_uri: str | None = None
+    mlflow_experiment: str = EXPERIMENT
 
 
 @dataclass
@@ -122,7 +125,7 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
         run = runs.open_run(request.resume)
         config = TrainConfig.from_dict(run.config["train"])
         engine = replace(make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
-        tracker = resume_tracking(run.path, len(run.history)) if rank == 0 else None  # as the run recorded
+        tracker = resume_tracking(run.path) if rank == 0 else None  # as the run recorded
         result = tracked(tracker, lambda: resume(run, engine=engine, events=[printer, tracker],
                                                  data_dir=request.data.data_dir,
                                                  progress=request.progress and rank == 0))
@@ -138,7 +141,8 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
         request.data.validate()
         runs.check_out(request.out)
         trackers = check_log(request.log, request.mlflow_uri)
-        connection = connect(trackers, request.mlflow_uri) if trackers and rank == 0 else None  # reached, or refused
+        connection = connect(trackers, request.mlflow_uri, request.mlflow_experiment) \
+            if trackers and rank == 0 else None  # reached, or refused
         dataset = load_data(request.data, progress=request.progress and rank == 0)
         config, sizing = plan(len(dataset.train))
         if source is not None:  # the normalization the weights were trained with (a hub model's)
@@ -176,20 +180,25 @@ def _run(request: TrainRequest, info: DistributedInfo | None, out: TextIO) -> Tr
     # a --target-accuracy run measured the final model's test logits last: they are reused; it is timed to
     # that accuracy, so the training images are not scored again (`convnet evaluate RUN` does that)
     test_logits = stop[0].logits if stop else None
-    evaluation = evaluate_run(result.run_dir, engine=single_process(engine), data_dir=request.data.data_dir,
-                              dataset=dataset, test_logits=test_logits,  # the data in memory, not read again
-                              score_train=not result.config.target_accuracy)
-    if tracker is not None:  # the scores, the pictures a user looks at first, and the run folder
-        images = (dataset or load_run(result.run_dir, engine=single_process(engine)).dataset(
-            request.data.data_dir, progress=False)).test.images
-        pictures = write_plots(result.run_dir, evaluation, images, result.model)
-        tracker.finish(evaluation.to_json(), {k: pictures[k] for k in ("confusion_matrix", "mistakes")},
-                       result.run_dir)
-    return TrainOutcome(result, evaluation)
+    run_dir = result.run_dir
+
+    def scored() -> Evaluation:
+        evaluation = evaluate_run(run_dir, engine=single_process(engine), data_dir=request.data.data_dir,
+                                  dataset=dataset, test_logits=test_logits,  # the data in memory, not read again
+                                  score_train=not result.config.target_accuracy)
+        if tracker is not None:  # the scores, the pictures a user looks at first, and the run folder
+            images = (dataset or load_run(run_dir, engine=single_process(engine)).dataset(
+                request.data.data_dir, progress=False)).test.images
+            pictures = write_plots(run_dir, evaluation, images, result.model)
+            tracker.finish(evaluation.to_json(), {k: pictures[k] for k in ("confusion_matrix", "mistakes")}, run_dir)
+        return evaluation
+
+    return TrainOutcome(result, tracked(tracker, scored))
 
 
-def tracked(tracker: Tracker | None, training: Callable[[], TrainResult]) -> TrainResult:
-    """``training()``, with the trackers told how it ended if it does not finish."""
+def tracked(tracker: Tracker | None, training: Callable[[], Any]) -> Any:
+    """``training()`` (or the scoring after it), with the trackers told how it ended if
+    it does not finish."""
     try:
         return training()
     except BaseException as e:

@@ -5,11 +5,12 @@
   finds every run's): per epoch the loss, the accuracies, the learning rate and the
   throughput; at the end the final scores and the confusion matrix and mistakes grid as
   images. Written by PyTorch's ``SummaryWriter``.
-* **MLflow**: a run in the experiment named by ``MLFLOW_EXPERIMENT_NAME`` (else
-  ``convnet``), on ``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's own
-  default: the resolved config and the data as parameters, the same per-epoch metrics,
-  the final scores, the run folder as artifacts (and later the ``.onnx`` file that
-  ``convnet export`` writes). A run that fails or is interrupted is marked so.
+* **MLflow**: a run in the experiment ``convnet`` (the command line takes another from
+  ``MLFLOW_EXPERIMENT_NAME``), on ``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else
+  MLflow's own default (a local store's path made absolute): the resolved config and the
+  data as parameters, the same per-epoch metrics, the final scores, the run folder as
+  artifacts (and later the ``.onnx`` file that ``convnet export`` writes). A run that fails
+  or is interrupted is marked so; a server that stops answering is named once and left out.
 
 The run folder records which (:data:`RECORD`), so ``--resume`` continues the same
 TensorBoard folder (dropping any point after the checkpoint it resumes from) and the same
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import socket
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -82,34 +84,53 @@ def final_metrics(scores: Mapping[str, Any]) -> dict[str, float]:
 def parameters(config: TrainConfig, data: Mapping[str, Any]) -> dict[str, str]:
     """The resolved settings and what the data was, as MLflow parameters."""
     found = {**asdict(config), **{f"data.{k}": v for k, v in data.items() if not isinstance(v, dict | list)}}
-    return {k: str(v)[:500] for k, v in found.items()}  # MLflow's limit on a value
+    return {k: str(v)[:6000] for k, v in found.items()}  # MLflow's limit on a value
 
 
 class Tracker(TrainEvents):
     """Sends each epoch to the trackers during training (a loop event), then the final
-    scores, pictures and files (:meth:`finish`), or how it ended (:meth:`fail`)."""
+    scores, pictures and files (:meth:`finish`), or how it ended (:meth:`fail`).
 
-    def __init__(self, folder: Path | None, record: dict[str, Any], *, resumed_at: int = 0) -> None:
+    The trackers open when training starts, after a resumed run's checkpoint is read:
+    TensorBoard then drops any point after the epochs the checkpoint holds. A tracker that
+    stops answering (an MLflow server gone) is named once on stderr and left out for the
+    rest of the run: training goes on, and the run folder keeps everything."""
+
+    def __init__(self, folder: Path | None, record: dict[str, Any]) -> None:
         self.folder, self.record = folder, record
-        self.step = resumed_at
+        self.step = 0
         self.writer: Any = None
         self.client: Any = None
-        if "tensorboard" in record["trackers"]:
+        self.opened = False
+
+    def on_train_start(self, state: TrainState, num_images: int) -> None:
+        self.step = state.epoch
+        if "tensorboard" in self.record["trackers"]:
             from torch.utils.tensorboard import SummaryWriter  # needs tensorboard: only when asked for
 
-            self.writer = SummaryWriter(log_dir=str(self._tensorboard_dir()), purge_step=resumed_at + 1
-                                        if resumed_at else None)
-        if "mlflow" in record["trackers"]:
-            self.client = _client(record["mlflow"]["tracking_uri"])
-            if resumed_at:
-                self.client.update_run(record["mlflow"]["run_id"], status="RUNNING")
-
-    def _tensorboard_dir(self) -> Path:
-        return Path(self.record["tensorboard"]) if self.folder is None else self.folder / self.record["tensorboard"]
+            folder = Path(self.record["tensorboard"]) if self.folder is None else self.folder / self.record[
+                "tensorboard"]
+            self.writer = SummaryWriter(log_dir=str(folder), purge_step=state.epoch + 1 if state.epoch else None)
+        if "mlflow" in self.record["trackers"]:
+            self.client = _client(self.record["mlflow"]["tracking_uri"])
+            if state.epoch:
+                self._mlflow(lambda run_id: self.client.update_run(run_id, status="RUNNING"))
+        self.opened = True
 
     def on_epoch_end(self, state: TrainState) -> None:
         self.step = state.history[-1].epoch
         self.log(epoch_metrics(state))
+
+    def _mlflow(self, call: Any) -> None:
+        """``call(run_id)`` on the MLflow run; on failure, one line and no more MLflow."""
+        if self.client is None:
+            return
+        try:
+            call(self.record["mlflow"]["run_id"])
+        except Exception as e:  # MLflow's, requests' and the store's errors alike
+            print(f"convnet: MLflow stopped answering ({str(e).splitlines()[0][:200]}); the rest of this run is "
+                  "in the run folder only", file=sys.stderr, flush=True)
+            self.client = None
 
     def log(self, metrics: Mapping[str, float]) -> None:
         if self.writer is not None:
@@ -120,8 +141,8 @@ class Tracker(TrainEvents):
             from mlflow.entities import Metric  # needs mlflow: only when asked for
 
             now = int(time.time() * 1000)
-            self.client.log_batch(self.record["mlflow"]["run_id"], metrics=[
-                Metric(name.replace("/", "_"), value, now, self.step) for name, value in metrics.items()])
+            batch = [Metric(name.replace("/", "_"), value, now, self.step) for name, value in metrics.items()]
+            self._mlflow(lambda run_id: self.client.log_batch(run_id, metrics=batch))
 
     def finish(self, scores: Mapping[str, Any] | None = None, pictures: Mapping[str, Path] | None = None,
                artifacts: Path | None = None) -> None:
@@ -135,18 +156,21 @@ class Tracker(TrainEvents):
                 with Image.open(path) as im:
                     self.writer.add_image(name, np.asarray(im.convert("RGB")), self.step, dataformats="HWC")
             self.writer.close()
-        if self.client is not None:
-            run_id = self.record["mlflow"]["run_id"]
-            if artifacts is not None:
-                self.client.log_artifacts(run_id, str(artifacts))
-            self.client.set_terminated(run_id, "FINISHED")
+            self.writer = None
+        if artifacts is not None:
+            self._mlflow(lambda run_id: self.client.log_artifacts(run_id, str(artifacts)))
+        self._mlflow(lambda run_id: self.client.set_terminated(run_id, "FINISHED"))
+        self.client = None
 
     def fail(self, interrupted: bool) -> None:
-        """Close the trackers after an error (``FAILED``) or Ctrl-C (``KILLED``)."""
+        """Close the trackers after an error (``FAILED``) or Ctrl-C (``KILLED``); never raises."""
         if self.writer is not None:
             self.writer.close()
-        if self.client is not None:
-            self.client.set_terminated(self.record["mlflow"]["run_id"], "KILLED" if interrupted else "FAILED")
+            self.writer = None
+        if self.client is None and "mlflow" in self.record["trackers"] and not self.opened:
+            self.client = _client(self.record["mlflow"]["tracking_uri"])  # failed before training started
+        self._mlflow(lambda run_id: self.client.set_terminated(run_id, "KILLED" if interrupted else "FAILED"))
+        self.client = None
 
 
 def _client(uri: str | None) -> Any:
@@ -155,9 +179,41 @@ def _client(uri: str | None) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def connect(names: Sequence[str], mlflow_uri: str | None = None) -> dict[str, Any]:
-    """Before any data is read: MLflow's store reached and its experiment found or made
-    (``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default).
+def absolute_uri(uri: str) -> str:
+    """A local store's URI with an absolute path (``sqlite:///mlflow.db``, ``./mlruns``,
+    ``file:mlruns``), so that ``--resume`` and ``convnet export`` find it from any folder."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if uri.startswith("file:") and not uri.startswith("file:///"):
+        return Path(uri[len("file:"):].lstrip("/") or ".").resolve().as_uri()
+    if "://" not in uri and ":" not in uri.split("/")[0]:  # a plain path
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def reachable(uri: str, timeout: float = 5.0) -> None:
+    """For an ``http(s)`` store: its host accepts a connection within ``timeout`` seconds
+    (MLflow itself retries for minutes before it gives up).
+
+    Raises:
+        ConvnetError: it does not.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as e:
+        raise ConvnetError(f"--log mlflow: cannot reach {uri} ({e.strerror or e}); start the tracking server "
+                           "or give another --mlflow-uri") from None
+
+
+def connect(names: Sequence[str], mlflow_uri: str | None = None, experiment: str = EXPERIMENT) -> dict[str, Any]:
+    """Before any data is read: MLflow's store reached and ``experiment`` found or made
+    (``mlflow_uri``; None: MLflow's own default, which its ``MLFLOW_TRACKING_URI`` sets).
 
     Raises:
         ConvnetError: the store cannot be reached, named with MLflow's reason.
@@ -165,16 +221,21 @@ def connect(names: Sequence[str], mlflow_uri: str | None = None) -> dict[str, An
     found: dict[str, Any] = {"trackers": list(names)}
     if "mlflow" not in names:
         return found
-    uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if mlflow_uri is not None:
+        reachable(mlflow_uri)
     try:
-        client = _client(uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
+        client = _client(absolute_uri(mlflow_uri) if mlflow_uri is not None else None)
+        uri = absolute_uri(client.tracking_uri)
+        if uri != client.tracking_uri:
+            client = _client(uri)
+        got = client.get_experiment_by_name(experiment)
+        experiment_id = got.experiment_id if got is not None else client.create_experiment(experiment)
+    except ConvnetError:
+        raise
     except Exception as e:  # MLflow raises its own, requests' and SQLAlchemy's errors: all mean "not reached"
-        where = uri or "MLflow's default store"
+        where = mlflow_uri or "MLflow's default store"
         raise ConvnetError(f"--log mlflow: cannot use {where}: {str(e).splitlines()[0][:300]}") from None
-    found["mlflow"] = {"tracking_uri": client.tracking_uri, "experiment_id": experiment_id, "experiment": name}
+    found["mlflow"] = {"tracking_uri": uri, "experiment_id": experiment_id, "experiment": experiment}
     return found
 
 
@@ -182,28 +243,36 @@ def start(connection: dict[str, Any], folder: Path | None, name: str, config: Tr
           data: Mapping[str, Any], *, tensorboard_dir: Path | None = None) -> Tracker:
     """A new tracked run named ``name``: the MLflow run made with the parameters, the
     TensorBoard folder (``folder/tensorboard``, or ``tensorboard_dir`` without a run
-    folder), and, in a run folder, :data:`RECORD` written for ``--resume``."""
+    folder), and, in a run folder, :data:`RECORD` written for ``--resume``.
+
+    Raises:
+        ConvnetError: MLflow's store stopped answering since :func:`connect`.
+    """
     record = dict(connection)
     if "tensorboard" in record["trackers"]:
         record["tensorboard"] = TENSORBOARD if tensorboard_dir is None else str(tensorboard_dir)
     if "mlflow" in record["trackers"]:
         m = record["mlflow"] = dict(record["mlflow"])
-        client = _client(m["tracking_uri"])
-        tags = {"convnet.run_folder": str(folder.resolve())} if folder is not None else {}
-        m["run_id"] = client.create_run(m["experiment_id"], run_name=name, tags=tags).info.run_id
-        from mlflow.entities import Param  # needs mlflow: only when asked for
+        try:
+            client = _client(m["tracking_uri"])
+            tags = {"convnet.run_folder": str(folder.resolve())} if folder is not None else {}
+            m["run_id"] = client.create_run(m["experiment_id"], run_name=name, tags=tags).info.run_id
+            from mlflow.entities import Param  # needs mlflow: only when asked for
 
-        params = [Param(k, v) for k, v in parameters(config, data).items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
-            client.log_batch(m["run_id"], params=params[i:i + 100])
+            params = [Param(k, v) for k, v in parameters(config, data).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
+                client.log_batch(m["run_id"], params=params[i:i + 100])
+        except Exception as e:
+            raise ConvnetError(f"--log mlflow: cannot start a run in {m['tracking_uri']}: "
+                               f"{str(e).splitlines()[0][:300]}") from None
     if folder is not None:
         write_json(folder / RECORD, record)
     return Tracker(folder, record)
 
 
-def resume_tracking(folder: Path, epochs_done: int) -> Tracker | None:
-    """The trackers a run folder recorded, continued after ``epochs_done`` epochs; None
-    when it has none.
+def resume_tracking(folder: Path) -> Tracker | None:
+    """The trackers a run folder recorded, to continue from its checkpoint; None when it
+    has none.
 
     Raises:
         ConvnetError: a recorded tracker whose library is no longer installed.
@@ -213,7 +282,7 @@ def resume_tracking(folder: Path, epochs_done: int) -> Tracker | None:
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
     check_log(record.get("trackers", []))
-    return Tracker(folder, record, resumed_at=epochs_done)
+    return Tracker(folder, record)
 
 
 def log_file(folder: Path, file: Path) -> str | None:
@@ -226,5 +295,10 @@ def log_file(folder: Path, file: Path) -> str | None:
     m = json.loads(path.read_text(encoding="utf-8")).get("mlflow")
     if not m:
         return None
-    _client(m["tracking_uri"]).log_artifact(m["run_id"], str(file))
+    try:
+        _client(m["tracking_uri"]).log_artifact(m["run_id"], str(file))
+    except Exception as e:  # the file is written all the same: say why MLflow does not have it
+        print(f"convnet: {file} not added to MLflow run {m['run_id']} ({str(e).splitlines()[0][:200]})",
+              file=sys.stderr)
+        return None
     return str(m["run_id"])

@@ -3,10 +3,10 @@
 Each trial trains with the base recipe (sized to the data as ``convnet train`` sizes it)
 and the trial's values laid over it, on the training images less ``--val-split`` of them
 (stratified, the seed's split: the same for every trial), and is scored by the validation
-accuracy after its last epoch. The test split is never read. The training loop's events
-report the validation accuracy after every epoch to Optuna's median pruner (at the share of
-the trial's epochs done, so that short and long schedules are compared at the same point of
-their decay), which stops the trials that fall behind.
+accuracy after its last epoch. The test split is never scored. The training loop's events
+report the validation accuracy to Optuna's median pruner at every tenth of the trial's
+epochs (so that short and long schedules are compared at the same point of their decay),
+which stops the trials that fall behind; a trial whose loss diverges counts as pruned.
 
 With ``storage`` (a SQLite file or any database URL Optuna takes) several processes, on one
 machine or many, share one study: ``trials`` is the study's total (each process stops once
@@ -19,24 +19,36 @@ from __future__ import annotations
 
 import html
 import importlib.util
+import io
 import math
 import os
 import socket
 import sys
 import time
+import tomllib
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from convnet import htmlparts
-from convnet.config import RECIPE_FIELDS, TrainConfig, recipe, recipe_text, resolve_config, size_to_data
+from convnet.config import (
+    RECIPE_BASE,
+    RECIPE_FIELDS,
+    RECIPES,
+    TrainConfig,
+    recipe,
+    recipe_text,
+    resolve_config,
+    size_to_data,
+)
 from convnet.data import DataOptions, load_data
 from convnet.durable import atomic_write
 from convnet.engine import make_engine, resolve_device
-from convnet.errors import ConvnetError
+from convnet.errors import ConvnetError, TrainingDiverged
 from convnet.events import TrainEvents
 from convnet.experiment import hflip_of, trained_images
+from convnet.models import list_models
 from convnet.training import train
 from convnet.trainstate import TrainState
 
@@ -73,15 +85,16 @@ class Param:
 
 
 def default_space(base: TrainConfig) -> dict[str, Param]:
-    """The search space around ``base``: its learning rate /10 to x3 and its epochs /4 to
-    x1, weight decay 1e-5 to 1e-3, label smoothing 0 to 0.2, batches of 64 to 256, and its
-    model or resnet20."""
+    """The search space around ``base``: its learning rate /10 to x3, its epochs /4 to x1,
+    its batch size /2, x1 or x2, weight decay 1e-5 to 1e-3, label smoothing 0 to 0.2, and
+    its model or resnet20."""
     return {
         "lr": Param("lr", "float", base.lr / 10, base.lr * 3, log=True),
         "weight_decay": Param("weight_decay", "float", 1e-5, 1e-3, log=True),
         "epochs": Param("epochs", "int", max(1, base.epochs // 4), base.epochs),
         "label_smoothing": Param("label_smoothing", "float", 0.0, 0.2),
-        "batch_size": Param("batch_size", "choice", choices=(64, 128, 256)),
+        "batch_size": Param("batch_size", "choice", choices=(max(1, base.batch_size // 2), base.batch_size,
+                                                             base.batch_size * 2)),
         "model": Param("model", "choice", choices=tuple(dict.fromkeys((base.model, "resnet20")))),
     }
 
@@ -130,8 +143,6 @@ def parse_param(name: str, spec: Any) -> Param:
 def read_space(path: Path) -> dict[str, Any]:
     """A search-space file: TOML, each key a setting and its search as :func:`parse_param`
     reads it (e.g. ``lr = "0.01:0.5:log"``, ``model = ["fastnet", "resnet20"]``)."""
-    import tomllib
-
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -183,20 +194,23 @@ class TuneOutcome:
 
 
 class Pruning(TrainEvents):
-    """Reports each epoch's validation accuracy to the trial (at the percentage of its
-    epochs done) and stops the trial when Optuna's pruner says so."""
+    """Reports the validation accuracy to the trial at every tenth of its epochs (step 10,
+    20, ... 100: the share done, the same steps for every schedule) and, when Optuna's
+    pruner says so, stops the training after this epoch (``pruned``: the caller tells
+    Optuna)."""
 
     def __init__(self, trial: Any) -> None:
         self.trial = trial
+        self.pruned_at: int | None = None
 
     def on_epoch_end(self, state: TrainState) -> None:
-        import optuna
-
         record = state.history[-1]
-        self.trial.report(record.val_accuracy, round(100 * record.epoch / state.config.epochs))
+        before = 100 * (record.epoch - 1) // state.config.epochs // 10  # tenths done before this epoch
+        for step in range(10 * (before + 1), 100 * record.epoch // state.config.epochs + 1, 10):
+            self.trial.report(record.val_accuracy, step)
         if self.trial.should_prune():
-            self.trial.set_user_attr("pruned_at_epoch", record.epoch)
-            raise optuna.TrialPruned()
+            self.pruned_at = record.epoch
+            state.stop = True
 
 
 def check_request(request: TuneRequest) -> tuple[TrainConfig, str, dict[str, Param]]:
@@ -218,17 +232,27 @@ def check_request(request: TuneRequest) -> tuple[TrainConfig, str, dict[str, Par
     name = request.recipe or ("gpu" if device.type == "cuda" else "cpu")
     base = recipe(name)
     space = default_space(base) | {k: parse_param(k, v) for k, v in request.space.items()}
+    for p in space.values():  # each value a trial can draw, with the recipe's others: a bad one named now
+        for value in p.choices if p.kind in ("fixed", "choice") else (p.low, p.high):
+            try:
+                trial_config(name, {p.name: value}, request, None, device.type)
+            except ConvnetError as e:
+                raise ConvnetError(f"--param {p.name}: {value!r} cannot be trained: {e}") from None
     return base, name, space
 
 
-def trial_config(base_name: str, values: dict[str, Any], request: TuneRequest, train_images: int,
+def trial_config(base_name: str, values: dict[str, Any], request: TuneRequest, train_images: int | None,
                  device_type: str) -> TrainConfig:
     """The config a trial trains with: the base recipe with the trial's values laid over
-    it, sized to the data as ``convnet train --recipe FILE`` sizes a recipe file's."""
+    it, sized to the data (when ``train_images`` is known) as ``convnet train --recipe
+    FILE`` sizes a recipe file's."""
     config = resolve_config(base_name, values | {"seed": request.seed, "val_split": request.val_split},
                             device_type=device_type, hflip=hflip_of(request.data))
+    if config.model not in list_models():
+        raise ConvnetError(f"unknown model {config.model!r}; choose from {', '.join(list_models())}")
     config = replace(config, warmup_epochs=min(config.warmup_epochs, config.epochs))
-    config, _ = size_to_data(config, trained_images(train_images, request.val_split))
+    if train_images is not None:
+        config, _ = size_to_data(config, trained_images(train_images, request.val_split))
     config.validate()
     return config
 
@@ -244,9 +268,9 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
     request.data.validate()
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial, ours
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial, ours
     data_name = Path(request.data.folder).name if request.data.folder else request.data.dataset
-    study_name = request.study or f"{data_name}-{base_name}"
+    study_name = request.study or f"{data_name}-{base_name if base_name in RECIPES else Path(base_name).stem}"
     out = request.out or Path("tune") / study_name
     described = {"recipe": base_name, "data": data_name, "subset": request.data.subset,
                  "val_split": request.val_split, "seed": request.seed,
@@ -284,13 +308,17 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
         values = {k: p.suggest(trial) for k, p in space.items()}
         config = trial_config(base_name, values, request, len(dataset.train), device.type)
         start = time.perf_counter()
+        pruning = Pruning(trial)
         try:
-            result = train(config, dataset.train, dataset.spec, engine=engine, events=[Pruning(trial)])
-        except optuna.TrialPruned:
-            at = trial.user_attrs.get("pruned_at_epoch")
-            print(f"trial {trial.number}: pruned after epoch {at} of {config.epochs}  "
+            result = train(config, dataset.train, dataset.spec, engine=engine, events=[pruning])
+        except TrainingDiverged as e:  # as bad as a trial gets: counted with the pruned ones
+            print(f"trial {trial.number}: {e}  {_values(values)}", file=out_stream, flush=True)
+            raise optuna.TrialPruned() from None
+        if pruning.pruned_at is not None:
+            trial.set_user_attr("pruned_at_epoch", pruning.pruned_at)
+            print(f"trial {trial.number}: pruned after epoch {pruning.pruned_at} of {config.epochs}  "
                   f"{time.perf_counter() - start:.0f} s  {_values(values)}", file=out_stream, flush=True)
-            raise
+            raise optuna.TrialPruned()
         accuracy = float(result.history[-1].val_accuracy or 0.0)
         best = max([accuracy, *(t.value for t in study.get_trials(deepcopy=False)
                                 if t.value is not None and t.number != trial.number)])
@@ -301,12 +329,16 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
     if dataset is not None:
         print(f"tune: study {study_name!r}, {finished()} of {request.trials} trials finished; {len(dataset.train):,} "
               f"{dataset.name} images, {request.val_split:g} held out for scoring", file=out_stream, flush=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            stop = optuna.study.MaxTrialsCallback(request.trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                                          optuna.trial.TrialState.PRUNED))
-        study.optimize(objective, timeout=request.timeout, callbacks=[stop], catch=(ConvnetError,))
-    return _finish(study, request, out, base, base_name, finished(), ran)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        stop = optuna.study.MaxTrialsCallback(request.trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                                      optuna.trial.TrialState.PRUNED))
+    try:  # Ctrl-C or an error: the best recipe so far is written all the same
+        if dataset is not None:
+            study.optimize(objective, timeout=request.timeout, callbacks=[stop])
+    finally:
+        outcome = _finish(study, request, out, base, base_name, finished(), ran)
+    return outcome
 
 
 def _values(values: dict[str, Any]) -> str:
@@ -327,7 +359,7 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
         comment = (f"convnet recipe: the best of {finished} trials of study {study.study_name!r} (trial "
                    f"{best.number}),\nvalidation accuracy {best.value:.4f} on --val-split {request.val_split:g}, "
                    f"--seed {request.seed}")
-        text = recipe_text(config, comment, base=base_name).encode()
+        text = recipe_text(config, comment, base=base_name if base_name in RECIPES else RECIPE_BASE).encode()
         recipe_path = out / BEST
         atomic_write(recipe_path, lambda f: f.write(text))
     if request.report:
@@ -344,8 +376,6 @@ def study_html(study: Any, best: int | None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
-
     import optuna
     from matplotlib import pyplot as plt
 
