@@ -34,12 +34,25 @@ from .conftest import make_dataset_dir
 from .test_export import untrained_run
 
 
+def fastnet_onnx(base: Path, tta: bool) -> Path:
+    """An untrained fastnet run on toy data, exported to ONNX: the model the service's tests serve."""
+    toy = make_dataset_dir(base / "toy", n_train=32, n_test=64)
+    return export_run(untrained_run(base / "run", "fastnet", toy, tta=tta), base / "model.onnx",
+                      progress=False).path
+
+
+def grey_png(folder: Path) -> Path:
+    """A plain grey 28x28 PNG file in ``folder``."""
+    from PIL import Image
+
+    path = folder / "one.png"
+    Image.new("L", (28, 28), 200).save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("serve")
-    toy = make_dataset_dir(base / "toy", n_train=32, n_test=64)
-    return export_run(untrained_run(base / "run", "fastnet", toy, tta=True), base / "model.onnx",
-                      progress=False).path
+    return fastnet_onnx(tmp_path_factory.mktemp("serve"), tta=True)
 
 
 @pytest.fixture(scope="module")

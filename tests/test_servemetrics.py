@@ -15,31 +15,21 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from convnet.errors import ConvnetError
-from convnet.export import export_run
 from convnet.onnxfile import open_onnx
 from convnet.serve import ServeOptions, create_app
 from convnet.servemetrics import ServiceMetrics
 
-from .conftest import make_dataset_dir
-from .test_export import untrained_run
-from .test_serve import _poll, files
+from .test_serve import _poll, fastnet_onnx, files, grey_png
 
 
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("servemetrics")
-    toy = make_dataset_dir(base / "toy", n_train=32, n_test=64)
-    return export_run(untrained_run(base / "run", "fastnet", toy, tta=False), base / "model.onnx",
-                      progress=False).path
+    return fastnet_onnx(tmp_path_factory.mktemp("servemetrics"), tta=False)
 
 
 @pytest.fixture(scope="module")
 def png(onnx_file: Path) -> Path:
-    from PIL import Image
-
-    path = onnx_file.parent / "one.png"
-    Image.new("L", (28, 28), 200).save(path)
-    return path
+    return grey_png(onnx_file.parent)
 
 
 def samples(text: str) -> list[tuple[str, dict[str, str], float]]:

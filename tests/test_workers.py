@@ -20,30 +20,21 @@ from pathlib import Path
 import pytest
 
 from convnet.cli import main
-from convnet.export import export_run
 from convnet.loadtest import multipart_body
 from convnet.workers import MAX_WORKERS
 
-from .conftest import make_dataset_dir
-from .test_export import untrained_run
+from .test_serve import fastnet_onnx, grey_png
 from .test_servemetrics import samples, value
 
 
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("workers")
-    toy = make_dataset_dir(base / "toy", n_train=32, n_test=64)
-    return export_run(untrained_run(base / "run", "fastnet", toy, tta=False), base / "model.onnx",
-                      progress=False).path
+    return fastnet_onnx(tmp_path_factory.mktemp("workers"), tta=False)
 
 
 @pytest.fixture(scope="module")
 def png(onnx_file: Path) -> bytes:
-    from PIL import Image
-
-    path = onnx_file.parent / "one.png"
-    Image.new("L", (28, 28), 200).save(path)
-    return path.read_bytes()
+    return grey_png(onnx_file.parent).read_bytes()
 
 
 class Server:

@@ -321,7 +321,8 @@ def explained_mistakes(loaded: LoadedRun, images: Any, probs: np.ndarray, labels
     given laid over it (:mod:`convnet.explain`), for the grid ``convnet inspect`` draws."""
     rows = plots.top_mistakes(probs, labels, SHOWN)
     predicted = probs.argmax(1)
-    chosen = images[torch.from_numpy(rows)].cpu() if len(rows) else torch.zeros((0, *loaded.spec.shape), torch.uint8)
+    none = torch.zeros((0, *loaded.spec.shape), dtype=torch.uint8)  # a model without a mistake
+    chosen = images[torch.from_numpy(rows)].cpu() if len(rows) else none
     return {"images": explained(loaded.model, chosen, predicted[rows]), "labels": labels[rows],
             "predicted": predicted[rows], "confidence": probs[rows, predicted[rows]]}
 

@@ -120,7 +120,7 @@ def write_plots(run_dir: PathLike | runs.Run, evaluation: Evaluation, test_image
         atomic_write(folder / f"{name}.png", lambda f: f.write(png))
 
     def grid(idx: np.ndarray, heading: str, explain: bool = False) -> Any:
-        images = test_images[torch.from_numpy(idx)].cpu() if len(idx) else torch.zeros((0, 1, 1, 1), torch.uint8)
+        images = test_images[torch.from_numpy(idx)].cpu() if len(idx) else torch.zeros((0, 1, 1, 1), dtype=torch.uint8)
         pictures = explained(model, images, predicted[idx]) if explain and model is not None else images.numpy()
         return plots.plot_image_grid(pictures, labels[idx], predicted[idx], probs[idx, predicted[idx]],
                                      classes, heading)
