@@ -112,6 +112,24 @@ def test_the_space_is_checked_before_any_data_is_read(tmp_path: Path, capsys: py
     assert "--param model: 'nope' cannot be trained: unknown model 'nope'" in capsys.readouterr().err
 
 
+def test_sigterm_ends_the_search_with_the_best_recipe_so_far(toy_dir: Path, tmp_path: Path) -> None:
+    """A search stopped by SIGTERM (a scheduler; a background job, which ignores Ctrl-C) keeps its best."""
+    import signal
+
+    search = subprocess.Popen([sys.executable, "-m", "convnet", "tune", "--device", "cpu", "--data-dir", str(toy_dir),
+                               "--trials", "50", "--out", str(tmp_path / "out"), *SMALL],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert search.stdout is not None
+    for line in search.stdout:  # the second trial's line: the first is kept in the study by then
+        if line.startswith("trial 1:"):
+            break
+    search.send_signal(signal.SIGTERM)
+    _, err = search.communicate(timeout=300)
+    assert search.returncode == 130, err
+    text = (tmp_path / "out" / tune.BEST).read_text()
+    assert "the best of " in text and read_recipe_file(tmp_path / "out" / tune.BEST).model == "seed"
+
+
 def test_search_specs() -> None:
     assert tune.parse_param("lr", "0.01:0.5:log") == tune.Param("lr", "float", 0.01, 0.5, log=True)
     assert tune.parse_param("epochs", "4:12") == tune.Param("epochs", "int", 4, 12)

@@ -22,8 +22,10 @@ import importlib.util
 import io
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import tomllib
 import warnings
@@ -333,12 +335,21 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         stop = optuna.study.MaxTrialsCallback(request.trials, states=(optuna.trial.TrialState.COMPLETE,
                                                                       optuna.trial.TrialState.PRUNED))
-    try:  # Ctrl-C or an error: the best recipe so far is written all the same
+    # SIGTERM (a scheduler, `kill`; and a background job, which ignores Ctrl-C) ends the search as Ctrl-C does
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    try:  # Ctrl-C, SIGTERM or an error: the best recipe so far is written all the same
         if dataset is not None:
             study.optimize(objective, timeout=request.timeout, callbacks=[stop])
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         outcome = _finish(study, request, out, base, base_name, finished(), ran)
     return outcome
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _values(values: dict[str, Any]) -> str:
