@@ -130,6 +130,36 @@ def test_sigterm_ends_the_search_with_the_best_recipe_so_far(toy_dir: Path, tmp_
     assert "the best of " in text and read_recipe_file(tmp_path / "out" / tune.BEST).model == "seed"
 
 
+def test_a_signal_outside_training_ends_the_search_after_optunas_bookkeeping() -> None:
+    """A signal while Optuna stores a finished trial must not interrupt it (that left the study half-written
+    and Optuna failing on its own cleanup); it ends the search once the trial is stored."""
+    guard = tune._Interrupt()
+    seen: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        with guard.training():
+            seen.append(trial.number)
+            return float(trial.number)
+
+    def signal_while_storing(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.number == 1:
+            guard.handle(15, None)  # as the SIGTERM handler is called: outside the objective, it must not raise
+
+    study = optuna.create_study(direction="maximize")
+    study.optimize(objective, n_trials=10, callbacks=[signal_while_storing, guard.stop_study])
+    assert guard.signalled and seen == [0, 1]
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    with pytest.raises(KeyboardInterrupt):  # signalled between trials, no further trial starts
+        with guard.training():
+            pass
+    fresh = tune._Interrupt()
+    with pytest.raises(KeyboardInterrupt):  # inside a trial's training, it interrupts at once
+        with fresh.training():
+            assert fresh.inside
+            fresh.handle(15, None)
+    assert not fresh.inside
+
+
 def test_search_specs() -> None:
     assert tune.parse_param("lr", "0.01:0.5:log") == tune.Param("lr", "float", 0.01, 0.5, log=True)
     assert tune.parse_param("epochs", "4:12") == tune.Param("epochs", "int", 4, 12)

@@ -29,6 +29,8 @@ import threading
 import time
 import tomllib
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -302,7 +304,13 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
     ran = 0
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
+    guard = _Interrupt()
+
     def objective(trial: Any) -> float:
+        with guard.training():
+            return run_trial(trial)
+
+    def run_trial(trial: Any) -> float:
         nonlocal ran
         assert dataset is not None
         ran += 1
@@ -335,21 +343,48 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         stop = optuna.study.MaxTrialsCallback(request.trials, states=(optuna.trial.TrialState.COMPLETE,
                                                                       optuna.trial.TrialState.PRUNED))
-    # SIGTERM (a scheduler, `kill`; and a background job, which ignores Ctrl-C) ends the search as Ctrl-C does
+    # Ctrl-C and SIGTERM (a scheduler, `kill`; and a background job, which ignores Ctrl-C) end the search
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    previous = {s: signal.signal(s, guard.handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:  # Ctrl-C, SIGTERM or an error: the best recipe so far is written all the same
         if dataset is not None:
-            study.optimize(objective, timeout=request.timeout, callbacks=[stop])
+            study.optimize(objective, timeout=request.timeout, callbacks=[stop, guard.stop_study])
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         outcome = _finish(study, request, out, base, base_name, finished(), ran)
+    if guard.signalled:
+        raise KeyboardInterrupt
     return outcome
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _Interrupt:
+    """Ctrl-C and SIGTERM during a search. A trial being trained is interrupted at once (Optuna records it
+    as failed); at any other moment, e.g. while Optuna writes a finished trial to its storage, an exception
+    would leave the study half-written, so the search ends after that step instead."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self.inside = False
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        if self.signalled:  # the signal came between two trials: this one never starts
+            raise KeyboardInterrupt
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.signalled = True
+        if self.inside:
+            raise KeyboardInterrupt
+
+    def stop_study(self, study: Any, trial: Any) -> None:
+        if self.signalled:
+            study.stop()
 
 
 def _values(values: dict[str, Any]) -> str:
