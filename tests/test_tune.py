@@ -13,7 +13,7 @@ import pytest
 from convnet import runs, tune
 from convnet.catalog import load_dataset
 from convnet.cli import main
-from convnet.config import TrainConfig, read_recipe_file
+from convnet.config import RECIPE_FIELDS, TrainConfig, read_recipe_file
 from convnet.errors import ConvnetError
 from convnet.training import train
 
@@ -197,3 +197,13 @@ def test_without_optuna_tune_names_the_install(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(tune.importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
     assert main(["tune", "--device", "cpu", "--out", str(tmp_path / "o")]) == 1
     assert "convnet tune needs Optuna, which is not installed: pip install 'convnet[tune]'" in capsys.readouterr().err
+
+
+def test_convnet_recipes_names_itself_in_a_bad_files_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = 0.1\nnope = 1\n")
+    assert main(["recipes", str(bad)]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"convnet recipes {bad}: unknown setting nope; a recipe holds "
+                                                    f"{', '.join(RECIPE_FIELDS)} (and base)")
+    assert main(["recipes", str(tmp_path / "missing.toml")]) == 1
+    assert f"convnet recipes {tmp_path / 'missing.toml'}: no such file" in capsys.readouterr().err

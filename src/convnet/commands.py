@@ -312,7 +312,7 @@ def cmd_recipes(a: argparse.Namespace) -> int:
     from convnet.config import DEFAULT_RECIPE, PER_RUN, read_recipe_file
 
     if a.file is not None:  # one recipe file, as `convnet train --recipe FILE` reads it
-        config = read_recipe_file(a.file)
+        config = read_recipe_file(a.file, where="convnet recipes")
         print(a.file)
         for k, v in asdict(config).items():
             if k not in PER_RUN:

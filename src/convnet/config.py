@@ -215,10 +215,10 @@ def recipe(name: str) -> TrainConfig:
                        "(.toml, as `convnet tune` writes)")
 
 
-def read_recipe_file(path: Path) -> TrainConfig:
+def read_recipe_file(path: Path, where: str = "--recipe") -> TrainConfig:
     """A recipe file: TOML, each key a setting of :class:`TrainConfig` by name (those of
     :data:`RECIPE_FIELDS`), laid over the named recipe ``base`` (:data:`RECIPE_BASE`
-    unless the file says otherwise).
+    unless the file says otherwise). ``where`` names, in errors, what gave the path.
 
     Raises:
         ConvnetError: no such file, not TOML, an unknown key or a value of the wrong type.
@@ -226,20 +226,20 @@ def read_recipe_file(path: Path) -> TrainConfig:
     try:
         found = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConvnetError(f"--recipe {path}: no such file") from None
+        raise ConvnetError(f"{where} {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConvnetError(f"--recipe {path}: cannot read it ({e})") from None
+        raise ConvnetError(f"{where} {path}: cannot read it ({e})") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConvnetError(f"--recipe {path}: not a TOML file ({e})") from None
+        raise ConvnetError(f"{where} {path}: not a TOML file ({e})") from None
     base = found.pop("base", RECIPE_BASE)
     if not isinstance(base, str) or base not in RECIPES:
-        raise ConvnetError(f"--recipe {path}: base = {base!r} is not a named recipe; choose one of: "
+        raise ConvnetError(f"{where} {path}: base = {base!r} is not a named recipe; choose one of: "
                            f"{', '.join(RECIPES)}")
     unknown = sorted(set(found) - set(RECIPE_FIELDS))
     if unknown:
-        raise ConvnetError(f"--recipe {path}: unknown setting {', '.join(unknown)}; a recipe holds "
+        raise ConvnetError(f"{where} {path}: unknown setting {', '.join(unknown)}; a recipe holds "
                            f"{', '.join(RECIPE_FIELDS)} (and base)")
-    return TrainConfig.from_dict(found, base=RECIPES[base], where=f"--recipe {path}")
+    return TrainConfig.from_dict(found, base=RECIPES[base], where=f"{where} {path}")
 
 
 def recipe_text(config: TrainConfig, comment: str, base: str = RECIPE_BASE) -> str:
