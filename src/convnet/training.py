@@ -257,9 +257,10 @@ def train(
     where = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")  # of the images, for indices
     steps_per_epoch = len(batches(n, config.batch_size))
     correct = torch.zeros((), dtype=torch.int64, device=engine.device)
-    weight = class_weights(labels, spec.num_classes).to(engine.device) if config.class_weight == "balanced" else None
+    balanced = class_weights(labels, spec.num_classes) if "balanced" in (config.class_weight, config.sampler) else None
+    weight = balanced.to(engine.device) if balanced is not None and config.class_weight == "balanced" else None
     # --sampler balanced: each image's chance is its class's weight (1 / its images), every class drawn equally often
-    draw = class_weights(labels, spec.num_classes)[labels.cpu()] if config.sampler == "balanced" else None
+    draw = balanced[labels.cpu()] if balanced is not None and config.sampler == "balanced" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     step = StepRunner(functools.partial(train_step, net, optimizer, loss_fn, engine, ema, correct,
                                         config.translate_px), engine)
