@@ -59,6 +59,10 @@ def test_the_recipe_reproduces_the_best_trial(shared_study: tuple[Path, str, Pat
     config = read_recipe_file(out / tune.BEST)
     assert config.model == "seed" and config.epochs == study.best_params["epochs"]
     assert config.lr == pytest.approx(study.best_params["lr"], rel=1e-12)
+    low, high, images = tune.accuracy_interval(study.best_value, 20)  # 0.1 of 200, held out
+    assert low < study.best_value <= high and images == 20
+    assert f"(95 % interval {low:.3f}-{high:.3f} on 20 images)" in (out / tune.BEST).read_text()
+    assert tune.accuracy_interval(0.96, 100) == pytest.approx((0.902, 0.984, 100), abs=5e-4)  # Wilson's
     run = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--data-dir", str(data), "--recipe", str(out / tune.BEST),
                  "--val-split", "0.1", "--subset", "200", "--out", str(run), "--no-progress"]) == 0
@@ -74,7 +78,8 @@ def test_a_finished_study_writes_its_report_without_training(shared_study: tuple
     before = len(optuna.load_study(study_name="toy", storage=storage).trials)
     assert main(["tune", "--device", "cpu", "--data-dir", str(data), "--storage", storage, "--study", "toy",
                  "--trials", str(TRIALS), "--out", str(tmp_path), "--report", *SMALL]) == 0
-    assert "0 run by this process" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0 run by this process" in printed and " on 20 validation images: trials closer than that" in printed
     assert len(optuna.load_study(study_name="toy", storage=storage).trials) == before
     page = (tmp_path / tune.REPORT).read_text()
     assert page.count("<img") == 2 and 'alt="optimisation history"' in page and 'alt="parameter importances"' in page

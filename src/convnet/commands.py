@@ -300,6 +300,10 @@ def cmd_tune(a: argparse.Namespace) -> int:
     if outcome.best_trial is not None:
         print(f"best: trial {outcome.best_trial}, val accuracy {outcome.best_value:.4f}: "
               + " ".join(f"{k} {v}" for k, v in outcome.best_params.items()))
+        if outcome.best_interval is not None:
+            low, high, images = outcome.best_interval
+            print(f"  95 % interval {low:.3f}-{high:.3f} on {images:,} validation images: trials closer than that "
+                  "are not told apart (a larger --val-split narrows it)")
         print(f"recipe written to {outcome.recipe_path}: convnet train --recipe {outcome.recipe_path}")
     if outcome.report_path is not None:
         print(f"report written to {outcome.report_path}")

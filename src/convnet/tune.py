@@ -195,6 +195,7 @@ class TuneOutcome:
     best_params: dict[str, Any]
     recipe_path: Path | None
     report_path: Path | None
+    best_interval: tuple[float, float, int] | None = None  # 95 % interval of best_value, and the images scored
 
 
 class Pruning(TrainEvents):
@@ -315,6 +316,7 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
         assert dataset is not None
         ran += 1
         trial.set_user_attr("process", worker)
+        trial.set_user_attr("val_images", math.ceil(request.val_split * len(dataset.train)))
         values = {k: p.suggest(trial) for k, p in space.items()}
         config = trial_config(base_name, values, request, len(dataset.train), device.type)
         start = time.perf_counter()
@@ -396,6 +398,7 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
     """The best trial's recipe (and the report) written into ``out``."""
     complete = [t for t in study.trials if t.value is not None]
     best = max(complete, key=lambda t: t.value) if complete else None
+    interval = accuracy_interval(best.value, best.user_attrs.get("val_images")) if best else None
     recipe_path = report_path = None
     if best is not None or request.report:
         out.mkdir(parents=True, exist_ok=True)
@@ -404,7 +407,8 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
         config = replace(config, warmup_epochs=min(config.warmup_epochs, config.epochs))
         comment = (f"convnet recipe: the best of {finished} trials of study {study.study_name!r} (trial "
                    f"{best.number}),\nvalidation accuracy {best.value:.4f} on --val-split {request.val_split:g}, "
-                   f"--seed {request.seed}")
+                   f"--seed {request.seed}" + (f"\n(95 % interval {interval[0]:.3f}-{interval[1]:.3f} on "
+                                               f"{interval[2]:,} images)" if interval else ""))
         text = recipe_text(config, comment, base=base_name if base_name in RECIPES else RECIPE_BASE).encode()
         recipe_path = out / BEST
         atomic_write(recipe_path, lambda f: f.write(text))
@@ -413,7 +417,18 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
         report_path = out / REPORT
         atomic_write(report_path, lambda f: f.write(page))
     return TuneOutcome(study.study_name, finished, ran, best.value if best else None, best.number if best else None,
-                       dict(best.params) if best else {}, recipe_path, report_path)
+                       dict(best.params) if best else {}, recipe_path, report_path, interval)
+
+
+def accuracy_interval(accuracy: float | None, images: int | None) -> tuple[float, float, int] | None:
+    """Wilson's 95 % interval of an accuracy scored on ``images`` images, and ``images``
+    (None when either is unknown): how far apart two trials must be to be told apart."""
+    if accuracy is None or not images:
+        return None
+    from scipy.stats import binomtest
+
+    interval = binomtest(round(accuracy * images), images).proportion_ci(0.95, method="wilson")
+    return float(interval.low), float(interval.high), images
 
 
 def study_html(study: Any, best: int | None) -> str:
