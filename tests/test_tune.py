@@ -15,6 +15,7 @@ from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.config import RECIPE_FIELDS, TrainConfig, read_recipe_file
 from convnet.errors import ConvnetError
+from convnet.searchspace import Param, parse_param
 from convnet.training import train
 
 optuna = pytest.importorskip("optuna")
@@ -166,17 +167,17 @@ def test_a_signal_outside_training_ends_the_search_after_optunas_bookkeeping() -
 
 
 def test_search_specs() -> None:
-    assert tune.parse_param("lr", "0.01:0.5:log") == tune.Param("lr", "float", 0.01, 0.5, log=True)
-    assert tune.parse_param("epochs", "4:12") == tune.Param("epochs", "int", 4, 12)
-    assert tune.parse_param("model", "fastnet,resnet20").choices == ("fastnet", "resnet20")
-    assert tune.parse_param("batch_size", [64, 128]).choices == (64, 128)
-    assert tune.parse_param("momentum", "0.9") == tune.Param("momentum", "fixed", choices=(0.9,))
-    assert tune.parse_param("tta", "false").choices == (False,)
+    assert parse_param("lr", "0.01:0.5:log") == Param("lr", "float", 0.01, 0.5, log=True)
+    assert parse_param("epochs", "4:12") == Param("epochs", "int", 4, 12)
+    assert parse_param("model", "fastnet,resnet20").choices == ("fastnet", "resnet20")
+    assert parse_param("batch_size", [64, 128]).choices == (64, 128)
+    assert parse_param("momentum", "0.9") == Param("momentum", "fixed", choices=(0.9,))
+    assert parse_param("tta", "false").choices == (False,)
     for name, spec, message in [("seed", "1:2", "not a setting a search can change"),
                                 ("lr", "0.5:0.1", "LOW must be below HIGH"), ("lr", "0:1:log", "above 0"),
                                 ("epochs", "a:b", "'a' is not a int"), ("lr", "1:2:3", "LOW:HIGH or LOW:HIGH:log")]:
         with pytest.raises(ConvnetError, match=message):
-            tune.parse_param(name, spec)
+            parse_param(name, spec)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -285,7 +285,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
-    from convnet.tune import TuneRequest, read_space, run_tune
+    from convnet.searchspace import read_space
+    from convnet.tune import TuneRequest, run_tune
 
     space = read_space(a.space) if a.space is not None else {}
     for item in a.param:
