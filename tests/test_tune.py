@@ -166,6 +166,40 @@ def test_a_signal_outside_training_ends_the_search_after_optunas_bookkeeping() -
     assert not fresh.inside
 
 
+def test_a_storage_being_created_by_another_process_is_opened_again(toy_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes started together on a new storage race to make its tables (seen in CI with SQLite): the
+    loser's error is Optuna's half-made schema, and it tries again instead of giving up."""
+    real, calls = optuna.create_study, []
+
+    def racing(**kwargs: object) -> optuna.Study:
+        calls.append(kwargs["storage"])
+        if len(calls) == 1:
+            raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: alembic_version.version_num")
+        return real(**kwargs)
+
+    monkeypatch.setattr(optuna, "create_study", racing)
+    storage = f"sqlite:///{tmp_path / 'new.db'}"
+    assert main(["tune", "--device", "cpu", "--data-dir", str(toy_dir), "--storage", storage, "--study", "s",
+                 "--trials", "1", "--out", str(tmp_path / "out"), *SMALL]) == 0
+    assert calls == [storage, storage] and (tmp_path / "out" / tune.BEST).is_file()
+
+
+def test_a_storage_that_cannot_be_used_is_not_tried_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    calls = []
+
+    def broken(**kwargs: object) -> optuna.Study:
+        calls.append(1)
+        raise RuntimeError("(sqlite3.OperationalError) unable to open database file")
+
+    monkeypatch.setattr(optuna, "create_study", broken)
+    assert main(["tune", "--device", "cpu", "--data-dir", str(tmp_path / "nodata"), "--storage", "sqlite:///x.db",
+                 "--study", "s", "--out", str(tmp_path / "out")]) == 1
+    assert calls == [1] and "cannot open the study ((sqlite3.OperationalError) unable to open database file)" \
+        in capsys.readouterr().err
+
+
 def test_search_specs() -> None:
     assert parse_param("lr", "0.01:0.5:log") == Param("lr", "float", 0.01, 0.5, log=True)
     assert parse_param("epochs", "4:12") == Param("epochs", "int", 4, 12)

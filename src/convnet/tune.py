@@ -22,6 +22,7 @@ import importlib.util
 import io
 import math
 import os
+import random
 import signal
 import socket
 import sys
@@ -60,6 +61,8 @@ BEST = "best.toml"  # the best trial's recipe, in the output folder
 REPORT = "report.html"
 PRUNE_AFTER = 5  # trials finished before the median pruner stops any
 PRUNE_FROM = 25  # nor before this share (%) of a trial's epochs is done
+STORAGE_TRIES = 8  # to open a storage that another process may be creating at the same moment
+SCHEMA_RACE = ("already exists", "unique constraint failed", "duplicate key", "duplicate entry", "database is locked")
 
 
 @dataclass
@@ -189,12 +192,18 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
                  "space": {k: p.describe() for k, p in space.items()}}
     sampler = optuna.samplers.TPESampler(seed=request.seed if request.storage is None else None)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER, n_warmup_steps=PRUNE_FROM)
-    try:
-        study = optuna.create_study(study_name=study_name, storage=request.storage, direction="maximize",
-                                    sampler=sampler, pruner=pruner, load_if_exists=True)
-    except Exception as e:  # Optuna's, SQLAlchemy's and the driver's errors: all mean "cannot use this storage"
-        raise ConvnetError(f"--storage {request.storage}: cannot open the study ({str(e).splitlines()[0][:300]})") \
-            from None
+    for attempt in range(1, STORAGE_TRIES + 1):
+        try:
+            study = optuna.create_study(study_name=study_name, storage=request.storage, direction="maximize",
+                                        sampler=sampler, pruner=pruner, load_if_exists=True)
+            break
+        except Exception as e:  # Optuna's, SQLAlchemy's and the driver's errors: all mean "cannot use this storage"
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if attempt == STORAGE_TRIES or not any(m in message.lower() for m in SCHEMA_RACE):
+                raise ConvnetError(f"--storage {request.storage}: cannot open the study ({message[:300]})") from None
+            # processes started together on a new storage: the first makes its tables, the others fail on
+            # the half-made schema (Optuna makes it in whichever process comes first); a moment later it is whole
+            time.sleep(0.2 * attempt + random.random() * 0.3)
     kept = study.user_attrs.get("search")
     if kept is None:
         study.set_user_attr("search", described)
