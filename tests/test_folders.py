@@ -290,9 +290,11 @@ def test_evaluate_gives_the_same_numbers_from_the_recorded_split(tmp_path: Path,
 
 # --- larger than the memory budget
 
+PER_CLASS = 10_000  # images of each of the two classes: a cache seven times the budget's size
+
 
 def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
-    """A 146 MiB cache (50,000 colour images of 32x32) with a memory budget of 8 MB: a whole
+    """A 59 MiB cache (20,000 colour images of 32x32) with a memory budget of 8 MB: a whole
     epoch over all of it, and the final scoring of both splits, read it a batch at a time.
     The peak of the memory Python and numpy allocate (tracemalloc: the images read, the
     folder's index) stays a cache's size below the same run holding the images in memory.
@@ -303,7 +305,7 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for label in range(2):
         (root / str(label)).mkdir(parents=True)
-        for i in range(25_000):
+        for i in range(PER_CLASS):
             img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
             img[..., label] = 255  # the class in one channel
             Image.fromarray(img, "RGB").save(root / str(label) / f"{i}.png", compress_level=0)
@@ -342,8 +344,8 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
         metrics = json.loads((tmp_path / budget / runs.METRICS).read_text())
         assert metrics["train"]["accuracy"] > 0.9, metrics["train"]  # every image was read: the class is learnt
         data = json.loads((tmp_path / budget / runs.CONFIG).read_text())["data"]
-        assert (data["train_images"], data["test_images"]) == (40_000, 10_000), data  # no subset
-    cache_mib = 50_000 * 3 * 32 * 32 / 2**20  # 146 MiB
+        assert (data["train_images"], data["test_images"]) == (1.6 * PER_CLASS, 0.4 * PER_CLASS), data  # no subset
+    cache_mib = 2 * PER_CLASS * 3 * 32 * 32 / 2**20  # 59 MiB
     assert held["100000"] - held["8"] > 0.9 * cache_mib, held  # what streaming saves is the images themselves
     print(f"peak allocated by Python and numpy: {held['8']:.0f} MiB streaming, {held['100000']:.0f} MiB in memory; "
           f"peak RSS: {peak['8']:.0f} MiB streaming, {peak['100000']:.0f} MiB in memory ({cache_mib:.0f} MiB cache)")
