@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import random
 import struct
 from pathlib import Path
@@ -14,6 +15,13 @@ import torch
 from convnet.catalog import FASHION_MNIST, has_all
 
 SYSTEM_FASHION = Path(FASHION_MNIST.system_dirs[0])
+
+# Tests give convnet a cache of their own through XDG_CACHE_HOME; matplotlib keeps its font cache there too, and
+# rebuilding it takes from seconds to a minute per process. Its own folder, found once, is kept for every process.
+if "MPLCONFIGDIR" not in os.environ:
+    import matplotlib
+
+    os.environ["MPLCONFIGDIR"] = matplotlib.get_cachedir()
 
 
 @pytest.fixture(autouse=True)

@@ -110,7 +110,7 @@ def test_every_way_of_predicting_gives_the_same_answer(model_name: str, tta: boo
 
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(load_for_serving(run), ServeOptions())) as client:
+    with TestClient(create_app(load_for_serving(onnx), ServeOptions())) as client:  # a run folder: test_serve
         r = client.post("/predict", json={"images": x.tolist()})
     assert r.status_code == 200, r.text
     served = np.full((len(x), len(CLASSES)), np.nan)

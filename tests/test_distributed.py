@@ -23,9 +23,11 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-@pytest.mark.parametrize("resume", [False, True])
-def test_two_processes_match_one(tmp_path: Path, resume: bool) -> None:
-    data = make_dataset_dir(tmp_path / "data", n_train=512, n_test=64)
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """One process trains the reference run; returns its folder and the training flags."""
+    base = tmp_path_factory.mktemp("single")
+    data = make_dataset_dir(base / "data", n_train=512, n_test=64)
     # The tutorial's Adam: it learns in these 24 steps without the chaotic swings that SGD with a large
     # momentum shows at the seed model's start, where a different summation order (two processes, one
     # thread each) grows into differences of 1e-2.
@@ -33,10 +35,16 @@ def test_two_processes_match_one(tmp_path: Path, resume: bool) -> None:
               "--data-dir", str(data), "--recipe", "tutorial", "--model", "seed", "--optimizer", "adam",
               "--lr", "0.001", "--epochs", "3", "--batch-size", "64", "--faithful",
               "--device", "cpu", "--no-progress"]
+    p = _run([sys.executable, "-m", "convnet", *common, "--out", str(base / "single")], base)
+    assert p.returncode == 0, p.stderr
+    return base / "single", common
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_two_processes_match_one(tmp_path: Path, resume: bool, single: tuple[Path, list[str]]) -> None:
+    reference, common = single
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                 "-m", "convnet"]
-    single = _run([sys.executable, "-m", "convnet", *common, "--out", str(tmp_path / "single")], tmp_path)
-    assert single.returncode == 0, single.stderr
     work = tmp_path / "work"
     work.mkdir()
     if resume:  # stop after the first epoch, then continue under torchrun
@@ -50,7 +58,7 @@ def test_two_processes_match_one(tmp_path: Path, resume: bool) -> None:
     else:
         multi = _run([*torchrun, *common, "--out", str(tmp_path / "multi")], work)
     assert multi.returncode == 0, multi.stderr
-    a = runs.load_tensors(tmp_path / "single" / runs.WEIGHTS)
+    a = runs.load_tensors(reference / runs.WEIGHTS)
     b = runs.load_tensors(tmp_path / "multi" / runs.WEIGHTS)
     assert a.keys() == b.keys()
     for k in a:
