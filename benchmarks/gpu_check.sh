@@ -47,7 +47,7 @@ import convnet.experiment; lap("import convnet (train path)")
 import torch._dynamo; lap("import torch._dynamo (optimizers)")
 import sklearn.metrics; lap("import sklearn.metrics")
 torch.zeros(1, device="cuda"); lap("CUDA context")
-from convnet.catalog import load_dataset
+from convnet.named import load_dataset
 ds = load_dataset("fashion-mnist"); lap("read Fashion-MNIST")
 ds.train.images.cuda(); ds.test.images.cuda(); torch.cuda.synchronize(); lap("copy to the GPU")
 PY

@@ -15,11 +15,11 @@ from dataclasses import replace
 import torch
 
 from convnet.bench import MakePredictions
-from convnet.catalog import load_dataset
 from convnet.config import TrainConfig
 from convnet.engine import Engine
 from convnet.inference import infer
 from convnet.models import create_model
+from convnet.named import load_dataset
 from convnet.training import train
 
 

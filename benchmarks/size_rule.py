@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from convnet.catalog import load_dataset
-from convnet.config import resolve_config
 from convnet.datatypes import InputSpec, Split, stratified_split
 from convnet.engine import make_engine
 from convnet.evaluation import score_split
+from convnet.named import load_dataset
+from convnet.recipes import resolve_config
 from convnet.training import train
 
 DIGITS_TEST = 797  # the digits' own test images, set aside here and never used by the sweep

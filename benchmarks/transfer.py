@@ -31,10 +31,11 @@ import numpy as np
 from PIL import Image
 
 from convnet.bench import prediction_speed
-from convnet.catalog import load_dataset
-from convnet.data import DataOptions
+from convnet.config import TrainRequest
+from convnet.dataoptions import DataOptions
 from convnet.engine import make_engine
-from convnet.experiment import TrainRequest, run_training
+from convnet.experiment import run_training
+from convnet.named import load_dataset
 
 OLD, NEW = range(0, 5), range(5, 10)
 
@@ -63,7 +64,7 @@ def pick(labels: np.ndarray, classes: range, per_class: int | None, seed: int, e
 def train(folder: Path, out: Path, **flags: object) -> dict[str, float]:
     """What `convnet train --data FOLDER --out OUT [flags]` does, in this process; its scores and seconds."""
     init = flags.pop("init_from", None)
-    request = TrainRequest(overrides=dict(flags), data=DataOptions(folder=str(folder)), device="cpu", out=out,
+    request = TrainRequest(settings=dict(flags), data=DataOptions(folder=str(folder)), device="cpu", out=out,
                            progress=False, init_from=str(init) if init else None)
     start = time.perf_counter()
     with redirect_stdout(io.StringIO()) as printed:

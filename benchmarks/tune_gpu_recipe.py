@@ -23,11 +23,11 @@ from dataclasses import asdict, replace
 
 import torch
 
-from convnet.catalog import load_dataset
-from convnet.config import recipe
 from convnet.datatypes import split_validation
 from convnet.engine import make_engine
 from convnet.models import AirNet, register_model
+from convnet.named import load_dataset
+from convnet.recipes import recipe
 from convnet.scoring import score_split
 from convnet.training import train
 

@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 from convnet.bench import format_bench, run_bench, time_to_accuracy
-from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.engine import Engine
+from convnet.named import load_dataset
 
 
 def test_bench_measures_both_sides(toy_dir: Path) -> None:

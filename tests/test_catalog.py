@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import convnet.catalog as catalog
-from convnet.catalog import FASHION_MNIST, DataFile, NamedDataset, download_dataset, load_dataset
+from convnet.catalog import FASHION_MNIST, DataFile, NamedDataset, download_dataset
 from convnet.datatypes import to_float
 from convnet.errors import DataError
+from convnet.named import load_dataset
 
 from .conftest import make_dataset_dir, write_idx
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from convnet import runs
-from convnet.catalog import load_dataset
 from convnet.cli import main
+from convnet.named import load_dataset
 
 
 def convnet(*args: str) -> subprocess.CompletedProcess[str]:
@@ -114,9 +114,16 @@ def test_user_errors_are_one_line(args: list[str], message: str, capsys: pytest.
     assert message in err and err.count("\n") == 1 and err.startswith("convnet: error: ")
 
 
-def test_bad_flag_value_exits_2() -> None:
-    p = convnet("train", "--device", "cpu", "--optimizer", "lbfgs")
-    assert p.returncode == 2 and "invalid choice" in p.stderr
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_a_bad_flag_is_one_line_and_exit_1(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """As every user error: one line naming the flag, the value and what is accepted; the usage block is --help's."""
+    assert main(["train", "--device", "cpu", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("convnet: error: ") and message in err, err
+    assert "--help`)" in err
 
 
 def test_out_folder_not_empty_is_refused(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -224,9 +231,9 @@ def test_a_target_accuracy_run_reuses_its_last_test_measurement(tmp_path: Path, 
 def test_a_small_data_set_is_trained_sized_and_says_so(tmp_path: Path, toy_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    import convnet.config
+    import convnet.recipes
 
-    monkeypatch.setattr(convnet.config, "SIZED_IMAGES", 1_000)  # small, so that the test is quick
+    monkeypatch.setattr(convnet.recipes, "SIZED_IMAGES", 1_000)  # small, so that the test is quick
     run = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--subset", "100", "--model", "seed",
                  "--out", str(run), "--no-progress"]) == 0
@@ -244,15 +251,19 @@ def test_a_small_data_set_is_trained_sized_and_says_so(tmp_path: Path, toy_dir: 
 
 
 def test_models_lists_every_model_with_its_size_and_speed(capsys: pytest.CaptureFixture[str]) -> None:
-    from convnet.models import count_parameters, create_model, list_models
+    """The listing knows each model's size without building it (tests/test_models.py checks the counts);
+    --speed builds and times them."""
+    from convnet.models import list_models
 
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["model", "parameters"] and "images/s" not in lines[0]
+    assert {line.split()[0] for line in lines[1:]} == set(list_models())
+    assert main(["models", "--speed"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["model", "parameters", "images/s"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert set(rows) == set(list_models())
-    for name, cells in rows.items():
-        assert cells[1] == f"{count_parameters(create_model(name)):,}" and float(cells[2].replace(",", "")) > 0
+    assert set(rows) == set(list_models()) and all(float(cells[2].replace(",", "")) > 0 for cells in rows.values())
 
 
 def test_imbalanced_classes_are_named_in_one_line_with_both_remedies(tmp_path: Path,

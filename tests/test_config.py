@@ -10,8 +10,9 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from convnet.config import RECIPES, TrainConfig, lr_at, recipe, resolve_config
+from convnet.config import TrainConfig, check_config, lr_at
 from convnet.errors import ConvnetError, RunError
+from convnet.recipes import RECIPES, recipe, resolve_config
 
 
 def test_a_config_comes_back_from_its_json_unchanged() -> None:
@@ -28,14 +29,14 @@ def test_a_recorded_value_of_the_wrong_type_is_a_damaged_run(key: str, value: ob
 def test_faithful_turns_shuffling_off_and_refuses_what_departs_from_the_tutorial() -> None:
     assert TrainConfig(faithful=True).shuffle is False
     with pytest.raises(ConvnetError, match="--faithful .* cannot be combined with --augment flip"):
-        TrainConfig(faithful=True, augment="flip").validate()
+        check_config(TrainConfig(faithful=True, augment="flip"))
     with pytest.raises(ConvnetError, match="--faithful .* cannot be combined with --sampler balanced"):
-        TrainConfig(faithful=True, sampler="balanced").validate()
+        check_config(TrainConfig(faithful=True, sampler="balanced"))
 
 
 def test_an_unknown_model_is_refused_with_the_registered_names() -> None:
     with pytest.raises(ConvnetError, match="unknown model 'resnet9'; choose one of: seed, fastnet"):
-        TrainConfig(model="resnet9").validate()
+        check_config(TrainConfig(model="resnet9"))
 
 
 def test_flags_override_the_recipe_and_other_optimizers_drop_its_momentum() -> None:
@@ -43,7 +44,7 @@ def test_flags_override_the_recipe_and_other_optimizers_drop_its_momentum() -> N
     assert config.epochs == 3 and config.lr == RECIPES["cpu"].lr  # None means "not given"
     adam = resolve_config("cpu", {"optimizer": "adam"})
     assert adam.optimizer == "adam" and adam.momentum == 0.0 and not adam.nesterov
-    assert resolve_config(None, faithful=True) == TrainConfig(faithful=True, shuffle=False)
+    assert resolve_config(None, {"faithful": True}) == TrainConfig(faithful=True, shuffle=False)
     assert resolve_config(None, device_type="cuda") == RECIPES["gpu"]
     assert recipe("cpu") is not RECIPES["cpu"]  # a copy: changing it leaves the recipe as it is
 
@@ -63,7 +64,7 @@ def test_config_validation_names_the_flag() -> None:
                       (dict(momentum=1.0), "--momentum"), (dict(class_weight="inverse"), "--class-weight"),
                       (dict(sampler="weighted"), "--sampler")]:
         with pytest.raises(ConvnetError, match=flag):
-            TrainConfig(**bad).validate()  # type: ignore[arg-type]
+            check_config(TrainConfig(**bad))  # type: ignore[arg-type]
     assert TrainConfig(faithful=True).shuffle is False
 
 
@@ -79,12 +80,12 @@ def test_schedules() -> None:
 
 def test_recipes_are_valid_and_named() -> None:
     for name in RECIPES:
-        recipe(name).validate()
+        check_config(recipe(name))
     assert recipe("tutorial").shuffle is False and recipe("cpu").model == "fastnet"
     with pytest.raises(ConvnetError, match="unknown --recipe 'fast'.*cpu"):
         recipe("fast")
     with pytest.raises(ConvnetError, match="--faithful.*cannot be combined with --nesterov"):
-        replace(recipe("cpu"), faithful=True).validate()
+        check_config(replace(recipe("cpu"), faithful=True))
 
 
 def test_config_from_dict_checks_types() -> None:
@@ -94,7 +95,7 @@ def test_config_from_dict_checks_types() -> None:
 
 
 def test_small_data_is_repeated_to_the_sized_number_of_images_per_epoch() -> None:
-    from convnet.config import SIZED_IMAGES, size_to_data
+    from convnet.recipes import SIZED_IMAGES, size_to_data
 
     cpu = recipe("cpu")
     for images, repeats in ((100, SIZED_IMAGES // 100), (1_000, SIZED_IMAGES // 1_000), (60_000, 1),
@@ -109,23 +110,21 @@ def test_small_data_is_repeated_to_the_sized_number_of_images_per_epoch() -> Non
 
 
 def test_sizing_leaves_given_epochs_the_tutorial_and_faithful_runs_as_they_were() -> None:
-    from convnet.config import SIZED_IMAGES
-    from convnet.experiment import run_config
+    from convnet.recipes import SIZED_IMAGES, resolve_run
 
     def repeats(recipe_name: str | None, overrides: dict[str, object], faithful: bool = False) -> int:
-        config, _ = run_config(recipe_name, overrides, device_type="cpu", faithful=faithful, hflip=True,
-                               train_images=300)
+        config, _ = resolve_run(recipe_name, {**overrides, "faithful": faithful}, device_type="cpu", hflip=True,
+                                train_images=300)
         return config.repeats
 
     assert repeats(None, {}) > 1 and repeats("gpu", {}) > 1
     assert repeats(None, {"epochs": 24}) == 1 and repeats("tutorial", {}) == 1 and repeats(None, {}, True) == 1
-    held_out, _ = run_config(None, {"val_split": 0.5}, device_type="cpu", faithful=False, hflip=True,
-                             train_images=300)
+    held_out, _ = resolve_run(None, {"val_split": 0.5}, device_type="cpu", hflip=True, train_images=300)
     assert held_out.repeats == round(SIZED_IMAGES / 150)  # sized to the 150 images trained on, not the 300 given
 
 
 def test_fine_tuning_freezes_an_eighth_of_the_epochs_and_never_all() -> None:
-    from convnet.config import fine_tune_defaults
+    from convnet.recipes import fine_tune_defaults
 
     assert [fine_tune_defaults(e)["freeze_epochs"] for e in (24, 12, 8, 3, 2, 1)] == [3, 2, 1, 1, 1, 0]
     assert fine_tune_defaults(24)["body_lr"] == 0.1

@@ -312,7 +312,7 @@ def test_export_checks_parity_on_the_kept_images(fitted: ConvNetClassifier, digi
 
 
 def test_load_a_convnet_train_run(toy_dir: Path, tmp_path: Path) -> None:
-    from convnet.experiment import data_record
+    from convnet.trainrun import data_record
 
     data = convnet.load_dataset("fashion-mnist", toy_dir)
     config = convnet.TrainConfig(model="seed", optimizer="adam", epochs=1, batch_size=64, seed=7)
@@ -433,10 +433,10 @@ def test_docs_list_the_checks_that_cannot_pass() -> None:
 
 def test_the_estimator_sizes_training_and_fine_tunes_as_the_command_line_does(
         digits: tuple[np.ndarray, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import convnet.config
+    import convnet.recipes
 
     X, y = digits
-    monkeypatch.setattr(convnet.config, "SIZED_IMAGES", 600)  # small, so that the test is quick
+    monkeypatch.setattr(convnet.recipes, "SIZED_IMAGES", 600)  # small, so that the test is quick
     clf = ConvNetClassifier(model="fastnet", hflip=False, device="cpu", verbose=0, random_state=0)
     clf.fit(X[:100], y[:100])
     assert clf.config_.repeats == 6 and clf.config_.epochs == convnet.RECIPES["cpu"].epochs  # epochs not given: sized

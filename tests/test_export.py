@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from convnet import durable, runs
-from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.engine import Engine
 from convnet.export import MAX_PROBABILITY_DIFFERENCE, export_run, parity_path
 from convnet.inference import infer
 from convnet.loadrun import load_model
 from convnet.models import create_model, list_models
+from convnet.named import load_dataset
 from convnet.onnxfile import open_onnx
 
 from .conftest import make_dataset_dir

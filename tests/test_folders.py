@@ -17,9 +17,10 @@ from PIL import Image
 
 from convnet import runs
 from convnet.cli import main
-from convnet.data import DataOptions, load_data
+from convnet.data import load_data
+from convnet.dataoptions import DataOptions, parse_image_size
 from convnet.errors import DataError
-from convnet.folderscan import parse_image_size, scan_folder
+from convnet.folderscan import scan_folder
 from convnet.imagefiles import default_size
 
 
@@ -311,28 +312,30 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
             img[..., label] = 255  # the class in one channel
             Image.fromarray(img, "RGB").save(root / str(label) / f"{i}.png", compress_level=0)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    build = subprocess.run([sys.executable, "-c", f"from convnet.data import DataOptions, load_data; "
+    build = subprocess.run([sys.executable, "-c", "from convnet.data import load_data; "
+                            "from convnet.dataoptions import DataOptions; "
                             f"load_data(DataOptions(folder={str(root)!r}, memory_budget_mb=0), progress=False)"],
                            capture_output=True, text=True, timeout=600, env=env)  # the cache, decoded once
     assert build.returncode == 0, build.stderr
     peak, held = {}, {}
     for budget in ("2", "100000"):
         # the library call, not the command line: the command line tells glibc to keep freed memory
-        # (engine.keep_freed_memory), which makes peak RSS a measure of the allocator's history; and the
+        # (cli.keep_freed_memory), which makes peak RSS a measure of the allocator's history; and the
         # peak of this process's own memory (VmHWM), not ru_maxrss, which Linux carries over from the
         # forking process (here pytest's) through exec
         script = (
             "import tracemalloc\n"
             "import sklearn.model_selection, torch\n"
             "from torch import nn\n"
-            "from convnet.experiment import TrainRequest, run_training\n"
-            "from convnet.data import DataOptions\n"
+            "from convnet.config import TrainRequest\n"
+            "from convnet.experiment import run_training\n"
+            "from convnet.dataoptions import DataOptions\n"
             "from convnet.models import register_model\n"
             "torch.optim.SGD([nn.Parameter(torch.zeros(1))])  # the optimizer's first use imports torch._dynamo\n"
             "tracemalloc.start()  # after the imports: tracing them takes ten times as long, and they hold no images\n"
             "register_model('tiny', 'a test model')(lambda k, c, size: nn.Sequential(\n"
             "    nn.Conv2d(c, 4, 3, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, k)))\n"
-            "run_training(TrainRequest(overrides={'model': 'tiny', 'epochs': 1, 'batch_size': 32, 'tta': False,\n"
+            "run_training(TrainRequest(settings={'model': 'tiny', 'epochs': 1, 'batch_size': 32, 'tta': False,\n"
             "                                     'augment': 'none', 'ema': 0.0},\n"
             f"    data=DataOptions(folder={str(root)!r}, memory_budget_mb={budget}), device='cpu',\n"
             f"    out={str(tmp_path / budget)!r}, progress=False))\n"

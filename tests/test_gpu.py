@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from convnet import runs
-from convnet.catalog import load_dataset
 from convnet.config import TrainConfig
 from convnet.engine import Engine, StepRunner
 from convnet.events import TrainEvents
-from convnet.experiment import data_record
-from convnet.training import resume, train
+from convnet.named import load_dataset
+from convnet.training import train
+from convnet.trainrun import data_record, resume
 from convnet.trainstate import TrainState
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

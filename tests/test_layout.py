@@ -90,9 +90,11 @@ def test_the_checks_see_a_circle_and_an_upward_import(tmp_path: Path) -> None:
     assert ladder("## How the code is laid out\n\n1. `b` x\n2. `a` y\n\n## Next\n3. `c`") == ["b", "a"]
 
 
-@pytest.mark.parametrize("flag", ["--help", "--version"])
-def test_help_and_version_load_no_torch(flag: str) -> None:
-    code = (f"import sys\nfrom convnet.cli import main\ntry:\n    main([{flag!r}])\nexcept SystemExit:\n    pass\n"
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"], ["tune", "--help"], ["recipes"],
+                                  ["datasets"], ["models"]], ids=" ".join)
+def test_help_and_the_tables_load_no_torch(args: list[str]) -> None:
+    """Every --help and the commands that print a table start without PyTorch (or numpy): well under a second."""
+    code = (f"import sys\nfrom convnet.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'numpy', 'sklearn', 'onnxruntime', 'fastapi', 'matplotlib') "
             "if m in sys.modules]\nprint('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from convnet import runs
-from convnet.catalog import load_dataset
 from convnet.config import TrainConfig
 from convnet.engine import Engine
 from convnet.errors import RunError
-from convnet.experiment import data_record
 from convnet.export import MAX_PROBABILITY_DIFFERENCE, export_run
 from convnet.inference import infer
 from convnet.loadrun import LoadedRun, load_model, load_run, open_model
+from convnet.named import load_dataset
 from convnet.onnxfile import OnnxModel
 from convnet.training import train
+from convnet.trainrun import data_record
 
 from .conftest import make_dataset_dir
 

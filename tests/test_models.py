@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from convnet.errors import ConvnetError
-from convnet.models import create_model, fold_batchnorm, list_models
+from convnet.models import count_parameters, create_model, fold_batchnorm, list_models
 
 
 class TutorialConvNet(nn.Module):
@@ -121,3 +121,12 @@ def test_input_normalization_is_inside_the_model_and_outside_its_weights() -> No
         torch.testing.assert_close(normalized(x), plain((x - mean) / std))
     with pytest.raises(ConvnetError, match="model 'fastnet' does not normalize its input"):
         create_model("fastnet", 4, 3, 16, mean=(0.5,) * 3, std=(0.2,) * 3)
+
+
+@pytest.mark.parametrize("name", list(list_models()))
+def test_the_listing_counts_each_models_parameters_as_built(name: str) -> None:
+    """`convnet models` lists each size without building a model (no torch): the counts it keeps are the built ones."""
+    from convnet.modelnames import model_name
+
+    listed = model_name(name)
+    assert listed is not None and listed.parameters == count_parameters(create_model(name))

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from convnet import runs
-from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.config import TrainConfig
 from convnet.datatypes import InputSpec, Split
 from convnet.errors import ConvnetError, RunError
 from convnet.events import TrainEvents
 from convnet.models import create_model, head_name
-from convnet.pretrained import adapt, adapt_input_conv, fit, model_of, open_source, spec_for
+from convnet.named import load_dataset
+from convnet.pretrained import adapt, adapt_input_conv, fit_weights, model_of, open_source, spec_for
 from convnet.training import train
 from convnet.trainstate import TrainState
 
@@ -59,7 +59,7 @@ def test_a_run_is_read_with_its_model_classes_and_digest(source_run: Path, tmp_p
 def test_other_classes_get_a_fresh_head_and_colour_an_adapted_first_convolution(source_run: Path) -> None:
     source = open_source(source_run)
     spec = InputSpec(3, 20, 24, ("cat", "dog"))  # colour, another size, two classes
-    state, record = fit(source, "fastnet", spec)
+    state, record = fit_weights(source, "fastnet", spec)
     model = create_model("fastnet", 2, 3, (20, 24))
     model.load_state_dict(state)  # fits exactly
     head = head_name(model)
@@ -69,7 +69,7 @@ def test_other_classes_get_a_fresh_head_and_colour_an_adapted_first_convolution(
             assert torch.equal(state[key], w), key
     assert torch.allclose(state["features.0.0.weight"], source.tensors["features.0.0.weight"].repeat(1, 3, 1, 1) / 3)
     assert record["sha256"] == source.sha256 and record["model"] == "fastnet" and len(record["changes"]) == 2
-    same, record = fit(source, "fastnet", load_run_spec(source_run))  # the same classes: the head is kept
+    same, record = fit_weights(source, "fastnet", load_run_spec(source_run))  # the same classes: the head is kept
     assert record["changes"] == [] and all(torch.equal(same[k], v) for k, v in source.tensors.items())
 
 
@@ -110,7 +110,7 @@ def test_the_head_trains_alone_while_frozen_then_the_body_at_its_own_rate(source
     two = data.train.labels < 2
     spec = InputSpec(1, 28, 28, ("a", "b"))
     split = Split(data.train.images[two], data.train.labels[two])
-    state, _ = fit(open_source(source_run), "fastnet", spec)
+    state, _ = fit_weights(open_source(source_run), "fastnet", spec)
     seen = _Weights()
     config = TrainConfig(model="fastnet", optimizer="sgd", lr=0.05, momentum=0.9, epochs=2, batch_size=16,
                          freeze_epochs=1, body_lr=0.1, weight_decay=5e-4)

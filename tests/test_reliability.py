@@ -25,11 +25,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from convnet import durable, runs
-from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.config import TrainConfig
-from convnet.experiment import data_record
+from convnet.named import load_dataset
 from convnet.training import train
+from convnet.trainrun import data_record
 
 from .conftest import make_dataset_dir
 

@@ -18,13 +18,13 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from convnet import plots, report, runs
-from convnet.catalog import load_dataset
 from convnet.cli import main
 from convnet.config import TrainConfig
-from convnet.experiment import data_record
 from convnet.explain import explained
+from convnet.named import load_dataset
 from convnet.scoring import evaluate_run
 from convnet.training import train
+from convnet.trainrun import data_record
 
 CLASSES = [f"class {i}" for i in range(4)]
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from convnet import runs
-from convnet.catalog import load_dataset
 from convnet.config import TrainConfig
 from convnet.engine import Engine
 from convnet.errors import ConvnetError, RunError, TrainingDiverged
 from convnet.events import StopAtAccuracy, TrainEvents
-from convnet.experiment import data_record
-from convnet.training import resume, train
+from convnet.named import load_dataset
+from convnet.training import train
+from convnet.trainrun import data_record, resume
 from convnet.trainstate import TrainState
 
 # An outside reference: the 25 SGD losses the tutorial itself printed.

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from convnet import runs, tune
-from convnet.catalog import load_dataset
 from convnet.cli import main
-from convnet.config import RECIPE_FIELDS, TrainConfig, read_recipe_file
+from convnet.config import TrainConfig
 from convnet.errors import ConvnetError
+from convnet.named import load_dataset
+from convnet.recipes import RECIPE_FIELDS, read_recipe_file
 from convnet.searchspace import Param, parse_param
 from convnet.training import train
 

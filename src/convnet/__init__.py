@@ -34,12 +34,12 @@ _EXPORTS = {
     "ConvnetError": "errors", "DataError": "errors", "InputError": "errors", "RunError": "errors",
     "TrainingDiverged": "errors",
     "InputSpec": "datatypes", "Split": "datatypes", "Dataset": "datatypes", "to_float": "datatypes",
-    "DATASETS": "catalog", "DataOptions": "data", "load_dataset": "catalog", "load_data": "data",
+    "DATASETS": "catalog", "DataOptions": "dataoptions", "load_dataset": "named", "load_data": "data",
     "read_idx": "arrayfiles",
     "Engine": "engine", "make_engine": "engine", "resolve_device": "engine",
-    "TrainConfig": "config", "RECIPES": "config",
+    "TrainConfig": "config", "RECIPES": "recipes",
     "TrainEvents": "events", "StopAtAccuracy": "events", "ConsolePrinter": "events",
-    "TrainResult": "training", "train": "training", "resume": "training",
+    "TrainResult": "training", "train": "training", "resume": "trainrun",
     "count_parameters": "models", "create_model": "models", "list_models": "models", "register_model": "models",
     "images_from_array": "arrays", "load_image": "arrays", "load_inputs": "inputfiles",
     "Prediction": "inference", "infer": "inference", "predict": "inference", "load_model": "loadrun",
@@ -75,9 +75,10 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from convnet.arrayfiles import read_idx
     from convnet.arrays import images_from_array, load_image
-    from convnet.catalog import DATASETS, load_dataset
-    from convnet.config import RECIPES, TrainConfig
-    from convnet.data import DataOptions, load_data
+    from convnet.catalog import DATASETS
+    from convnet.config import TrainConfig
+    from convnet.data import load_data
+    from convnet.dataoptions import DataOptions
     from convnet.datatypes import Dataset, InputSpec, Split, to_float
     from convnet.engine import Engine, make_engine, resolve_device
     from convnet.errors import ConvnetError, DataError, InputError, RunError, TrainingDiverged
@@ -89,6 +90,9 @@ if TYPE_CHECKING:
     from convnet.loadrun import load_model
     from convnet.metrics import accuracy, classification_report, confusion_matrix
     from convnet.models import count_parameters, create_model, list_models, register_model
+    from convnet.named import load_dataset
     from convnet.prediction import Predictor, load
+    from convnet.recipes import RECIPES
     from convnet.scoring import evaluate_run
-    from convnet.training import TrainResult, resume, train
+    from convnet.training import TrainResult, train
+    from convnet.trainrun import resume

@@ -19,6 +19,7 @@ from typing import IO
 
 import numpy as np
 
+from convnet.catalog import GZIP_MAGIC
 from convnet.errors import DataError, InputError
 
 # --- IDX
@@ -32,7 +33,6 @@ _IDX_DTYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-GZIP_MAGIC = b"\x1f\x8b"
 MAX_IDX_BYTES = 1 << 31  # larger IDX files are refused: a guard against gzip bombs (Fashion-MNIST's largest: 47 MB)
 
 

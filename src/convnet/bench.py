@@ -13,23 +13,25 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from convnet.config import DEFAULT_RECIPE, TrainConfig, resolve_config
-from convnet.data import DataOptions, load_data
+from convnet.config import TrainConfig, TrainRequest
+from convnet.data import load_data
+from convnet.dataoptions import DataOptions
 from convnet.datatypes import Dataset
 from convnet.engine import Engine, make_engine
 from convnet.errors import ConvnetError
 from convnet.evaluation import score_split
-from convnet.events import StopAtAccuracy
 from convnet.inference import infer
 from convnet.models import create_model
+from convnet.recipes import DEFAULT_RECIPE, resolve_config
 from convnet.training import train
+from convnet.trainrun import train_run
 
 
 # --- the tutorial's code, as printed (only the per-epoch print is dropped)
@@ -123,6 +125,12 @@ def prediction_speed(name: str, *, engine: Engine, shape: tuple[int, int, int] =
         infer(net, images, engine=engine)
         done += len(images)
     return done / elapsed
+
+
+def model_speeds(names: Iterable[str], seconds: float = 0.3) -> dict[str, float]:
+    """What ``convnet models --speed`` shows: each model's :func:`prediction_speed` on the CPU."""
+    engine = make_engine("cpu")
+    return {name: prediction_speed(name, engine=engine, seconds=seconds) for name in names}
 
 
 def run_bench(dataset: Dataset, *, engine: Engine, model: str = "seed", batch_size: int = 128,
@@ -236,16 +244,15 @@ def time_to_accuracy(dataset: Dataset, *, engine: Engine, recipe_name: str, targ
     """
     secs, epochs, accs = [], [], []
     for seed in range(seeds):
-        config = resolve_config(recipe_name, {"seed": seed, "target_accuracy": target}, hflip=dataset.spec.hflip)
-        result = train(config, dataset.train, dataset.spec, engine=engine,
-                       events=[StopAtAccuracy(dataset.test, target, tta=config.tta)])
+        result = train_run(TrainRequest({"seed": seed, "target_accuracy": target}, dataset, recipe=recipe_name),
+                           engine=engine).result
         secs.append(result.seconds)
         epochs.append(len(result.history))
         accs.append(float(result.history[-1].test_accuracy or 0.0))
     ref = None
     if reference:
-        tutorial_adam = resolve_config("tutorial", {"optimizer": "adam", "epochs": 15, "seed": 42})
-        result = train(tutorial_adam, dataset.train, dataset.spec, engine=engine)
+        tutorial_adam = {"optimizer": "adam", "epochs": 15, "seed": 42}
+        result = train_run(TrainRequest(tutorial_adam, dataset, recipe="tutorial"), engine=engine).result
         ref = {"seconds": result.seconds, "test_accuracy": score_split(result.model, dataset.test, engine).accuracy}
     return TimeToAccuracy(
         device=str(engine.device) if engine.device.type == "cpu" else torch.cuda.get_device_name(engine.device),

@@ -7,7 +7,9 @@ mirrors into the cache. A download goes to a hidden ``.NAME.part`` file that sur
 interruption and is continued (an HTTP range request) the next time; it is checked
 against the published digest and only then renamed into place.
 
-Reading the data a command or a run asks for, named or a folder, is :mod:`convnet.data`'s job.
+This module reads no images (and imports no torch, so that ``convnet datasets`` is quick):
+:mod:`convnet.named` reads a named data set into tensors; reading the data a command or a
+run asks for, named or a folder, is :mod:`convnet.data`'s job.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import gzip
 import hashlib
 import http.client
 import os
-import tarfile
 import urllib.error
 import urllib.request
 import zlib
@@ -24,13 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from convnet.arrayfiles import CIFAR_RECORD, GZIP_MAGIC, parse_cifar, read_idx
-from convnet.datatypes import Dataset, InputSpec, Split, check_subset, source_path
 from convnet.durable import replace_durably
 from convnet.errors import DataError
+from convnet.inputspec import InputSpec
 from convnet.progress import Bar
 
 
@@ -64,6 +61,7 @@ class NamedDataset:
 
     @property
     def spec(self) -> InputSpec:
+        """What its images are: channels, size, classes, background, mirrors."""
         return InputSpec(self.channels, self.height, self.width, self.classes, self.dark_background, self.hflip)
 
     @property
@@ -123,6 +121,7 @@ CIFAR10 = NamedDataset(
     train_images=50_000, test_images=10_000,
 )
 
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of a gzip file
 DATASETS: dict[str, NamedDataset] = {d.name: d for d in (FASHION_MNIST, MNIST, CIFAR10)}
 CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR_TEST = "test_batch.bin"
@@ -146,7 +145,7 @@ def named(name: str) -> NamedDataset:
 # --- where a data set is found
 
 
-def _idx_file(folder: Path, gz_name: str) -> Path | None:
+def idx_file(folder: Path, gz_name: str) -> Path | None:
     """The file of that name in ``folder``, gzipped or not."""
     for candidate in (folder / gz_name, folder / gz_name.removesuffix(".gz")):
         if candidate.is_file():
@@ -154,7 +153,7 @@ def _idx_file(folder: Path, gz_name: str) -> Path | None:
     return None
 
 
-def _cifar_batches(folder: Path) -> Path | None:
+def cifar_batches(folder: Path) -> Path | None:
     """The folder holding CIFAR-10's extracted ``.bin`` files: ``folder`` or its ``cifar-10-batches-bin``."""
     for candidate in (folder, folder / CIFAR_FOLDER):
         if all((candidate / n).is_file() for n in (*CIFAR_TRAIN, CIFAR_TEST)):
@@ -165,8 +164,8 @@ def _cifar_batches(folder: Path) -> Path | None:
 def has_all(folder: Path, ds: NamedDataset) -> bool:
     """Whether ``folder`` holds a complete copy of ``ds``."""
     if ds.format == "cifar":
-        return (folder / ds.files["archive"].name).is_file() or _cifar_batches(folder) is not None
-    return all(_idx_file(folder, f.name) is not None for f in ds.files.values())
+        return (folder / ds.files["archive"].name).is_file() or cifar_batches(folder) is not None
+    return all(idx_file(folder, f.name) is not None for f in ds.files.values())
 
 
 def locate(ds: NamedDataset, data_dir: str | os.PathLike[str] | None = None,
@@ -191,114 +190,6 @@ def locate(ds: NamedDataset, data_dir: str | os.PathLike[str] | None = None,
         if has_all(folder, ds):
             return folder
     return None
-
-
-def load_dataset(
-    name: str = "fashion-mnist",
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    subset: int | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    download: bool = True,
-) -> Dataset:
-    """Load a named data set as uint8 tensors, fetching it first if need be.
-
-    Args:
-        name: one of :data:`DATASETS` (``fashion-mnist``, ``mnist``, ``cifar10``).
-        data_dir: a folder holding its files; when given, nothing else is tried.
-        subset: keep only the first ``subset`` training images (the test split whole).
-        cache_dir: where downloads go; defaults to :func:`default_cache_dir`.
-        download: fetch from the mirrors when no local copy is found.
-
-    Raises:
-        DataError: unknown name, no copy found, a corrupt file, a failed download.
-    """
-    ds = named(name)
-    check_subset(subset)
-    folder = locate(ds, data_dir, cache_dir)
-    if folder is None:
-        cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / ds.name
-        if not download:
-            raise DataError(f"{ds.name} not found in {cache} or {', '.join(ds.system_dirs) or 'a system folder'}; "
-                            "pass --data-dir, or allow the download")
-        download_dataset(ds, cache)
-        folder = cache
-    train, test = (_read_cifar(folder, ds) if ds.format == "cifar" else _read_idx_set(folder, ds))
-    if train.images.shape[1:] != test.images.shape[1:]:
-        raise DataError(f"{folder}: train images are {tuple(train.images.shape[2:])} but test images "
-                        f"{tuple(test.images.shape[2:])}; both splits need the same size")
-    spec = ds.spec
-    if tuple(train.images.shape[1:]) != spec.shape:  # a folder of IDX files of another size, read as this set
-        c, h, w = (int(d) for d in train.images.shape[1:])
-        spec = InputSpec(c, h, w, spec.classes, spec.dark_background, spec.hflip)
-    dataset = Dataset(ds.name, spec, train, test, source_path(folder), origin={"kind": "named"})
-    return dataset.first(subset)
-
-
-def _read_idx_set(folder: Path, ds: NamedDataset) -> tuple[Split, Split]:
-    arrays = {}
-    for key, f in ds.files.items():
-        path = _idx_file(folder, f.name)
-        if path is None:
-            raise DataError(f"{folder}: missing {f.name} (or its uncompressed form)")
-        arrays[key] = read_idx(path)
-    return (_split(arrays["train_images"][:, None], arrays["train_labels"], folder, ds, "train"),
-            _split(arrays["test_images"][:, None], arrays["test_labels"], folder, ds, "test"))
-
-
-def _read_cifar(folder: Path, ds: NamedDataset) -> tuple[Split, Split]:
-    """CIFAR-10 from its extracted ``.bin`` files, else straight from the archive."""
-    raw: dict[str, bytes] = {}
-    batches = _cifar_batches(folder)
-    if batches is not None:
-        raw = {n: (batches / n).read_bytes() for n in (*CIFAR_TRAIN, CIFAR_TEST)}
-    else:
-        archive = folder / ds.files["archive"].name
-        wanted = {f"{CIFAR_FOLDER}/{n}": n for n in (*CIFAR_TRAIN, CIFAR_TEST)}
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                for member in tar:
-                    if member.name in wanted and member.isfile():
-                        if member.size > 20_000 * CIFAR_RECORD:  # the real batches hold 10,000 records
-                            raise DataError(f"{archive}: {member.name} declares {member.size:,} bytes; "
-                                            "the archive is damaged")
-                        handle = tar.extractfile(member)
-                        assert handle is not None
-                        raw[wanted[member.name]] = handle.read()
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{archive}: damaged archive ({e}); delete it and fetch it again") from None
-        missing = sorted(set(wanted.values()) - set(raw))
-        if missing:
-            raise DataError(f"{archive}: lacks {', '.join(missing)}; is it CIFAR-10's binary version?")
-    parts = [parse_cifar(raw[n], f"{folder}/{n}", len(ds.classes)) for n in CIFAR_TRAIN]
-    train_images = np.concatenate([p[0] for p in parts])
-    train_labels = np.concatenate([p[1] for p in parts])
-    test_images, test_labels = parse_cifar(raw[CIFAR_TEST], f"{folder}/{CIFAR_TEST}", len(ds.classes))
-    return (_split(train_images, train_labels, folder, ds, "train"),
-            _split(test_images, test_labels, folder, ds, "test"))
-
-
-def _split(images: np.ndarray, labels: np.ndarray, folder: Path, ds: NamedDataset, which: str) -> Split:
-    """Check one split's arrays (images already ``(N, C, H, W)``) and make tensors of them."""
-    if images.ndim != 4 or labels.ndim != 1:
-        raise DataError(f"{folder}: {which} images must have 3 dimensions (N, H, W) and labels 1, "
-                        f"got {images.shape[:1] + images.shape[2:]} and {labels.shape}")
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{folder}: {images.shape[0]} {which} images but {labels.shape[0]} labels")
-    if images.dtype != np.uint8:
-        raise DataError(f"{folder}: {which} images must be unsigned bytes, got {images.dtype}")
-    if labels.dtype.kind not in "ui":
-        raise DataError(f"{folder}: {which} labels must be integers, got {labels.dtype}")
-    if 0 in images.shape:
-        shown = images.shape[:1] + images.shape[2:] if images.shape[1] == 1 else images.shape
-        raise DataError(f"{folder}: {which} images have shape {shown}; there is nothing to learn from")
-    bad = (labels < 0) | (labels >= len(ds.classes))
-    if bad.any():
-        raise DataError(f"{folder}: {which} label {int(labels[bad][0])} is outside 0..{len(ds.classes) - 1}")
-    return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
-
-
-# --- download
 
 
 def file_digest(path: Path, f: DataFile) -> tuple[str, str, str]:

@@ -1,4 +1,4 @@
-"""Checkpoints and the run's record of itself.
+"""Checkpoints: the state to resume a run from.
 
 A checkpoint is one safetensors file: every tensor (weights, the moving average, the
 optimizer's state, the random generators' states) as a tensor, everything else (epoch,
@@ -9,40 +9,17 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from convnet import runs
-from convnet.config import EpochRecord, TrainConfig
-from convnet.datatypes import InputSpec
-from convnet.durable import write_json
-from convnet.engine import Engine
+from convnet.config import EpochRecord
 from convnet.errors import RunError
-from convnet.models import count_parameters
 from convnet.trainstate import TrainState
-
-
-def write_config(run_dir: Path, config: TrainConfig, spec: InputSpec, engine: Engine, model: nn.Module,
-                 data: dict[str, Any], init: dict[str, Any] | None = None) -> None:
-    """Write ``config.json``: the resolved config, the input spec, the data it was trained
-    on, the engine, the library versions and the command line; for a run that started from
-    trained weights, where they came from (``init``)."""
-    write_json(run_dir / runs.CONFIG, {**({"init": init} if init is not None else {}),
-        "train": asdict(config),
-        "input": spec.to_json(),
-        "data": {**data, "classes": list(spec.classes), "image_shape": list(spec.shape)},
-        "engine": engine.describe(),
-        "parameters": count_parameters(model),
-        "versions": runs.library_versions(),
-        "command": runs.command_line(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
 
 
 def save_checkpoint(path: Path, state: TrainState) -> None:

@@ -11,40 +11,44 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from convnet.config import RECIPES, TrainConfig
+from convnet.config import TrainConfig, TrainRequest
+from convnet.dataoptions import DataOptions
 from convnet.errors import ConvnetError
+from convnet.options import BENCH, TRAIN, TUNE, TUTORIAL, taken_by
 
 
-def data_options(a: argparse.Namespace) -> Any:
-    """The data flags as the library's :class:`~convnet.data.DataOptions`."""
-    from convnet.data import DataOptions
-    from convnet.folderscan import parse_image_size
+def option_values(a: argparse.Namespace, interface: str, cls: type) -> dict[str, Any]:
+    """The options of ``cls`` that ``interface`` takes, as given (None: not given)."""
+    found = {}
+    for o in taken_by(interface, cls):
+        value = getattr(a, o.name, None)
+        if value is not None and o.parse is not None:
+            value = o.parse(value)
+        if isinstance(value, list):
+            value = tuple(value)
+        found[o.name] = value
+    return found
 
-    folder = getattr(a, "data", None)
-    if folder is not None and a.dataset is not None:
-        raise ConvnetError(f"--data {folder} (a folder of images) and --dataset {a.dataset} cannot be combined; "
-                           "give one")
-    return DataOptions(
-        dataset=a.dataset or "fashion-mnist", data_dir=str(a.data_dir) if a.data_dir is not None else None,
-        folder=str(folder) if folder is not None else None, subset=getattr(a, "subset", None),
-        image_size=parse_image_size(a.image_size) if getattr(a, "image_size", None) else None,
-        channels=getattr(a, "channels", None), test_split=getattr(a, "test_split", 0.2),
-        skip_bad_images=getattr(a, "skip_bad_images", False), hflip=getattr(a, "hflip", None),
-        memory_budget_mb=getattr(a, "memory_budget", None))
+
+def data_options(a: argparse.Namespace, interface: str) -> DataOptions:
+    """The data flags as the library's :class:`DataOptions`."""
+    return DataOptions(**{k: v for k, v in option_values(a, interface, DataOptions).items() if v is not None})
+
+
+def request_of(a: argparse.Namespace, interface: str = TRAIN) -> TrainRequest:
+    """``convnet train``'s flags as the library's :class:`TrainRequest`."""
+    given = {k: v for k, v in option_values(a, interface, TrainRequest).items() if v is not None}
+    return TrainRequest(settings=option_values(a, interface, TrainConfig), data=data_options(a, interface), **given)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from convnet.experiment import TrainRequest, run_training
+    from convnet.experiment import run_training
 
-    overrides = {f.name: getattr(a, f.name, None) for f in fields(TrainConfig) if f.name != "faithful"}
-    request = TrainRequest(overrides=overrides, data=data_options(a), recipe=a.recipe, faithful=a.faithful,
-                           device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress,
-                           init_from=a.init_from, log=tuple(a.log), mlflow_uri=a.mlflow_uri,
-                           mlflow_experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "convnet")
+    request = request_of(a)
+    request.mlflow_experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or request.mlflow_experiment
     outcome = run_training(request, env=dict(os.environ))
     if outcome.evaluation is None:  # not the main process under torchrun
         return 0
@@ -260,23 +264,19 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_tutorial(a: argparse.Namespace) -> int:
-    from convnet.data import DataOptions
     from convnet.tutorial import run_tutorial
 
-    data = DataOptions(dataset=a.dataset or "fashion-mnist",
-                       data_dir=str(a.data_dir) if a.data_dir is not None else None)
-    run_tutorial(data, a.out, device=a.device, faithful=a.faithful, quick=a.quick, progress=not a.no_progress)
+    run_tutorial(data_options(a, TUTORIAL), a.out, device=a.device or "auto", faithful=bool(a.faithful),
+                 quick=a.quick, progress=a.progress)
     return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from convnet.bench import BenchResult, bench, format_bench, format_time_to_accuracy
-    from convnet.data import DataOptions
 
-    data = DataOptions(dataset=a.dataset or "fashion-mnist",
-                       data_dir=str(a.data_dir) if a.data_dir is not None else None)
-    result = bench(data, device=a.device, model=a.model, batch_size=a.batch_size, train_images=a.train_images,
-                   repeats=a.repeats, target=a.target, recipe=a.recipe, seeds=a.seeds, reference=not a.no_reference)
+    result = bench(data_options(a, BENCH), device=a.device or "auto", model=a.model, batch_size=a.batch_size,
+                   train_images=a.train_images, repeats=a.repeats, target=a.target, recipe=a.recipe, seeds=a.seeds,
+                   reference=not a.no_reference)
     if a.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -294,9 +294,11 @@ def cmd_tune(a: argparse.Namespace) -> int:
         if not sep or not name.strip():
             raise ConvnetError(f"--param {item!r}: give NAME=SPEC, e.g. lr=0.01:0.5:log or model=fastnet,resnet20")
         space[name.strip()] = spec
-    outcome = run_tune(TuneRequest(data=data_options(a), recipe=a.recipe, space=space, trials=a.trials,
-                                   timeout=a.timeout, storage=a.storage, study=a.study, out=a.out,
-                                   val_split=a.val_split, seed=a.seed, report=a.report, device=a.device))
+    settings = {k: v for k, v in option_values(a, TUNE, TrainConfig).items() if v is not None}
+    seed, val_split = settings.pop("seed", 42), settings.pop("val_split", 0.1)
+    outcome = run_tune(TuneRequest(data=data_options(a, TUNE), recipe=a.recipe, space=space, settings=settings,
+                                   trials=a.trials, timeout=a.timeout, storage=a.storage, study=a.study, out=a.out,
+                                   val_split=val_split, seed=seed, report=a.report, device=a.device or "auto"))
     print(f"study {outcome.study!r}: {outcome.finished} trials finished, {outcome.ran} run by this process")
     if outcome.best_trial is not None:
         print(f"best: trial {outcome.best_trial}, val accuracy {outcome.best_value:.4f}: "
@@ -312,38 +314,30 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_recipes(a: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from convnet.recipes import describe_recipes
 
-    from convnet.config import DEFAULT_RECIPE, PER_RUN, read_recipe_file
-
-    if a.file is not None:  # one recipe file, as `convnet train --recipe FILE` reads it
-        config = read_recipe_file(a.file, where="convnet recipes")
-        print(a.file)
-        for k, v in asdict(config).items():
-            if k not in PER_RUN:
-                print(f"  --{k.replace('_', '-'):<17} {v}")
-        return 0
-    for name, config in RECIPES.items():
-        default = [d for d, r in DEFAULT_RECIPE.items() if r == name]
-        note = (f" (default on {', '.join(default)})" if default else
-                " (the tutorial's settings; base of --faithful)" if name == "tutorial" else "")
-        print(f"{name}{note}")
-        for k, v in asdict(config).items():
-            if k not in PER_RUN:
-                print(f"  --{k.replace('_', '-'):<17} {v}")
+    for title, flags in describe_recipes(a.file):
+        print(title)
+        for flag in flags:
+            print(f"  {flag}")
     return 0
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from convnet.bench import prediction_speed
-    from convnet.engine import make_engine
-    from convnet.models import count_parameters, create_model, list_models
+    from convnet.modelnames import list_models, model_name
 
-    engine = make_engine("cpu")
-    print(f"{'model':<12} {'parameters':>10}  {'images/s':>9}  (predicting 28x28 grey images on this machine's CPU)")
+    if a.speed:
+        from convnet.bench import model_speeds  # imported here: building and timing the models needs torch
+
+        speeds = model_speeds(list_models())
+    print(f"{'model':<12} {'parameters':>10}  " + (f"{'images/s':>9}  " if a.speed else "")
+          + ("(parameters for 10 classes of 28x28 grey images" + ("; images/s predicting them on this machine's CPU)"
+                                                                  if a.speed else ")")))
     for name, description in list_models().items():
-        speed = prediction_speed(name, engine=engine, seconds=0.3)
-        print(f"{name:<12} {count_parameters(create_model(name)):>10,}  {speed:>9,.0f}  {description}", flush=True)
+        count = model_name(name).parameters  # type: ignore[union-attr]
+        shown = f"{count:>10,}" if count is not None else f"{'?':>10}"
+        speed = f"{speeds[name]:>9,.0f}  " if a.speed else ""
+        print(f"{name:<12} {shown}  {speed}{description}", flush=True)
     return 0
 
 

@@ -1,19 +1,20 @@
-"""Training settings as plain data: the config, the named recipes, the learning-rate
-schedule and the record kept of each epoch."""
+"""Training settings as plain data: the config (each field the one declaration of its
+option, :mod:`convnet.options`), the one function that checks it, the learning-rate
+schedule and the record kept of each epoch. No torch: the command line builds its flags
+from here."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from convnet.dataoptions import DataOptions
 from convnet.errors import ConvnetError, RunError
+from convnet.modelnames import list_models
+from convnet.options import BENCH, ESTIMATOR, EVERYWHERE, TRAIN, TUNE, TUTORIAL, option
 
-# Choices, kept here (a module that imports no torch) so that the command line builds fast.
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
 AUGMENTS = ("none", "flip", "translate", "flip-translate")
@@ -21,83 +22,63 @@ CLASS_WEIGHTS = ("none", "balanced")  # --class-weight: the loss's weight of eac
 SAMPLERS = ("passes", "balanced")  # --sampler: every image once per pass, or classes drawn equally often
 DEVICES = ("auto", "cpu", "cuda")
 LAYOUTS = ("auto", "nchw", "nhwc")
+TRACKERS = ("tensorboard", "mlflow")
+
+PER_RUN = frozenset({TRAIN, ESTIMATOR})  # a setting of one run, not of a recipe
 
 
 @dataclass
 class TrainConfig:
-    """What to train and how. The defaults are the tutorial's plain setting; named
-    recipes (:data:`RECIPES`) bundle the stronger ones. ``faithful=True`` keeps the
-    tutorial's exact arithmetic, so the tutorial's numbers come back.
-
-    Attributes:
-        model: a registered model name (see ``convnet models``).
-        optimizer: ``sgd``, ``adam`` or ``adamw``.
-        lr: peak learning rate per step (not scaled by batch size).
-        epochs: full passes over the training images (each of ``repeats`` passes).
-        batch_size: images per step.
-        seed: seeds the initial weights (``torch.manual_seed``), the shuffle order, the
-            augmentation and the validation split.
-        shuffle: a new random order every epoch; the tutorial did not shuffle.
-        momentum: SGD momentum (0 = plain SGD, the tutorial's).
-        nesterov: Nesterov momentum for SGD.
-        weight_decay: L2 penalty (decoupled for ``adamw``).
-        label_smoothing: share of the target spread over all classes (0 = none).
-        augment: ``none``, ``flip``, ``translate`` or ``flip-translate``, batched on the device.
-        translate_px: largest random shift in pixels for ``translate``.
-        schedule: ``constant``, or linear warm-up then ``linear`` or ``cosine`` decay to 0.
-        warmup_epochs: length of the warm-up, in epochs (may be fractional).
-        val_split: share of the training images held out for per-epoch validation.
-        target_accuracy: stop once the test accuracy, measured after every epoch,
-            reaches this (a time-to-accuracy run); 0 = off.
-        tta: predict with test-time augmentation (mean of the image and its mirror).
-        ema: decay per step of an exponential moving average of the weights (e.g.
-            0.995), which is what gets evaluated and kept; 0 = off.
-        freeze_epochs: for a run started from trained weights: epochs in which only the
-            classifier head learns (the rest keeps its weights; batch norm's statistics
-            still follow the new images), before everything learns.
-        body_lr: for a run started from trained weights: the learning rate of every layer
-            but the head, as a fraction of the head's (1 = the same).
-        class_weight: ``balanced`` weighs each class's loss by ``N / (classes * N_class)``
-            (scikit-learn's ``compute_class_weight("balanced")``), so that a rare class
-            counts as much as a common one; ``none`` weighs every image alike.
-        sampler: ``passes``: every image once per pass; ``balanced``: each batch's images
-            drawn with replacement, every class equally likely (as many images per epoch).
-        calibrate: after training, fit a temperature on the validation split (``val_split``,
-            0.1 when not given) that makes the probabilities calibrated; kept in the run
-            (``calibration.json``) and used by every way of predicting.
-        repeats: passes over the training images in one epoch, each shuffled and
-            augmented anew: 1 as given; more when the training is sized to a small
-            data set (:func:`size_to_data`), so that its epochs, schedule, moving
-            average and validation checks keep their meaning.
-        faithful: the tutorial's exact arithmetic (see README).
+    """What to train and how. The defaults are the tutorial's plain setting; named recipes
+    (:data:`convnet.recipes.RECIPES`) bundle the stronger ones. ``faithful=True`` keeps
+    the tutorial's exact arithmetic, so the tutorial's numbers come back. Each field's
+    help (``convnet train --help``) says what it does; :func:`check_config` checks them.
     """
 
-    model: str = "seed"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    epochs: int = 15
-    batch_size: int = 128
-    seed: int = 42
-    shuffle: bool = True
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    augment: str = "none"
-    translate_px: int = 2
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    val_split: float = 0.0
-    target_accuracy: float = 0.0
-    tta: bool = False
-    ema: float = 0.0
-    freeze_epochs: int = 0
-    body_lr: float = 1.0
-    class_weight: str = "none"
-    sampler: str = "passes"
-    calibrate: bool = False
+    model: str = option("seed", "registered model (see `convnet models`)", takes=EVERYWHERE, metavar="NAME")
+    optimizer: str = option("adam", "the optimizer", choices=OPTIMIZERS, takes=EVERYWHERE)
+    lr: float = option(1e-3, "peak learning rate per step (not scaled by batch size)", takes=EVERYWHERE)
+    epochs: int = option(15, "passes over the training images", takes=EVERYWHERE,
+                         shown="the recipe's, each epoch repeating a small data set to about 10,000 images")
+    batch_size: int = option(128, "images per step", takes=EVERYWHERE)
+    seed: int = option(42, "initial weights, shuffle order, augmentation and validation split",
+                       takes={TRAIN, TUNE, ESTIMATOR}, alias="random_state")
+    shuffle: bool = option(True, "a new order every epoch (the tutorial did not shuffle)", takes=EVERYWHERE,
+                           shown="on, off with --faithful")
+    momentum: float = option(0.0, "SGD momentum (0: plain SGD, the tutorial's)", takes=EVERYWHERE)
+    nesterov: bool = option(False, "Nesterov momentum for SGD", takes=EVERYWHERE)
+    weight_decay: float = option(0.0, "L2 penalty (decoupled for adamw); none on batch norm and biases",
+                                 takes=EVERYWHERE)
+    label_smoothing: float = option(0.0, "share of the target spread over all classes", takes=EVERYWHERE)
+    augment: str = option("none", "batched augmentation on the device", choices=AUGMENTS, takes=EVERYWHERE)
+    translate_px: int = option(2, "largest random shift in pixels, for --augment translate", takes=EVERYWHERE)
+    schedule: str = option("constant", "learning-rate schedule: linear warm-up, then linear or cosine decay to 0",
+                           choices=SCHEDULES, takes=EVERYWHERE)
+    warmup_epochs: float = option(0.0, "length of the linear warm-up, in epochs (may be fractional)",
+                                  takes=EVERYWHERE)
+    val_split: float = option(0.0, "share of the training images held out, stratified, and scored every epoch",
+                              takes={TRAIN, TUNE, ESTIMATOR}, alias="validation_fraction")
+    target_accuracy: float = option(0.0, "stop once the test accuracy, checked every epoch, reaches this "
+                                    "(a time-to-accuracy run; 0: off)", takes={TRAIN}, shown="off")
+    tta: bool = option(False, "predict with the mean of each image and its mirror", takes=EVERYWHERE)
+    ema: float = option(0.0, "keep and evaluate a moving average of the weights, decay per step (0: off)",
+                        takes=EVERYWHERE)
+    freeze_epochs: int = option(0, "with --init-from: epochs that train the classifier head alone", takes=PER_RUN,
+                                shown="an eighth of the epochs with --init-from, 3 of 24; else 0")
+    body_lr: float = option(1.0, "with --init-from: learning rate of all but the head, as a fraction of --lr",
+                            takes=PER_RUN, shown="0.1 with --init-from; else 1")
+    class_weight: str = option("none", "balanced: weigh each class's loss inversely to its images, for imbalanced "
+                               "classes", choices=CLASS_WEIGHTS, takes=PER_RUN)
+    sampler: str = option("passes", "balanced: draw every class equally often, with replacement; passes: every "
+                          "image once per pass", choices=SAMPLERS, takes=PER_RUN)
+    calibrate: bool = option(False, "after training, fit a temperature on the held-out images (--val-split, 0.1 if "
+                             "not given) so that probabilities match accuracy; every way of predicting uses it",
+                             takes=PER_RUN)
+    faithful: bool = option(False, "the tutorial's exact arithmetic: fp32, no shuffling, its float32 learning rate",
+                            takes={*PER_RUN, TUTORIAL})
+    # passes over the training images in one epoch, each shuffled and augmented anew: 1 as given; more when the
+    # training is sized to a small data set (convnet.recipes.size_to_data), not an option of its own
     repeats: int = 1
-    faithful: bool = False
 
     def __post_init__(self) -> None:
         if self.faithful:
@@ -107,50 +88,6 @@ class TrainConfig:
     def flips(self) -> bool:
         """Whether training or prediction mirrors images."""
         return self.tta or "flip" in self.augment
-
-    def validate(self) -> None:
-        """Raise :class:`ConvnetError` naming the flag of the first bad value."""
-        for flag, value, choices in (("--optimizer", self.optimizer, OPTIMIZERS), ("--augment", self.augment, AUGMENTS),
-                                     ("--schedule", self.schedule, SCHEDULES),
-                                     ("--class-weight", self.class_weight, CLASS_WEIGHTS),
-                                     ("--sampler", self.sampler, SAMPLERS)):
-            if value not in choices:
-                raise ConvnetError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
-        from convnet.models import list_models  # imported here: models needs torch, and the CLI reads config at start
-
-        if self.model not in list_models():
-            raise ConvnetError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
-        checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
-            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
-             "--nesterov needs --optimizer sgd and a --momentum above 0"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (0 <= self.translate_px <= 8, f"--translate-px must be in 0..8, got {self.translate_px}"),
-            (0 <= self.warmup_epochs <= self.epochs,
-             f"--warmup-epochs must be in 0..--epochs, got {self.warmup_epochs}"),
-            (0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}"),
-            (0 <= self.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {self.target_accuracy}"),
-            (0 <= self.ema < 1, f"--ema must be a decay in [0, 1), got {self.ema}"),
-            (self.repeats >= 1, f"repeats must be at least 1, got {self.repeats}"),
-            (0 <= self.freeze_epochs < self.epochs,
-             f"--freeze-epochs must be in 0..--epochs - 1, got {self.freeze_epochs} of {self.epochs} epochs"),
-            (math.isfinite(self.body_lr) and 0 < self.body_lr <= 1,
-             f"--body-lr must be a fraction in (0, 1], got {self.body_lr}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConvnetError(message)
-        if self.faithful:
-            plain = TrainConfig()
-            for name in ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema",
-                         "repeats", "freeze_epochs", "body_lr", "class_weight", "sampler", "calibrate"):
-                if getattr(self, name) != getattr(plain, name):
-                    raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
-                                       f"--{name.replace('_', '-')} {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], base: TrainConfig | None = None, where: str | None = None
@@ -179,154 +116,114 @@ class TrainConfig:
         return cls(**values)
 
 
-# Named recipes: `convnet train --recipe NAME`; flags given on the command line override them.
-# Chosen on a validation split (--val-split 0.1), never on the test set; see README for their numbers.
-RECIPES: dict[str, TrainConfig] = {
-    "tutorial": TrainConfig(shuffle=False),
-    "cpu": TrainConfig(model="fastnet", optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                       epochs=24, batch_size=128, label_smoothing=0.1, augment="flip-translate", translate_px=2,
-                       schedule="linear", warmup_epochs=1.0, tta=True, ema=0.995),
-    "gpu": TrainConfig(model="airnet", optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                       epochs=12, batch_size=512, label_smoothing=0.1, augment="flip-translate", translate_px=2,
-                       schedule="linear", warmup_epochs=1.0, tta=True, ema=0.0),
-    "best": TrainConfig(model="airnet-wide", optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                        epochs=60, batch_size=512, label_smoothing=0.1, augment="flip-translate", translate_px=2,
-                        schedule="linear", warmup_epochs=2.0, tta=True, ema=0.0),
-}
-DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
-# settings of one run, not of a recipe
-PER_RUN = ("seed", "val_split", "target_accuracy", "faithful", "repeats", "freeze_epochs", "body_lr", "class_weight",
-           "sampler", "calibrate")
-CALIBRATION_SPLIT = 0.1  # --calibrate without --val-split: the share of the training images held out for it
+@dataclass
+class TrainRequest:
+    """Everything a training run is asked: the settings given (laid over a recipe), the
+    data, the weights it starts from, where it computes, and what it writes. ``convnet
+    train``, the estimator, ``convnet tune``'s trials, the tutorial and ``convnet inspect
+    --train-folds`` each make one and train through :func:`convnet.fit.fit_run`.
 
+    Attributes:
+        settings: :class:`TrainConfig` fields given explicitly (None: the recipe's), or a
+            whole config, trained as it is (no recipe, no sizing).
+        data: which data (:class:`DataOptions`), or a data set already in memory.
+        mlflow_experiment: the MLflow experiment the run goes into.
 
-RECIPE_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name not in PER_RUN)  # what a recipe holds
-RECIPE_BASE = "cpu"  # the named recipe a recipe file's settings are laid over, unless its `base` names another
-
-
-def recipe(name: str) -> TrainConfig:
-    """A copy of the named recipe's config, or the one a recipe file holds
-    (:func:`read_recipe_file`: a ``.toml`` file, or any path to an existing file)."""
-    if name in RECIPES:
-        return replace(RECIPES[name])
-    if name.endswith(".toml") or os.sep in name or os.path.isfile(name):
-        return read_recipe_file(Path(name))
-    raise ConvnetError(f"unknown --recipe {name!r}; choose one of: {', '.join(RECIPES)}, or give a recipe file "
-                       "(.toml, as `convnet tune` writes)")
-
-
-def read_recipe_file(path: Path, where: str = "--recipe") -> TrainConfig:
-    """A recipe file: TOML, each key a setting of :class:`TrainConfig` by name (those of
-    :data:`RECIPE_FIELDS`), laid over the named recipe ``base`` (:data:`RECIPE_BASE`
-    unless the file says otherwise). ``where`` names, in errors, what gave the path.
-
-    Raises:
-        ConvnetError: no such file, not TOML, an unknown key or a value of the wrong type.
+    The other fields are options; their help (``convnet train --help``) says what each does.
     """
-    try:
-        found = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConvnetError(f"{where} {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConvnetError(f"{where} {path}: cannot read it ({e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConvnetError(f"{where} {path}: not a TOML file ({e})") from None
-    base = found.pop("base", RECIPE_BASE)
-    if not isinstance(base, str) or base not in RECIPES:
-        raise ConvnetError(f"{where} {path}: base = {base!r} is not a named recipe; choose one of: "
-                           f"{', '.join(RECIPES)}")
-    unknown = sorted(set(found) - set(RECIPE_FIELDS))
-    if unknown:
-        raise ConvnetError(f"{where} {path}: unknown setting {', '.join(unknown)}; a recipe holds "
-                           f"{', '.join(RECIPE_FIELDS)} (and base)")
-    return TrainConfig.from_dict(found, base=RECIPES[base], where=f"{where} {path}")
+
+    settings: dict[str, Any] | TrainConfig = field(default_factory=dict)
+    data: Any = field(default_factory=DataOptions)  # DataOptions, or a convnet.Dataset (its module loads torch)
+    recipe: str | None = option(None, "named settings (see `convnet recipes`) or a recipe file, e.g. one `convnet "
+                                "tune` wrote", takes={TRAIN, TUNE, ESTIMATOR}, metavar="NAME|FILE",
+                                shown="cpu on a CPU, gpu on a GPU; tutorial with --faithful")
+    init_from: str | None = option(None, "start from trained weights: a run folder, a .safetensors file, or hf:REPO "
+                                   "from the Hugging Face hub, e.g. hf:timm/resnet18.a1_in1k",
+                                   takes={TRAIN, ESTIMATOR}, metavar="SOURCE", shown="fresh weights")
+    device: str = option("auto", "where to compute", choices=DEVICES, takes={TRAIN, TUNE, ESTIMATOR, TUTORIAL, BENCH})
+    out: Path | None = option(None, "the run folder, new or empty", takes={TRAIN}, metavar="DIR",
+                              shown="runs/MODEL-OPTIMIZER-TIME")
+    resume: Path | None = option(None, "continue RUN from its last complete epoch, with its own settings and data",
+                                 takes={TRAIN}, metavar="RUN")
+    progress: bool = option(True, "a live progress bar in a terminal", takes={TRAIN, TUTORIAL}, flag="--no-progress",
+                            shown="a bar in a terminal")
+    log: tuple[str, ...] = option((), "also send the epochs, scores and pictures to TensorBoard (RUN/tensorboard/) or "
+                                  "MLflow; repeat for both; needs pip install 'convnet[tracking]'", choices=TRACKERS,
+                                  takes={TRAIN, ESTIMATOR}, shown="the run folder only")
+    mlflow_uri: str | None = option(None, "with --log mlflow: the tracking server or store",
+                                    takes={TRAIN, ESTIMATOR}, metavar="URI",
+                                    shown="MLFLOW_TRACKING_URI, else MLflow's own default")
+    mlflow_experiment: str = "convnet"
 
 
-def recipe_text(config: TrainConfig, comment: str, base: str = RECIPE_BASE) -> str:
-    """A recipe file holding ``config``'s recipe settings (:func:`read_recipe_file` reads it
-    back), headed by ``comment``."""
-    lines = [f"# {line}" for line in comment.splitlines()] + [f"base = {json.dumps(base)}"]
-    for name in RECIPE_FIELDS:
-        value = getattr(config, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConvnetError(f"recipe setting {name} = {value}: TOML has no such number")
-        lines.append(f"{name} = {str(value).lower() if isinstance(value, bool) else json.dumps(value)}")
-    return "\n".join(lines) + "\n"
+# what --faithful cannot be combined with: every setting that departs from the tutorial's arithmetic
+NOT_FAITHFUL = ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema", "repeats",
+                "freeze_epochs", "body_lr", "class_weight", "sampler", "calibrate")
 
 
-def resolve_config(recipe_name: str | None = None, overrides: dict[str, Any] | None = None, *,
-                   device_type: str = "cpu", faithful: bool = False, hflip: bool = True) -> TrainConfig:
-    """The config a run trains with: the recipe (by default the device's, or the
-    tutorial's with ``faithful``) with every given override laid over it, fitted to the
-    data: where a mirror changes an image's class (``hflip=False``: digits, letters) the
-    recipe's flips are left out.
+def check_config(config: TrainConfig, *, from_weights: bool = False, held_out: bool | None = None) -> None:
+    """Every check of a training config, in one place: each value against its range and
+    choices, and the settings that only work together. ``convnet train``, the estimator,
+    ``convnet tune`` and a direct :func:`convnet.train` call all check through here,
+    before anything is read or written.
 
     Args:
-        recipe_name: a name in :data:`RECIPES`, or None for the default.
-        overrides: field values that were set explicitly (None values are ignored).
-        device_type: ``cpu`` or ``cuda``: picks the default recipe.
-        faithful: the tutorial's exact arithmetic.
-        hflip: whether the data set allows mirrored images.
+        from_weights: the run starts from trained weights (``--init-from``), which
+            ``freeze_epochs`` needs.
+        held_out: whether held-out images are given for validation (default: whether
+            ``val_split`` holds some out), which ``calibrate`` needs.
 
     Raises:
-        ConvnetError: an unknown recipe, or flips asked for explicitly on data that forbids them.
+        ConvnetError: the first bad value, named by its flag, with what is accepted.
     """
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    config = recipe(recipe_name or ("tutorial" if faithful else DEFAULT_RECIPE.get(device_type, "cpu")))
-    if given.get("optimizer", "sgd") != "sgd" and "nesterov" not in given:
-        config.nesterov, config.momentum = False, 0.0  # the recipe's SGD momentum does not carry over
-    for f in fields(TrainConfig):
-        if f.name in given and f.name != "faithful":
-            setattr(config, f.name, given[f.name])
-    if faithful:
-        config.faithful, config.shuffle = True, False
-    if not hflip:
-        if "flip" in given.get("augment", "") or given.get("tta"):
-            raise ConvnetError("this data set's images change class when mirrored (its spec forbids flips); "
-                               "use --augment translate or none, and no --tta, or pass --hflip if mirrors are fine")
-        config = without_flips(config)
-    return config
+    if not isinstance(config, TrainConfig):
+        raise ConvnetError(f"config: a {type(config).__name__} was given; expected a convnet.TrainConfig "
+                           "(e.g. convnet.TrainConfig(epochs=5) or convnet.RECIPES['cpu'])")
+    for name, choices in (("optimizer", OPTIMIZERS), ("augment", AUGMENTS), ("schedule", SCHEDULES),
+                          ("class_weight", CLASS_WEIGHTS), ("sampler", SAMPLERS)):
+        if getattr(config, name) not in choices:
+            raise ConvnetError(f"unknown {flag(name)} {getattr(config, name)!r}; choose one of: {', '.join(choices)}")
+    if config.model not in list_models():
+        raise ConvnetError(f"unknown model {config.model!r}; choose one of: {', '.join(list_models())}")
+    c = config
+    checks = [
+        (c.epochs >= 1, f"--epochs must be at least 1, got {c.epochs}"),
+        (c.batch_size >= 1, f"--batch-size must be at least 1, got {c.batch_size}"),
+        (math.isfinite(c.lr) and c.lr > 0, f"--lr must be a positive number, got {c.lr}"),
+        (0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}"),
+        (not c.nesterov or (c.optimizer == "sgd" and c.momentum > 0),
+         "--nesterov needs --optimizer sgd and a --momentum above 0"),
+        (c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay}"),
+        (0 <= c.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {c.label_smoothing}"),
+        (0 <= c.translate_px <= 8, f"--translate-px must be in 0..8, got {c.translate_px}"),
+        (0 <= c.warmup_epochs <= c.epochs, f"--warmup-epochs must be in 0..--epochs, got {c.warmup_epochs}"),
+        (0 <= c.val_split < 1, f"--val-split must be in [0, 1), got {c.val_split}"),
+        (0 <= c.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {c.target_accuracy}"),
+        (0 <= c.ema < 1, f"--ema must be a decay in [0, 1), got {c.ema}"),
+        (c.repeats >= 1, f"repeats must be at least 1, got {c.repeats}"),
+        (0 <= c.freeze_epochs < c.epochs,
+         f"--freeze-epochs must be in 0..--epochs - 1, got {c.freeze_epochs} of {c.epochs} epochs"),
+        (math.isfinite(c.body_lr) and 0 < c.body_lr <= 1, f"--body-lr must be a fraction in (0, 1], got {c.body_lr}"),
+        (not c.freeze_epochs or from_weights, "--freeze-epochs trains the head of a model that starts from trained "
+                                              "weights; give them with --init-from"),
+        (not c.calibrate or (held_out if held_out is not None else c.val_split > 0),
+         "--calibrate fits a temperature on held-out training images; --val-split 0 holds none (leave it out for "
+         "0.1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConvnetError(message)
+    if config.faithful:
+        plain = TrainConfig()
+        for name in NOT_FAITHFUL:
+            if getattr(config, name) != getattr(plain, name):
+                raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
+                                   f"{flag(name)} {getattr(config, name)}")
 
 
-# Training sized to the data (when --epochs is not given): every epoch trains on about this many images, the
-# training images repeated as often as it takes; 10,000 images or more train one pass per epoch, as the recipes
-# were tuned. Chosen on validation splits only (benchmarks/size_rule.py; README, "Small data").
-SIZED_IMAGES = 10_000
-# Runs that start from trained weights (--init-from), unless flags say otherwise: the head alone for the first
-# eighth of the epochs (3 of 24), then the rest at a tenth of its learning rate. Chosen on a validation split only
-# (benchmarks/transfer.py choose; README, "Fine-tuning").
-FINE_TUNE = {"freeze_share": 1 / 8, "body_lr": 0.1}
-
-
-def fine_tune_defaults(epochs: int) -> dict[str, float | int]:
-    """--freeze-epochs and --body-lr for a run of ``epochs`` epochs that starts from trained
-    weights: :data:`FINE_TUNE`, at least one frozen epoch and at least one that is not."""
-    return {"freeze_epochs": min(max(1, round(epochs * FINE_TUNE["freeze_share"])), epochs - 1),
-            "body_lr": FINE_TUNE["body_lr"]}
-
-
-def size_to_data(config: TrainConfig, train_images: int) -> tuple[TrainConfig, str]:
-    """``config`` with as many passes over ``train_images`` images per epoch
-    (``repeats``) as make about :data:`SIZED_IMAGES` images, and one line saying what
-    was chosen and why. Epochs, warm-up, decay, the moving average's decay per step and
-    the validation checks keep their meaning: only the images an epoch sees grow."""
-    n = max(1, train_images)
-    repeats = max(1, round(SIZED_IMAGES / n))
-    sized = replace(config, repeats=repeats)
-    steps = sized.epochs * math.ceil(repeats * n / sized.batch_size)
-    if repeats == 1:
-        return sized, (f"{sized.epochs} epochs of one pass over {n:,} images ({steps:,} steps of "
-                       f"{sized.batch_size}), as the recipe says")
-    return sized, (f"{sized.epochs} epochs of {repeats} passes over {n:,} images ({steps:,} steps of "
-                   f"{sized.batch_size}): sized to the data, every epoch about {SIZED_IMAGES:,} images "
-                   "(--epochs N trains N single passes instead)")
-
-
-def without_flips(config: TrainConfig) -> TrainConfig:
-    """``config`` with no mirrored images: no flip augmentation (shifts stay), no
-    test-time flips; for data whose images change class when mirrored (digits, letters)."""
-    return replace(config, augment={"flip": "none", "flip-translate": "translate"}.get(config.augment, config.augment),
-                   tta=False)
+def flag(name: str) -> str:
+    """The flag of a setting: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
 
 
 def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:

@@ -9,74 +9,19 @@ split as the run recorded it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from convnet import runs
-from convnet.catalog import DATASETS, load_dataset, named
-from convnet.datatypes import Dataset, Split, check_subset
-from convnet.errors import DataError, RunError
+from convnet.catalog import DATASETS
+from convnet.dataoptions import DataOptions
+from convnet.datatypes import Dataset, Split
+from convnet.errors import RunError
 from convnet.folders import load_folder
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """Which data to train on, and how to read it.
-
-    Attributes:
-        dataset: a named data set (``convnet datasets``), used when ``folder`` is None.
-        data_dir: a folder holding the named data set's files.
-        folder: a folder of images, one subfolder per class (or ``train/`` and ``test/``).
-        subset: only the first N training images.
-        image_size: ``(H, W)`` images are converted to (folders; default: the most common size, capped at 64).
-        channels: 1 or 3 (folders; default: 3 when any image has colour).
-        test_split: share of a folder's images held out for testing when it has no ``test/``.
-        skip_bad_images: leave out images that cannot be decoded, instead of stopping.
-        hflip: whether a mirrored image keeps its class; None = the data set's own answer.
-        memory_budget_mb: a folder data set larger than this is read from its cache file a
-            batch at a time; None = half the memory available.
-        cache_dir: where downloads and decoded folders are kept.
-    """
-
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    folder: str | None = None
-    subset: int | None = None
-    image_size: tuple[int, int] | None = None
-    channels: int | None = None
-    test_split: float = 0.2
-    skip_bad_images: bool = False
-    hflip: bool | None = None
-    memory_budget_mb: float | None = None
-    cache_dir: str | None = None
-
-    def validate(self) -> None:
-        """Check every value before anything is read or written."""
-        if self.folder is not None:
-            if self.data_dir is not None:
-                raise DataError("--data (a folder of images) and --data-dir (a named data set's files) "
-                                "cannot be combined; give one")
-            if not Path(self.folder).is_dir():
-                raise DataError(f"--data {self.folder}: no such folder")
-        else:
-            named(self.dataset)
-            for flag, value in (("--image-size", self.image_size), ("--channels", self.channels)):
-                if value is not None:
-                    raise DataError(f"{flag} applies to folders of images (--data DIR); {self.dataset} images are "
-                                    f"{named(self.dataset).channels}x{named(self.dataset).height}x"
-                                    f"{named(self.dataset).width}")
-        check_subset(self.subset)
-        if self.channels not in (None, 1, 3):
-            raise DataError(f"--channels must be 1 or 3, got {self.channels}")
-        if self.image_size is not None and not (8 <= min(self.image_size) and max(self.image_size) <= 1024):
-            raise DataError(f"--image-size must be between 8 and 1024 pixels, got {self.image_size}")
-        if not 0 < self.test_split < 1:
-            raise DataError(f"--test-split must be a fraction between 0 and 1, got {self.test_split}")
-        if self.memory_budget_mb is not None and self.memory_budget_mb < 0:
-            raise DataError(f"--memory-budget must be >= 0 MB, got {self.memory_budget_mb}")
+from convnet.named import load_dataset
 
 
 def load_data(options: DataOptions, *, progress: bool = True, files: dict[str, list[str]] | None = None) -> Dataset:
@@ -95,7 +40,7 @@ def load_data(options: DataOptions, *, progress: bool = True, files: dict[str, l
                               hflip=options.hflip, memory_budget_mb=options.memory_budget_mb,
                               cache_dir=options.cache_dir, subset=options.subset, progress=progress, files=files)
     else:
-        dataset = load_dataset(options.dataset, options.data_dir, subset=options.subset, cache_dir=options.cache_dir)
+        dataset = load_dataset(options.name, options.data_dir, subset=options.subset, cache_dir=options.cache_dir)
     if options.hflip is not None and options.hflip != dataset.spec.hflip:
         dataset = replace(dataset, spec=replace(dataset.spec, hflip=options.hflip))
     return dataset

@@ -48,31 +48,6 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory instead of returning it to the system.
-
-    Every training step frees and reallocates the same activation buffers (12.8 MB each
-    for the seed model at batch 128). With glibc's adaptive defaults these sizes can
-    land on mmap/munmap or heap trimming, so each step pays page faults: on 2 cores half
-    the CPU time went to the kernel and an epoch took 14 s instead of 8. Raising the mmap
-    and trim thresholds keeps the buffers in the heap. A no-op (returning False) where
-    the C library is not glibc. Called once by the command line, at start.
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    one_gib = 1 << 30
-    return bool(libc.mallopt(m_mmap_threshold, one_gib)) and bool(libc.mallopt(m_trim_threshold, 2 * one_gib))
-
-
 @dataclass(frozen=True)
 class Engine:
     """How a model computes on a device.

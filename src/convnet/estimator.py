@@ -14,12 +14,10 @@ often negative) cannot pass: such rows are not images. ``docs/ESTIMATOR.md`` lis
 
 from __future__ import annotations
 
-import json
+import inspect
 import os
-import secrets
 import sys
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,68 +32,63 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from convnet import runs
 from convnet.arrays import as_images, spec_of
-from convnet.checkpoint import write_config
-from convnet.config import TrainConfig
+from convnet.config import LAYOUTS, TrainConfig, TrainRequest
+from convnet.dataoptions import DataOptions
 from convnet.datatypes import Dataset, InputSpec, Split
-from convnet.durable import write_json
-from convnet.engine import make_engine, resolve_device
+from convnet.engine import make_engine
 from convnet.errors import InputError, RunError
 from convnet.evaluation import SplitScores, evaluate
-from convnet.events import ConsolePrinter
-from convnet.experiment import run_config, tracked
 from convnet.loadrun import load_run
-from convnet.models import Calibrated, create_model, uncalibrated
+from convnet.models import Calibrated, count_parameters, create_model, uncalibrated
+from convnet.options import ESTIMATOR, RECIPE, Option, option, taken_by
 from convnet.prediction import Predictor
-from convnet.pretrained import Source, fit, open_source, spec_for
 from convnet.report import write_plots
-from convnet.tracking import check_log, connect, start
-from convnet.training import train
+from convnet.trainrun import train_run
 
-# Parameters that are TrainConfig fields of the same name: None means "the recipe's value".
-CONFIG_PARAMS = ("model", "optimizer", "lr", "epochs", "batch_size", "momentum", "nesterov", "weight_decay",
-                 "label_smoothing", "augment", "translate_px", "schedule", "warmup_epochs", "ema", "tta", "shuffle",
-                 "freeze_epochs", "body_lr", "class_weight", "sampler", "calibrate")
+
+@dataclass
+class EstimatorOptions:
+    """The estimator's own parameters (those of a training run are declared with its
+    settings, data and request); each field is the one declaration of its option."""
+
+    warm_start: bool = option(False, "a second fit continues from the weights learned so far (a fresh optimizer "
+                              "and schedule over epochs more epochs) instead of starting anew", takes={ESTIMATOR})
+    layout: str = option("auto", "how to read a 4-d array whose shape fits both layouts: nchw or nhwc",
+                         choices=LAYOUTS, takes={ESTIMATOR})
+    verbose: int = option(1, "0 prints nothing; 1 a line per epoch, with a live bar in a terminal or notebook",
+                          takes={ESTIMATOR})
+    log_dir: str | None = option(None, "with log tensorboard: the folder of TensorBoard runs, one per fit",
+                                 takes={ESTIMATOR}, shown="tensorboard")
+
+
+CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+PARAMS = taken_by(ESTIMATOR, TrainConfig, DataOptions, TrainRequest, EstimatorOptions)  # in this order
+
+
+def _param_default(o: Option) -> Any:
+    """A parameter's default: None (the recipe's value, or convnet's default) for every
+    training setting but the switches that are off; the declared one otherwise."""
+    if o.name in CONFIG_FIELDS and not (isinstance(o.default, bool) and RECIPE not in o.takes):
+        return None
+    return None if o.default == () else o.default
+
+
+DEFAULTS = {o.param_name: _param_default(o) for o in PARAMS}
 
 
 class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     """A convolutional image classifier with scikit-learn's interface.
 
-    Every training setting left at None takes the recipe's value (``convnet recipes``
-    lists them; the default recipe is ``cpu`` on a CPU, ``gpu`` on a GPU).
-
-    Args:
-        model: a registered model (``convnet models``), e.g. ``seed`` (the tutorial's) or ``fastnet``.
-        recipe: named settings (``tutorial``, ``cpu``, ``gpu``, ``best``); None: the device's.
-        optimizer, lr, epochs, batch_size, momentum, nesterov, weight_decay, label_smoothing,
-            augment, translate_px, schedule, warmup_epochs, ema, tta, shuffle: as
-            ``convnet train --help`` describes them. ``epochs`` None: the recipe's, each
-            epoch repeating a small data set to about 10,000 images, as ``convnet train`` does.
-        faithful: the tutorial's exact arithmetic (fp32, no shuffling).
-        init_from, freeze_epochs, body_lr: start from trained weights (a run folder or a
-            ``.safetensors`` file), as ``convnet train --init-from`` does.
-        class_weight, sampler: ``"balanced"`` for imbalanced classes, as ``convnet train
-            --class-weight`` and ``--sampler`` (None: ``"none"`` and ``"passes"``).
-        calibrate: fit a temperature on held-out images after training, as ``convnet train
-            --calibrate`` (``validation_fraction``, 0.1 when it is 0); ``predict_proba`` uses it.
-        validation_fraction: share of the training images held out, stratified, and scored
-            after every epoch (``history_``'s ``val_loss`` and ``val_accuracy``); 0 = none.
-        warm_start: a second ``fit`` continues from the weights learned so far (a fresh
-            optimizer and schedule over ``epochs`` more epochs) instead of starting anew.
-        hflip: whether a mirrored image keeps its class (False for digits and letters:
-            then no flips in augmentation or test-time augmentation).
-        layout: ``auto``, ``nchw`` or ``nhwc``: how to read a 4-d array whose shape fits both.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        random_state: an int seeds the initial weights, the shuffle order, the augmentation
-            and the validation split (the same model every time on a CPU); None draws a
-            seed from numpy's global random state.
-        log: ``"tensorboard"``, ``"mlflow"`` or both (a list), as ``convnet train --log``: the
-            epochs and settings of each ``fit`` sent to TensorBoard (event files in
-            ``log_dir/MODEL-OPTIMIZER-TIME/``) or to MLflow (``mlflow_uri``, else
-            ``MLFLOW_TRACKING_URI``, else MLflow's default); needs ``pip install 'convnet[tracking]'``.
-        log_dir: TensorBoard's folder (default ``tensorboard``: ``tensorboard --logdir tensorboard``).
-        mlflow_uri: where MLflow keeps runs.
-        verbose: 0 prints nothing; 1 prints a line per epoch, with a live bar in a terminal
-            or notebook.
+    Its parameters are those of ``convnet train`` of the same name (``random_state`` is
+    ``--seed``, ``validation_fraction`` is ``--val-split``), declared once with the command
+    line's flags (:data:`PARAMS`; ``help(ConvNetClassifier)`` lists them with their defaults),
+    plus its own: ``warm_start``, ``layout``, ``verbose``, ``log_dir``. Every training
+    setting left at None takes the recipe's value (``convnet recipes`` lists them; the
+    default recipe is ``cpu`` on a CPU, ``gpu`` on a GPU), or convnet's default.
+    ``random_state`` None draws a seed from numpy's global random state; an int trains the
+    same model every time on a CPU. ``log`` takes ``"tensorboard"``, ``"mlflow"`` or both
+    (a list): each ``fit`` is a tracked run of its own (TensorBoard's in
+    ``log_dir/MODEL-OPTIMIZER-TIME/``).
 
     Attributes:
         classes_: the labels seen in ``fit``, sorted (for a ``convnet train`` run loaded with
@@ -115,53 +108,12 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     input_spec_: InputSpec
     config_: TrainConfig
 
-    def __init__(self, *, model: str | None = None, recipe: str | None = None, optimizer: str | None = None,
-                 lr: float | None = None, epochs: int | None = None, batch_size: int | None = None,
-                 momentum: float | None = None, nesterov: bool | None = None, weight_decay: float | None = None,
-                 label_smoothing: float | None = None, augment: str | None = None, translate_px: int | None = None,
-                 schedule: str | None = None, warmup_epochs: float | None = None, ema: float | None = None,
-                 tta: bool | None = None, shuffle: bool | None = None, faithful: bool = False,
-                 init_from: str | os.PathLike[str] | None = None, freeze_epochs: int | None = None,
-                 body_lr: float | None = None, class_weight: str | None = None, sampler: str | None = None,
-                 calibrate: bool = False,
-                 validation_fraction: float = 0.0, warm_start: bool = False, hflip: bool = True,
-                 layout: str = "auto", device: str = "auto", random_state: int | np.random.RandomState | None = None,
-                 log: str | list[str] | tuple[str, ...] | None = None, log_dir: str | os.PathLike[str] | None = None,
-                 mlflow_uri: str | None = None, verbose: int = 1) -> None:
-        self.model = model
-        self.recipe = recipe
-        self.optimizer = optimizer
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.momentum = momentum
-        self.nesterov = nesterov
-        self.weight_decay = weight_decay
-        self.label_smoothing = label_smoothing
-        self.augment = augment
-        self.translate_px = translate_px
-        self.schedule = schedule
-        self.warmup_epochs = warmup_epochs
-        self.ema = ema
-        self.tta = tta
-        self.shuffle = shuffle
-        self.faithful = faithful
-        self.init_from = init_from
-        self.freeze_epochs = freeze_epochs
-        self.body_lr = body_lr
-        self.class_weight = class_weight
-        self.sampler = sampler
-        self.calibrate = calibrate
-        self.validation_fraction = validation_fraction
-        self.warm_start = warm_start
-        self.hflip = hflip
-        self.layout = layout
-        self.device = device
-        self.random_state = random_state
-        self.log = log
-        self.log_dir = log_dir
-        self.mlflow_uri = mlflow_uri
-        self.verbose = verbose
+    def __init__(self, **params: Any) -> None:  # its signature: the declared parameters, set below the class
+        unknown = sorted(set(params) - set(DEFAULTS))
+        if unknown:
+            raise TypeError(f"ConvNetClassifier got unexpected parameters {unknown}; it takes {', '.join(DEFAULTS)}")
+        for name, default in DEFAULTS.items():  # the constructor only stores its parameters (scikit-learn's contract)
+            setattr(self, name, params.get(name, default))
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -172,14 +124,15 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     # --- fitting
 
     def fit(self, X: Any, y: Any) -> ConvNetClassifier:
-        """Train on images ``X`` with labels ``y`` (a fresh model, unless ``warm_start``).
+        """Train on images ``X`` with labels ``y`` (a fresh model, unless ``warm_start``),
+        through the one path every run trains by (:func:`convnet.trainrun.train_run`);
+        nothing is written to disk.
 
         Raises:
             InputError (a ValueError): ``X`` is not images, ``y`` does not match it or holds one class.
             ConvnetError: a bad setting, named as ``convnet train`` names it.
         """
         warm = self.warm_start and hasattr(self, "model_")
-        trackers = check_log((self.log,) if isinstance(self.log, str) else tuple(self.log or ()), self.mlflow_uri)
         y = column_or_1d(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y), warn=True)
         if len(y) == 0:
             raise InputError("y holds no labels (0 samples); give images of at least 2 classes")
@@ -194,50 +147,39 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
             if sorted(classes.tolist()) != sorted(self.classes_.tolist()):
                 raise InputError(f"warm_start: y's classes {classes.tolist()} differ from those fitted before "
                                  f"{self.classes_.tolist()}; set warm_start=False to start anew")
+            if self.model is not None and self.model != self.config_.model:
+                raise InputError(f"warm_start continues model {self.config_.model!r}, not {self.model!r}; set "
+                                 "warm_start=False to train a new one")
             classes, labels = self.classes_, self._encode(y, "y")
-        spec = self.input_spec_ if warm else spec_of(images, [str(c) for c in classes], hflip=self.hflip)
-        device = resolve_device(self.device)
-        source = open_source(self.init_from) if self.init_from is not None and not warm else None
-        if source is not None:  # the normalization the weights were trained with (a hub model's)
-            spec = spec_for(source, spec)
-        config = self._config(device.type, len(images), source)
-        if warm and config.model != self.config_.model:
-            raise InputError(f"warm_start continues model {self.config_.model!r}, not {config.model!r}; set "
-                             "warm_start=False to train a new one")
-        engine = make_engine(device, faithful=config.faithful)
+        spec = self.input_spec_ if warm else spec_of(images, [str(c) for c in classes], hflip=self.hflip is not False)
         data = Split(images, torch.from_numpy(labels.astype(np.int64)))
-        events = [ConsolePrinter(sys.stdout) if self.verbose else None]
+        held_out = Split(images[:0], data.labels[:0])  # no test split: scoring is for score()
+        request = self._request(Dataset("arrays", spec, data, held_out, ""), warm)
         # warm: from the weights learned so far, with a fresh optimizer and schedule
         init = uncalibrated(self.model_)[0].state_dict() if warm else None
-        if source is not None:
-            init = fit(source, config.model, spec, config.seed)[0]
-        tracker = None
-        if trackers:  # a tracked run of its own per fit (several fits a second apart in a grid search too)
-            name = f"{config.model}-{config.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-            tracker = start(connect(trackers, self.mlflow_uri), None, name, config,
-                            {"name": "arrays", "train_images": len(images)},
-                            tensorboard_dir=Path(self.log_dir or "tensorboard") / name)
-            events.append(tracker)
-        result = tracked(tracker, lambda: train(config, data, spec, engine=engine, events=events, init=init))
-        if tracker is not None:
-            tracker.finish({"train": {"accuracy": result.history[-1].accuracy}})
+        trained = train_run(request, init=init, stream=sys.stdout if self.verbose else None,
+                            tensorboard_root=Path(self.log_dir) if self.log_dir is not None else None)
+        result = trained.result
+        if trained.tracker is not None:
+            trained.tracker.finish({"train": {"accuracy": result.history[-1].accuracy}})
         done = len(self.history_) if warm else 0
         history = [*(self.history_ if warm else []), *({**asdict(r), "epoch": done + r.epoch} for r in result.history)]
-        self.classes_, self.input_spec_, self.config_ = classes, spec, config
+        self.classes_, self.input_spec_, self.config_ = classes, trained.dataset.spec, result.config
         self.model_, self.history_ = result.model, history
         self._train_images = len(images)
         return self
 
-    def _config(self, device_type: str, images: int, source: Source | None) -> TrainConfig:
-        """The recipe with every parameter that is set laid over it, sized to ``images``
-        when ``epochs`` is None, as ``convnet train`` does (:func:`~convnet.experiment.run_config`)."""
+    def _request(self, dataset: Dataset, warm: bool) -> TrainRequest:
+        """The training run the parameters ask for, as ``convnet train`` would make it."""
         seed = self.random_state if isinstance(self.random_state, int) and not isinstance(self.random_state, bool) \
             else int(check_random_state(self.random_state).randint(2**31 - 1))
-        overrides = {name: getattr(self, name) for name in CONFIG_PARAMS}
-        held_out = float(self.validation_fraction) if self.validation_fraction or not self.calibrate else None
-        overrides.update(seed=seed, val_split=held_out)  # None: --calibrate's own share
-        return run_config(self.recipe, overrides, device_type=device_type, faithful=self.faithful, hflip=self.hflip,
-                          source=source, train_images=images)[0]
+        given = {o.name: getattr(self, o.param_name) for o in PARAMS if o.name in CONFIG_FIELDS}
+        if warm:
+            given["model"] = self.config_.model
+        log = (self.log,) if isinstance(self.log, str) else tuple(self.log or ())
+        return TrainRequest(settings={**given, "seed": seed}, data=dataset, recipe=self.recipe,
+                            init_from=None if warm or self.init_from is None else str(self.init_from),
+                            device=self.device, log=log, mlflow_uri=self.mlflow_uri, progress=bool(self.verbose))
 
     # --- predicting
 
@@ -280,18 +222,15 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         run_dir = runs.new_run_dir(path, f"{self.config_.model}-{self.config_.optimizer}")
         data: dict[str, Any] = {"name": "arrays", "train_images": getattr(self, "_train_images", None)}
         if test is not None:  # written before config.json names it
-            runs.save_tensors(run_dir / runs.TEST_DATA, {"images": test[0], "labels": test[1]})
-            data.update(test_images=len(test[1]), test_data=runs.TEST_DATA)
+            data.update(test_images=len(test[1]), test_data=runs.write_test_data(run_dir, *test))
         engine = make_engine(self.device, faithful=self.config_.faithful)
         model, temperature = uncalibrated(self.model_)
-        write_config(run_dir, self.config_, self.input_spec_, engine, model, data)
-        record = runs.read_json(run_dir / runs.CONFIG)
-        record["estimator"] = {"params": self.get_params(), "classes": self.classes_.tolist()}
-        write_json(run_dir / runs.CONFIG, json.loads(json.dumps(record, default=repr)))
-        write_json(run_dir / runs.HISTORY, self.history_)
-        runs.save_tensors(run_dir / runs.WEIGHTS, model.state_dict(), {"model": self.config_.model})
+        runs.write_config(run_dir, asdict(self.config_), self.input_spec_, engine.describe(), count_parameters(model),
+                          data, estimator={"params": self.get_params(), "classes": self.classes_.tolist()})
+        runs.write_history(run_dir, self.history_)
+        runs.write_weights(run_dir, model, self.config_.model)
         if temperature is not None:
-            write_json(run_dir / runs.CALIBRATION, {"temperature": temperature, "fitted_on": "validation split"})
+            runs.write_calibration(run_dir, {"temperature": temperature, "fitted_on": "validation split"})
         if test is not None:
             self._write_scores(run_dir, *test)
         return run_dir
@@ -325,7 +264,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
                                                                                 or 0.0)))
         record = evaluation.to_json()
         record["train"]["measured"] = "on the training batches during the last epoch (no training images are kept)"
-        write_json(run_dir / runs.METRICS, record)
+        runs.write_metrics(run_dir, record)
         write_plots(run_dir, evaluation, images, p.model)
 
     @classmethod
@@ -342,9 +281,10 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         names = cls._get_param_names()
         if isinstance(saved, dict) and isinstance(saved.get("params"), dict):
             params = {k: v for k, v in saved["params"].items() if k in names}
-        else:
-            params = {k: v for k, v in run.config["train"].items() if k in CONFIG_PARAMS}
-            params.update(faithful=run.faithful, random_state=run.config["train"].get("seed"), hflip=run.spec.hflip)
+        else:  # a `convnet train` run: its settings become the parameters
+            train = run.config["train"]
+            params = {o.param_name: train[o.name] for o in PARAMS if o.name in CONFIG_FIELDS and o.name in train}
+            params.update(hflip=run.spec.hflip)
         if not isinstance(params.get("random_state"), int | None):
             params["random_state"] = None  # a RandomState object was recorded as text
         if device is not None:
@@ -382,3 +322,9 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
             temperature = saved.get("temperature")
             state = {**state, "model_": (Calibrated(model, temperature) if temperature else model).eval()}
         super().__setstate__(state)
+
+
+# scikit-learn reads an estimator's parameters from its constructor's signature: the declared ones
+ConvNetClassifier.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=d) for name, d in DEFAULTS.items()])

@@ -19,7 +19,6 @@ from torch import nn
 from convnet import runs
 from convnet.checkpoint import save_checkpoint
 from convnet.datatypes import Split
-from convnet.durable import write_json
 from convnet.inference import infer
 from convnet.progress import Bar
 from convnet.trainstate import TrainState
@@ -161,10 +160,10 @@ class RunWriter(TrainEvents):
         self.run_dir = run_dir
 
     def on_epoch_end(self, state: TrainState) -> None:
-        write_json(self.run_dir / runs.HISTORY, [asdict(r) for r in state.history])
+        runs.write_history(self.run_dir, [asdict(r) for r in state.history])
         save_checkpoint(self.run_dir / runs.CHECKPOINT, state)
 
     def on_train_end(self, state: TrainState) -> None:
-        runs.save_tensors(self.run_dir / runs.WEIGHTS, state.final_model.state_dict(), {"model": state.config.model})
+        runs.write_weights(self.run_dir, state.final_model, state.config.model)
         if state.calibration is not None:
-            write_json(self.run_dir / runs.CALIBRATION, state.calibration)
+            runs.write_calibration(self.run_dir, state.calibration)

@@ -115,7 +115,7 @@ class ExportResult:
 
 def default_output(run_dir: str | os.PathLike[str]) -> Path:
     """``RUN/model.onnx``."""
-    return Path(run_dir) / "model.onnx"
+    return Path(run_dir) / runs.ONNX
 
 
 def parity_path(onnx_path: Path) -> Path:

@@ -152,19 +152,3 @@ def image_files(folder: Path) -> tuple[list[Path], list[Path]]:
     """
     images, others = _walk(folder, folder)
     return [folder / rel for rel in sorted(rel for rel, _ in images)], [folder / rel for rel in sorted(others)]
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    """``"32"`` -> ``(32, 32)``; ``"48x64"`` (height x width) -> ``(48, 64)``.
-
-    Raises:
-        DataError: anything else.
-    """
-    parts = text.lower().split("x")
-    try:
-        h, w = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
-    except (ValueError, IndexError):
-        raise DataError(f"--image-size {text!r}: give N (square) or HxW in pixels, e.g. 32 or 48x64") from None
-    if len(parts) > 2:
-        raise DataError(f"--image-size {text!r}: give N (square) or HxW in pixels, e.g. 32 or 48x64")
-    return h, w

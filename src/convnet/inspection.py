@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,26 +30,24 @@ import numpy as np
 import torch
 
 from convnet import plots, runs
-from convnet.config import TrainConfig
+from convnet.config import TrainConfig, TrainRequest
 from convnet.datatypes import Dataset, Split
-from convnet.durable import atomic_file, atomic_write, write_json
+from convnet.durable import atomic_file
 from convnet.engine import single_process
 from convnet.errors import ConvnetError
-from convnet.events import ConsolePrinter, fit_temperature
+from convnet.events import fit_temperature
 from convnet.explain import explained
 from convnet.htmlparts import img, table
 from convnet.loadrun import LoadedRun, load_run, run_temperature
-from convnet.training import train
+from convnet.trainrun import train_run
 
 PathLike = str | os.PathLike[str]
-FOUND = "inspect.json"  # what `convnet inspect RUN` found, in the run folder: shown by `convnet report`
-DIAGRAM = "reliability.png"  # the reliability diagram, in the run's plots folder
-EXPLAINED = "mistakes_explained.png"  # the most confidently wrong test images with their heat maps, beside it
-FLAGGED = "label_issues.png"  # the most likely label errors, beside it
+DIAGRAM = "reliability"  # the reliability diagram, among the run's pictures
+EXPLAINED = "mistakes_explained"  # the most confidently wrong test images with their heat maps
+FLAGGED = "label_issues"  # the most likely label errors
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 BOOTSTRAP = 1000  # resamples of the test images behind the ECE's 95 % interval
 CONFUSED_PAIRS = 5  # the most confused (true, predicted) pairs shown
-INSPECT = "inspect"  # the run's subfolder for what inspection keeps (out-of-fold probabilities)
 
 
 @dataclass(frozen=True)
@@ -232,7 +231,7 @@ def out_of_fold(loaded: LoadedRun, train_split: Split, folds: int, *, progress: 
     labels = train_split.labels.cpu().numpy()
     key = hashlib.sha256(json.dumps({"folds": folds, "config": asdict(config)}, sort_keys=True).encode()
                          + labels.tobytes()).hexdigest()[:16]
-    path = loaded.path / INSPECT / f"train-folds-{folds}-{key}.safetensors"
+    path = loaded.path / runs.INSPECT_DIR / f"train-folds-{folds}-{key}.safetensors"
     record = {"folds": folds, "epochs": config.epochs, "repeats": config.repeats, "model": config.model,
               "file": str(path.relative_to(loaded.path))}
     if path.is_file():
@@ -251,8 +250,10 @@ def out_of_fold(loaded: LoadedRun, train_split: Split, folds: int, *, progress: 
         if progress:
             print(f"fold {k + 1}/{folds}: training {config.model} on {len(fit_rows):,} images for {config.epochs} "
                   f"epochs, predicting the other {len(held_rows):,}", flush=True)
-        result = train(config, train_split.take(fit_rows), loaded.spec, engine=engine,
-                       events=[ConsolePrinter(progress=progress)] if progress else None)
+        data = Dataset(loaded.run.config["data"]["name"], loaded.spec, train_split.take(fit_rows),
+                       train_split.take(fit_rows[:0]), "")
+        result = train_run(TrainRequest(settings=config, data=data, progress=progress), engine=engine,
+                           stream=sys.stdout if progress else None).result
         fold = LoadedRun(loaded.run, engine, result.model.eval())
         probs[held_rows] = fold.probabilities(train_split.take(held_rows).images)
     path.parent.mkdir(exist_ok=True)
@@ -288,8 +289,8 @@ def inspect_run(path: PathLike, *, train_folds: int | None = None, calibrate: bo
     if calibrate and oof is not None:
         logits = torch.from_numpy(np.log(np.clip(oof, 1e-12, None)))  # log-probabilities: logits up to a constant
         t = fit_temperature(logits, dataset.train.labels)
-        write_json(loaded.path / runs.CALIBRATION, {"temperature": t, "fitted_on": f"out-of-fold probabilities of "
-                                                    f"{train_folds} folds", "images": len(oof)})
+        runs.write_calibration(loaded.path, {"temperature": t, "fitted_on": f"out-of-fold probabilities of "
+                                             f"{train_folds} folds", "images": len(oof)})
         loaded = load_run(loaded.run, engine=loaded.engine)  # with the temperature now
     classes = dataset.classes
     test_labels = dataset.test.labels.cpu().numpy()
@@ -352,31 +353,25 @@ def inspect_and_plot(path: PathLike, *, train_folds: int | None = None, calibrat
     """
     found = inspect_run(path, train_folds=train_folds, calibrate=calibrate, data_dir=data_dir, device=device,
                         progress=progress)
-    folder = found.run / "plots"
-    folder.mkdir(exist_ok=True)
     c = found.calibration
-    png = plots.save(plots.plot_reliability(c.bins, c.ece, c.low, c.high, found.run.name))
-    atomic_write(folder / DIAGRAM, lambda f: f.write(png))
+    diagram = runs.write_plot(found.run, DIAGRAM, plots.save(plots.plot_reliability(c.bins, c.ece, c.low, c.high,
+                                                                                     found.run.name)))
     if found.mistakes is not None:
         m = found.mistakes
         title = (f"The most confidently wrong test images and the evidence for the class given (integrated "
                  f"gradients): {found.run.name}")
-        grid = plots.save(plots.plot_image_grid(m["images"], m["labels"], m["predicted"], m["confidence"],
-                                                found.classes, title))
-        atomic_write(folder / EXPLAINED, lambda f: f.write(grid))
-    (folder / FLAGGED).unlink(missing_ok=True)  # an earlier inspection's, when nothing is flagged now
+        runs.write_plot(found.run, EXPLAINED, plots.save(plots.plot_image_grid(
+            m["images"], m["labels"], m["predicted"], m["confidence"], found.classes, title)))
+    runs.plot_path(found.run, FLAGGED).unlink(missing_ok=True)  # an earlier inspection's, when nothing is flagged
     if found.flagged is not None:
         shown = found.issues[:len(found.flagged)]
         title = (f"The {len(shown)} most likely label errors of {len(found.issues):,} flagged (given label, and the "
                  f"class the model sees): {found.run.name}")
-        grid = plots.save(plots.plot_image_grid(found.flagged, np.array([i.given for i in shown]),
-                                                np.array([i.suggested for i in shown]),
-                                                np.array([i.confidence for i in shown]), found.classes, title,
-                                                captions=("given", "seen")))
-        atomic_write(folder / FLAGGED, lambda f: f.write(grid))
-    text = json.dumps(found.to_json(), indent=1).encode()
-    atomic_write(found.run / FOUND, lambda f: f.write(text))
-    return found, folder / DIAGRAM
+        runs.write_plot(found.run, FLAGGED, plots.save(plots.plot_image_grid(
+            found.flagged, np.array([i.given for i in shown]), np.array([i.suggested for i in shown]),
+            np.array([i.confidence for i in shown]), found.classes, title, captions=("given", "seen"))))
+    runs.write_inspection(found.run, found.to_json())
+    return found, diagram
 
 
 ISSUES_SHOWN = 20  # label issues listed in the report (`convnet inspect --csv` writes them all)
@@ -386,12 +381,12 @@ def inspection_html(run: Path) -> str:
     """A run's "Can I trust it?" section of the report, from ``RUN/inspect.json`` (empty
     where the run was not inspected, or its findings cannot be read)."""
     try:
-        found = json.loads((run / FOUND).read_text(encoding="utf-8"))
+        found = json.loads((run / runs.INSPECTION).read_text(encoding="utf-8"))
         c, issues = found["calibration"], found["label_issues"]
         ece = f"{c['ece']:.2%} (95 % interval {c['low']:.2%}–{c['high']:.2%})"
     except (OSError, ValueError, KeyError, TypeError):
         return ""
-    diagram, flagged = run / "plots" / DIAGRAM, run / "plots" / FLAGGED
+    diagram, flagged = runs.plot_path(run, DIAGRAM), runs.plot_path(run, FLAGGED)
     rows = [[i["rank"], i["split"], i["index"], i.get("path") or "", i["given_class"], i["suggested_class"],
              f"{i['confidence']:.3f}"] for i in issues[:ISSUES_SHOWN]]
     per_class = [[r["name"], r["support"], f"{r['precision']:.3f}", f"{r['recall']:.3f}"]

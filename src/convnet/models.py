@@ -15,27 +15,34 @@ import torch
 from torch import nn
 
 from convnet.errors import ConvnetError
+from convnet.modelnames import add_name, list_models, model_name
 
 Size = tuple[int, int]  # (H, W) in pixels
 ModelFactory = Callable[[int, int, Size], nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
-_DESCRIPTIONS: dict[str, str] = {}
 
 
 def register_model(name: str, description: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator: make a factory ``f(num_classes, in_channels, (H, W))`` creatable by name."""
+    """Decorator: make a factory ``f(num_classes, in_channels, (H, W))`` creatable by name
+    (and listed by ``convnet models`` in this process)."""
 
     def add(factory: ModelFactory) -> ModelFactory:
         _MODELS[name] = factory
-        _DESCRIPTIONS[name] = description
+        add_name(name, description)
         return factory
 
     return add
 
 
-def list_models() -> dict[str, str]:
-    """Registered model names and a one-line description of each."""
-    return dict(_DESCRIPTIONS)
+def _built_in(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator: the network of a built-in model, listed in :mod:`convnet.modelnames`."""
+    assert model_name(name) is not None, name
+
+    def add(factory: ModelFactory) -> ModelFactory:
+        _MODELS[name] = factory
+        return factory
+
+    return add
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int | Size = 28, *,
@@ -55,7 +62,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_s
             normalization the model does not take.
     """
     if name not in _MODELS:
-        raise ConvnetError(f"unknown model {name!r}; choose one of: {', '.join(_MODELS)}")
+        raise ConvnetError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     size = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
     if num_classes < 2 or in_channels < 1 or min(size) < 8:
         raise ConvnetError(
@@ -162,7 +169,7 @@ class ConvNet(nn.Module):
         return self.seq(x)
 
 
-@register_model("seed", "the tutorial's 3-conv CNN (no pooling, no batch norm)")
+@_built_in("seed")
 def seed(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
     return ConvNet(num_classes, in_channels, image_size)
 
@@ -198,7 +205,7 @@ class FastNet(nn.Module):
         return self.head(self.features(x))
 
 
-@register_model("fastnet", "3 conv-BN-ReLU-pool stages (32-64-128), the CPU default")
+@_built_in("fastnet")
 def fastnet(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
     return FastNet(num_classes, in_channels, (32, 64, 128))
 
@@ -230,12 +237,12 @@ class AirNet(nn.Module):
         return self.head(features) / 4
 
 
-@register_model("airnet", "airbench-style GELU net, widths 64-128-256 (1.2 M parameters), the GPU default")
+@_built_in("airnet")
 def airnet(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
     return AirNet(num_classes, in_channels, (64, 128, 256))
 
 
-@register_model("airnet-wide", "airnet with widths 128-256-512 (4.7 M parameters), for the best recipe")
+@_built_in("airnet-wide")
 def airnet_wide(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
     return AirNet(num_classes, in_channels, (128, 256, 512))
 
@@ -309,11 +316,11 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, num_classes)
 
 
-@register_model("resnet18", "ResNet-18 in ImageNet form (11.2 M parameters), torchvision's parameter names")
+@_built_in("resnet18")
 def resnet18(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
     return ResNet(num_classes, in_channels, (2, 2, 2, 2), (64, 128, 256, 512), imagenet=True)
 
 
-@register_model("resnet20", "ResNet-20 in CIFAR form, widths 16-32-64 (0.27 M parameters), for 28-64 px images")
+@_built_in("resnet20")
 def resnet20(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
     return ResNet(num_classes, in_channels, (3, 3, 3), (16, 32, 64), imagenet=False)

@@ -194,7 +194,7 @@ def model_of(source: Source, asked: str | None) -> str:
     return name
 
 
-def fit(source: Source, model_name: str, spec: InputSpec,
+def fit_weights(source: Source, model_name: str, spec: InputSpec,
         seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The source's weights fitted to ``model_name`` built for ``spec``, and what the run
     records of them (``config.json``'s ``init``). A fresh head is drawn from ``seed`` (the

@@ -41,7 +41,6 @@ from convnet.inspection import inspection_html
 from convnet.loadrun import LoadedRun, load_run
 from convnet.scoring import evaluate_model, score_run
 
-PLOTS = "plots"
 PLOT_FILES = ("history", "confusion_matrix", "class_scores", "mistakes", "samples")
 GRID_IMAGES = 18  # images in the mistakes and samples grids (3 rows of 6)
 AVERAGES = ("macro avg", "weighted avg")
@@ -81,7 +80,7 @@ class RunSummary:
         return float(sum(h.get("seconds") or 0.0 for h in self.history))
 
     def plot(self, name: str) -> Path:
-        return self.path / PLOTS / f"{name}.png"
+        return runs.plot_path(self.path, name)
 
 
 # --- plots in the run folder
@@ -105,7 +104,7 @@ def write_plots(run_dir: PathLike | runs.Run, evaluation: Evaluation, test_image
     from convnet import plots  # imported here: matplotlib only when drawing
 
     run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
-    folder = run.path / PLOTS
+    folder = runs.plots_dir(run.path)
     try:
         folder.mkdir(exist_ok=True)
     except OSError as e:
@@ -116,8 +115,7 @@ def write_plots(run_dir: PathLike | runs.Run, evaluation: Evaluation, test_image
     predicted = evaluation.test.predictions.cpu().numpy()
 
     def save(name: str, fig: Any) -> None:
-        png = plots.save(fig)
-        atomic_write(folder / f"{name}.png", lambda f: f.write(png))
+        runs.write_plot(run.path, name, plots.save(fig))
 
     def grid(idx: np.ndarray, heading: str, explain: bool = False) -> Any:
         images = test_images[torch.from_numpy(idx)].cpu() if len(idx) else torch.zeros((0, 1, 1, 1), dtype=torch.uint8)
@@ -135,7 +133,7 @@ def write_plots(run_dir: PathLike | runs.Run, evaluation: Evaluation, test_image
                           else f"No mistakes: {title}", explain=True))
     first = np.arange(min(GRID_IMAGES, len(labels)))
     save("samples", grid(first, f"Predictions on the first {len(first)} test images: {title}"))
-    return {name: folder / f"{name}.png" for name in PLOT_FILES}
+    return {name: runs.plot_path(run.path, name) for name in PLOT_FILES}
 
 
 def evaluate_and_plot(path: PathLike, *, data_dir: PathLike | None = None, device: str = "auto",
@@ -151,7 +149,7 @@ def evaluate_and_plot(path: PathLike, *, data_dir: PathLike | None = None, devic
     if not isinstance(model, LoadedRun):
         return evaluation, None
     write_plots(model.run, evaluation, dataset.test.images, model.model)
-    return evaluation, model.path / PLOTS
+    return evaluation, runs.plots_dir(model.path)
 
 
 def _outdated(path: Path, plots: bool) -> bool:
@@ -163,7 +161,7 @@ def _outdated(path: Path, plots: bool) -> bool:
     scored = metrics.stat().st_mtime
     if weights.is_file() and weights.stat().st_mtime > scored:
         return True
-    pictures = [path / PLOTS / f"{name}.png" for name in PLOT_FILES]
+    pictures = [runs.plot_path(path, name) for name in PLOT_FILES]
     return plots and any(not p.is_file() or p.stat().st_mtime < scored for p in pictures)
 
 

@@ -14,9 +14,14 @@
       calibration.json     the temperature fitted after training (--calibrate)
       tracking.json        with --log: the trackers, the TensorBoard folder, the MLflow run (convnet.tracking)
       tensorboard/         with --log tensorboard: TensorBoard's event files
+      plots/               the pictures of the scores (convnet evaluate, convnet inspect)
+      inspect.json         what `convnet inspect` found; inspect/ what it keeps (out-of-fold probabilities)
+      model.onnx           `convnet export`'s file (and model.parity.json, its parity figures)
 
-Every file is written through :func:`convnet.durable.atomic_write`, so a crash at any
-moment leaves the previous version whole.
+This is the one module that spells these names, and the one that writes the run's record
+of itself (:func:`write_config`, :func:`write_history`, :func:`write_weights`, ...). Every
+file is written through :func:`convnet.durable.atomic_write`, so a crash at any moment
+leaves the previous version whole.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from convnet.datatypes import InputSpec
-from convnet.durable import atomic_write
+from convnet.durable import atomic_write, write_json
 from convnet.errors import RunError
 from convnet.models import weight_mismatch
 from convnet.version import __version__
@@ -47,6 +52,12 @@ CONFIG, HISTORY, WEIGHTS, CHECKPOINT, METRICS, SPLIT, SKIPPED = (
     "skipped_images.txt")
 TEST_DATA = "test_data.safetensors"
 CALIBRATION = "calibration.json"  # the temperature fitted after training (--calibrate)
+TRACKING = "tracking.json"  # with --log: the trackers, the TensorBoard folder, the MLflow run
+TENSORBOARD = "tensorboard"  # with --log tensorboard: the subfolder of event files
+PLOTS = "plots"  # the subfolder of pictures
+INSPECTION = "inspect.json"  # what `convnet inspect RUN` found: shown by `convnet report`
+INSPECT_DIR = "inspect"  # what inspection keeps (out-of-fold probabilities)
+ONNX = "model.onnx"  # `convnet export`'s file, by default
 
 
 def read_json(path: Path) -> Any:
@@ -233,3 +244,87 @@ def command_line() -> str:
     import shlex
 
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+# --- the run's record of itself, written
+
+
+def write_config(run_dir: Path, train: Mapping[str, Any], spec: InputSpec, engine: Mapping[str, Any],
+                 parameters: int, data: Mapping[str, Any], init: Mapping[str, Any] | None = None,
+                 estimator: Mapping[str, Any] | None = None) -> None:
+    """Write ``config.json``: the resolved training settings, the input spec, the data it
+    was trained on, the engine, the parameter count, the library versions and the command
+    line; for a run that started from trained weights, where they came from (``init``);
+    for a saved estimator, its parameters and labels (``estimator``)."""
+    write_json(run_dir / CONFIG, {**({"init": dict(init)} if init is not None else {}),
+        "train": dict(train),
+        "input": spec.to_json(),
+        "data": {**data, "classes": list(spec.classes), "image_shape": list(spec.shape)},
+        "engine": dict(engine),
+        "parameters": parameters,
+        "versions": library_versions(),
+        "command": command_line(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"estimator": json.loads(json.dumps(estimator, default=repr))} if estimator is not None else {}),
+    })
+
+
+def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """``history.json``: one record per epoch."""
+    write_json(run_dir / HISTORY, history)
+
+
+def write_weights(run_dir: Path, model: torch.nn.Module, model_name: str) -> None:
+    """``model.safetensors``: the weights the run is used with, its model's name in the metadata."""
+    save_tensors(run_dir / WEIGHTS, model.state_dict(), {"model": model_name})
+
+
+def write_calibration(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """``calibration.json``: the temperature every way of predicting divides the logits by."""
+    write_json(run_dir / CALIBRATION, dict(record))
+
+
+def write_metrics(run_dir: Path, scores: Mapping[str, Any]) -> None:
+    """``metrics.json``: the scores of both splits."""
+    write_json(run_dir / METRICS, dict(scores))
+
+
+def write_data_files(run_dir: Path, files: Mapping[str, list[str]] | None, skipped: list[str] | None) -> None:
+    """For a folder of images: the files of each split (``split.json``) and the images
+    left out (``skipped_images.txt``)."""
+    if files is not None:
+        write_json(run_dir / SPLIT, dict(files))
+    if skipped:
+        text = "".join(f"{name}\n" for name in skipped).encode()
+        atomic_write(run_dir / SKIPPED, lambda f: f.write(text))
+
+
+def write_test_data(run_dir: Path, images: torch.Tensor, labels: torch.Tensor) -> str:
+    """``test_data.safetensors``: held-out images and labels a saved estimator keeps for
+    ``convnet evaluate``; returns the name ``config.json``'s data record gives it."""
+    save_tensors(run_dir / TEST_DATA, {"images": images, "labels": labels})
+    return TEST_DATA
+
+
+def plots_dir(run_dir: Path) -> Path:
+    """The folder of a run's pictures."""
+    return Path(run_dir) / PLOTS
+
+
+def plot_path(run_dir: Path, name: str) -> Path:
+    """Where the picture ``name`` (``confusion_matrix``, ``reliability``, ...) is kept: ``plots/NAME.png``."""
+    return plots_dir(run_dir) / f"{name}.png"
+
+
+def write_plot(run_dir: Path, name: str, png: bytes) -> Path:
+    """Keep a picture (PNG bytes) as ``plots/NAME.png``; returns its path."""
+    path = plot_path(run_dir, name)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write(path, lambda f: f.write(png))
+    return path
+
+
+def write_inspection(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """``inspect.json``: what ``convnet inspect`` found, for ``convnet report``."""
+    text = json.dumps(dict(record), indent=1).encode()
+    atomic_write(Path(run_dir) / INSPECTION, lambda f: f.write(text))

@@ -17,7 +17,6 @@ import torch
 
 from convnet import runs
 from convnet.datatypes import Dataset, Images
-from convnet.durable import write_json
 from convnet.engine import Engine
 from convnet.evaluation import Evaluation, evaluate, score_splits
 from convnet.loadrun import LoadedRun, Model, load_run, open_model
@@ -56,7 +55,7 @@ def score_run(loaded: LoadedRun, dataset: Dataset, *, test_logits: torch.Tensor 
     if before is not None and now is not None and round(before, 6) != round(now, 6):
         result.note = (f"the test accuracy recorded before, {before:.4f}, was predicted in the precision the run "
                        f"trained in; every prediction is fp32 now, which gives {now:.4f} (metrics.json updated)")
-    write_json(loaded.path / runs.METRICS, result.to_json())
+    runs.write_metrics(loaded.path, result.to_json())
     return result
 
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convnet.config import RECIPE_FIELDS, TrainConfig
+from convnet.config import TrainConfig
 from convnet.errors import ConvnetError
+from convnet.recipes import RECIPE_FIELDS
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from convnet.config import TrainConfig
+from convnet import runs
+from convnet.config import TRACKERS, TrainConfig
 from convnet.durable import write_json
 from convnet.errors import ConvnetError
 from convnet.events import TrainEvents
 from convnet.trainstate import TrainState
 
-TRACKERS = ("tensorboard", "mlflow")
-RECORD = "tracking.json"  # in the run folder: which trackers, the TensorBoard folder, the MLflow run
-TENSORBOARD = "tensorboard"  # the run folder's subfolder of event files
+RECORD, TENSORBOARD = runs.TRACKING, runs.TENSORBOARD  # in the run folder: which trackers; the event files
 EXPERIMENT = "convnet"  # the MLflow experiment when MLFLOW_EXPERIMENT_NAME names none
 INSTALL = "pip install 'convnet[tracking]'"
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,14 @@ from torch import nn
 
 from convnet import augment, checkpoint, runs
 from convnet.arrays import as_images, as_labels, as_split, spec_of
-from convnet.config import EpochRecord, TrainConfig, lr_at, without_flips
-from convnet.data import run_data
+from convnet.config import EpochRecord, TrainConfig, check_config, lr_at
 from convnet.datatypes import DiskImages, InputSpec, Split, batches, split_validation
 from convnet.distributed import all_mean, wrap
 from convnet.engine import Engine, StepRunner, make_engine
-from convnet.errors import ConvnetError, InputError, RunError, TrainingDiverged
+from convnet.errors import ConvnetError, InputError, TrainingDiverged
 from convnet.events import Calibrate, EventList, RunWriter, StopAtAccuracy, Validation
-from convnet.models import Calibrated, create_model, head_name, weight_mismatch
+from convnet.models import Calibrated, count_parameters, create_model, head_name, weight_mismatch
+from convnet.recipes import without_flips
 from convnet.trainstate import EMA, TrainState
 
 
@@ -191,9 +191,7 @@ def train(
         ConvnetError: a bad config value, or ``init`` weights that do not fit the model;
             TrainingDiverged when the loss stops being finite.
     """
-    if not isinstance(config, TrainConfig):
-        raise ConvnetError(f"config: a {type(config).__name__} was given; expected a convnet.TrainConfig "
-                           "(e.g. convnet.TrainConfig(epochs=5) or convnet.RECIPES['cpu'])")
+    check_config(config, from_weights=init is not None or resume, held_out=val is not None or None)
     if spec is None:
         data, spec = split_with_spec(data)
     elif not isinstance(spec, InputSpec):
@@ -201,7 +199,6 @@ def train(
                            "(a data set's .spec) or None to take it from the images")
     data = as_split(data, spec, "data")  # arrays in any layout, or (images, labels): uint8 (N, C, H, W) in spec
     val = as_split(val, spec, "val") if val is not None else None
-    config.validate()
     if not spec.hflip and config.flips:
         config = without_flips(config)
     engine = engine or make_engine("cpu", faithful=config.faithful)
@@ -214,14 +211,8 @@ def train(
     if init is not None and resume:
         raise ConvnetError("init (starting weights) and resume cannot be combined: a resumed run continues "
                            "from its own checkpoint")
-    if config.freeze_epochs and init is None and not resume:
-        raise ConvnetError("--freeze-epochs trains the head of a model that starts from trained weights; "
-                           "give them with --init-from")
     if val is None and config.val_split:
         data, val = split_validation(data, config.val_split, config.seed)
-    if config.calibrate and (val is None or len(val) == 0):
-        raise ConvnetError("--calibrate fits a temperature on held-out images: give --val-split (0.1 by default "
-                           "with --calibrate) or val=")
 
     torch.manual_seed(config.seed)  # the initial weights, as the tutorial seeds them
     net = create_model(config.model, spec.num_classes, spec.channels, (spec.height, spec.width),
@@ -243,8 +234,8 @@ def train(
             raise ConvnetError("resume needs the run folder")
         checkpoint.load_checkpoint(run_dir / runs.CHECKPOINT, state)
     elif run_dir is not None and engine.is_main:
-        checkpoint.write_config(run_dir, config, spec, engine, model,
-                                data_record or {"name": "arrays", "train_images": len(data)}, init_record)
+        runs.write_config(run_dir, asdict(config), spec, engine.describe(), count_parameters(model),
+                          data_record or {"name": "arrays", "train_images": len(data)}, init_record)
     writer = RunWriter(run_dir) if run_dir is not None and engine.is_main else None  # one process writes
     calibrate = Calibrate(val) if config.calibrate and val is not None else None  # before the writer keeps it
     hooks = EventList(*(e for e in (Validation(val) if val is not None else None, *extra, calibrate, writer)
@@ -340,25 +331,3 @@ def _diverged(epoch: int, batch: int, loss: torch.Tensor) -> TrainingDiverged:
         f"training diverged: loss is {float(loss)} at epoch {epoch + 1}, batch {batch + 1}; "
         "try a lower --lr (the last good checkpoint is kept)"
     )
-
-
-def resume(run_dir: str | Path | runs.Run, *, engine: Engine | None = None, events: Any = None,
-           data_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
-    """Continue a run (its folder, or the run already read) from its last complete epoch,
-    with the run's own config and data.
-
-    The result is the same, bit for bit on the CPU, as if the run had never stopped.
-
-    Raises:
-        RunError: not a run folder, or no checkpoint in it yet.
-    """
-    run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
-    if not (run.path / runs.CHECKPOINT).is_file():
-        raise RunError(f"{run.path}: no checkpoint yet (it stopped before its first epoch ended); start it again")
-    config = TrainConfig.from_dict(run.config["train"])
-    engine = engine or make_engine("cpu", faithful=config.faithful)
-    dataset = run_data(run, data_dir, progress=progress)
-    extra = list(events) if isinstance(events, Sequence) else [events] if events is not None else []
-    if config.target_accuracy:
-        extra.insert(0, StopAtAccuracy(dataset.test, config.target_accuracy, tta=config.tta))
-    return train(config, dataset.train, dataset.spec, engine=engine, events=extra, run_dir=run.path, resume=True)

@@ -36,24 +36,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from convnet import htmlparts
-from convnet.config import (
-    RECIPE_BASE,
-    RECIPES,
-    TrainConfig,
-    recipe,
-    recipe_text,
-    resolve_config,
-    size_to_data,
-)
-from convnet.data import DataOptions, load_data
+from convnet.config import TrainConfig, TrainRequest
+from convnet.data import load_data
+from convnet.dataoptions import DataOptions
 from convnet.durable import atomic_write
 from convnet.engine import make_engine, resolve_device
 from convnet.errors import ConvnetError, TrainingDiverged
 from convnet.events import TrainEvents
-from convnet.experiment import hflip_of, trained_images
-from convnet.models import list_models
+from convnet.recipes import RECIPE_BASE, RECIPES, recipe, recipe_text, resolve_config, resolve_run
 from convnet.searchspace import Param, default_space, parse_param
-from convnet.training import train
+from convnet.trainrun import hflip_of, train_run
 from convnet.trainstate import TrainState
 
 INSTALL = "pip install 'convnet[tune]'"
@@ -71,6 +63,8 @@ class TuneRequest:
 
     Attributes:
         space: settings and their search, laid over the default space (:func:`parse_param`).
+        settings: settings fixed for every trial (``convnet tune --model seed``), as
+            ``--param model=seed`` fixes them; given in only one of the two.
         trials: the study's total of finished (complete or pruned) trials.
         timeout: seconds this process may search (None: no bound).
         storage: Optuna's storage URL; None: an in-memory study.
@@ -84,6 +78,7 @@ class TuneRequest:
     data: DataOptions = field(default_factory=DataOptions)
     recipe: str | None = None
     space: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     trials: int = 20
     timeout: float | None = None
     storage: str | None = None
@@ -146,7 +141,12 @@ def check_request(request: TuneRequest) -> tuple[TrainConfig, str, dict[str, Par
     device = resolve_device(request.device)
     name = request.recipe or ("gpu" if device.type == "cuda" else "cpu")
     base = recipe(name)
-    space = default_space(base) | {k: parse_param(k, v) for k, v in request.space.items()}
+    both = sorted(set(request.settings) & set(request.space))
+    if both:
+        raise ConvnetError(f"--{both[0].replace('_', '-')} fixes the setting that --param {both[0]}=... searches; "
+                           "give one")
+    space = default_space(base) | {k: parse_param(k, v) for k, v in request.space.items()} | {
+        k: Param(k, "fixed", choices=(v,)) for k, v in request.settings.items()}  # a flag fixes its setting
     for p in space.values():  # each value a trial can draw, with the recipe's others: a bad one named now
         for value in p.choices if p.kind in ("fixed", "choice") else (p.low, p.high):
             try:
@@ -160,16 +160,18 @@ def trial_config(base_name: str, values: dict[str, Any], request: TuneRequest, t
                  device_type: str) -> TrainConfig:
     """The config a trial trains with: the base recipe with the trial's values laid over
     it, sized to the data (when ``train_images`` is known) as ``convnet train --recipe
-    FILE`` sizes a recipe file's."""
-    config = resolve_config(base_name, values | {"seed": request.seed, "val_split": request.val_split},
-                            device_type=device_type, hflip=hflip_of(request.data))
-    if config.model not in list_models():
-        raise ConvnetError(f"unknown model {config.model!r}; choose from {', '.join(list_models())}")
-    config = replace(config, warmup_epochs=min(config.warmup_epochs, config.epochs))
-    if train_images is not None:
-        config, _ = size_to_data(config, trained_images(train_images, request.val_split))
-    config.validate()
-    return config
+    FILE`` sizes a recipe file's: the one resolution every run goes through
+    (:func:`~convnet.recipes.resolve_run`)."""
+    return resolve_run(trial_recipe(base_name, values, request, device_type),
+                       {"seed": request.seed, "val_split": request.val_split}, device_type=device_type,
+                       hflip=hflip_of(request.data), train_images=train_images)[0]
+
+
+def trial_recipe(base_name: str, values: dict[str, Any], request: TuneRequest, device_type: str) -> TrainConfig:
+    """A trial's recipe, as the recipe file of the best trial holds it: the base recipe with
+    the trial's values laid over it (a shorter schedule keeping its warm-up within it)."""
+    trial = resolve_config(base_name, values, device_type=device_type, hflip=hflip_of(request.data))
+    return replace(trial, warmup_epochs=min(trial.warmup_epochs, trial.epochs))
 
 
 def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutcome:
@@ -184,7 +186,7 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial, ours
-    data_name = Path(request.data.folder).name if request.data.folder else request.data.dataset
+    data_name = Path(request.data.folder).name if request.data.folder else request.data.name
     study_name = request.study or f"{data_name}-{base_name if base_name in RECIPES else Path(base_name).stem}"
     out = request.out or Path("tune") / study_name
     described = {"recipe": base_name, "data": data_name, "subset": request.data.subset,
@@ -238,7 +240,7 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
         start = time.perf_counter()
         pruning = Pruning(trial)
         try:
-            result = train(config, dataset.train, dataset.spec, engine=engine, events=[pruning])
+            result = train_run(TrainRequest(settings=config, data=dataset), engine=engine, events=[pruning]).result
         except TrainingDiverged as e:  # as bad as a trial gets: counted with the pruned ones
             print(f"trial {trial.number}: {e}  {_values(values)}", file=out_stream, flush=True)
             raise optuna.TrialPruned() from None
@@ -319,8 +321,7 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
     if best is not None or request.report:
         out.mkdir(parents=True, exist_ok=True)
     if best is not None:
-        config = resolve_config(base_name, dict(best.params), hflip=hflip_of(request.data))
-        config = replace(config, warmup_epochs=min(config.warmup_epochs, config.epochs))
+        config = trial_recipe(base_name, dict(best.params), request, "cpu")
         comment = (f"convnet recipe: the best of {finished} trials of study {study.study_name!r} (trial "
                    f"{best.number}),\nvalidation accuracy {best.value:.4f} on --val-split {request.val_split:g}, "
                    f"--seed {request.seed}" + (f"\n(95 % interval {interval[0]:.3f}-{interval[1]:.3f} on "

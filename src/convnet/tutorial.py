@@ -11,20 +11,20 @@ from typing import TextIO
 import torch
 from torch import nn
 
+from convnet import runs
 from convnet.arrays import images_from_array
-from convnet.config import TrainConfig
-from convnet.data import DataOptions, load_data
+from convnet.config import TrainConfig, TrainRequest
+from convnet.data import load_data
+from convnet.dataoptions import DataOptions
 from convnet.datatypes import Dataset, to_float
 from convnet.durable import write_json
 from convnet.engine import Engine, make_engine
 from convnet.evaluation import Evaluation, evaluate
-from convnet.events import ConsolePrinter
-from convnet.experiment import data_record
 from convnet.inference import predict
 from convnet.models import count_parameters, create_model
 from convnet.report import build_report, format_comparison, load_summaries, write_plots
-from convnet.runs import check_out, new_run_dir
-from convnet.training import TrainResult, train
+from convnet.training import TrainResult
+from convnet.trainrun import train_run
 
 SGD = TrainConfig(model="seed", optimizer="sgd", lr=1e-3, epochs=25, batch_size=128, seed=42, shuffle=False)
 ADAM = replace(SGD, optimizer="adam", epochs=15)
@@ -55,9 +55,9 @@ def run_tutorial(data: DataOptions | Dataset | None = None, out: str | Path | No
     """
     s = stream or sys.stdout
     engine = make_engine(device, faithful=faithful)
-    check_out(out)
+    runs.check_out(out)
     dataset = data if isinstance(data, Dataset) else load_data(data or DataOptions(), progress=progress)
-    out = new_run_dir(out, "tutorial")
+    out = runs.new_run_dir(out, "tutorial")
 
     def say(text: str = "") -> None:
         print(text, file=s, flush=True)
@@ -86,16 +86,16 @@ def run_tutorial(data: DataOptions | Dataset | None = None, out: str | Path | No
     say(f"preds = conv_net(X_train[:5]) -> shape {tuple(logits.shape)}")
     say(f"cross entropy on those 5 (untrained): {nn.CrossEntropyLoss()(logits, sample_y).item():.4f}")
 
-    runs: list[TutorialRun] = []
+    done: list[TutorialRun] = []
     out.mkdir(parents=True, exist_ok=True)
     for name, config, title in (("sgd", sgd, "SGD"), ("adam", adam, "Adam")):
         say(f"\n== Train model ({title} optimizer): {config.epochs} epochs, lr {config.lr}, batch {config.batch_size}")
-        run_dir = new_run_dir(out / name, name)
-        result = train(config, dataset.train, dataset.spec, engine=engine, events=ConsolePrinter(s, progress),
-                       run_dir=run_dir, data_record=data_record(dataset))
+        run_dir = out / name
+        result = train_run(TrainRequest(settings=config, data=dataset, out=run_dir, progress=progress), engine=engine,
+                           stream=s).result
         say(f"\n== Make predictions ({title})")
         ev = evaluate(result.model, dataset, engine=engine)
-        write_json(run_dir / "metrics.json", ev.to_json())
+        runs.write_metrics(run_dir, ev.to_json())
         write_plots(run_dir, ev, dataset.test.images, result.model)
         say(f"test predictions  {ev.test.predictions[:5].tolist()}   labels {dataset.test.labels[:5].tolist()}")
         say(f"train predictions {ev.train.predictions[:5].tolist()}   labels {dataset.train.labels[:5].tolist()}")
@@ -104,21 +104,21 @@ def run_tutorial(data: DataOptions | Dataset | None = None, out: str | Path | No
         say(f"Test  Accuracy : {ev.test.accuracy:.3f}")
         say("Test Data Classification Report :")
         say(ev.report_text)
-        runs.append(TutorialRun(name, config, result, ev))
+        done.append(TutorialRun(name, config, result, ev))
 
-    run_dirs = [out / r.name for r in runs]
+    run_dirs = [out / r.name for r in done]
     say("== SGD vs Adam")
     say(format_comparison(load_summaries(run_dirs, device=str(engine.device))))
 
     say("\n== Channels first vs channels last")
-    say(channels_demo(runs[-1].result.model, dataset, engine))
+    say(channels_demo(done[-1].result.model, dataset, engine))
     write_json(out / "tutorial.json", {r.name: {"train_accuracy": r.evaluation.train.accuracy,
                                                 "test_accuracy": r.evaluation.test.accuracy,
-                                                "losses": [h.loss for h in r.result.history]} for r in runs})
+                                                "losses": [h.loss for h in r.result.history]} for r in done})
     say(f"\nRuns written to {out / 'sgd'} and {out / 'adam'}")
     report = build_report(run_dirs, out / "report.html", device=str(engine.device))
     say(f"Report (scores, plots, SGD vs Adam side by side): {report}")
-    return runs
+    return done
 
 
 def channels_demo(model: nn.Module, dataset: Dataset, engine: Engine) -> str:
