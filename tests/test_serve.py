@@ -74,7 +74,7 @@ def pngs(onnx_file: Path) -> list[Path]:
 def client(onnx_file: Path):  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
-    app = create_app(open_onnx(onnx_file), ServeOptions(max_body_bytes=200_000, max_images=4))
+    app = create_app(open_onnx(onnx_file), ServeOptions(max_body_mb=0.2, max_images=4))
     with TestClient(app) as c:  # runs the lifespan: the batcher starts and stops with it
         yield c
 

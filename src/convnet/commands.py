@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from convnet.config import TrainConfig, TrainRequest
@@ -92,26 +91,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from convnet.export import export_run
-    from convnet.tracking import log_file
 
     result = export_run(a.run, a.out, data_dir=a.data_dir)
     print(result.parity.describe())
     print(f"ONNX model (opset {result.opset}) written to {result.path}; parity figures in {result.parity_path}")
-    tracked = log_file(Path(a.run), result.path)  # a run trained with --log mlflow keeps its export too
-    if tracked is not None:
-        print(f"added to MLflow run {tracked}")
+    if result.mlflow_run is not None:
+        print(f"added to MLflow run {result.mlflow_run}")
     return 0
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    import math
-
     from convnet.serve import ServeOptions, serve
 
-    if not (math.isfinite(a.max_body_mb) and a.max_body_mb >= 0.001):  # nan and inf cannot become a byte count
-        raise ConvnetError(f"--max-body-mb must be a finite number of at least 0.001 (MB), got {a.max_body_mb:g}")
-    serve(a.model, ServeOptions(host=a.host, port=a.port, max_body_bytes=round(a.max_body_mb * 1e6),
-                                max_images=a.max_images, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
+    serve(a.model, ServeOptions(host=a.host, port=a.port, max_body_mb=a.max_body_mb, max_images=a.max_images,
+                                max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
                                 min_confidence=a.min_confidence, workers=a.workers))
     return 0
 
@@ -128,15 +121,10 @@ ISSUES_PRINTED = 20  # likely label errors printed in the terminal (--csv and --
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from convnet.durable import check_output_file
-    from convnet.inspection import inspect_and_plot, write_issues_csv
+    from convnet.inspection import inspect_and_plot
 
-    if a.csv is not None:
-        check_output_file(a.csv, "--csv")
     found, diagram = inspect_and_plot(a.run, train_folds=a.train_folds, calibrate=a.calibrate, data_dir=a.data_dir,
-                                      device=a.device, progress=not a.json)
-    if a.csv is not None:
-        write_issues_csv(found, a.csv)
+                                      device=a.device, progress=not a.json, csv=a.csv)
     if a.json:
         print(json.dumps(found.to_json(), indent=2))
         return 0
@@ -184,83 +172,44 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    import contextlib
-    import csv
-
-    from convnet.durable import atomic_file, check_output_file
     from convnet.errors import InputError
-    from convnet.inputfiles import expand_inputs
-    from convnet.loadrun import open_model
-    from convnet.prediction import check_min_confidence, check_top_k, csv_header, csv_row, predict_files
-    from convnet.progress import Bar
+    from convnet.prediction import predict_inputs
 
-    check_top_k(a.top_k)
-    check_min_confidence(a.min_confidence)
-    answer = a.min_confidence is not None
-    if a.csv is not None:
-        check_output_file(a.csv, "--csv")
-    inputs = expand_inputs(a.inputs)  # a folder: its image files
-    model = open_model(a.run, device=a.device)
-    if a.explain is not None:
-        from convnet.explain import check_explain_output
-
-        check_explain_output(model, a.explain)
-    k = min(a.top_k, model.spec.num_classes)
-    if inputs.passed_over:
-        shown = ", ".join(map(str, inputs.passed_over[:3])) + (" …" if len(inputs.passed_over) > 3 else "")
-        n = len(inputs.passed_over)
+    job = predict_inputs(a.run, a.inputs, top_k=a.top_k, min_confidence=a.min_confidence, layout=a.layout,
+                         device=a.device, csv=a.csv, explain=a.explain, progress=True)
+    if job.passed_over:
+        n, shown = len(job.passed_over), ", ".join(map(str, job.passed_over[:3]))
         print(f"convnet: passed over {n} file{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not an image: "
-              f"{shown}", file=sys.stderr)
-    failed, printed, width, rows, unsure = 0, 0, 0, 0, 0
-    bar = Bar(inputs.from_folders or None, "predicting", enabled=inputs.from_folders > 0)
-    with atomic_file(a.csv, text=True) if a.csv is not None else contextlib.nullcontext() as f:
-        table = csv.writer(f) if f is not None else None
-        if table is not None:
-            table.writerow(csv_header(k, answer))
-        for item in predict_files(model, inputs.files, layout=a.layout, top_k=k,
-                                  min_confidence=a.min_confidence):  # bounded memory for any input
-            if isinstance(item, InputError):
-                print(f"convnet: error: {item}", file=sys.stderr)
-                failed += 1
-                bar.update(1)
-                if table is not None:
-                    table.writerow(csv_row(item, k, answer))
-                continue
-            bar.update(len(item))
-            width = max(width, *(len(r.input) for r in item))
-            for row in item:
-                unsure += row.unsure
-                if table is not None:
-                    table.writerow(csv_row(row, k, answer))
-                    rows += 1
-                    continue
-                if a.json:  # one JSON list, printed a row at a time
-                    json_text = json.dumps(row.to_json(), indent=2).replace("\n", "\n  ")
-                    print("[\n  " if not printed else ",\n  ", json_text, sep="", end="")
-                else:
-                    label = "-" if row.label is None else row.label
-                    print(f"{row.input:<{width}}  {label}  {row.cls:<12}  {row.probability:.3f}")
-                printed += 1
-    bar.close()
-    if a.json and table is None:
+              f"{shown}{' …' if n > 3 else ''}", file=sys.stderr)
+    rows_out = sys.stderr if a.json and a.csv is None else sys.stdout  # stdout stays JSON
+    printed, width = 0, 0
+    for item in job:
+        if isinstance(item, InputError):
+            print(f"convnet: error: {item}", file=sys.stderr)
+            continue
+        if a.csv is not None:
+            continue
+        width = max(width, *(len(r.input) for r in item))
+        for row in item:
+            if a.json:  # one JSON list, printed a row at a time
+                json_text = json.dumps(row.to_json(), indent=2).replace("\n", "\n  ")
+                print("[\n  " if not printed else ",\n  ", json_text, sep="", end="")
+            else:
+                print(f"{row.input:<{width}}  {'-' if row.label is None else row.label}  {row.cls:<12}  "
+                      f"{row.probability:.3f}")
+            printed += 1
+    if a.json and a.csv is None:
         print("\n]" if printed else "[]")
-    if answer:
-        done = rows if table is not None else printed
-        print(f"{unsure:,} of {done:,} images unsure (most probable class below {a.min_confidence:g})",
-              file=sys.stderr if a.json and table is None else sys.stdout)
+    if a.min_confidence is not None:
+        print(f"{job.unsure:,} of {job.predicted:,} images unsure (most probable class below {a.min_confidence:g})",
+              file=rows_out)
     if a.csv is not None:
-        print(f"{rows:,} images predicted, {failed} unreadable inputs; table in {a.csv}")
-    if a.explain is not None:
-        from convnet.explain import write_explanations
-        from convnet.loadrun import LoadedRun
-
-        assert isinstance(model, LoadedRun)  # check_explain_output refused an .onnx file
-        n = write_explanations(model.model, model.spec, inputs.files, a.explain, layout=a.layout)
-        print(f"{n:,} heat maps (integrated gradients, the predicted class) in {a.explain}",
-              file=sys.stderr if a.json and a.csv is None else sys.stdout)
-    if failed:
-        print(f"convnet: {failed} of {len(inputs.files)} inputs could not be read", file=sys.stderr)
-    return 1 if failed else 0
+        print(f"{job.predicted:,} images predicted, {job.unreadable} unreadable inputs; table in {a.csv}")
+    if job.explained is not None:
+        print(f"{job.explained:,} heat maps (integrated gradients, the predicted class) in {a.explain}", file=rows_out)
+    if job.unreadable:
+        print(f"convnet: {job.unreadable} of {len(job.files)} inputs could not be read", file=sys.stderr)
+    return 1 if job.unreadable else 0
 
 
 def cmd_tutorial(a: argparse.Namespace) -> int:

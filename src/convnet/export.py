@@ -52,6 +52,7 @@ from convnet.durable import atomic_write, check_output_file, write_json
 from convnet.errors import ConvnetError, RunError
 from convnet.loadrun import LoadedRun, load_run, run_temperature
 from convnet.onnxfile import new_session
+from convnet.tracking import log_file
 from convnet.version import __version__
 
 OPSET = 18  # the exporter's own default in torch 2.9-2.13; ONNX Runtime >= 1.14 runs it
@@ -111,6 +112,7 @@ class ExportResult:
     parity_path: Path  # its parity figures, JSON
     parity: Parity
     opset: int
+    mlflow_run: str | None = None  # the MLflow run the file was added to (a run trained with --log mlflow)
 
 
 def default_output(run_dir: str | os.PathLike[str]) -> Path:
@@ -138,7 +140,8 @@ def check_output(out: Path) -> None:
 def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
                data_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> ExportResult:
     """What ``convnet export RUN [-o FILE.onnx]`` does: export, check parity on the run's
-    test images, and write the file and its figures only if the check passes.
+    test images, and write the file and its figures only if the check passes; a run
+    trained with ``--log mlflow`` gets the file among its MLflow artifacts.
 
     Raises:
         ConvnetError: a bad output path, a run that cannot be read, data that cannot be
@@ -167,7 +170,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | No
     atomic_write(path, write)
     figures = parity_path(path)
     write_json(figures, {"onnx": path.name, "run": str(run.path), "opset": OPSET, **parity.to_json()})
-    return ExportResult(path, figures, parity, OPSET)
+    return ExportResult(path, figures, parity, OPSET, log_file(run.path, path))  # a tracked run keeps its export
 
 
 def export_model(model: nn.Module, spec: InputSpec, *, tta: bool) -> Any:

@@ -32,7 +32,7 @@ import torch
 from convnet import plots, runs
 from convnet.config import TrainConfig, TrainRequest
 from convnet.datatypes import Dataset, Split
-from convnet.durable import atomic_file
+from convnet.durable import atomic_file, check_output_file
 from convnet.engine import single_process
 from convnet.errors import ConvnetError
 from convnet.events import fit_temperature
@@ -342,15 +342,18 @@ def write_issues_csv(inspection: Inspection, out: Path) -> None:
 
 
 def inspect_and_plot(path: PathLike, *, train_folds: int | None = None, calibrate: bool = False,
-                     data_dir: PathLike | None = None, device: str = "auto", progress: bool = True
-                     ) -> tuple[Inspection, Path]:
+                     data_dir: PathLike | None = None, device: str = "auto", progress: bool = True,
+                     csv: PathLike | None = None) -> tuple[Inspection, Path]:
     """What ``convnet inspect RUN`` does: :func:`inspect_run`, the findings kept in
     ``RUN/inspect.json`` (for ``convnet report``) and the reliability diagram drawn into
-    ``RUN/plots/reliability.png``.
+    ``RUN/plots/reliability.png``; with ``csv``, every likely label error written to that
+    table (checked before anything is computed).
 
     Returns:
         The findings and the diagram's path.
     """
+    if csv is not None:
+        check_output_file(Path(csv), "--csv")
     found = inspect_run(path, train_folds=train_folds, calibrate=calibrate, data_dir=data_dir, device=device,
                         progress=progress)
     c = found.calibration
@@ -371,6 +374,8 @@ def inspect_and_plot(path: PathLike, *, train_folds: int | None = None, calibrat
             found.flagged, np.array([i.given for i in shown]), np.array([i.suggested for i in shown]),
             np.array([i.confidence for i in shown]), found.classes, title, captions=("given", "seen"))))
     runs.write_inspection(found.run, found.to_json())
+    if csv is not None:
+        write_issues_csv(found, Path(csv))
     return found, diagram
 
 

@@ -9,9 +9,12 @@ arrays and images in :mod:`convnet.arrays`; the forward pass is
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,12 +23,15 @@ from torch import nn
 
 from convnet.arrays import as_images
 from convnet.datatypes import InputSpec
+from convnet.durable import atomic_file, check_output_file
 from convnet.engine import Engine
 from convnet.errors import ConvnetError, InputError
+from convnet.explain import check_explain_output, write_explanations
 from convnet.inference import infer
 from convnet.inputfiles import expand_inputs, input_batches
 from convnet.loadrun import LoadedRun, Model, load_run, open_model
 from convnet.onnxfile import OnnxModel
+from convnet.progress import Bar
 
 TOP_K = 3  # classes each row carries by default (--top-k)
 UNSURE = "unsure"  # the class of an image whose most probable class is below --min-confidence
@@ -58,17 +64,38 @@ class PredictionRow:
         return self.label is None
 
 
+def rows_of(names: Sequence[str], probs: np.ndarray, classes: Sequence[str], *, top_k: int = TOP_K,
+            min_confidence: float | None = None) -> list[PredictionRow]:
+    """The one builder of prediction rows, for the terminal, JSON, CSV and HTTP: each
+    image's ``top_k`` most probable classes, most probable first; ``"unsure"`` (label
+    None) where the most probable is below ``min_confidence``.
+
+    Args:
+        names: each image's name (its file, ``FILE[i]`` in an array file; empty for HTTP).
+        probs: float ``(n, num_classes)``.
+    """
+    k = min(top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k), most probable first
+    rows = []
+    for name, best, p in zip(names, order.tolist(), probs, strict=True):
+        top = tuple((j, classes[j], round(float(p[j]), 6)) for j in best)
+        if is_unsure(float(p[best[0]]), min_confidence):
+            rows.append(PredictionRow(name, None, UNSURE, top[0][2], top=top))
+        else:
+            rows.append(PredictionRow(name, *top[0], top=top))
+    return rows
+
+
 def predict_files(run_dir: str | os.PathLike[str] | Model, paths: Sequence[str | os.PathLike[str]], *,
                   layout: str = "auto", device: str | torch.device = "auto",
                   top_k: int = TOP_K, min_confidence: float | None = None
                   ) -> Iterator[list[PredictionRow] | InputError]:
-    """What ``convnet predict RUN INPUT...`` does: the rows of each batch of inputs, in
-    order, converted to the run's input spec and predicted the way the run was evaluated
-    (its engine, its test-time augmentation); an input that cannot be read yields its
-    error in its place (its ``path`` set). A folder stands for the image files in it
-    (:func:`~convnet.inputfiles.expand_inputs`). Memory stays bounded whatever the inputs'
-    size. An ``.onnx`` file from ``convnet export`` in place of the run folder is predicted
-    in ONNX Runtime.
+    """The rows of each batch of inputs, in order, converted to the run's input spec and
+    predicted the way the run was evaluated (its engine, its test-time augmentation); an
+    input that cannot be read yields its error in its place (its ``path`` set). A folder
+    stands for the image files in it (:func:`~convnet.inputfiles.expand_inputs`). Memory
+    stays bounded whatever the inputs' size. An ``.onnx`` file from ``convnet export`` in
+    place of the run folder is predicted in ONNX Runtime.
 
     Args:
         run_dir: a run folder or an ``.onnx`` file, or one already opened
@@ -86,22 +113,98 @@ def predict_files(run_dir: str | os.PathLike[str] | Model, paths: Sequence[str |
     check_min_confidence(min_confidence)
     files = expand_inputs(paths).files
     model = run_dir if isinstance(run_dir, LoadedRun | OnnxModel) else open_model(run_dir, device=device)
-    spec: InputSpec = model.spec
-    k = min(top_k, spec.num_classes)
-    for item in input_batches(files, spec, layout=layout):
+    for item in input_batches(files, model.spec, layout=layout):
         if isinstance(item, InputError):
             yield item
             continue
-        probs = model.probabilities(item.images)  # (n, K)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k), most probable first
-        rows = []
-        for name, best, p in zip(item.names, order.tolist(), probs, strict=True):
-            top = tuple((j, spec.classes[j], round(float(p[j]), 6)) for j in best)
-            if is_unsure(float(p[best[0]]), min_confidence):
-                rows.append(PredictionRow(name, None, UNSURE, top[0][2], top=top))
-            else:
-                rows.append(PredictionRow(name, *top[0], top=top))
-        yield rows
+        yield rows_of(item.names, model.probabilities(item.images), model.spec.classes, top_k=top_k,
+                      min_confidence=min_confidence)
+
+
+@dataclass
+class PredictJob:
+    """What ``convnet predict RUN INPUT...`` does, as one object (:func:`predict_inputs`):
+    iterating it predicts each batch of inputs in order, yielding its rows (or an input's
+    error in its place); with ``csv``, every row is also written to that table (whole or
+    not at all: a temporary file renamed once the last batch is in); with ``explain``, the
+    heat maps are written once the predictions are done. The counts are filled in as it goes.
+
+    Attributes:
+        passed_over: files in the input folders that are not images.
+        predicted, unreadable, unsure: images predicted, inputs that could not be read,
+            images answered "unsure".
+        explained: heat maps written (None without ``explain``).
+    """
+
+    model: Model
+    files: list[Path]
+    passed_over: list[Path]
+    from_folders: int
+    top_k: int
+    min_confidence: float | None
+    layout: str
+    csv: Path | None = None
+    explain: Path | None = None
+    progress: bool = False
+    predicted: int = 0
+    unreadable: int = 0
+    unsure: int = 0
+    explained: int | None = None
+
+    def __iter__(self) -> Iterator[list[PredictionRow] | InputError]:
+        answer = self.min_confidence is not None
+        bar = Bar(self.from_folders or None, "predicting", enabled=self.progress and self.from_folders > 0)
+        with atomic_file(self.csv, text=True) if self.csv is not None else contextlib.nullcontext() as f:
+            table = csv.writer(f) if f is not None else None
+            if table is not None:
+                table.writerow(csv_header(self.top_k, answer))
+            for item in predict_files(self.model, self.files, layout=self.layout, top_k=self.top_k,
+                                      min_confidence=self.min_confidence):  # bounded memory for any input
+                rows = [item] if isinstance(item, InputError) else item
+                self.unreadable += isinstance(item, InputError)
+                self.predicted += len(rows) - isinstance(item, InputError)
+                self.unsure += sum(isinstance(r, PredictionRow) and r.unsure for r in rows)
+                if table is not None:
+                    table.writerows(csv_row(r, self.top_k, answer) for r in rows)
+                bar.update(len(rows))
+                yield item
+        bar.close()
+        if self.explain is not None:
+            assert isinstance(self.model, LoadedRun)  # check_explain_output refused an .onnx file
+            self.explained = write_explanations(self.model.model, self.model.spec, self.files, self.explain,
+                                                layout=self.layout)
+
+
+def predict_inputs(run: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *, top_k: int = TOP_K,
+                   min_confidence: float | None = None, layout: str = "auto", device: str | torch.device = "auto",
+                   csv: str | os.PathLike[str] | None = None, explain: str | os.PathLike[str] | None = None,
+                   progress: bool = False) -> PredictJob:
+    """``convnet predict RUN INPUT...``, every flag checked and the model opened before
+    anything is predicted or written: iterate the job to predict (:class:`PredictJob`).
+
+    Args:
+        run: a run folder, or an ``.onnx`` file from ``convnet export``.
+        inputs: image files, folders of them (sorted, recursive), ``.npy`` arrays, IDX files.
+        top_k: the classes each row carries (at most the run's).
+        min_confidence: answer ``"unsure"`` below it (None: always the most probable class).
+        layout: how to read 4-d arrays whose shape fits both layouts.
+        csv: also write a row per image to this table.
+        explain: also write each image with the heat map of its predicted class into this folder.
+
+    Raises:
+        ConvnetError: a bad flag, an output that cannot be written, a run that cannot be opened.
+    """
+    check_top_k(top_k)
+    check_min_confidence(min_confidence)
+    if csv is not None:
+        check_output_file(Path(csv), "--csv")
+    expanded = expand_inputs(inputs)  # a folder: its image files
+    model = open_model(run, device=device)
+    if explain is not None:
+        check_explain_output(model, Path(explain))
+    return PredictJob(model, expanded.files, expanded.passed_over, expanded.from_folders,
+                      min(top_k, model.spec.num_classes), min_confidence, layout,
+                      Path(csv) if csv is not None else None, Path(explain) if explain is not None else None, progress)
 
 
 def check_top_k(top_k: int) -> None:

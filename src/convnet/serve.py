@@ -34,6 +34,7 @@ import asyncio
 import base64
 import gc
 import io
+import math
 import os
 import signal
 import socket
@@ -59,7 +60,7 @@ from convnet.export import export_in_memory
 from convnet.httpinputs import JSON, MULTIPART, RequestError, request_images
 from convnet.loadrun import LoadedRun, open_model
 from convnet.onnxfile import OnnxModel, open_onnx
-from convnet.prediction import UNSURE, check_min_confidence, is_unsure
+from convnet.prediction import check_min_confidence, rows_of
 from convnet.servemetrics import CONTENT_TYPE, CountRequests, ServiceMetrics, shared_metrics, worker_exited
 from convnet.version import __version__
 from convnet.workers import MAX_WORKERS, as_worker, run_workers
@@ -74,7 +75,7 @@ class ServeOptions:
     Attributes:
         host: address to bind; 127.0.0.1 keeps it on this machine.
         port: TCP port; 0 picks a free one (printed at start).
-        max_body_bytes: largest request body read (413 beyond).
+        max_body_mb: largest request body read, in MB (413 beyond).
         max_images: most images in one request (413 beyond).
         max_batch: most images predicted in one ONNX Runtime call.
         batch_wait_ms: how long the batcher waits for more requests after the first one
@@ -87,7 +88,7 @@ class ServeOptions:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: int = 10_000_000
+    max_body_mb: float = 10.0
     max_images: int = 256
     max_batch: int = 64
     batch_wait_ms: float = 0.0
@@ -95,13 +96,18 @@ class ServeOptions:
     min_confidence: float | None = None
     workers: int = 1
 
+    @property
+    def max_body_bytes(self) -> int:
+        return round(self.max_body_mb * 1e6)
+
     def validate(self) -> None:
         """Check every value before anything is loaded."""
         check_min_confidence(self.min_confidence)
         if not 0 <= self.port <= 65535:
             raise ConvnetError(f"--port must be between 0 and 65535, got {self.port}")
-        if self.max_body_bytes < 1000:
-            raise ConvnetError(f"--max-body-mb must be at least 0.001 MB, got {self.max_body_bytes / 1e6:g}")
+        if not (math.isfinite(self.max_body_mb) and self.max_body_mb >= 0.001):  # NaN and inf are no byte count
+            raise ConvnetError(f"--max-body-mb must be a finite number of at least 0.001 (MB), got "
+                               f"{self.max_body_mb:g}")
         if self.max_images < 1:
             raise ConvnetError(f"--max-images must be at least 1, got {self.max_images}")
         if self.max_batch < 1:
@@ -115,20 +121,16 @@ class ServeOptions:
 
 
 def prediction_rows(probs: np.ndarray, classes: tuple[str, ...], inputs: np.ndarray | None = None,
-                    min_confidence: float | None = None) -> list[dict]:
-    """The JSON of each image's prediction: label, class, probability and the top classes;
-    label null and class "unsure" where the most probable class is below ``min_confidence``."""
-    k = min(TOP_K, probs.shape[1])
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (n, k), most probable first
-    rows = []
-    for i, order in enumerate(top.tolist()):
-        best = [{"label": j, "class": classes[j], "probability": round(float(probs[i, j]), 6)} for j in order]
-        row: dict[str, Any] = {**best[0], "top": best}
-        if is_unsure(float(probs[i, order[0]]), min_confidence):
-            row.update(label=None, **{"class": UNSURE})
+                    min_confidence: float | None = None, top_k: int = TOP_K) -> list[dict[str, Any]]:
+    """The JSON of each image's prediction, rows made by the one builder that ``convnet
+    predict`` uses (:func:`~convnet.prediction.rows_of`): label, class, probability and the
+    top classes; with ``inputs``, each image as the model sees it (a PNG data URL)."""
+    rows = [row.to_json() for row in rows_of([""] * len(probs), probs, classes, top_k=top_k,
+                                             min_confidence=min_confidence)]
+    for i, row in enumerate(rows):
+        del row["input"]  # an HTTP request names no files
         if inputs is not None:
             row["input"] = png_data_url(inputs[i])
-        rows.append(row)
     return rows
 
 
