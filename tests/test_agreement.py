@@ -20,7 +20,7 @@ from convnet.estimator import ConvNetClassifier
 from convnet.export import MAX_PROBABILITY_DIFFERENCE, export_run
 from convnet.inference import infer
 from convnet.loadrun import load_run
-from convnet.models import create_model, head_name, list_models
+from convnet.models import create_model, head_name, list_models, load_weights
 from convnet.serve import ServeOptions, create_app, load_for_serving
 
 from .conftest import make_dataset_dir
@@ -50,7 +50,7 @@ def decisive_run(folder: Path, model_name: str, data: Path, *, tta: bool) -> Pat
     torch.manual_seed(1)
     untrained_run(folder, model_name, data, tta=tta)
     model = create_model(model_name)
-    runs.load_weights(model, folder / runs.WEIGHTS)
+    load_weights(model, folder / runs.WEIGHTS)
     head = model.get_submodule(head_name(model))
     with torch.no_grad():
         spread = model.eval()(torch.from_numpy(images())[:, None].float() / 255).std()

@@ -13,7 +13,7 @@ import torch
 from convnet import durable, runs
 from convnet.datatypes import InputSpec
 from convnet.errors import RunError
-from convnet.models import create_model
+from convnet.models import create_model, load_weights
 
 
 def _write_run(folder: Path, **data: object) -> Path:
@@ -27,7 +27,7 @@ def test_weights_go_out_and_come_back_bit_for_bit(tmp_path: Path) -> None:
     model = create_model("fastnet", 3, 3, (16, 20))
     runs.save_tensors(tmp_path / runs.WEIGHTS, model.state_dict(), {"model": "fastnet"})
     again = create_model("fastnet", 3, 3, (16, 20))
-    runs.load_weights(again, tmp_path / runs.WEIGHTS)
+    load_weights(again, tmp_path / runs.WEIGHTS)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -35,7 +35,7 @@ def test_weights_go_out_and_come_back_bit_for_bit(tmp_path: Path) -> None:
 def test_weights_of_another_model_are_refused_by_name(tmp_path: Path) -> None:
     runs.save_tensors(tmp_path / runs.WEIGHTS, create_model("seed", 10).state_dict())
     with pytest.raises(RunError, match=r"weights do not fit the model: .*wrong shape for"):
-        runs.load_weights(create_model("seed", 5), tmp_path / runs.WEIGHTS)
+        load_weights(create_model("seed", 5), tmp_path / runs.WEIGHTS)
 
 
 def test_a_pickle_is_refused_unread(tmp_path: Path) -> None:

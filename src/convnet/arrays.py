@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from convnet.arrayfiles import NpyFile
-from convnet.config import LAYOUTS
+from convnet.dataoptions import LAYOUTS
 from convnet.datatypes import DiskImages, InputSpec, Split
 from convnet.errors import InputError
 from convnet.imagefiles import decode_image, default_size, image_header, is_colour

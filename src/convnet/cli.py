@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from convnet.commands import COMMANDS
-from convnet.config import LAYOUTS, TrainConfig, TrainRequest
-from convnet.dataoptions import DataOptions
+from convnet.config import TrainConfig, TrainRequest
+from convnet.dataoptions import LAYOUTS, DataOptions
 from convnet.errors import ConvnetError
 from convnet.options import BENCH, TRAIN, TUNE, TUTORIAL, taken_by
 from convnet.version import __version__

@@ -13,15 +13,13 @@ from typing import Any
 from convnet.dataoptions import DataOptions
 from convnet.errors import ConvnetError, RunError
 from convnet.modelnames import list_models
-from convnet.options import BENCH, ESTIMATOR, EVERYWHERE, TRAIN, TUNE, TUTORIAL, option
+from convnet.options import BENCH, DEVICES, ESTIMATOR, EVERYWHERE, TRAIN, TUNE, TUTORIAL, option
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
 AUGMENTS = ("none", "flip", "translate", "flip-translate")
 CLASS_WEIGHTS = ("none", "balanced")  # --class-weight: the loss's weight of each class
 SAMPLERS = ("passes", "balanced")  # --sampler: every image once per pass, or classes drawn equally often
-DEVICES = ("auto", "cpu", "cuda")
-LAYOUTS = ("auto", "nchw", "nhwc")
 TRACKERS = ("tensorboard", "mlflow")
 
 PER_RUN = frozenset({TRAIN, ESTIMATOR})  # a setting of one run, not of a recipe

@@ -13,6 +13,7 @@ from convnet.errors import DataError
 from convnet.options import BENCH, ESTIMATOR, TRAIN, TUNE, TUTORIAL, option
 
 DEFAULT_DATASET = "fashion-mnist"
+LAYOUTS = ("auto", "nchw", "nhwc")  # how a 4-d array is read: --layout
 NAMED = frozenset({TRAIN, TUNE, TUTORIAL, BENCH})  # the commands that read a named data set
 FOLDERS = frozenset({TRAIN, TUNE})  # the commands that read a folder of images
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from convnet.config import DEVICES
 from convnet.datatypes import to_float
 from convnet.errors import ConvnetError
+from convnet.options import DEVICES
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

@@ -32,8 +32,8 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from convnet import runs
 from convnet.arrays import as_images, spec_of
-from convnet.config import LAYOUTS, TrainConfig, TrainRequest
-from convnet.dataoptions import DataOptions
+from convnet.config import TrainConfig, TrainRequest
+from convnet.dataoptions import LAYOUTS, DataOptions
 from convnet.datatypes import Dataset, InputSpec, Split
 from convnet.engine import make_engine
 from convnet.errors import InputError, RunError

@@ -27,7 +27,7 @@ from convnet.datatypes import Dataset, Images, InputSpec
 from convnet.engine import Engine, make_engine
 from convnet.errors import RunError
 from convnet.inference import infer
-from convnet.models import Calibrated, create_model
+from convnet.models import Calibrated, create_model, load_weights
 from convnet.onnxfile import OnnxModel, is_onnx, open_onnx
 
 PathLike = str | os.PathLike[str]
@@ -105,7 +105,7 @@ def load_run(source: PathLike | runs.Run, *, device: str | torch.device = "auto"
     spec = run.spec
     model = create_model(run.model_name, spec.num_classes, spec.channels, (spec.height, spec.width),
                          mean=spec.mean, std=spec.std)
-    runs.load_weights(model, run.path / runs.WEIGHTS)
+    load_weights(model, run.path / runs.WEIGHTS)
     model = engine.prepare_model(model).eval()
     temperature = run_temperature(run)
     return LoadedRun(run, engine, Calibrated(model, temperature).eval() if temperature is not None else model)

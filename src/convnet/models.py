@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from convnet.errors import ConvnetError
+from convnet.errors import ConvnetError, RunError
 from convnet.modelnames import add_name, list_models, model_name
+from convnet.runs import load_tensors
 
 Size = tuple[int, int]  # (H, W) in pixels
 ModelFactory = Callable[[int, int, Size], nn.Module]
@@ -95,6 +97,15 @@ def weight_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str 
              "wrong shape for " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                              for k in wrong[:3]) if wrong else ""]
     return "; ".join(p for p in parts if p)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights into ``model``, naming what does not fit."""
+    state = load_tensors(path)
+    problem = weight_mismatch(model, state)
+    if problem:
+        raise RunError(f"{path}: weights do not fit the model: {problem}")
+    model.load_state_dict(state)
 
 
 def head_name(model: nn.Module) -> str:

@@ -24,6 +24,7 @@ ESTIMATOR = "estimator"  # a parameter of ConvNetClassifier
 TUTORIAL = "tutorial"  # a flag of `convnet tutorial`
 BENCH = "bench"  # a flag of `convnet bench`
 EVERYWHERE = frozenset({TRAIN, TUNE, RECIPE, ESTIMATOR})  # a recipe's training setting
+DEVICES = ("auto", "cpu", "cuda")  # where every command computes: --device
 
 
 @dataclass(frozen=True)

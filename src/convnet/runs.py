@@ -41,10 +41,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from convnet.datatypes import InputSpec
 from convnet.durable import atomic_write, write_json
 from convnet.errors import RunError
-from convnet.models import weight_mismatch
+from convnet.inputspec import InputSpec
 from convnet.version import __version__
 
 CONFIG, HISTORY, WEIGHTS, CHECKPOINT, METRICS, SPLIT, SKIPPED = (
@@ -229,15 +228,6 @@ _REQUIRED: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
     ("data", "image_shape", _is_shape),
     ("data", "subset", lambda v: v is None or (type(v) is int and v > 0)),
 )
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights into ``model``, naming what does not fit."""
-    state = load_tensors(path)
-    problem = weight_mismatch(model, state)
-    if problem:
-        raise RunError(f"{path}: weights do not fit the model: {problem}")
-    model.load_state_dict(state)
 
 
 def command_line() -> str:
