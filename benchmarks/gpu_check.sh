@@ -43,11 +43,11 @@ t = [time.perf_counter()]
 def lap(what):
     t.append(time.perf_counter()); print(f"{what:<34} {t[-1] - t[-2]:6.2f} s")
 import torch; lap("import torch")
-import convnet.experiment; lap("import convnet (train path)")
+import convnet.tools.experiment; lap("import convnet (train path)")
 import torch._dynamo; lap("import torch._dynamo (optimizers)")
 import sklearn.metrics; lap("import sklearn.metrics")
 torch.zeros(1, device="cuda"); lap("CUDA context")
-from convnet.named import load_dataset
+from convnet.data.named import load_dataset
 ds = load_dataset("fashion-mnist"); lap("read Fashion-MNIST")
 ds.train.images.cuda(); ds.test.images.cuda(); torch.cuda.synchronize(); lap("copy to the GPU")
 PY

@@ -14,13 +14,13 @@ from dataclasses import replace
 
 import torch
 
-from convnet.bench import MakePredictions
-from convnet.config import TrainConfig
-from convnet.engine import Engine
-from convnet.inference import infer
-from convnet.models import create_model
-from convnet.named import load_dataset
-from convnet.training import train
+from convnet.data.named import load_dataset
+from convnet.models.engine import Engine
+from convnet.models.inference import infer
+from convnet.models.networks import create_model
+from convnet.tools.bench import MakePredictions
+from convnet.training.config import TrainConfig
+from convnet.training.loop import train
 
 
 def best_of(fn, n: int = 3) -> float:  # type: ignore[no-untyped-def]

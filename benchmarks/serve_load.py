@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from convnet.loadtest import format_table, measure
+from convnet.use.loadtest import format_table, measure
 
 
 def main() -> int:

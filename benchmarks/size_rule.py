@@ -1,4 +1,4 @@
-"""How long a small data set should train: the sweep behind the rule in `convnet.config.size_to_data`.
+"""How long a small data set should train: the sweep behind the rule in `convnet.training.config.size_to_data`.
 
     python benchmarks/size_rule.py [--sizes 50,100,300,1000,2000] [--images 0,2500,5000,10000,20000]
                                    [--seeds 0,1] [--datasets fashion-mnist,digits] [--json OUT]
@@ -21,12 +21,12 @@ import time
 import numpy as np
 import torch
 
-from convnet.datatypes import InputSpec, Split, stratified_split
-from convnet.engine import make_engine
-from convnet.evaluation import score_split
-from convnet.named import load_dataset
-from convnet.recipes import resolve_config
-from convnet.training import train
+from convnet.data.dataset import InputSpec, Split, stratified_split
+from convnet.data.named import load_dataset
+from convnet.models.engine import make_engine
+from convnet.training.loop import train
+from convnet.training.recipes import resolve_config
+from convnet.trust.evaluation import score_split
 
 DIGITS_TEST = 797  # the digits' own test images, set aside here and never used by the sweep
 

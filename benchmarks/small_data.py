@@ -40,7 +40,7 @@ def arrays(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, l
         pool, test = train_test_split(np.arange(len(images)), test_size=DIGITS_TEST, random_state=0,
                                       stratify=d.target)
         return images[pool], d.target[pool], images[test], d.target[test], [str(i) for i in range(10)]
-    from convnet.named import load_dataset
+    from convnet.data.named import load_dataset
 
     data = load_dataset("fashion-mnist")
     return (data.train.images[:, 0].numpy(), data.train.labels.numpy(), data.test.images[:, 0].numpy(),

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convnet.bench import prediction_speed
-from convnet.config import TrainRequest
-from convnet.dataoptions import DataOptions
-from convnet.engine import make_engine
-from convnet.experiment import run_training
-from convnet.named import load_dataset
+from convnet.data.named import load_dataset
+from convnet.data.options import DataOptions
+from convnet.models.engine import make_engine
+from convnet.tools.bench import prediction_speed
+from convnet.tools.experiment import run_training
+from convnet.training.config import TrainRequest
 
 OLD, NEW = range(0, 5), range(5, 10)
 

@@ -87,7 +87,7 @@ def label_errors(work: Path, planting_seed: int, folds: int) -> dict:
 
 def draw_not_planted(out: Path, folder: Path, issues: list[dict], classes: list[str]) -> None:
     """The most likely label errors that were not planted: Fashion-MNIST's own, or hard images."""
-    from convnet import plots
+    from convnet.trust import plots
 
     names = [c.replace("-", "/") if c == "T-shirt-top" else c for c in classes]
     images = np.stack([np.asarray(Image.open(folder / i["path"]))[None] for i in issues])

@@ -23,13 +23,13 @@ from dataclasses import asdict, replace
 
 import torch
 
-from convnet.datatypes import split_validation
-from convnet.engine import make_engine
-from convnet.models import AirNet, register_model
-from convnet.named import load_dataset
-from convnet.recipes import recipe
-from convnet.scoring import score_split
-from convnet.training import train
+from convnet.data.dataset import split_validation
+from convnet.data.named import load_dataset
+from convnet.models.engine import make_engine
+from convnet.models.networks import AirNet, register_model
+from convnet.training.loop import train
+from convnet.training.recipes import recipe
+from convnet.trust.scoring import score_split
 
 # one more width to try, registered for this process only
 register_model("airnet-64-256-256", "airnet with widths 64-256-256")(lambda n, c, s: AirNet(n, c, (64, 256, 256)))

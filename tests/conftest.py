@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from convnet.catalog import FASHION_MNIST, has_all
+from convnet.data.catalog import FASHION_MNIST, has_all
 
 SYSTEM_FASHION = Path(FASHION_MNIST.system_dirs[0])
 

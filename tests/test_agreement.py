@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from convnet import durable, engine, runs
-from convnet.cli import main
-from convnet.engine import Engine, make_engine
+from convnet.cli.parser import main
+from convnet.core import durable, runfolder
 from convnet.estimator import ConvNetClassifier
-from convnet.export import MAX_PROBABILITY_DIFFERENCE, export_run
-from convnet.inference import infer
-from convnet.loadrun import load_run
-from convnet.models import create_model, head_name, list_models, load_weights
-from convnet.serve import ServeOptions, create_app, load_for_serving
+from convnet.models import engine
+from convnet.models.engine import Engine, make_engine
+from convnet.models.inference import infer
+from convnet.models.networks import create_model, head_name, list_models, load_weights
+from convnet.use.export import MAX_PROBABILITY_DIFFERENCE, export_run
+from convnet.use.loadrun import load_run
+from convnet.use.serve import ServeOptions, create_app, load_for_serving
 
 from .conftest import make_dataset_dir
 from .test_export import CLASSES, untrained_run
@@ -50,14 +51,14 @@ def decisive_run(folder: Path, model_name: str, data: Path, *, tta: bool) -> Pat
     torch.manual_seed(1)
     untrained_run(folder, model_name, data, tta=tta)
     model = create_model(model_name)
-    load_weights(model, folder / runs.WEIGHTS)
+    load_weights(model, folder / runfolder.WEIGHTS)
     head = model.get_submodule(head_name(model))
     with torch.no_grad():
         spread = model.eval()(torch.from_numpy(images())[:, None].float() / 255).std()
         head.weight.mul_(3 / spread)
         if head.bias is not None:
             head.bias.mul_(3 / spread)
-    runs.save_tensors(folder / runs.WEIGHTS, model.state_dict())
+    runfolder.save_tensors(folder / runfolder.WEIGHTS, model.state_dict())
     return folder
 
 
@@ -133,8 +134,8 @@ def test_a_run_trained_in_bf16_records_the_scores_every_way_of_predicting_gives(
     run = tmp_path / "run"
     assert main(["train", "--data-dir", str(toy), "--model", "fastnet", "--epochs", "2", "--device", "cpu",
                  "--out", str(run), "--no-progress"]) == 0
-    assert json.loads((run / runs.CONFIG).read_text())["engine"]["autocast"] == "bfloat16"  # it trained in bf16
-    recorded = json.loads((run / runs.METRICS).read_text())
+    assert json.loads((run / runfolder.CONFIG).read_text())["engine"]["autocast"] == "bfloat16"  # it trained in bf16
+    recorded = json.loads((run / runfolder.METRICS).read_text())
     assert recorded["inference"] == "fp32"
     capsys.readouterr()
     assert main(["evaluate", str(run), "--json", "--device", "cpu"]) == 0
@@ -153,17 +154,17 @@ def test_evaluate_says_in_one_line_when_an_older_runs_recorded_accuracy_changes(
     run = tmp_path / "run"
     assert main(["train", "--data-dir", str(toy), "--model", "seed", "--epochs", "1", "--device", "cpu",
                  "--out", str(run), "--no-progress"]) == 0
-    metrics = json.loads((run / runs.METRICS).read_text())
+    metrics = json.loads((run / runfolder.METRICS).read_text())
     accuracy = metrics["test"]["accuracy"]
     del metrics["inference"]  # as a run scored before predictions were always fp32 recorded it
     metrics["test"]["accuracy"] = accuracy - 1 / 64  # one image predicted otherwise in bf16
-    durable.write_json(run / runs.METRICS, metrics)
+    durable.write_json(run / runfolder.METRICS, metrics)
     capsys.readouterr()
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert notes == [f"note: the test accuracy recorded before, {accuracy - 1 / 64:.4f}, was predicted in the "
                      f"precision the run trained in; every prediction is fp32 now, which gives {accuracy:.4f} "
                      "(metrics.json updated)"]
-    assert json.loads((run / runs.METRICS).read_text())["inference"] == "fp32"
+    assert json.loads((run / runfolder.METRICS).read_text())["inference"] == "fp32"
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0  # the file is current now: nothing to say
     assert "note:" not in capsys.readouterr().out

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convnet.arrayfiles import CIFAR_RECORD, parse_cifar, parse_idx, read_idx
-from convnet.errors import DataError
+from convnet.core.errors import DataError
+from convnet.data.arrayfiles import CIFAR_RECORD, parse_cifar, parse_idx, read_idx
 
 from .conftest import idx_bytes, write_idx
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet.arrays import array_batches, images_from_array, load_image
-from convnet.catalog import DATASETS
-from convnet.datatypes import InputSpec
-from convnet.errors import InputError
+from convnet.core.errors import InputError
+from convnet.data.arrays import array_batches, images_from_array, load_image
+from convnet.data.catalog import DATASETS
+from convnet.data.dataset import InputSpec
 
 FASHION = DATASETS["fashion-mnist"].spec  # grey 28x28, drawn light on black
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from convnet.augment import Draws, apply, augment, draw
+from convnet.training.augment import Draws, apply, augment, draw
 
 
 def random_translate(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from convnet.batcher import Batcher
+from convnet.use.batcher import Batcher
 
 
 def test_batcher_puts_concurrent_requests_in_one_batch() -> None:

@@ -3,10 +3,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from convnet.bench import format_bench, run_bench, time_to_accuracy
-from convnet.cli import main
-from convnet.engine import Engine
-from convnet.named import load_dataset
+from convnet.cli.parser import main
+from convnet.data.named import load_dataset
+from convnet.models.engine import Engine
+from convnet.tools.bench import format_bench, run_bench, time_to_accuracy
 
 
 def test_bench_measures_both_sides(toy_dir: Path) -> None:

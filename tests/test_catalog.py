@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import convnet.catalog as catalog
-from convnet.catalog import FASHION_MNIST, DataFile, NamedDataset, download_dataset
-from convnet.datatypes import to_float
-from convnet.errors import DataError
-from convnet.named import load_dataset
+import convnet.data.catalog as catalog
+from convnet.core.errors import DataError
+from convnet.data.catalog import FASHION_MNIST, DataFile, NamedDataset, download_dataset
+from convnet.data.dataset import to_float
+from convnet.data.named import load_dataset
 
 from .conftest import make_dataset_dir, write_idx
 
@@ -321,7 +321,7 @@ def test_cifar10_from_extracted_batches(tmp_path: Path) -> None:
 
 def test_datasets_command_lists_every_named_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from convnet.cli import main
+    from convnet.cli.parser import main
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert main(["datasets"]) == 0

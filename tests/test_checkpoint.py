@@ -14,14 +14,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from convnet.checkpoint import load_checkpoint, save_checkpoint
-from convnet.config import EpochRecord, TrainConfig
-from convnet.datatypes import InputSpec
-from convnet.engine import Engine
-from convnet.errors import RunError
-from convnet.models import create_model
-from convnet.training import make_optimizer
-from convnet.trainstate import EMA, TrainState
+from convnet.core.errors import RunError
+from convnet.data.dataset import InputSpec
+from convnet.models.engine import Engine
+from convnet.models.networks import create_model
+from convnet.training.checkpoint import load_checkpoint, save_checkpoint
+from convnet.training.config import EpochRecord, TrainConfig
+from convnet.training.loop import make_optimizer
+from convnet.training.state import EMA, TrainState
 
 SPEC = InputSpec(1, 12, 12, tuple("abc"))
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convnet import runs
-from convnet.cli import main
-from convnet.named import load_dataset
+from convnet.cli.parser import main
+from convnet.core import runfolder
+from convnet.data.named import load_dataset
 
 
 def convnet(*args: str) -> subprocess.CompletedProcess[str]:
@@ -39,11 +39,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_train_writes_a_complete_run_folder(trained: tuple[Path, Path]) -> None:
     _, run = trained
-    for name in (runs.CONFIG, runs.HISTORY, runs.WEIGHTS, runs.CHECKPOINT, runs.METRICS):
+    for name in (runfolder.CONFIG, runfolder.HISTORY, runfolder.WEIGHTS, runfolder.CHECKPOINT, runfolder.METRICS):
         assert (run / name).is_file(), name
-    config = json.loads((run / runs.CONFIG).read_text())
+    config = json.loads((run / runfolder.CONFIG).read_text())
     assert config["train"]["model"] == "seed" and config["data"]["subset"] == 200
-    history = json.loads((run / runs.HISTORY).read_text())
+    history = json.loads((run / runfolder.HISTORY).read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3] and all(h["images_per_s"] > 0 for h in history)
 
 
@@ -138,9 +138,9 @@ def test_weights_that_do_not_fit(trained: tuple[Path, Path], tmp_path: Path) -> 
     _, run = trained
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
-    config = json.loads((broken / runs.CONFIG).read_text())
+    config = json.loads((broken / runfolder.CONFIG).read_text())
     config["train"]["model"] = "fastnet"
-    (broken / runs.CONFIG).write_text(json.dumps(config))
+    (broken / runfolder.CONFIG).write_text(json.dumps(config))
     p = convnet("evaluate", "--device", "cpu", str(broken))
     assert p.returncode == 1 and "do not fit" in p.stderr and "Traceback" not in p.stderr
 
@@ -158,7 +158,7 @@ def test_pickle_where_weights_belong_is_refused_unrun(trained: tuple[Path, Path]
         def __reduce__(self):  # type: ignore[no-untyped-def]
             return (open, (str(marker), "w"))
 
-    (evil / runs.WEIGHTS).write_bytes(pickle.dumps(Payload()))
+    (evil / runfolder.WEIGHTS).write_bytes(pickle.dumps(Payload()))
     p = convnet("predict", "--device", "cpu", str(evil), str(tmp_path))
     assert p.returncode == 1 and "safetensors" in p.stderr
     assert not marker.exists(), "loading the weights ran code from the file"
@@ -170,7 +170,7 @@ def test_a_faithful_run_is_scored_with_the_tutorials_arithmetic(tmp_path: Path, 
     never the fast one."""
     import importlib
 
-    from convnet.engine import Engine
+    from convnet.models.engine import Engine
 
     predict_module, evaluate_module = (importlib.import_module(f"convnet.{m}") for m in ("loadrun", "evaluation"))
 
@@ -190,7 +190,7 @@ def test_a_faithful_run_is_scored_with_the_tutorials_arithmetic(tmp_path: Path, 
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
     assert main(["evaluate", "--device", "cpu", str(run)]) == 0
     assert main(["predict", "--device", "cpu", str(run), str(png)]) == 0
-    (run / runs.METRICS).unlink()  # so that report scores the run again
+    (run / runfolder.METRICS).unlink()  # so that report scores the run again
     assert main(["report", "--device", "cpu", str(run), "-o", str(tmp_path / "r.html")]) == 0
     assert len(engines) >= 5, engines  # both splits twice (evaluate, report) and the image
     assert all(e == Engine.faithful() for e in engines), engines
@@ -218,8 +218,8 @@ def test_a_target_accuracy_run_reuses_its_last_test_measurement(tmp_path: Path, 
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "Train Accuracy : not measured (a --target-accuracy run" in out, out
-    metrics = json.loads((run / runs.METRICS).read_text())
-    history = json.loads((run / runs.HISTORY).read_text())
+    metrics = json.loads((run / runfolder.METRICS).read_text())
+    history = json.loads((run / runfolder.HISTORY).read_text())
     assert metrics["train"]["accuracy"] is None
     assert metrics["test"]["accuracy"] == pytest.approx(history[-1]["test_accuracy"])
     assert metrics["test"]["accuracy"] >= 0.5 and len(history) < 30
@@ -231,29 +231,29 @@ def test_a_target_accuracy_run_reuses_its_last_test_measurement(tmp_path: Path, 
 def test_a_small_data_set_is_trained_sized_and_says_so(tmp_path: Path, toy_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    import convnet.recipes
+    import convnet.training.recipes
 
-    monkeypatch.setattr(convnet.recipes, "SIZED_IMAGES", 1_000)  # small, so that the test is quick
+    monkeypatch.setattr(convnet.training.recipes, "SIZED_IMAGES", 1_000)  # small, so that the test is quick
     run = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--subset", "100", "--model", "seed",
                  "--out", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "passes over" in line)
     assert line.startswith("24 epochs of 10 passes over 100 images (192 steps of 128): sized to the data"), line
-    history = json.loads((run / runs.HISTORY).read_text())
+    history = json.loads((run / runfolder.HISTORY).read_text())
     assert len(history) == 24 and history[0]["images_per_s"] > 0
-    config = json.loads((run / runs.CONFIG).read_text())["train"]
+    config = json.loads((run / runfolder.CONFIG).read_text())["train"]
     assert config["repeats"] == 10 and config["epochs"] == 24  # recorded: --resume goes on the same way
     assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--subset", "100", "--model", "seed",
                  "--epochs", "2", "--out", str(tmp_path / "given"), "--no-progress"]) == 0
     assert "passes over" not in capsys.readouterr().out
-    assert json.loads((tmp_path / "given" / runs.CONFIG).read_text())["train"]["repeats"] == 1
+    assert json.loads((tmp_path / "given" / runfolder.CONFIG).read_text())["train"]["repeats"] == 1
 
 
 def test_models_lists_every_model_with_its_size_and_speed(capsys: pytest.CaptureFixture[str]) -> None:
     """The listing knows each model's size without building it (tests/test_models.py checks the counts);
     --speed builds and times them."""
-    from convnet.models import list_models
+    from convnet.models.networks import list_models
 
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -285,5 +285,5 @@ def test_imbalanced_classes_are_named_in_one_line_with_both_remedies(tmp_path: P
     for remedy in (["--class-weight", "balanced"], ["--sampler", "balanced"]):
         assert main([*args, *remedy, "--out", str(tmp_path / remedy[0].strip("-"))]) == 0
         assert "convnet: imbalanced" not in capsys.readouterr().out
-        config = json.loads((tmp_path / remedy[0].strip("-") / runs.CONFIG).read_text())["train"]
+        config = json.loads((tmp_path / remedy[0].strip("-") / runfolder.CONFIG).read_text())["train"]
         assert config[remedy[0].strip("-").replace("-", "_")] == "balanced"

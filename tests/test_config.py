@@ -10,9 +10,9 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from convnet.config import TrainConfig, check_config, lr_at
-from convnet.errors import ConvnetError, RunError
-from convnet.recipes import RECIPES, recipe, resolve_config
+from convnet.core.errors import ConvnetError, RunError
+from convnet.training.config import TrainConfig, check_config, lr_at
+from convnet.training.recipes import RECIPES, recipe, resolve_config
 
 
 def test_a_config_comes_back_from_its_json_unchanged() -> None:
@@ -95,7 +95,7 @@ def test_config_from_dict_checks_types() -> None:
 
 
 def test_small_data_is_repeated_to_the_sized_number_of_images_per_epoch() -> None:
-    from convnet.recipes import SIZED_IMAGES, size_to_data
+    from convnet.training.recipes import SIZED_IMAGES, size_to_data
 
     cpu = recipe("cpu")
     for images, repeats in ((100, SIZED_IMAGES // 100), (1_000, SIZED_IMAGES // 1_000), (60_000, 1),
@@ -110,7 +110,7 @@ def test_small_data_is_repeated_to_the_sized_number_of_images_per_epoch() -> Non
 
 
 def test_sizing_leaves_given_epochs_the_tutorial_and_faithful_runs_as_they_were() -> None:
-    from convnet.recipes import SIZED_IMAGES, resolve_run
+    from convnet.training.recipes import SIZED_IMAGES, resolve_run
 
     def repeats(recipe_name: str | None, overrides: dict[str, object], faithful: bool = False) -> int:
         config, _ = resolve_run(recipe_name, {**overrides, "faithful": faithful}, device_type="cpu", hflip=True,
@@ -124,7 +124,7 @@ def test_sizing_leaves_given_epochs_the_tutorial_and_faithful_runs_as_they_were(
 
 
 def test_fine_tuning_freezes_an_eighth_of_the_epochs_and_never_all() -> None:
-    from convnet.recipes import fine_tune_defaults
+    from convnet.training.recipes import fine_tune_defaults
 
     assert [fine_tune_defaults(e)["freeze_epochs"] for e in (24, 12, 8, 3, 2, 1)] == [3, 2, 1, 1, 1, 0]
     assert fine_tune_defaults(24)["body_lr"] == 0.1

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from convnet.datatypes import InputSpec, batches
-from convnet.errors import RunError
+from convnet.core.errors import RunError
+from convnet.data.dataset import InputSpec, batches
 
 
 def test_batches_cover_everything() -> None:

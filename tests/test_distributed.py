@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from convnet import durable, runs
+from convnet.core import durable, runfolder
 
 from .conftest import make_dataset_dir
 
@@ -50,16 +50,16 @@ def test_two_processes_match_one(tmp_path: Path, resume: bool, single: tuple[Pat
     if resume:  # stop after the first epoch, then continue under torchrun
         first = _run([*torchrun, *[c if c != "3" else "1" for c in common], "--out", str(tmp_path / "multi")], work)
         assert first.returncode == 0, first.stderr
-        config = runs.read_json(tmp_path / "multi" / runs.CONFIG)
+        config = runfolder.read_json(tmp_path / "multi" / runfolder.CONFIG)
         config["train"]["epochs"] = 3
-        durable.write_json(tmp_path / "multi" / runs.CONFIG, config)
+        durable.write_json(tmp_path / "multi" / runfolder.CONFIG, config)
         multi = _run([*torchrun, "train", "--resume", str(tmp_path / "multi"), "--device", "cpu", "--no-progress"],
                      work)
     else:
         multi = _run([*torchrun, *common, "--out", str(tmp_path / "multi")], work)
     assert multi.returncode == 0, multi.stderr
-    a = runs.load_tensors(reference / runs.WEIGHTS)
-    b = runs.load_tensors(tmp_path / "multi" / runs.WEIGHTS)
+    a = runfolder.load_tensors(reference / runfolder.WEIGHTS)
+    b = runfolder.load_tensors(tmp_path / "multi" / runfolder.WEIGHTS)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
@@ -67,5 +67,5 @@ def test_two_processes_match_one(tmp_path: Path, resume: bool, single: tuple[Pat
     assert multi.stdout.count("Test  Accuracy") == 1
     assert multi.stdout.count("Categorical Cross Entropy") == (2 if resume else 3)
     assert not list(work.iterdir()), "a second process wrote files"
-    assert len(runs.read_json(tmp_path / "multi" / runs.HISTORY)) == 3
-    assert runs.read_json(tmp_path / "multi" / runs.CONFIG)["engine"]["processes"] == 2
+    assert len(runfolder.read_json(tmp_path / "multi" / runfolder.HISTORY)) == 3
+    assert runfolder.read_json(tmp_path / "multi" / runfolder.CONFIG)["engine"]["processes"] == 2

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convnet import engine as engine_module
-from convnet.engine import Engine, StepRunner, make_engine, resolve_device, single_process
-from convnet.errors import ConvnetError
+from convnet.core.errors import ConvnetError
+from convnet.models import engine as engine_module
+from convnet.models.engine import Engine, StepRunner, make_engine, resolve_device, single_process
 
 
 def test_a_device_is_resolved_once_and_a_wrong_one_named() -> None:

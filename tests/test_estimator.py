@@ -29,8 +29,8 @@ from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import convnet
-from convnet import runs
-from convnet.errors import ConvnetError, InputError
+from convnet.core import runfolder
+from convnet.core.errors import ConvnetError, InputError
 from convnet.estimator import ConvNetClassifier
 
 FAST = dict(model="seed", recipe="tutorial", epochs=3, batch_size=32, hflip=False, device="cpu", verbose=0,
@@ -236,23 +236,42 @@ def test_pickle_keeps_the_weights_as_safetensors(fitted: ConvNetClassifier,
     assert np.array_equal(back.classes_, fitted.classes_)
 
 
+def test_a_pickle_names_no_convnet_class_but_the_estimator_and_an_older_one_still_loads(
+        fitted: ConvNetClassifier, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """The settings and input spec travel as plain data; a pickle made before the modules moved into packages (it
+    names convnet.config.TrainConfig and convnet.datatypes.InputSpec) finds them where they went."""
+    text = pickle.dumps(fitted, protocol=0)
+    assert text.count(b"cconvnet.") == text.count(b"cconvnet.estimator\nConvNetClassifier") >= 1
+    older = {**fitted.__getstate__(), "config_": fitted.config_, "input_spec_": fitted.input_spec_}
+    blob = pickle.dumps(older, protocol=0)  # protocol 0 names classes as text: renamed as an older version named them
+    for new, old in ((b"cconvnet.training.config\n", b"cconvnet.config\n"),
+                     (b"cconvnet.core.inputspec\n", b"cconvnet.datatypes\n")):
+        assert new in blob
+        blob = blob.replace(new, old)
+    back = ConvNetClassifier.__new__(ConvNetClassifier)
+    back.__setstate__(pickle.loads(blob))
+    assert back.config_ == fitted.config_ and back.input_spec_ == fitted.input_spec_
+    X = digits[0][900:950]
+    assert np.array_equal(back.predict_proba(X), fitted.predict_proba(X))
+
+
 def test_save_load_and_the_command_line(digits: tuple[np.ndarray, np.ndarray], tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """Saved with held-out images: they are kept in the run folder, and every command uses them."""
-    from convnet.cli import main
+    from convnet.cli.parser import main
 
     X, y = digits
     clf = ConvNetClassifier(**FAST).fit(X[:400], y[:400] + 3)  # labels 3..12
     run = clf.save(tmp_path / "run", X[400:600], y[400:600] + 3)
-    config = runs.read_json(run / runs.CONFIG)
+    config = runfolder.read_json(run / runfolder.CONFIG)
     assert config["input"] == clf.input_spec_.to_json() and config["data"]["name"] == "arrays"
     assert config["estimator"]["classes"] == list(range(3, 13)) and config["estimator"]["params"]["lr"] is None
     assert (config["data"]["train_images"], config["data"]["test_images"]) == (400, 200)
-    assert config["data"]["test_data"] == runs.TEST_DATA
-    kept = runs.load_tensors(run / runs.TEST_DATA)  # safetensors: reading it runs no code
+    assert config["data"]["test_data"] == runfolder.TEST_DATA
+    kept = runfolder.load_tensors(run / runfolder.TEST_DATA)  # safetensors: reading it runs no code
     assert kept["images"].dtype == torch.uint8 and kept["images"].shape == (200, 1, 8, 8)
     assert kept["labels"].tolist() == y[400:600].tolist()  # class indices: labels 3..12 are 0..9
-    metrics = runs.read_json(run / runs.METRICS)
+    metrics = runfolder.read_json(run / runfolder.METRICS)
     accuracy = clf.score(X[400:600], y[400:600] + 3)
     assert metrics["test"]["accuracy"] == pytest.approx(accuracy, abs=0.01)
     assert all((run / "plots" / f"{name}.png").is_file() for name in ("history", "confusion_matrix", "mistakes"))
@@ -288,35 +307,35 @@ def test_save_load_and_the_command_line(digits: tuple[np.ndarray, np.ndarray], t
 def test_export_checks_parity_on_the_kept_images(fitted: ConvNetClassifier, digits: tuple[np.ndarray, np.ndarray],
                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("onnxruntime")
-    from convnet.cli import main
+    from convnet.cli.parser import main
 
     X, y = digits
     names = np.array([f"digit {v}" for v in y])
     run = fitted.save(tmp_path / "run", X[600:700], names[600:700])
     assert main(["export", str(run)]) == 0
-    parity = runs.read_json(run / "model.parity.json")
+    parity = runfolder.read_json(run / "model.parity.json")
     assert parity["images"] == 100 and parity["label_agreement"] == 1.0
     capsys.readouterr()
     assert main(["evaluate", "--json", str(run / "model.onnx")]) == 0  # the kept images beside the .onnx file
     accuracy = json.loads(capsys.readouterr().out)["test"]["accuracy"]
     assert accuracy == pytest.approx(fitted.score(X[600:700], names[600:700]), abs=0.01)
 
-    runs.save_tensors(run / runs.TEST_DATA, {"images": torch.zeros(3, 1, 10, 10, dtype=torch.uint8),
+    runfolder.save_tensors(run / runfolder.TEST_DATA, {"images": torch.zeros(3, 1, 10, 10, dtype=torch.uint8),
                                              "labels": torch.zeros(3, dtype=torch.int64)})
     assert main(["export", str(run)]) == 1
     err = capsys.readouterr().err
-    assert f"{runs.TEST_DATA}: not uint8 images (1, 8, 8)" in err and err.count("\n") == 1, err
-    (run / runs.TEST_DATA).write_bytes(pickle.dumps({"images": X[:3]}))  # a pickle is refused unread
+    assert f"{runfolder.TEST_DATA}: not uint8 images (1, 8, 8)" in err and err.count("\n") == 1, err
+    (run / runfolder.TEST_DATA).write_bytes(pickle.dumps({"images": X[:3]}))  # a pickle is refused unread
     assert main(["evaluate", "--device", "cpu", str(run)]) == 1
     assert "not a valid safetensors file" in capsys.readouterr().err
 
 
 def test_load_a_convnet_train_run(toy_dir: Path, tmp_path: Path) -> None:
-    from convnet.trainrun import data_record
+    from convnet.training.run import data_record
 
     data = convnet.load_dataset("fashion-mnist", toy_dir)
     config = convnet.TrainConfig(model="seed", optimizer="adam", epochs=1, batch_size=64, seed=7)
-    run = runs.new_run_dir(tmp_path / "run", "x")
+    run = runfolder.new_run_dir(tmp_path / "run", "x")
     convnet.train(config, data.train, data.spec, run_dir=run, data_record=data_record(data))
     clf = ConvNetClassifier.load(run, device="cpu")
     assert (clf.model, clf.optimizer, clf.epochs, clf.random_state) == ("seed", "adam", 1, 7)
@@ -335,13 +354,14 @@ def test_serving_a_saved_estimator(fitted: ConvNetClassifier, digits: tuple[np.n
     X_test, y_test to save()."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("fastapi")
-    from convnet.cli import main
-    from convnet.loadtest import multipart_body, start_server, stop_server
+    from convnet.cli.parser import main
+    from convnet.use.loadtest import multipart_body, start_server, stop_server
 
     from .test_serve import _post
 
     run = fitted.save(tmp_path / "run")
-    assert "test_data" not in runs.read_json(run / runs.CONFIG)["data"] and not (run / runs.TEST_DATA).exists()
+    assert "test_data" not in runfolder.read_json(run / runfolder.CONFIG)["data"]
+    assert not (run / runfolder.TEST_DATA).exists()
     png = tmp_path / "digit.png"
     Image.fromarray(np.rint(digits[0][900] * 255).astype(np.uint8)).save(png)
     expected = fitted.predict([png])[0]
@@ -433,10 +453,10 @@ def test_docs_list_the_checks_that_cannot_pass() -> None:
 
 def test_the_estimator_sizes_training_and_fine_tunes_as_the_command_line_does(
         digits: tuple[np.ndarray, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import convnet.recipes
+    import convnet.training.recipes
 
     X, y = digits
-    monkeypatch.setattr(convnet.recipes, "SIZED_IMAGES", 600)  # small, so that the test is quick
+    monkeypatch.setattr(convnet.training.recipes, "SIZED_IMAGES", 600)  # small, so that the test is quick
     clf = ConvNetClassifier(model="fastnet", hflip=False, device="cpu", verbose=0, random_state=0)
     clf.fit(X[:100], y[:100])
     assert clf.config_.repeats == 6 and clf.config_.epochs == convnet.RECIPES["cpu"].epochs  # epochs not given: sized

@@ -11,12 +11,12 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from convnet.datatypes import Dataset, InputSpec, Split
-from convnet.engine import Engine
-from convnet.errors import InputError
-from convnet.evaluation import Evaluation, evaluate, score_splits
-from convnet.inference import infer
-from convnet.models import create_model
+from convnet.core.errors import InputError
+from convnet.data.dataset import Dataset, InputSpec, Split
+from convnet.models.engine import Engine
+from convnet.models.inference import infer
+from convnet.models.networks import create_model
+from convnet.trust.evaluation import Evaluation, evaluate, score_splits
 
 SPEC = InputSpec(1, 10, 10, ("a", "b", "c"))
 

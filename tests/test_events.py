@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from convnet import runs
-from convnet.config import TrainConfig
-from convnet.datatypes import InputSpec, Split
-from convnet.errors import ConvnetError
-from convnet.events import ConsolePrinter, EventList, RunWriter, StopAtAccuracy, TrainEvents
-from convnet.training import train
-from convnet.trainstate import TrainState
+from convnet.core import runfolder
+from convnet.core.errors import ConvnetError
+from convnet.data.dataset import InputSpec, Split
+from convnet.training.config import TrainConfig
+from convnet.training.events import ConsolePrinter, EventList, RunWriter, StopAtAccuracy, TrainEvents
+from convnet.training.loop import train
+from convnet.training.state import TrainState
 
 SPEC = InputSpec(1, 12, 12, ("dark", "light"))
 
@@ -90,8 +90,8 @@ def test_the_run_writer_keeps_history_and_checkpoint_current(tmp_path: Path) -> 
     log: list[str] = []
     result = train(TrainConfig(model="seed", epochs=2, batch_size=16), _split(32, 0), SPEC, run_dir=tmp_path,
                    events=EventList(Recorder(log, "x")))
-    history = json.loads((tmp_path / runs.HISTORY).read_text())
+    history = json.loads((tmp_path / runfolder.HISTORY).read_text())
     assert [h["loss"] for h in history] == [r.loss for r in result.history]  # the records, read back
-    assert (tmp_path / runs.CHECKPOINT).is_file() and (tmp_path / runs.WEIGHTS).is_file()
+    assert (tmp_path / runfolder.CHECKPOINT).is_file() and (tmp_path / runfolder.WEIGHTS).is_file()
     assert log[-1] == "x end"
     assert isinstance(RunWriter(tmp_path), TrainEvents)

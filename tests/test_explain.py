@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from convnet.config import TrainConfig
-from convnet.datatypes import InputSpec, Split
-from convnet.explain import heat_maps, overlay
-from convnet.models import create_model
-from convnet.training import train
+from convnet.data.dataset import InputSpec, Split
+from convnet.models.networks import create_model
+from convnet.training.config import TrainConfig
+from convnet.training.loop import train
+from convnet.use.explain import heat_maps, overlay
 
 SPEC = InputSpec(channels=1, height=28, width=28, classes=("top left", "top right", "bottom left", "bottom right"),
                  hflip=False)
@@ -78,7 +78,7 @@ def test_an_overlay_is_the_image_where_there_is_no_evidence() -> None:
 
 def test_predict_explain_writes_a_picture_per_image_and_refuses_an_onnx_file(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from convnet.cli import main
+    from convnet.cli.parser import main
 
     from .conftest import make_dataset_dir
 

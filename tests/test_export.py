@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet import durable, runs
-from convnet.cli import main
-from convnet.engine import Engine
-from convnet.export import MAX_PROBABILITY_DIFFERENCE, export_run, parity_path
-from convnet.inference import infer
-from convnet.loadrun import load_model
-from convnet.models import create_model, list_models
-from convnet.named import load_dataset
-from convnet.onnxfile import open_onnx
+from convnet.cli.parser import main
+from convnet.core import durable, runfolder
+from convnet.data.named import load_dataset
+from convnet.models.engine import Engine
+from convnet.models.inference import infer
+from convnet.models.networks import create_model, list_models
+from convnet.use.export import MAX_PROBABILITY_DIFFERENCE, export_run, parity_path
+from convnet.use.loadrun import load_model
+from convnet.use.onnxfile import open_onnx
 
 from .conftest import make_dataset_dir
 
@@ -44,11 +44,11 @@ def untrained_run(folder: Path, model_name: str, data: Path, *, tta: bool) -> Pa
             m.running_var.uniform_(0.5, 2.0)
     spec = {"channels": 1, "height": 28, "width": 28, "classes": CLASSES, "dark_background": True, "hflip": True,
             "scale": 1 / 255}
-    durable.write_json(folder / runs.CONFIG, {
+    durable.write_json(folder / runfolder.CONFIG, {
         "train": {"model": model_name, "tta": tta, "faithful": False}, "input": spec,
         "data": {"name": "fashion-mnist", "source": str(data), "subset": None, "kind": "named", "classes": CLASSES,
                  "image_shape": [1, 28, 28]}})
-    runs.save_tensors(folder / runs.WEIGHTS, model.state_dict())
+    runfolder.save_tensors(folder / runfolder.WEIGHTS, model.state_dict())
     return folder
 
 
@@ -80,7 +80,7 @@ def test_every_registered_model_exports_with_parity(model_name: str, toy: Path, 
 
 def test_a_model_that_fails_parity_is_not_written(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    import convnet.export as export
+    import convnet.use.export as export
 
     run = untrained_run(tmp_path / "run", "seed", toy, tta=False)
     original = export.export_model
@@ -130,24 +130,24 @@ def test_scores_that_are_not_an_object_stop_the_export_naming_the_file(
     """A metrics.json edited into another shape is named, with how to rewrite it, before
     anything is exported (as a metrics.json that is not JSON at all)."""
     run = untrained_run(tmp_path / "run", "seed", toy, tta=False)
-    durable.write_json(run / runs.METRICS, metrics)
+    durable.write_json(run / runfolder.METRICS, metrics)
     assert main(["export", str(run)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"convnet: error: {run / runs.METRICS}: not the scores `convnet evaluate` writes")
+    assert err.startswith(f"convnet: error: {run / runfolder.METRICS}: not the scores `convnet evaluate` writes")
     assert found in err and f"run `convnet evaluate {run}` again" in err and err.count("\n") == 1
     assert not (run / "model.onnx").exists()
 
 
 def test_a_recorded_accuracy_is_used_only_when_it_is_one(toy: Path, tmp_path: Path) -> None:
-    from convnet.export import recorded_accuracy
+    from convnet.use.export import recorded_accuracy
 
     run = untrained_run(tmp_path / "run", "seed", toy, tta=False)
-    assert recorded_accuracy(runs.open_run(run)) is None  # no metrics.json: the accuracy measured at export
+    assert recorded_accuracy(runfolder.open_run(run)) is None  # no metrics.json: the accuracy measured at export
     for test, expected in (({"accuracy": 0.75}, 0.75), ({"accuracy": 1}, 1.0), ({"accuracy": float("nan")}, None),
                            ({"accuracy": 7.5}, None), ({"accuracy": True}, None), ({"accuracy": "0.9"}, None),
                            ({}, None)):
-        durable.write_json(run / runs.METRICS, {"test": test})
-        assert recorded_accuracy(runs.open_run(run)) == expected, test
+        durable.write_json(run / runfolder.METRICS, {"test": test})
+        assert recorded_accuracy(runfolder.open_run(run)) == expected, test
 
 
 def tiny_onnx(path: Path, *, input_shape: tuple = ("N", 1, 2, 1), reshape: tuple = (-1, 2),
@@ -202,7 +202,7 @@ def test_a_damaged_onnx_file_is_refused_in_one_line(changes: dict, message: str,
 
 def test_onnx_metadata_that_is_not_utf8_and_a_model_failing_at_run_time(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from convnet.errors import RunError
+    from convnet.core.errors import RunError
 
     path = tiny_onnx(tmp_path / "m.onnx", metadata={"convnet.model": "QQQQQQQQ"})
     path.write_bytes(path.read_bytes().replace(b"QQQQQQQQ", b"\xff\xfe\xfd\xfcQQQQ"))
@@ -293,7 +293,7 @@ def test_colour_folder_run_exports_and_evaluates_from_its_metadata(tmp_path: Pat
     onnx = open_onnx(out)
     assert onnx.spec.channels == 3 and (onnx.spec.height, onnx.spec.width) == (14, 18)
     assert json.loads(onnx.metadata["convnet.split"]).keys() == {"train", "test"}
-    (run / runs.SPLIT).rename(tmp_path / "split-moved.json")  # the file must not need its run folder
+    (run / runfolder.SPLIT).rename(tmp_path / "split-moved.json")  # the file must not need its run folder
     assert main(["evaluate", str(out), "--json"]) == 0
     onnx_scores = json.loads(capsys.readouterr().out)
     assert onnx_scores["test"]["accuracy"] == pytest.approx(run_scores["test"]["accuracy"], abs=1e-9)

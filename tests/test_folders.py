@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet import runs
-from convnet.cli import main
-from convnet.data import load_data
-from convnet.dataoptions import DataOptions, parse_image_size
-from convnet.errors import DataError
-from convnet.folderscan import scan_folder
-from convnet.imagefiles import default_size
+from convnet.cli.parser import main
+from convnet.core import runfolder
+from convnet.core.errors import DataError
+from convnet.data.folderscan import scan_folder
+from convnet.data.imagefiles import default_size
+from convnet.data.load import load_data
+from convnet.data.options import DataOptions, parse_image_size
 
 
 def convnet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -181,10 +181,10 @@ def test_skip_bad_images_trains_and_lists_them(tmp_path: Path, cache: Path) -> N
                 env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert p.returncode == 0, p.stderr
     assert "left out 1 image that cannot be decoded" in p.stdout
-    assert (out / runs.SKIPPED).read_text() == "blue/broken.png\n"
-    config = json.loads((out / runs.CONFIG).read_text())
+    assert (out / runfolder.SKIPPED).read_text() == "blue/broken.png\n"
+    config = json.loads((out / runfolder.CONFIG).read_text())
     assert config["input"]["channels"] == 3 and (config["input"]["height"], config["input"]["width"]) == (20, 20)
-    split = json.loads((out / runs.SPLIT).read_text())
+    split = json.loads((out / runfolder.SPLIT).read_text())
     assert len(split["train"]) + len(split["test"]) == 11 and "blue/broken.png" not in split["train"] + split["test"]
 
 
@@ -262,8 +262,8 @@ def test_colour_is_kept_where_it_is_the_only_cue(tmp_path: Path, cache: Path) ->
                 "fastnet", "--optimizer", "adam", "--lr", "0.003", "--epochs", "15", "--batch-size", "16",
                 "--no-progress"]
         assert main(args + ([] if channels == "auto" else ["--channels", channels])) == 0
-        config = json.loads((out / runs.CONFIG).read_text())
-        accuracy = json.loads((out / runs.METRICS).read_text())["test"]["accuracy"]
+        config = json.loads((out / runfolder.CONFIG).read_text())
+        accuracy = json.loads((out / runfolder.METRICS).read_text())["test"]["accuracy"]
         scores[channels] = (config["input"]["channels"], accuracy)
     assert scores["auto"][0] == 3 and scores["auto"][1] >= 0.95, scores
     assert scores["1"][0] == 1 and scores["1"][1] <= 0.75, scores
@@ -276,7 +276,7 @@ def test_evaluate_gives_the_same_numbers_from_the_recorded_split(tmp_path: Path,
     assert main(["train", "--device", "cpu",
                  "--data", str(root), "--out", str(out), "--recipe", "tutorial", "--model", "fastnet",
                  "--epochs", "3", "--batch-size", "8", "--no-progress"]) == 0
-    trained = json.loads((out / runs.METRICS).read_text())
+    trained = json.loads((out / runfolder.METRICS).read_text())
     capsys.readouterr()
     assert main(["evaluate", "--device", "cpu", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == trained
@@ -284,7 +284,7 @@ def test_evaluate_gives_the_same_numbers_from_the_recorded_split(tmp_path: Path,
     Image.fromarray(_blocks(0, 1, seed=9)[0]).save(root / "b" / "late.png")  # the folder grows afterwards
     assert main(["evaluate", "--device", "cpu", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == trained
-    (root / json.loads((out / runs.SPLIT).read_text())["test"][0]).unlink()
+    (root / json.loads((out / runfolder.SPLIT).read_text())["test"][0]).unlink()
     assert main(["evaluate", "--device", "cpu", str(out)]) == 1
     assert "of the run's test split is gone" in capsys.readouterr().err
 
@@ -312,8 +312,8 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
             img[..., label] = 255  # the class in one channel
             Image.fromarray(img, "RGB").save(root / str(label) / f"{i}.png", compress_level=0)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    build = subprocess.run([sys.executable, "-c", "from convnet.data import load_data; "
-                            "from convnet.dataoptions import DataOptions; "
+    build = subprocess.run([sys.executable, "-c", "from convnet.data.load import load_data; "
+                            "from convnet.data.options import DataOptions; "
                             f"load_data(DataOptions(folder={str(root)!r}, memory_budget_mb=0), progress=False)"],
                            capture_output=True, text=True, timeout=600, env=env)  # the cache, decoded once
     assert build.returncode == 0, build.stderr
@@ -327,10 +327,10 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
             "import tracemalloc\n"
             "import sklearn.model_selection, torch\n"
             "from torch import nn\n"
-            "from convnet.config import TrainRequest\n"
-            "from convnet.experiment import run_training\n"
-            "from convnet.dataoptions import DataOptions\n"
-            "from convnet.models import register_model\n"
+            "from convnet.training.config import TrainRequest\n"
+            "from convnet.tools.experiment import run_training\n"
+            "from convnet.data.options import DataOptions\n"
+            "from convnet.models.networks import register_model\n"
             "torch.optim.SGD([nn.Parameter(torch.zeros(1))])  # the optimizer's first use imports torch._dynamo\n"
             "tracemalloc.start()  # after the imports: tracing them takes ten times as long, and they hold no images\n"
             "register_model('tiny', 'a test model')(lambda k, c, size: nn.Sequential(\n"
@@ -347,9 +347,9 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
         held[budget] = int(p.stdout.split("HELD")[-1].split()[0]) / 2**20  # MiB
         assert ("a batch at a time" in p.stdout) == (budget == "2"), p.stdout
         assert "decoded" not in p.stdout, p.stdout  # both read the cache built above
-        metrics = json.loads((tmp_path / budget / runs.METRICS).read_text())
+        metrics = json.loads((tmp_path / budget / runfolder.METRICS).read_text())
         assert metrics["train"]["accuracy"] > 0.9, metrics["train"]  # every image was read: the class is learnt
-        data = json.loads((tmp_path / budget / runs.CONFIG).read_text())["data"]
+        data = json.loads((tmp_path / budget / runfolder.CONFIG).read_text())["data"]
         assert (data["train_images"], data["test_images"]) == (1.6 * PER_CLASS, 0.4 * PER_CLASS), data  # no subset
     cache_mib = 2 * PER_CLASS * 3 * 64 * 64 / 2**20  # 23 MiB
     # what streaming saves is the images themselves: in memory the peak holds them all; streamed, it holds a
@@ -378,7 +378,7 @@ def test_real_digits_reach_95_percent(tmp_path: Path) -> None:
     p = convnet("train", "--device", "cpu", "--data", str(root), "--no-hflip", "--out", str(out), "--no-progress",
                 env=env)
     assert p.returncode == 0, p.stderr
-    metrics = json.loads((out / runs.METRICS).read_text())
+    metrics = json.loads((out / runfolder.METRICS).read_text())
     assert metrics["test"]["accuracy"] >= 0.95, metrics["test"]["accuracy"]
     assert sum(metrics["test"]["report"][n]["support"] for n in names) == 360  # the carved 20 %
     sample = root / "seven" / sorted(os.listdir(root / "seven"))[0]
@@ -419,7 +419,7 @@ def test_no_hflip_leaves_the_recipes_flips_out(tmp_path: Path, cache: Path) -> N
     out = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--data", str(root), "--no-hflip", "--epochs", "1", "--out", str(out),
                  "--no-progress"]) == 0
-    config = json.loads((out / runs.CONFIG).read_text())
+    config = json.loads((out / runfolder.CONFIG).read_text())
     assert config["train"]["augment"] == "translate" and config["train"]["tta"] is False  # the cpu recipe's, less flips
     assert config["input"]["hflip"] is False
 

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from convnet.arrayfiles import parse_idx, read_idx
-from convnet.arrays import images_from_array
-from convnet.catalog import DATASETS
-from convnet.errors import DataError, InputError
-from convnet.inputfiles import input_batches, load_input
+from convnet.core.errors import DataError, InputError
+from convnet.data.arrayfiles import parse_idx, read_idx
+from convnet.data.arrays import images_from_array
+from convnet.data.catalog import DATASETS
+from convnet.data.inputfiles import input_batches, load_input
 
 from .conftest import idx_bytes
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from convnet import runs
-from convnet.config import TrainConfig
-from convnet.engine import Engine, StepRunner
-from convnet.events import TrainEvents
-from convnet.named import load_dataset
-from convnet.training import train
-from convnet.trainrun import data_record, resume
-from convnet.trainstate import TrainState
+from convnet.core import runfolder
+from convnet.data.named import load_dataset
+from convnet.models.engine import Engine, StepRunner
+from convnet.training.config import TrainConfig
+from convnet.training.events import TrainEvents
+from convnet.training.loop import train
+from convnet.training.run import data_record, resume
+from convnet.training.state import TrainState
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -118,9 +118,9 @@ def test_resume_on_the_gpu(toy_dir: Path, tmp_path: Path) -> None:
     ds = load_dataset("fashion-mnist", toy_dir)
     engine = Engine.fast(torch.device("cuda"))
     config = replace(FULL, optimizer="adam", lr=1e-3, momentum=0.0, nesterov=False)
-    whole = train(config, ds.train, ds.spec, engine=engine, run_dir=runs.new_run_dir(tmp_path / "whole", "x"),
+    whole = train(config, ds.train, ds.spec, engine=engine, run_dir=runfolder.new_run_dir(tmp_path / "whole", "x"),
                   data_record=data_record(ds))
-    part = runs.new_run_dir(tmp_path / "part", "x")
+    part = runfolder.new_run_dir(tmp_path / "part", "x")
     train(config, ds.train, ds.spec, engine=engine, run_dir=part, events=_StopAfter(1), data_record=data_record(ds))
     resumed = resume(part, engine=engine, data_dir=toy_dir)
     assert [r.epoch for r in resumed.history] == [1, 2, 3] and resumed.graphed
@@ -135,13 +135,13 @@ def test_train_predict_evaluate_bench_on_cuda(toy_dir: Path, tmp_path: Path) -> 
     p = convnet("train", "--device", "cuda", "--data-dir", str(toy_dir), "--epochs", "2", "--batch-size", "64",
                 "--out", str(run), "--no-progress")
     assert p.returncode == 0, p.stderr
-    config = json.loads((run / runs.CONFIG).read_text())
+    config = json.loads((run / runfolder.CONFIG).read_text())
     assert config["engine"]["cuda_graphs"] and "NVIDIA" in config["engine"]["device"]
     assert config["train"]["model"] == "airnet"  # the gpu recipe
     p = convnet("evaluate", "--device", "cuda", str(run), "--json")
     assert p.returncode == 0, p.stderr
     ev = json.loads(p.stdout)
-    assert ev == json.loads((run / runs.METRICS).read_text())
+    assert ev == json.loads((run / runfolder.METRICS).read_text())
     np_path = tmp_path / "x.npy"
     import numpy as np
 
@@ -170,7 +170,7 @@ def test_torchrun_with_nccl_matches_one_process(tmp_path: Path) -> None:
                             "-m", "convnet", *common, "--out", str(tmp_path / "multi")],
                            capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stderr
-    assert runs.read_json(tmp_path / "multi" / runs.CONFIG)["engine"]["processes"] == 2
-    a, b = runs.load_tensors(tmp_path / "single" / runs.WEIGHTS), runs.load_tensors(tmp_path / "multi" / runs.WEIGHTS)
+    assert runfolder.read_json(tmp_path / "multi" / runfolder.CONFIG)["engine"]["processes"] == 2
+    a, b = (runfolder.load_tensors(tmp_path / side / runfolder.WEIGHTS) for side in ("single", "multi"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from convnet.loadtest import multipart_body
+from convnet.use.loadtest import multipart_body
 
 
 def test_multipart_parser() -> None:
-    from convnet.httpinputs import RequestError, parse_multipart
+    from convnet.use.httpinputs import RequestError, parse_multipart
 
     body, ctype = multipart_body([b"\x89PNG one", b"two\r\n--not-the-boundary\r\n"], ["a b.png", "\u00e9.png"])
     parts = parse_multipart(b"preamble\r\n" + body + b"epilogue", ctype, 5)

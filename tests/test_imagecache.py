@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convnet import imagecache
-from convnet.errors import DataError
-from convnet.folderscan import scan_folder
-from convnet.imagefiles import decode_image
+from convnet.core.errors import DataError
+from convnet.data import imagecache
+from convnet.data.folderscan import scan_folder
+from convnet.data.imagefiles import decode_image
 
 
 def _folder(root: Path, sizes: tuple[tuple[int, int], ...] = ((20, 30), (20, 30), (10, 10))) -> Path:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from convnet.engine import Engine
-from convnet.inference import infer, predict
-from convnet.models import create_model
+from convnet.models.engine import Engine
+from convnet.models.inference import infer, predict
+from convnet.models.networks import create_model
 
 
 def test_infer_matches_a_plain_forward_pass() -> None:

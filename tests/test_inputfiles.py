@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet.arrayfiles import NpyFile
-from convnet.errors import InputError
-from convnet.inputfiles import Batch, input_batches, load_array, load_input
+from convnet.core.errors import InputError
+from convnet.data.arrayfiles import NpyFile
+from convnet.data.inputfiles import Batch, input_batches, load_array, load_input
 
 from .conftest import write_idx
 from .test_arrays import FASHION, _npy_bytes, _shirt

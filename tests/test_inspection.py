@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convnet.cli import main
-from convnet.config import TrainConfig
-from convnet.inspection import (
+from convnet.cli.parser import main
+from convnet.training.config import TrainConfig
+from convnet.trust.inspection import (
     calibration,
     calibration_bins,
     expected_calibration_error,
@@ -107,9 +107,9 @@ def test_inspect_a_run_in_the_terminal_as_json_as_csv_and_in_the_report(
     assert "calibration on the test split, no temperature (train with --calibrate" in out
     assert "expected calibration error" in out and "most confused:" in out
     kept = list((trained_run / "inspect").glob("train-folds-2-*.safetensors"))
-    from convnet import runs
+    from convnet.core import runfolder
 
-    assert len(kept) == 1 and runs.load_tensors(kept[0])["probabilities"].shape == (200, 10)
+    assert len(kept) == 1 and runfolder.load_tensors(kept[0])["probabilities"].shape == (200, 10)
     assert (trained_run / "plots" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert (trained_run / "plots" / "mistakes_explained.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -136,7 +136,7 @@ def test_inspect_a_run_in_the_terminal_as_json_as_csv_and_in_the_report(
 
 
 def _test_labels(run: Path) -> list[int]:
-    from convnet.loadrun import load_run
+    from convnet.use.loadrun import load_run
 
     return load_run(run, device="cpu").dataset(progress=False).test.labels.tolist()
 
@@ -156,7 +156,7 @@ def test_inspect_refuses_what_it_cannot_do_in_one_line(args: list[str], message:
 def test_the_fitted_temperature_is_the_one_that_made_the_labels() -> None:
     import torch
 
-    from convnet.events import fit_temperature
+    from convnet.training.events import fit_temperature
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(20_000, 10, generator=g) * 3
@@ -169,9 +169,9 @@ def test_a_calibrated_run_answers_with_its_temperature_everywhere(
     import torch
 
     from convnet.estimator import ConvNetClassifier
-    from convnet.inference import infer
-    from convnet.loadrun import load_run
-    from convnet.models import Calibrated, uncalibrated
+    from convnet.models.inference import infer
+    from convnet.models.networks import Calibrated, uncalibrated
+    from convnet.use.loadrun import load_run
 
     from .conftest import make_dataset_dir
 
@@ -196,7 +196,7 @@ def test_a_calibrated_run_answers_with_its_temperature_everywhere(
                                                 .mean())
     # the ONNX file carries it in its graph (the parity gate compared it with the run), the estimator too
     assert main(["export", str(run)]) == 0
-    from convnet.onnxfile import open_onnx
+    from convnet.use.onnxfile import open_onnx
 
     onnx = open_onnx(run / "model.onnx")
     assert onnx.describe()["temperature"] == found["temperature"]

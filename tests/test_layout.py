@@ -1,8 +1,9 @@
-"""The package's shape, kept: README's "How the code is laid out" lists every module from
-the bottom up, and every import between convnet's modules (at the top of a file, inside a
-function, or under ``TYPE_CHECKING``) points down that list, so there is no circle; no
-module is over 450 lines; an import of a convnet module inside a function outside the
-command line says why (a heavy dependency kept off a path that does not need it)."""
+"""The package's shape, kept: docs/ARCHITECTURE.md lists the packages bottom to top, and the
+modules of each package bottom to top; every import between convnet's modules (at the top of
+a file, inside a function, or under ``TYPE_CHECKING``) points down both lists, so there is no
+circle at either level; no module is over 450 lines; an import of a convnet module inside a
+function outside the command line says why (a heavy dependency kept off a path that does not
+need it)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,39 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "convnet"
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 MAX_LINES = 450
-# the command line imports inside each command, so that `convnet --help` is fast
-LAZY_OK = {"cli", "commands", "__main__"}
+LAZY_OK = {"cli"}  # the command line imports inside each command, so that `convnet --help` is fast
 
 
-def ladder(readme: str) -> list[str]:
-    """The modules README lists under "How the code is laid out", bottom first."""
-    section = readme.split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^\d+\. `([\w.]+)`", section, re.M)
+def modules() -> dict[str, Path]:
+    """Every module by its dotted name below the package (``data.folders``; ``estimator``)."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)] = path
+    return found
 
 
-def convnet_imports(path: Path, modules: set[str]) -> list[tuple[str, int, bool]]:
-    """``(module, line, inside a function)`` for every import of a convnet module in ``path``."""
+def ladders(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The packages (and top-level modules), bottom first, and each package's modules, bottom first."""
+    top = re.findall(r"^\d+\. `([\w.]+)`", text.split("## Packages", 1)[1].split("\n## ", 1)[0], re.M)
+    inner = {}
+    for name, body in re.findall(r"^### `(\w+)`\n(.*?)(?=^### |^## |\Z)", text, re.M | re.S):
+        inner[name] = re.findall(r"^\d+\. `(\w+)`", body, re.M)
+    return top, inner
+
+
+def rank(module: str, top: list[str], inner: dict[str, list[str]]) -> tuple[int, int]:
+    """Where a module stands: its package's place, then its place in the package."""
+    package, _, name = module.partition(".")
+    return top.index(package), (inner[package].index(name) if name else -1)
+
+
+def convnet_imports(path: Path, known: set[str]) -> list[tuple[str, int, bool]]:
+    """``(module, line, inside a function)`` for every import of a convnet module in ``path``,
+    the module named as :func:`modules` names it (``from convnet.core import runfolder`` is
+    ``core.runfolder``; ``from convnet.data.load import x`` is ``data.load``)."""
     tree = ast.parse(path.read_text())
     in_function = {id(node) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
                    for node in ast.walk(f)}
@@ -36,65 +57,78 @@ def convnet_imports(path: Path, modules: set[str]) -> list[tuple[str, int, bool]
     for node in ast.walk(tree):
         names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "convnet":
-            sub = node.module.split(".")[1:]
-            names = [sub[0]] if sub else [a.name for a in node.names if a.name in modules]
+            base = node.module.removeprefix("convnet").lstrip(".")
+            for alias in node.names:
+                dotted = f"{base}.{alias.name}" if base else alias.name
+                names.append(dotted if dotted in known else base or "__init__")
         elif isinstance(node, ast.Import):
-            names = [a.name.split(".")[1] for a in node.names if a.name.startswith("convnet.")]
-        found += [(name, node.lineno, id(node) in in_function) for name in names if name in modules]
+            names = [a.name.removeprefix("convnet.") for a in node.names if a.name.startswith("convnet.")]
+        found += [(name, node.lineno, id(node) in in_function) for name in names if name in known]
     return found
 
 
-def test_readme_lists_every_module_once() -> None:
-    order = ladder((ROOT / "README.md").read_text())
-    modules = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert len(order) == len(set(order)), [m for m in order if order.count(m) > 1]
-    assert sorted(order) == modules, f"README lists {sorted(set(order) ^ set(modules))} wrongly"
+def test_the_architecture_lists_every_package_and_module_once() -> None:
+    top, inner = ladders(ARCHITECTURE.read_text())
+    found = modules()
+    packages = sorted({m.split(".")[0] for m in found})
+    assert len(top) == len(set(top)) and sorted(top) == packages, sorted(set(top) ^ set(packages))
+    for package, names in inner.items():
+        own = sorted(m.split(".", 1)[1] for m in found if m.startswith(package + "."))
+        assert len(names) == len(set(names)) and sorted(names) == own, (package, sorted(set(names) ^ set(own)))
+    assert set(inner) == {m.split(".")[0] for m in found if "." in m}
+    assert len(top) <= 12  # `ls src/convnet` stays a map
 
 
-def test_every_import_points_down_the_ladder() -> None:
-    order = ladder((ROOT / "README.md").read_text())
-    rank = {m: i for i, m in enumerate(order)}
+def test_every_import_points_down_both_ladders() -> None:
+    top, inner = ladders(ARCHITECTURE.read_text())
+    found = modules()
     upward = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        for target, line, _ in convnet_imports(path, set(rank)):
-            if target != path.stem and rank[target] >= rank[path.stem]:
-                upward.append(f"{path.name}:{line} imports {target}, which README's ladder puts above it")
+    for name, path in found.items():
+        for target, line, _ in convnet_imports(path, set(found)):
+            if target == name or target.split(".")[0] == name:  # a package's __init__ may name its own modules
+                continue
+            here, there = rank(name, top, inner), rank(target, top, inner)
+            if there[0] > here[0] or (there[0] == here[0] and there[1] >= here[1]):
+                upward.append(f"{path.relative_to(PACKAGE)}:{line} imports {target}, which the ladder puts above")
     assert not upward, "\n".join(upward)
 
 
 def test_imports_inside_functions_say_why() -> None:
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    found = modules()
     silent = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        if path.stem in LAZY_OK:
+    for name, path in found.items():
+        if name.split(".")[0] in LAZY_OK or name == "__main__":
             continue
         lines = path.read_text().splitlines()
-        for target, line, inside in convnet_imports(path, modules):
+        for target, line, inside in convnet_imports(path, set(found)):
             if inside and "#" not in lines[line - 1] + lines[line - 2]:
                 silent.append(f"{path.name}:{line} imports {target} inside a function without a comment saying why")
     assert not silent, "\n".join(silent)
 
 
 def test_no_module_is_over_the_limit() -> None:
-    sizes = {p.name: len(p.read_text().splitlines()) for p in PACKAGE.glob("*.py")}
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
     assert not {name: n for name, n in sizes.items() if n > MAX_LINES}
 
 
 def test_the_checks_see_a_circle_and_an_upward_import(tmp_path: Path) -> None:
     """The checks above can fail: an import hidden in a function is found and placed."""
-    (tmp_path / "a.py").write_text("from convnet.b import x\n")
-    (tmp_path / "b.py").write_text("def f():\n    from convnet.a import y\n")
-    found_a = convnet_imports(tmp_path / "a.py", {"a", "b"})
-    found_b = convnet_imports(tmp_path / "b.py", {"a", "b"})
-    assert found_a == [("b", 1, False)] and found_b == [("a", 2, True)]
-    assert ladder("## How the code is laid out\n\n1. `b` x\n2. `a` y\n\n## Next\n3. `c`") == ["b", "a"]
+    (tmp_path / "a.py").write_text("from convnet.data.b import x\n")
+    (tmp_path / "b.py").write_text("def f():\n    from convnet.core import a\n")
+    known = {"data.b", "core.a", "core"}
+    assert convnet_imports(tmp_path / "a.py", known) == [("data.b", 1, False)]
+    assert convnet_imports(tmp_path / "b.py", known) == [("core.a", 2, True)]
+    text = "## Packages\n\n1. `core` x\n2. `data` y\n\n## Modules\n\n### `core`\n\n1. `a` z\n\n### `data`\n\n1. `b` w\n"
+    top, inner = ladders(text)
+    assert top == ["core", "data"] and inner == {"core": ["a"], "data": ["b"]}
+    assert rank("data.b", top, inner) > rank("core.a", top, inner)  # b importing a points down; a importing b up
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"], ["tune", "--help"], ["recipes"],
                                   ["datasets"], ["models"]], ids=" ".join)
 def test_help_and_the_tables_load_no_torch(args: list[str]) -> None:
     """Every --help and the commands that print a table start without PyTorch (or numpy): well under a second."""
-    code = (f"import sys\nfrom convnet.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+    code = (f"import sys\nfrom convnet.cli.parser import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'numpy', 'sklearn', 'onnxruntime', 'fastapi', 'matplotlib') "
             "if m in sys.modules]\nprint('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

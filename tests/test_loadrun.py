@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from convnet import runs
-from convnet.config import TrainConfig
-from convnet.engine import Engine
-from convnet.errors import RunError
-from convnet.export import MAX_PROBABILITY_DIFFERENCE, export_run
-from convnet.inference import infer
-from convnet.loadrun import LoadedRun, load_model, load_run, open_model
-from convnet.named import load_dataset
-from convnet.onnxfile import OnnxModel
-from convnet.training import train
-from convnet.trainrun import data_record
+from convnet.core import runfolder
+from convnet.core.errors import RunError
+from convnet.data.named import load_dataset
+from convnet.models.engine import Engine
+from convnet.models.inference import infer
+from convnet.training.config import TrainConfig
+from convnet.training.loop import train
+from convnet.training.run import data_record
+from convnet.use.export import MAX_PROBABILITY_DIFFERENCE, export_run
+from convnet.use.loadrun import LoadedRun, load_model, load_run, open_model
+from convnet.use.onnxfile import OnnxModel
 
 from .conftest import make_dataset_dir
 
@@ -30,7 +30,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Mo
     base = tmp_path_factory.mktemp("loadrun")
     data = load_dataset("fashion-mnist", make_dataset_dir(base / "toy", n_train=64, n_test=48))
     config = TrainConfig(model="seed", epochs=1, batch_size=32, faithful=True)
-    run_dir = runs.new_run_dir(base / "run", "seed-adam")
+    run_dir = runfolder.new_run_dir(base / "run", "seed-adam")
     result = train(config, data.train, data.spec, run_dir=run_dir, data_record=data_record(data))
     return run_dir, result.model
 
@@ -71,7 +71,7 @@ def test_a_missing_or_broken_run_is_named(trained: tuple[Path, torch.nn.Module],
         open_model(tmp_path / "absent.onnx")
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in (runs.CONFIG, runs.HISTORY):
+    for name in (runfolder.CONFIG, runfolder.HISTORY):
         (broken / name).write_bytes((trained[0] / name).read_bytes())
-    with pytest.raises(RunError, match=f"{runs.WEIGHTS}: missing"):
+    with pytest.raises(RunError, match=f"{runfolder.WEIGHTS}: missing"):
         load_run(broken)

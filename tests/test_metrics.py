@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
-from convnet.metrics import accuracy, classification_report, confusion_matrix, format_report
+from convnet.trust.metrics import accuracy, classification_report, confusion_matrix, format_report
 
 CLASSES = tuple(f"c{i}" for i in range(10))
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from convnet.errors import ConvnetError
-from convnet.models import count_parameters, create_model, fold_batchnorm, list_models
+from convnet.core.errors import ConvnetError
+from convnet.models.networks import count_parameters, create_model, fold_batchnorm, list_models
 
 
 class TutorialConvNet(nn.Module):
@@ -126,7 +126,7 @@ def test_input_normalization_is_inside_the_model_and_outside_its_weights() -> No
 @pytest.mark.parametrize("name", list(list_models()))
 def test_the_listing_counts_each_models_parameters_as_built(name: str) -> None:
     """`convnet models` lists each size without building a model (no torch): the counts it keeps are the built ones."""
-    from convnet.modelnames import model_name
+    from convnet.models.names import model_name
 
     listed = model_name(name)
     assert listed is not None and listed.parameters == count_parameters(create_model(name))

@@ -12,9 +12,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from convnet.export import export_run
-from convnet.loadrun import load_run
-from convnet.onnxfile import is_onnx, open_onnx
+from convnet.use.export import export_run
+from convnet.use.loadrun import load_run
+from convnet.use.onnxfile import is_onnx, open_onnx
 
 from .conftest import make_dataset_dir
 from .test_export import CLASSES, untrained_run

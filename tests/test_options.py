@@ -10,13 +10,13 @@ import argparse
 import numpy as np
 import pytest
 
-from convnet.cli import DECLARED, build_parser, main
-from convnet.config import TrainConfig, TrainRequest
-from convnet.dataoptions import DataOptions
-from convnet.errors import ConvnetError
+from convnet.cli.parser import DECLARED, build_parser, main
+from convnet.core.errors import ConvnetError
+from convnet.core.options import ESTIMATOR, RECIPE, TRAIN, TUNE, Option, declared, taken_by
+from convnet.data.options import DataOptions
 from convnet.estimator import PARAMS, ConvNetClassifier, EstimatorOptions
-from convnet.options import ESTIMATOR, RECIPE, TRAIN, TUNE, Option, declared, taken_by
-from convnet.recipes import RECIPE_FIELDS
+from convnet.training.config import TrainConfig, TrainRequest
+from convnet.training.recipes import RECIPE_FIELDS
 
 TUNE_OWN = {"--param", "--space", "--trials", "--timeout", "--storage", "--study", "--out", "--report"}
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet import durable, runs
-from convnet.inference import predict
-from convnet.models import create_model
+from convnet.core import durable, runfolder
+from convnet.models.inference import predict
+from convnet.models.networks import create_model
 
 
 @pytest.fixture
@@ -21,16 +21,16 @@ def random_run(tmp_path: Path) -> Path:
     """A run folder with an untrained seed model: enough for the predict command."""
     run = tmp_path / "run"
     run.mkdir()
-    durable.write_json(run / runs.CONFIG, {"train": {"model": "seed"}, "data": {
+    durable.write_json(run / runfolder.CONFIG, {"train": {"model": "seed"}, "data": {
         "name": "fashion-mnist", "classes": [f"class {i}" for i in range(10)], "image_shape": [1, 28, 28]}})
-    runs.save_tensors(run / runs.WEIGHTS, create_model("seed").state_dict())
+    runfolder.save_tensors(run / runfolder.WEIGHTS, create_model("seed").state_dict())
     return run
 
 
 def test_predict_command_output_is_unchanged_by_streaming(random_run: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from convnet.cli import main
-    from convnet.loadrun import load_model
+    from convnet.cli.parser import main
+    from convnet.use.loadrun import load_model
 
     arr = np.random.default_rng(0).integers(0, 256, (9000, 28, 28)).astype(np.uint8)  # three batches of 4096
     np.save(tmp_path / "a.npy", arr)
@@ -56,17 +56,17 @@ def test_predict_command_output_is_unchanged_by_streaming(random_run: Path, tmp_
 
 def _two_class_run(folder: Path) -> Path:
     folder.mkdir()
-    durable.write_json(folder / runs.CONFIG, {"train": {"model": "fastnet"}, "data": {
+    durable.write_json(folder / runfolder.CONFIG, {"train": {"model": "fastnet"}, "data": {
         "name": "folder", "classes": ["cat", "dog"], "image_shape": [3, 16, 16]}})
-    runs.save_tensors(folder / runs.WEIGHTS, create_model("fastnet", 2, 3, 16).state_dict())
+    runfolder.save_tensors(folder / runfolder.WEIGHTS, create_model("fastnet", 2, 3, 16).state_dict())
     return folder
 
 
 def test_a_folder_of_photos_becomes_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import csv
 
-    from convnet.cli import main
-    from convnet.prediction import predict_files
+    from convnet.cli.parser import main
+    from convnet.use.prediction import predict_files
 
     run = _two_class_run(tmp_path / "run")
     photos = tmp_path / "photos"
@@ -99,7 +99,7 @@ def test_a_folder_of_photos_becomes_a_table(tmp_path: Path, capsys: pytest.Captu
 
 def test_a_table_that_cannot_be_written_is_refused_before_anything(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from convnet.cli import main
+    from convnet.cli.parser import main
 
     run = _two_class_run(tmp_path / "run")
     empty = tmp_path / "empty"
@@ -118,7 +118,7 @@ def test_below_min_confidence_the_answer_is_unsure_with_its_probabilities(random
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     import csv
 
-    from convnet.cli import main
+    from convnet.cli.parser import main
 
     arr = np.random.default_rng(2).integers(0, 256, (40, 28, 28)).astype(np.uint8)
     np.save(tmp_path / "a.npy", arr)
@@ -158,7 +158,7 @@ def test_below_min_confidence_the_answer_is_unsure_with_its_probabilities(random
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "nan"])
 def test_a_min_confidence_that_is_not_a_probability_is_refused(value: str, random_run: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from convnet.cli import main
+    from convnet.cli.parser import main
 
     np.save(tmp_path / "a.npy", np.zeros((2, 28, 28), np.uint8))
     assert main(["predict", "--device", "cpu", str(random_run), str(tmp_path / "a.npy"), "--min-confidence",

@@ -14,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet import runs
-from convnet.cli import main
-from convnet.config import TrainConfig
-from convnet.datatypes import InputSpec, Split
-from convnet.errors import ConvnetError, RunError
-from convnet.events import TrainEvents
-from convnet.models import create_model, head_name
-from convnet.named import load_dataset
-from convnet.pretrained import adapt, adapt_input_conv, fit_weights, model_of, open_source, spec_for
-from convnet.training import train
-from convnet.trainstate import TrainState
+from convnet.cli.parser import main
+from convnet.core import runfolder
+from convnet.core.errors import ConvnetError, RunError
+from convnet.data.dataset import InputSpec, Split
+from convnet.data.named import load_dataset
+from convnet.models.networks import create_model, head_name
+from convnet.models.pretrained import adapt, adapt_input_conv, fit_weights, model_of, open_source, spec_for
+from convnet.training.config import TrainConfig
+from convnet.training.events import TrainEvents
+from convnet.training.loop import train
+from convnet.training.state import TrainState
 
 from .conftest import make_dataset_dir
 
@@ -41,11 +41,11 @@ def source_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_run_is_read_with_its_model_classes_and_digest(source_run: Path, tmp_path: Path) -> None:
     source = open_source(source_run)
-    weights = (source_run / runs.WEIGHTS).read_bytes()
+    weights = (source_run / runfolder.WEIGHTS).read_bytes()
     assert source.model == "fastnet" and source.classes is not None and len(source.classes) == 10
-    assert source.sha256 == hashlib.sha256(weights).hexdigest() and source.path == source_run / runs.WEIGHTS
+    assert source.sha256 == hashlib.sha256(weights).hexdigest() and source.path == source_run / runfolder.WEIGHTS
     bare = tmp_path / "bare.safetensors"
-    runs.save_tensors(bare, source.tensors)  # no metadata: the model must be named
+    runfolder.save_tensors(bare, source.tensors)  # no metadata: the model must be named
     assert open_source(bare).model is None and open_source(bare).classes is None
     assert model_of(open_source(bare), "fastnet") == "fastnet"
     with pytest.raises(ConvnetError, match="does not say which model .* give it with --model"):
@@ -74,7 +74,7 @@ def test_other_classes_get_a_fresh_head_and_colour_an_adapted_first_convolution(
 
 
 def load_run_spec(run: Path) -> InputSpec:
-    return runs.open_run(run).spec
+    return runfolder.open_run(run).spec
 
 
 def test_an_adapted_first_convolution_sees_a_grey_image_in_colour_as_before() -> None:
@@ -106,7 +106,7 @@ class _Weights(TrainEvents):
 
 
 def test_the_head_trains_alone_while_frozen_then_the_body_at_its_own_rate(source_run: Path) -> None:
-    data = load_dataset("fashion-mnist", runs.open_run(source_run).config["data"]["source"])
+    data = load_dataset("fashion-mnist", runfolder.open_run(source_run).config["data"]["source"])
     two = data.train.labels < 2
     spec = InputSpec(1, 28, 28, ("a", "b"))
     split = Split(data.train.images[two], data.train.labels[two])
@@ -141,8 +141,8 @@ def test_fine_tuning_from_the_command_line_records_its_source(source_run: Path, 
                  "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "starting from" in printed and "adapted from 1 to 3 channels" in printed and "(10 -> 2 classes" in printed
-    config = json.loads((out / runs.CONFIG).read_text())
-    assert config["init"]["sha256"] == hashlib.sha256((source_run / runs.WEIGHTS).read_bytes()).hexdigest()
+    config = json.loads((out / runfolder.CONFIG).read_text())
+    assert config["init"]["sha256"] == hashlib.sha256((source_run / runfolder.WEIGHTS).read_bytes()).hexdigest()
     assert config["train"]["model"] == "fastnet" and config["train"]["freeze_epochs"] == 1
     assert config["train"]["body_lr"] == 0.1 and "test_data" not in config["data"]
     refused = tmp_path / "refused"
@@ -161,7 +161,7 @@ def _hub_cache(root: Path, repo: str, tensors: dict[str, torch.Tensor], config: 
     (folder / "refs" / "main").write_text(commit)
     snapshot = folder / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    runs.save_tensors(snapshot / "model.safetensors", tensors)
+    runfolder.save_tensors(snapshot / "model.safetensors", tensors)
     (snapshot / "config.json").write_text(json.dumps(config))
     return root
 
@@ -171,8 +171,8 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 def test_a_hub_model_starts_a_run_with_its_normalization(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from convnet.export import export_run
-    from convnet.loadrun import load_run
+    from convnet.use.export import export_run
+    from convnet.use.loadrun import load_run
 
     torch.manual_seed(0)
     imagenet = create_model("resnet18", 1000, 3, 224).state_dict()  # as timm's resnet18 weights are laid out

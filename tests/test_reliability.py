@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from convnet import durable, runs
-from convnet.cli import main
-from convnet.config import TrainConfig
-from convnet.named import load_dataset
-from convnet.training import train
-from convnet.trainrun import data_record
+from convnet.cli.parser import main
+from convnet.core import durable, runfolder
+from convnet.data.named import load_dataset
+from convnet.training.config import TrainConfig
+from convnet.training.loop import train
+from convnet.training.run import data_record
 
 from .conftest import make_dataset_dir
 
@@ -64,21 +64,21 @@ def stop_mid_epoch(proc: subprocess.Popen[str], run: Path, sig: int) -> list[dic
     while not history:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no epoch finished in 120 s"
-        if (run / runs.HISTORY).is_file():
-            history = json.loads((run / runs.HISTORY).read_text())
+        if (run / runfolder.HISTORY).is_file():
+            history = json.loads((run / runfolder.HISTORY).read_text())
         time.sleep(0.02)
     time.sleep(history[-1]["seconds"] / 2)
     assert proc.poll() is None, "training ended before it could be stopped"
     proc.send_signal(sig)
     proc.wait(timeout=60)
-    history = json.loads((run / runs.HISTORY).read_text())
+    history = json.loads((run / runfolder.HISTORY).read_text())
     assert 1 <= len(history) < EPOCHS, history
     return history
 
 
 def same_weights(a: Path, b: Path) -> None:
     """The two weight files are identical, byte for byte (and so tensor for tensor)."""
-    wa, wb = runs.load_tensors(a), runs.load_tensors(b)
+    wa, wb = runfolder.load_tensors(a), runfolder.load_tensors(b)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -111,11 +111,11 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(base: Path, uninte
     # What the killed run left: every file whole and loadable, temporary files only under hidden .tmp names.
     names = sorted(p.name for p in run.iterdir())
     visible = [n for n in names if not n.startswith(".")]
-    assert set(visible) <= {runs.CONFIG, runs.HISTORY, runs.CHECKPOINT}, names
+    assert set(visible) <= {runfolder.CONFIG, runfolder.HISTORY, runfolder.CHECKPOINT}, names
     assert all(n.endswith(".tmp") for n in names if n.startswith(".")), names
-    assert runs.open_run(run).config["train"]["epochs"] == EPOCHS
-    runs.load_tensors(run / runs.CHECKPOINT)
-    with safe_open(run / runs.CHECKPOINT, "pt") as f:  # type: ignore[no-untyped-call]
+    assert runfolder.open_run(run).config["train"]["epochs"] == EPOCHS
+    runfolder.load_tensors(run / runfolder.CHECKPOINT)
+    with safe_open(run / runfolder.CHECKPOINT, "pt") as f:  # type: ignore[no-untyped-call]
         epoch = json.loads(f.metadata()["convnet"])["epoch"]
     assert epoch in (len(history), len(history) - 1)  # killed between the two writes of an epoch's end, at worst
 
@@ -123,8 +123,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(base: Path, uninte
     p = convnet("train", "--device", "cpu", "--resume", run, "--no-progress", cwd=run)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("Categorical Cross Entropy") == EPOCHS - epoch
-    assert [h["epoch"] for h in json.loads((run / runs.HISTORY).read_text())] == list(range(1, EPOCHS + 1))
-    same_weights(run / runs.WEIGHTS, uninterrupted / runs.WEIGHTS)
+    assert [h["epoch"] for h in json.loads((run / runfolder.HISTORY).read_text())] == list(range(1, EPOCHS + 1))
+    same_weights(run / runfolder.WEIGHTS, uninterrupted / runfolder.WEIGHTS)
 
 
 def test_ctrl_c_exits_130_with_one_line_and_resumes_exactly(base: Path, uninterrupted: Path) -> None:
@@ -137,7 +137,7 @@ def test_ctrl_c_exits_130_with_one_line_and_resumes_exactly(base: Path, uninterr
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "Ctrl-C left a temporary file"
     p = convnet("train", "--device", "cpu", "--resume", run, "--no-progress")
     assert p.returncode == 0, p.stderr
-    same_weights(run / runs.WEIGHTS, uninterrupted / runs.WEIGHTS)
+    same_weights(run / runfolder.WEIGHTS, uninterrupted / runfolder.WEIGHTS)
 
 
 # --- writes cut short
@@ -159,19 +159,19 @@ def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> Non
             durable.atomic_write(target, half_then(error))
         assert target.read_bytes() == old
         assert [p.name for p in tmp_path.iterdir()] == ["history.json"]
-    with pytest.raises(runs.RunError, match="cannot write .*No space left"):  # an OSError becomes one message
+    with pytest.raises(runfolder.RunError, match="cannot write .*No space left"):  # an OSError becomes one message
         durable.atomic_write(target, half_then(OSError(28, "No space left on device")))
     assert target.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["history.json"]
 
 
 def test_sigkill_during_a_write_keeps_the_old_file(tmp_path: Path) -> None:
-    target = tmp_path / runs.CHECKPOINT
-    runs.save_tensors(target, {"w": torch.arange(1000.0)})
+    target = tmp_path / runfolder.CHECKPOINT
+    runfolder.save_tensors(target, {"w": torch.arange(1000.0)})
     old = target.read_bytes()
     script = textwrap.dedent("""
         import os, signal, sys
         from pathlib import Path
-        from convnet.runs import atomic_write
+        from convnet.core.runfolder import atomic_write
 
         def write(f):
             f.write(b"half a new checkpoint")
@@ -183,9 +183,10 @@ def test_sigkill_during_a_write_keeps_the_old_file(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-c", script, str(target)], env=ENV, timeout=120)
     assert p.returncode == -signal.SIGKILL
     assert target.read_bytes() == old
-    assert torch.equal(runs.load_tensors(target)["w"], torch.arange(1000.0))
+    assert torch.equal(runfolder.load_tensors(target)["w"], torch.arange(1000.0))
     leftovers = [p.name for p in tmp_path.iterdir() if p != target]
-    assert len(leftovers) == 1 and leftovers[0].startswith(f".{runs.CHECKPOINT}.") and leftovers[0].endswith(".tmp")
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".{runfolder.CHECKPOINT}.")
+    assert leftovers[0].endswith(".tmp")
 
 
 # --- a diverging loss
@@ -202,7 +203,7 @@ def test_divergence_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("convnet: error: training diverged"), err
     assert "epoch 1, batch" in err and "lower --lr" in err
-    assert not (run / runs.WEIGHTS).exists()
+    assert not (run / runfolder.WEIGHTS).exists()
     assert main(["train", "--device", "cpu", "--resume", str(run)]) == 1  # nothing to resume: it says to start again
     assert "no checkpoint yet" in capsys.readouterr().err
 
@@ -231,12 +232,12 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path: Path, capsys: pytes
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "loss is nan at epoch 2, batch 3" in err and "lower --lr" in err, err
-    assert len(json.loads((run / runs.HISTORY).read_text())) == 1
-    with safe_open(run / runs.CHECKPOINT, "pt") as f:  # type: ignore[no-untyped-call]
+    assert len(json.loads((run / runfolder.HISTORY).read_text())) == 1
+    with safe_open(run / runfolder.CHECKPOINT, "pt") as f:  # type: ignore[no-untyped-call]
         assert json.loads(f.metadata()["convnet"])["epoch"] == 1
     monkeypatch.undo()  # the glitch gone, the run resumes from epoch 1
     assert main(["train", "--device", "cpu", "--resume", str(run), "--no-progress"]) == 0
-    assert [h["epoch"] for h in json.loads((run / runs.HISTORY).read_text())] == [1, 2, 3]
+    assert [h["epoch"] for h in json.loads((run / runfolder.HISTORY).read_text())] == [1, 2, 3]
 
 
 # --- damaged run folders: one line, exit 1, nothing changed
@@ -247,7 +248,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("small")
     data = make_dataset_dir(base / "toy")
     config = TrainConfig(model="seed", optimizer="adam", epochs=1, batch_size=64)
-    run = runs.new_run_dir(base / "run", "x")
+    run = runfolder.new_run_dir(base / "run", "x")
     ds = load_dataset("fashion-mnist", data)
     train(config, ds.train, ds.spec, run_dir=run, data_record=data_record(ds))
     Image.new("L", (28, 28)).save(base / "shirt.png")
@@ -256,9 +257,9 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _edit_config(change: Callable[[dict[str, Any]], object]) -> Callable[[Path], None]:
     def damage(run: Path) -> None:
-        config = json.loads((run / runs.CONFIG).read_text())
+        config = json.loads((run / runfolder.CONFIG).read_text())
         change(config)
-        (run / runs.CONFIG).write_text(json.dumps(config))
+        (run / runfolder.CONFIG).write_text(json.dumps(config))
     return damage
 
 
@@ -273,7 +274,8 @@ def _strip_metadata(run: Path) -> None:
     """A valid safetensors file whose metadata lacks what a checkpoint needs besides the epoch."""
     from safetensors.torch import save_file
 
-    save_file(runs.load_tensors(run / runs.CHECKPOINT), run / runs.CHECKPOINT, {"convnet": '{"epoch": 1}'})
+    checkpoint = run / runfolder.CHECKPOINT
+    save_file(runfolder.load_tensors(checkpoint), checkpoint, {"convnet": '{"epoch": 1}'})
 
 
 def _as_file(run: Path) -> None:
@@ -285,9 +287,9 @@ EVALUATE, PREDICT, RESUME = "evaluate", "predict", "resume"
 DAMAGE: dict[str, tuple[Callable[[Path], None], str, tuple[str, ...]]] = {
     # what is wrong: (how to make it so, what the message says, the commands that must refuse it)
     "run folder is a file": (_as_file, "no such run folder", (EVALUATE, PREDICT, RESUME)),
-    "config.json missing": (lambda r: (r / runs.CONFIG).unlink(), "not a run folder", (EVALUATE, PREDICT, RESUME)),
-    "config.json cut short": (_cut(runs.CONFIG), "not valid JSON", (EVALUATE, PREDICT, RESUME)),
-    "config.json not an object": (lambda r: (r / runs.CONFIG).write_text("[1, 2]"), "no 'train' section",
+    "config.json missing": (lambda r: (r / runfolder.CONFIG).unlink(), "not a run folder", (EVALUATE, PREDICT, RESUME)),
+    "config.json cut short": (_cut(runfolder.CONFIG), "not valid JSON", (EVALUATE, PREDICT, RESUME)),
+    "config.json not an object": (lambda r: (r / runfolder.CONFIG).write_text("[1, 2]"), "no 'train' section",
                                   (EVALUATE, PREDICT, RESUME)),
     "config.json without classes": (_edit_config(lambda c: c["data"].pop("classes")), "data.classes",
                                     (EVALUATE, PREDICT, RESUME)),
@@ -297,16 +299,16 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, tuple[str, ...]]] = {
                                            "unknown model 'resnet9000'", (EVALUATE, PREDICT, RESUME)),
     "config.json names another model": (_edit_config(lambda c: c["train"].update(model="fastnet")),
                                         "do not fit", (EVALUATE, PREDICT, RESUME)),
-    "history.json not UTF-8": (lambda r: (r / runs.HISTORY).write_bytes(b"\xff\xfe["), "not valid JSON",
+    "history.json not UTF-8": (lambda r: (r / runfolder.HISTORY).write_bytes(b"\xff\xfe["), "not valid JSON",
                                (EVALUATE, PREDICT, RESUME)),
-    "history.json not a list": (lambda r: (r / runs.HISTORY).write_text('{"epoch": 1}'), "not a list",
+    "history.json not a list": (lambda r: (r / runfolder.HISTORY).write_text('{"epoch": 1}'), "not a list",
                                 (EVALUATE, PREDICT, RESUME)),
-    "model.safetensors missing": (lambda r: (r / runs.WEIGHTS).unlink(), "missing", (EVALUATE, PREDICT)),
-    "model.safetensors cut short": (_cut(runs.WEIGHTS), "not a valid safetensors file", (EVALUATE, PREDICT)),
-    "model.safetensors empty": (lambda r: (r / runs.WEIGHTS).write_bytes(b""), "not a valid safetensors file",
+    "model.safetensors missing": (lambda r: (r / runfolder.WEIGHTS).unlink(), "missing", (EVALUATE, PREDICT)),
+    "model.safetensors cut short": (_cut(runfolder.WEIGHTS), "not a valid safetensors file", (EVALUATE, PREDICT)),
+    "model.safetensors empty": (lambda r: (r / runfolder.WEIGHTS).write_bytes(b""), "not a valid safetensors file",
                                 (EVALUATE, PREDICT)),
-    "checkpoint.safetensors missing": (lambda r: (r / runs.CHECKPOINT).unlink(), "no checkpoint yet", (RESUME,)),
-    "checkpoint.safetensors cut short": (_cut(runs.CHECKPOINT), "not a valid safetensors file", (RESUME,)),
+    "checkpoint.safetensors missing": (lambda r: (r / runfolder.CHECKPOINT).unlink(), "no checkpoint yet", (RESUME,)),
+    "checkpoint.safetensors cut short": (_cut(runfolder.CHECKPOINT), "not a valid safetensors file", (RESUME,)),
     "checkpoint.safetensors without its metadata": (_strip_metadata, "checkpoint", (RESUME,)),
     "config.json with a value of the wrong type": (_edit_config(lambda c: c["train"].update(epochs="4")), "epochs",
                                                    (RESUME,)),
@@ -350,7 +352,7 @@ def test_pickle_where_a_checkpoint_belongs_is_refused_unrun(small_run: Path, tmp
         def __reduce__(self):  # type: ignore[no-untyped-def]
             return (open, (str(marker), "w"))
 
-    (run / runs.CHECKPOINT).write_bytes(pickle.dumps(Payload()))
+    (run / runfolder.CHECKPOINT).write_bytes(pickle.dumps(Payload()))
     assert main(["train", "--device", "cpu", "--resume", str(run), "--no-progress"]) == 1
     assert "safetensors" in capsys.readouterr().err
     assert not marker.exists(), "loading the checkpoint ran code from the file"
@@ -363,9 +365,9 @@ def test_no_code_in_convnet_can_unpickle() -> None:
 
     loaders = re.compile(r"\bimport (pickle|dill|joblib|shelve|marshal|yaml)\b|\bpickle\.|torch\.load\(|np\.load\("
                          r"|numpy\.load\(|allow_pickle=True|(?<![.\w])(eval|exec)\(|weights_only=False")
-    sources = sorted(Path(convnet.__file__).parent.glob("*.py"))
+    sources = sorted(Path(convnet.__file__).parent.rglob("*.py"))
     assert len(sources) > 5
-    found = [f"{p.name}:{i}: {line.strip()}" for p in sources
+    found = [f"{p.relative_to(Path(convnet.__file__).parent)}:{i}: {line.strip()}" for p in sources
              for i, line in enumerate(p.read_text().splitlines(), 1) if loaders.search(line)]
     assert not found, found
 
@@ -398,11 +400,11 @@ def test_out_folder_that_cannot_be_created(tmp_path: Path, capsys: pytest.Captur
 def test_metrics_that_cannot_be_written(small_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
-    (run / runs.METRICS).mkdir()  # a folder where evaluate writes its file
-    (run / runs.METRICS / "keep").write_text("x")
+    (run / runfolder.METRICS).mkdir()  # a folder where evaluate writes its file
+    (run / runfolder.METRICS / "keep").write_text("x")
     assert main(["evaluate", "--device", "cpu", str(run)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"cannot write {run / runs.METRICS}" in err, err
+    assert err.count("\n") == 1 and f"cannot write {run / runfolder.METRICS}" in err, err
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
 
 
@@ -424,10 +426,11 @@ def test_predicting_a_huge_npy_keeps_memory_bounded(tmp_path: Path) -> None:
         import contextlib, json, os, resource, sys
         from pathlib import Path
         from torch import nn
-        from convnet import durable, models, runs
-        from convnet.cli import main
+        from convnet.core import durable, runfolder
+        from convnet.models import networks
+        from convnet.cli.parser import main
 
-        @models.register_model("tiny", "mean grey level -> linear: prediction costs nothing, reading is measured")
+        @networks.register_model("tiny", "mean grey level -> linear: prediction costs nothing, reading is measured")
         def tiny(num_classes, in_channels, image_size):
             return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes))
 
@@ -436,7 +439,7 @@ def test_predicting_a_huge_npy_keeps_memory_bounded(tmp_path: Path) -> None:
         classes = [str(i) for i in range(10)]
         durable.write_json(run / "config.json", {"train": {"model": "tiny"},
                         "data": {"name": "fashion-mnist", "classes": classes, "image_shape": [1, 28, 28]}})
-        runs.save_tensors(run / "model.safetensors", tiny(10, 1, 28).state_dict())
+        runfolder.save_tensors(run / "model.safetensors", tiny(10, 1, 28).state_dict())
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
         with open(os.devnull, "w") as out, contextlib.redirect_stdout(out):
             assert main(["predict", "--device", "cpu",

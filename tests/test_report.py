@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from convnet import plots, report, runs
-from convnet.cli import main
-from convnet.config import TrainConfig
-from convnet.explain import explained
-from convnet.named import load_dataset
-from convnet.scoring import evaluate_run
-from convnet.training import train
-from convnet.trainrun import data_record
+from convnet.cli.parser import main
+from convnet.core import runfolder
+from convnet.data.named import load_dataset
+from convnet.training.config import TrainConfig
+from convnet.training.loop import train
+from convnet.training.run import data_record
+from convnet.trust import plots, report
+from convnet.trust.scoring import evaluate_run
+from convnet.use.explain import explained
 
 CLASSES = [f"class {i}" for i in range(4)]
 
@@ -66,7 +67,7 @@ def test_history_curves_handle_absent_and_null_validation() -> None:
 
 def test_confusion_heat_map_holds_scikit_learns_matrix() -> None:
     _, preds, labels = _toy_scores()
-    from convnet import metrics
+    from convnet.trust import metrics
 
     cm = metrics.confusion_matrix(preds, labels, len(CLASSES))
     fig = plots.plot_confusion(cm, CLASSES, "toy")
@@ -80,7 +81,7 @@ def test_confusion_heat_map_holds_scikit_learns_matrix() -> None:
 
 def test_class_score_bars_are_scikit_learns_scores() -> None:
     _, preds, labels = _toy_scores()
-    from convnet import metrics
+    from convnet.trust import metrics
 
     rep = metrics.classification_report(preds, labels, CLASSES)
     p, r, f, _ = skm.precision_recall_fscore_support(labels, preds, labels=range(4), zero_division=0)
@@ -94,7 +95,7 @@ def test_class_score_bars_are_scikit_learns_scores() -> None:
 def test_f1_differences_are_differences_of_scikit_learns_f1() -> None:
     _, preds, labels = _toy_scores()
     other = np.where(np.arange(len(preds)) % 3 == 0, labels, preds)  # a better run
-    from convnet import metrics
+    from convnet.trust import metrics
 
     reports = [metrics.classification_report(x, labels, CLASSES) for x in (preds, other)]
     table = plots.f1_table(reports, CLASSES)
@@ -141,7 +142,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
     out = []
     for optimizer, lr in (("sgd", 0.05), ("adam", 0.003)):  # no evaluation yet: `report` and `compare` must do it
         config = TrainConfig(model="seed", optimizer=optimizer, lr=lr, epochs=2, batch_size=32)
-        run = runs.new_run_dir(base / optimizer, optimizer)
+        run = runfolder.new_run_dir(base / optimizer, optimizer)
         train(config, dataset.train, dataset.spec, run_dir=run, data_record=data_record(dataset))
         out.append(run)
     return data, out[0], out[1]
@@ -188,7 +189,7 @@ def test_compare_in_the_terminal(two_runs: tuple[Path, Path, Path], capsys: pyte
     _, sgd, adam = two_runs
     assert main(["compare", "--device", "cpu", str(sgd), str(adam)]) == 0
     text = capsys.readouterr().out
-    metrics = [json.loads((r / runs.METRICS).read_text()) for r in (sgd, adam)]
+    metrics = [json.loads((r / runfolder.METRICS).read_text()) for r in (sgd, adam)]
     header = text.splitlines()[0].split()
     assert header == ["run", "sgd", "adam"]
     test_row = next(line for line in text.splitlines() if line.startswith("test accuracy")).split()
@@ -232,7 +233,7 @@ def test_report_into_a_missing_folder_and_a_run_without_weights(two_runs: tuple[
     assert "does not exist" in capsys.readouterr().err
     bare = tmp_path / "bare"
     bare.mkdir()
-    for name in (runs.CONFIG, runs.HISTORY):
+    for name in (runfolder.CONFIG, runfolder.HISTORY):
         shutil.copy(sgd / name, bare / name)
     assert main(["report", "--device", "cpu", str(bare)]) == 1
     err = capsys.readouterr().err
@@ -265,7 +266,7 @@ def test_report_renders_in_headless_chromium(two_runs: tuple[Path, Path, Path], 
     assert total == dom.count("<img ") == 3 + 2 * len(report.PLOT_FILES) and loaded == total
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", dom)
     for run in (sgd, adam):
-        m = json.loads((run / runs.METRICS).read_text())
+        m = json.loads((run / runfolder.METRICS).read_text())
         assert f"{m['test']['accuracy']:.3f}" in cells and f"{m['train']['accuracy']:.3f}" in cells
         r = m["test"]["report"]["Trouser"]
         assert {f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1-score']:.3f}"} <= set(cells)

@@ -21,14 +21,22 @@ import pytest
 import torch
 from PIL import Image
 
-from convnet.arrays import load_image
-from convnet.cli import build_parser, main
-from convnet.errors import ConvnetError
-from convnet.export import export_run
-from convnet.loadtest import check_loopback, multipart_body, parse_wrk, python_load, run_wrk, start_server, stop_server
-from convnet.onnxfile import open_onnx
-from convnet.prediction import predict_files
-from convnet.serve import ServeOptions, create_app
+from convnet.cli.parser import build_parser, main
+from convnet.core.errors import ConvnetError
+from convnet.data.arrays import load_image
+from convnet.use.export import export_run
+from convnet.use.loadtest import (
+    check_loopback,
+    multipart_body,
+    parse_wrk,
+    python_load,
+    run_wrk,
+    start_server,
+    stop_server,
+)
+from convnet.use.onnxfile import open_onnx
+from convnet.use.prediction import predict_files
+from convnet.use.serve import ServeOptions, create_app
 
 from .conftest import make_dataset_dir
 from .test_export import untrained_run
@@ -404,7 +412,7 @@ def test_page_in_headless_chromium_shows_what_convnet_predict_says(server: str, 
 def test_a_run_folder_is_served_through_an_in_memory_export(tmp_path: Path, pngs: list[Path]) -> None:
     from fastapi.testclient import TestClient
 
-    from convnet.serve import load_for_serving
+    from convnet.use.serve import load_for_serving
 
     toy = make_dataset_dir(tmp_path / "toy", n_train=16, n_test=16)
     run = untrained_run(tmp_path / "run", "seed", toy, tta=False)
@@ -413,9 +421,9 @@ def test_a_run_folder_is_served_through_an_in_memory_export(tmp_path: Path, pngs
     with TestClient(create_app(model, ServeOptions())) as c:
         answer = c.post("/predict", files=files(*pngs)).json()["predictions"]
         about = c.get("/model").json()
-    from convnet.engine import Engine
-    from convnet.inference import infer
-    from convnet.loadrun import load_model
+    from convnet.models.engine import Engine
+    from convnet.models.inference import infer
+    from convnet.use.loadrun import load_model
 
     torch_model, loaded = load_model(run, Engine.faithful())  # fp32 as the export: bf16 could flip near-ties
     images = torch.stack([load_image(p, loaded.spec) for p in pngs])

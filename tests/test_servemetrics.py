@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from convnet.errors import ConvnetError
-from convnet.onnxfile import open_onnx
-from convnet.serve import ServeOptions, create_app
-from convnet.servemetrics import ServiceMetrics
+from convnet.core.errors import ConvnetError
+from convnet.use.onnxfile import open_onnx
+from convnet.use.serve import ServeOptions, create_app
+from convnet.use.servemetrics import ServiceMetrics
 
 from .test_serve import _poll, fastnet_onnx, files, grey_png
 

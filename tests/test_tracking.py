@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convnet import events, runs, tracking
-from convnet.cli import main
+from convnet.cli.parser import main
+from convnet.core import runfolder
 from convnet.estimator import ConvNetClassifier
+from convnet.training import events, tracking
 
 pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
@@ -76,15 +77,15 @@ def test_a_tracked_run_survives_a_crash_and_resume(toy_dir: Path, tmp_path: Path
         m.setattr(events, "save_checkpoint", crash_in_epoch_2)
         assert _train(toy_dir, "--out", str(run), "--log", "tensorboard", "--log", "mlflow",
                       "--mlflow-uri", mlflow_server) == 130
-    assert len(json.loads((run / runs.HISTORY).read_text())) == 2  # one epoch more than the checkpoint holds
+    assert len(json.loads((run / runfolder.HISTORY).read_text())) == 2  # one epoch more than the checkpoint holds
     record = json.loads((run / tracking.RECORD).read_text())
     run_id = record["mlflow"]["run_id"]
     client = MlflowClient(mlflow_server)
     assert client.get_run(run_id).info.status == "KILLED"
 
     assert main(["train", "--device", "cpu", "--resume", str(run), "--data-dir", str(toy_dir), "--no-progress"]) == 0
-    history = json.loads((run / runs.HISTORY).read_text())
-    scores = json.loads((run / runs.METRICS).read_text())
+    history = json.loads((run / runfolder.HISTORY).read_text())
+    scores = json.loads((run / runfolder.METRICS).read_text())
 
     board = EventAccumulator(str(run / "tensorboard"))
     board.Reload()
@@ -97,7 +98,7 @@ def test_a_tracked_run_survives_a_crash_and_resume(toy_dir: Path, tmp_path: Path
 
     found = client.get_run(run_id)
     assert found.info.status == "FINISHED" and found.info.run_name == "run"
-    assert found.data.params["lr"] == str(json.loads((run / runs.CONFIG).read_text())["train"]["lr"])
+    assert found.data.params["lr"] == str(json.loads((run / runfolder.CONFIG).read_text())["train"]["lr"])
     assert found.data.params["model"] == "seed" and found.data.params["data.name"] == "fashion-mnist"
     steps = client.get_metric_history(run_id, "loss_train")  # MLflow keeps every point: the lost epoch's too
     assert sorted(m.step for m in steps) == [1, 2, 2, 3]

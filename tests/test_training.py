@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from convnet import runs
-from convnet.config import TrainConfig
-from convnet.engine import Engine
-from convnet.errors import ConvnetError, RunError, TrainingDiverged
-from convnet.events import StopAtAccuracy, TrainEvents
-from convnet.named import load_dataset
-from convnet.training import train
-from convnet.trainrun import data_record, resume
-from convnet.trainstate import TrainState
+from convnet.core import runfolder
+from convnet.core.errors import ConvnetError, RunError, TrainingDiverged
+from convnet.data.named import load_dataset
+from convnet.models.engine import Engine
+from convnet.training.config import TrainConfig
+from convnet.training.events import StopAtAccuracy, TrainEvents
+from convnet.training.loop import train
+from convnet.training.run import data_record, resume
+from convnet.training.state import TrainState
 
 # An outside reference: the 25 SGD losses the tutorial itself printed.
 TUTORIAL_SGD = [2.288, 2.031, 0.959, 0.694, 0.628, 0.590, 0.564, 0.545, 0.529, 0.516, 0.505, 0.496, 0.487,
@@ -35,16 +35,16 @@ TODAY_ADAM = [0.499, 0.325, 0.284, 0.254, 0.230, 0.209, 0.192, 0.178, 0.165, 0.1
 def test_training_learns_the_toy_problem(toy_dir: Path, tmp_path: Path) -> None:
     ds = load_dataset("fashion-mnist", toy_dir)
     config = TrainConfig(model="seed", optimizer="adam", epochs=4, batch_size=32)
-    result = train(config, ds.train, ds.spec, run_dir=runs.new_run_dir(tmp_path / "run", "x"))
+    result = train(config, ds.train, ds.spec, run_dir=runfolder.new_run_dir(tmp_path / "run", "x"))
     losses = [r.loss for r in result.history]
     assert losses[-1] < losses[0] * 0.5, losses
     accuracies = [r.accuracy for r in result.history]  # on the training batches, during each epoch
     assert all(a is not None and 0 <= a <= 1 for a in accuracies) and accuracies[-1] > accuracies[0] + 0.2
-    for name in (runs.CONFIG, runs.HISTORY, runs.WEIGHTS, runs.CHECKPOINT):
+    for name in (runfolder.CONFIG, runfolder.HISTORY, runfolder.WEIGHTS, runfolder.CHECKPOINT):
         assert (tmp_path / "run" / name).is_file(), name
-    config_json = json.loads((tmp_path / "run" / runs.CONFIG).read_text())
+    config_json = json.loads((tmp_path / "run" / runfolder.CONFIG).read_text())
     assert config_json["train"]["epochs"] == 4 and config_json["versions"]["torch"] == torch.__version__
-    assert len(json.loads((tmp_path / "run" / runs.HISTORY).read_text())) == 4
+    assert len(json.loads((tmp_path / "run" / runfolder.HISTORY).read_text())) == 4
 
 
 def test_same_seed_same_weights(toy_dir: Path) -> None:
@@ -71,8 +71,8 @@ def test_resume_gives_the_same_weights_bit_for_bit(toy_dir: Path, tmp_path: Path
     ds = load_dataset("fashion-mnist", toy_dir)
     config = TrainConfig(model=model, optimizer=optimizer, lr=0.01, momentum=0.9 if optimizer == "sgd" else 0.0,
                          epochs=3, batch_size=48, faithful=faithful)
-    whole = train(config, ds.train, ds.spec, run_dir=runs.new_run_dir(tmp_path / "whole", "x")).model.state_dict()
-    part_dir = runs.new_run_dir(tmp_path / "part", "x")
+    whole = train(config, ds.train, ds.spec, run_dir=runfolder.new_run_dir(tmp_path / "whole", "x")).model.state_dict()
+    part_dir = runfolder.new_run_dir(tmp_path / "part", "x")
     # "crashes" after epoch 1
     train(config, ds.train, ds.spec, run_dir=part_dir, events=_StopAfter(1), data_record=data_record(ds))
     torch.manual_seed(1234)  # whatever the process did since must not matter
@@ -80,17 +80,17 @@ def test_resume_gives_the_same_weights_bit_for_bit(toy_dir: Path, tmp_path: Path
     assert [r.epoch for r in resumed.history] == [1, 2, 3]
     for k, v in whole.items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
-    final = runs.load_tensors(part_dir / runs.WEIGHTS)
+    final = runfolder.load_tensors(part_dir / runfolder.WEIGHTS)
     assert all(torch.equal(final[k], v) for k, v in whole.items())
 
 
 def test_resume_without_checkpoint(tmp_path: Path, toy_dir: Path) -> None:
     with pytest.raises(RunError, match="not a run folder"):
         resume(tmp_path)
-    run = runs.new_run_dir(tmp_path / "run", "x")
+    run = runfolder.new_run_dir(tmp_path / "run", "x")
     ds = load_dataset("fashion-mnist", toy_dir)
     train(TrainConfig(epochs=1, batch_size=64), ds.train, ds.spec, run_dir=run, data_record=data_record(ds))
-    (run / runs.CHECKPOINT).unlink()
+    (run / runfolder.CHECKPOINT).unlink()
     with pytest.raises(RunError, match="no checkpoint"):
         resume(run)
 
@@ -99,7 +99,7 @@ def test_divergence_stops_with_epoch_and_batch(toy_dir: Path, tmp_path: Path) ->
     ds = load_dataset("fashion-mnist", toy_dir)
     config = TrainConfig(model="seed", optimizer="sgd", lr=1e6, epochs=3, batch_size=32)
     with pytest.raises(TrainingDiverged, match=r"epoch 1, batch \d+.*lower --lr"):
-        train(config, ds.train, ds.spec, run_dir=runs.new_run_dir(tmp_path / "run", "x"))
+        train(config, ds.train, ds.spec, run_dir=runfolder.new_run_dir(tmp_path / "run", "x"))
 
 
 # --- the tutorial's numbers, on the real data
@@ -128,8 +128,8 @@ def test_resume_with_every_recipe_feature(toy_dir: Path, tmp_path: Path) -> None
                                  weight_decay=5e-4, epochs=3, batch_size=32, label_smoothing=0.1,
                                  augment="flip-translate", schedule="linear", warmup_epochs=1, ema=0.9,
                                  val_split=0.2, tta=True))
-    whole = train(config, ds.train, ds.spec, run_dir=runs.new_run_dir(tmp_path / "whole", "x"))
-    part = runs.new_run_dir(tmp_path / "part", "x")
+    whole = train(config, ds.train, ds.spec, run_dir=runfolder.new_run_dir(tmp_path / "whole", "x"))
+    part = runfolder.new_run_dir(tmp_path / "part", "x")
     train(config, ds.train, ds.spec, run_dir=part, events=_StopAfter(2), data_record=data_record(ds))
     resumed = resume(part, data_dir=toy_dir)
     for k, v in whole.model.state_dict().items():
@@ -197,7 +197,7 @@ def test_starting_weights_that_do_not_fit_are_named(toy_dir: Path, tmp_path: Pat
 def test_balanced_class_weights_are_scikit_learns_and_the_balanced_sampler_draws_classes_equally() -> None:
     from sklearn.utils.class_weight import compute_class_weight
 
-    from convnet.training import class_weights, epoch_order
+    from convnet.training.loop import class_weights, epoch_order
 
     labels = torch.tensor([0] * 90 + [1] * 9 + [3] * 1)  # class 2 has no images
     w = class_weights(labels, 4)
@@ -215,8 +215,8 @@ def test_balanced_class_weights_are_scikit_learns_and_the_balanced_sampler_draws
 def test_either_remedy_trains_on_a_class_with_few_images(toy_dir: Path) -> None:
     """The toy problem with class 3 cut to 3 of its images: its loss weighs over 5 times a
     common class's with --class-weight balanced, and each remedy trains (the loss falls)."""
-    from convnet.datatypes import Split
-    from convnet.training import class_weights
+    from convnet.data.dataset import Split
+    from convnet.training.loop import class_weights
 
     ds = load_dataset("fashion-mnist", toy_dir)
     keep = torch.ones(len(ds.train), dtype=torch.bool)

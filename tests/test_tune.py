@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from convnet import runs, tune
-from convnet.cli import main
-from convnet.config import TrainConfig
-from convnet.errors import ConvnetError
-from convnet.named import load_dataset
-from convnet.recipes import RECIPE_FIELDS, read_recipe_file
-from convnet.searchspace import Param, parse_param
-from convnet.training import train
+from convnet.cli.parser import main
+from convnet.core import runfolder
+from convnet.core.errors import ConvnetError
+from convnet.data.named import load_dataset
+from convnet.tools import tune
+from convnet.tools.searchspace import Param, parse_param
+from convnet.training.config import TrainConfig
+from convnet.training.loop import train
+from convnet.training.recipes import RECIPE_FIELDS, read_recipe_file
 
 optuna = pytest.importorskip("optuna")
 
@@ -78,7 +79,7 @@ def test_the_recipe_reproduces_the_best_trial(shared_study: tuple[Path, str, Pat
                      "--val-split", "0.1", "--subset", "200", "--out", str(run), "--no-progress"]) == 0
     finally:
         torch.set_num_threads(threads)
-    history = json.loads((run / runs.HISTORY).read_text())
+    history = json.loads((run / runfolder.HISTORY).read_text())
     assert history[-1]["val_accuracy"] == pytest.approx(study.best_value, abs=0.005)
     assert main(["recipes", str(out / tune.BEST)]) == 0
 

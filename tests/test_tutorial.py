@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from convnet import runs
+from convnet.core import runfolder
 
 
 def test_tutorial_quick_end_to_end(toy_dir: Path, tmp_path: Path) -> None:
@@ -25,5 +25,5 @@ def test_tutorial_quick_end_to_end(toy_dir: Path, tmp_path: Path) -> None:
     assert "identical: True" in text
     assert (out / "report.html").is_file() and str(out / "report.html") in text
     for name in ("sgd", "adam"):
-        assert (out / name / runs.WEIGHTS).is_file() and (out / name / runs.METRICS).is_file()
-        assert len(runs.read_json(out / name / runs.HISTORY)) == (5 if name == "sgd" else 3)
+        assert (out / name / runfolder.WEIGHTS).is_file() and (out / name / runfolder.METRICS).is_file()
+        assert len(runfolder.read_json(out / name / runfolder.HISTORY)) == (5 if name == "sgd" else 3)

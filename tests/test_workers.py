@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from convnet.cli import main
-from convnet.loadtest import multipart_body
-from convnet.workers import MAX_WORKERS
+from convnet.cli.parser import main
+from convnet.use.loadtest import multipart_body
+from convnet.use.workers import MAX_WORKERS
 
 from .test_serve import fastnet_onnx, grey_png
 from .test_servemetrics import samples, value

@@ -1,3 +1,3 @@
-from convnet.cli import main
+from convnet.cli.parser import main
 
 raise SystemExit(main())

@@ -3,10 +3,10 @@
 :class:`ConvNetClassifier` keeps scikit-learn's contract: the constructor only stores its
 parameters (the training settings, by the names ``convnet train`` uses), ``fit`` returns
 ``self``, what is learned ends in ``_``. It trains with the one loop in
-:mod:`convnet.training`, predicts with :func:`~convnet.inference.infer`, and saves a normal run
+:mod:`convnet.training.loop`, predicts with :func:`~convnet.models.inference.infer`, and saves a normal run
 folder. ``X`` is images: arrays or tensors ``(N, H, W)``, ``(N, C, H, W)``, ``(N, H, W, C)``
 or flattened ``(N, H*W)``, a list of PIL images or of image files (see
-:func:`convnet.arrays.as_images`); ``y`` any labels scikit-learn accepts.
+:func:`convnet.data.arrays.as_images`); ``y`` any labels scikit-learn accepts.
 
 scikit-learn's own estimator checks that fit on tabular data (a few numbers per row,
 often negative) cannot pass: such rows are not images. ``docs/ESTIMATOR.md`` lists them.
@@ -30,20 +30,20 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
-from convnet import runs
-from convnet.arrays import as_images, spec_of
-from convnet.config import TrainConfig, TrainRequest
-from convnet.dataoptions import LAYOUTS, DataOptions
-from convnet.datatypes import Dataset, InputSpec, Split
-from convnet.engine import make_engine
-from convnet.errors import InputError, RunError
-from convnet.evaluation import SplitScores, evaluate
-from convnet.loadrun import load_run
-from convnet.models import Calibrated, count_parameters, create_model, uncalibrated
-from convnet.options import ESTIMATOR, RECIPE, Option, option, taken_by
-from convnet.prediction import Predictor
-from convnet.report import write_plots
-from convnet.trainrun import train_run
+from convnet.core import runfolder
+from convnet.core.errors import InputError, RunError
+from convnet.core.options import ESTIMATOR, RECIPE, Option, option, taken_by
+from convnet.data.arrays import as_images, spec_of
+from convnet.data.dataset import Dataset, InputSpec, Split
+from convnet.data.options import LAYOUTS, DataOptions
+from convnet.models.engine import make_engine
+from convnet.models.networks import Calibrated, count_parameters, create_model, uncalibrated
+from convnet.training.config import TrainConfig, TrainRequest
+from convnet.training.run import train_run
+from convnet.trust.evaluation import SplitScores, evaluate
+from convnet.trust.report import write_plots
+from convnet.use.loadrun import load_run
+from convnet.use.prediction import Predictor
 
 
 @dataclass
@@ -125,7 +125,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any) -> ConvNetClassifier:
         """Train on images ``X`` with labels ``y`` (a fresh model, unless ``warm_start``),
-        through the one path every run trains by (:func:`convnet.trainrun.train_run`);
+        through the one path every run trains by (:func:`convnet.training.run.train_run`);
         nothing is written to disk.
 
         Raises:
@@ -219,18 +219,19 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         test = self._held_out(X_test, y_test)
-        run_dir = runs.new_run_dir(path, f"{self.config_.model}-{self.config_.optimizer}")
+        run_dir = runfolder.new_run_dir(path, f"{self.config_.model}-{self.config_.optimizer}")
         data: dict[str, Any] = {"name": "arrays", "train_images": getattr(self, "_train_images", None)}
         if test is not None:  # written before config.json names it
-            data.update(test_images=len(test[1]), test_data=runs.write_test_data(run_dir, *test))
+            data.update(test_images=len(test[1]), test_data=runfolder.write_test_data(run_dir, *test))
         engine = make_engine(self.device, faithful=self.config_.faithful)
         model, temperature = uncalibrated(self.model_)
-        runs.write_config(run_dir, asdict(self.config_), self.input_spec_, engine.describe(), count_parameters(model),
-                          data, estimator={"params": self.get_params(), "classes": self.classes_.tolist()})
-        runs.write_history(run_dir, self.history_)
-        runs.write_weights(run_dir, model, self.config_.model)
+        runfolder.write_config(run_dir, asdict(self.config_), self.input_spec_, engine.describe(),
+                               count_parameters(model), data,
+                               estimator={"params": self.get_params(), "classes": self.classes_.tolist()})
+        runfolder.write_history(run_dir, self.history_)
+        runfolder.write_weights(run_dir, model, self.config_.model)
         if temperature is not None:
-            runs.write_calibration(run_dir, {"temperature": temperature, "fitted_on": "validation split"})
+            runfolder.write_calibration(run_dir, {"temperature": temperature, "fitted_on": "validation split"})
         if test is not None:
             self._write_scores(run_dir, *test)
         return run_dir
@@ -264,7 +265,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
                                                                                 or 0.0)))
         record = evaluation.to_json()
         record["train"]["measured"] = "on the training batches during the last epoch (no training images are kept)"
-        runs.write_metrics(run_dir, record)
+        runfolder.write_metrics(run_dir, record)
         write_plots(run_dir, evaluation, images, p.model)
 
     @classmethod
@@ -276,7 +277,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         Raises:
             RunError: not a run folder, or its weights are missing or damaged.
         """
-        run = runs.open_run(path)
+        run = runfolder.open_run(path)
         saved = run.config.get("estimator", {})
         names = cls._get_param_names()
         if isinstance(saved, dict) and isinstance(saved.get("params"), dict):
@@ -293,7 +294,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
             clf = cls(**params)
             clf.config_ = TrainConfig.from_dict(run.config["train"])
         except TypeError as e:
-            raise RunError(f"{run.path / runs.CONFIG}: estimator parameters do not fit ({e}); the run folder is "
+            raise RunError(f"{run.path / runfolder.CONFIG}: estimator parameters do not fit ({e}); the run folder is "
                            "damaged") from None
         loaded = load_run(run, engine=make_engine(clf.device, faithful=clf.config_.faithful))
         clf.model_, clf.input_spec_, clf.classes_ = loaded.model, loaded.spec, loaded.labels
@@ -301,7 +302,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         clf._train_images = run.config["data"].get("train_images")
         return clf
 
-    # --- pickling: the weights travel as safetensors bytes, the network is built anew
+    # --- pickling: the weights travel as safetensors bytes, the network is built anew; the settings and the
+    # input spec as plain data, so that a pickle names no class of convnet's but this one
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
@@ -310,9 +312,15 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
             weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             state["model_"] = {"safetensors": save_safetensors(weights), "model": self.config_.model,
                                "temperature": temperature}
+            state["config_"] = {"train": asdict(self.config_)}
+            state["input_spec_"] = {"input": self.input_spec_.to_json()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("config_"), dict):
+            state = {**state, "config_": TrainConfig.from_dict(state["config_"]["train"])}
+        if isinstance(state.get("input_spec_"), dict):
+            state = {**state, "input_spec_": InputSpec.from_json(state["input_spec_"]["input"], "a pickled estimator")}
         saved = state.get("model_")
         if isinstance(saved, dict) and "safetensors" in saved:
             spec: InputSpec = state["input_spec_"]

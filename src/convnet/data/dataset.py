@@ -1,0 +1,208 @@
+"""Data set types: the input spec, splits of images and labels, and ways to divide them.
+
+A split keeps images the way they are stored, uint8 ``(N, C, H, W)``, and scales a batch
+to float in [0, 1] only when it is taken (:func:`to_float`): Fashion-MNIST stays at 47 MB
+instead of 188 MB and lives whole on a GPU. A data set too large for memory keeps its
+images in its cache file (:class:`DiskImages`) and reads a batch at a time.
+
+What a trained model expects of an image is its :class:`~convnet.core.inputspec.InputSpec`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from convnet.core.errors import DataError
+from convnet.core.inputspec import InputSpec
+from convnet.data.arrayfiles import NpyFile
+from convnet.data.options import check_subset
+
+
+class DiskImages:
+    """uint8 images ``(N, C, H, W)`` left in a ``.npy`` file and read on demand: indexing
+    with a slice or with row numbers reads just those rows (one positioned read each), so
+    memory stays bounded whatever the file's size. ``rows`` selects and orders a subset.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], rows: np.ndarray | None = None) -> None:
+        self.file = NpyFile(path)
+        if self.file.dtype != np.uint8 or len(self.file.shape) != 4:
+            raise DataError(f"{path}: expected uint8 images (N, C, H, W), found {self.file.dtype} {self.file.shape}")
+        self.rows = np.arange(len(self.file)) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.file.shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice | torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(index, slice):
+            rows = self.rows[index]
+        else:
+            rows = self.rows[np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index)]
+        return torch.from_numpy(self.file.take(rows))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * self.file.row_bytes
+
+    def load(self) -> torch.Tensor:
+        """These images, read into memory."""
+        return torch.from_numpy(self.file.take(self.rows))
+
+    def subset(self, rows: np.ndarray | torch.Tensor) -> DiskImages:
+        """The images at ``rows`` of this one, still on disk."""
+        out = DiskImages.__new__(DiskImages)
+        out.file, out.rows = self.file, self.rows[np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows)]
+        return out
+
+
+Images = torch.Tensor | DiskImages
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images ``(N, C, H, W)`` uint8 (in memory, or :class:`DiskImages`) and labels ``(N,)`` int64."""
+
+    images: Images
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> Split:
+        """The split on ``device``; images on disk stay there (batches move as they are read)."""
+        images = self.images if isinstance(self.images, DiskImages) else self.images.to(device)
+        return Split(images, self.labels.to(device))
+
+    def take(self, rows: torch.Tensor | np.ndarray | slice) -> Split:
+        """The images and labels at ``rows`` (a copy in memory; a view for images on disk)."""
+        if isinstance(self.images, DiskImages):
+            if isinstance(rows, slice):
+                rows = np.arange(len(self))[rows]
+            images: Images = self.images.subset(rows)
+        else:
+            images = self.images[rows]
+        labels = self.labels[rows if not isinstance(rows, np.ndarray) else torch.from_numpy(rows)]
+        return Split(images, labels)
+
+    def first(self, n: int | None) -> Split:
+        """The first ``n`` images (all of them when ``n`` is None)."""
+        return self if n is None or n >= len(self) else self.take(slice(0, n))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled image data set: its input spec, a training and a test split.
+
+    Attributes:
+        name: ``fashion-mnist``, ``mnist``, ``cifar10`` or ``folder``.
+        spec: channels, size, class names and preprocessing of its images.
+        source: where the images were read from (a folder, absolute).
+        subset: only the first ``subset`` training images were kept.
+        origin: how to load the same data again, recorded in the run's ``config.json``
+            (for a folder of images: its layout, image size, channels, split settings).
+        notes: things a user should know about how it was read (files passed over …).
+        files: for a folder of images, the files of each split (``train``, ``test``),
+            relative to ``source``, in the order of the splits' images.
+        skipped: images left out because they could not be decoded.
+    """
+
+    name: str
+    spec: InputSpec
+    train: Split
+    test: Split
+    source: str
+    subset: int | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    files: dict[str, list[str]] | None = None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.spec.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return self.spec.shape
+
+    def first(self, subset: int | None) -> Dataset:
+        """The data set with only the first ``subset`` training images (the test split whole)."""
+        if subset is None:
+            return self
+        check_subset(subset)
+        files = None if self.files is None else {**self.files, "train": self.files["train"][:subset]}
+        return replace(self, train=self.train.first(subset), subset=subset, files=files)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """Scale uint8 images to float32 in [0, 1], the tutorial's ``X / 255.0``."""
+    return images.float() / 255.0
+
+
+def batches(n: int, batch_size: int, *, drop_last: bool = False) -> Sequence[slice]:
+    """Slices ``[0:b], [b:2b], …`` covering ``n`` items; the last may be short."""
+    stop = n - n % batch_size if drop_last else n
+    return [slice(start, min(start + batch_size, n)) for start in range(0, stop, batch_size)]
+
+
+def stratified_split(labels: torch.Tensor | np.ndarray, fraction: float, seed: int, flag: str) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """Row numbers ``(kept, held_out)``, ``fraction`` of every class held out, chosen by
+    ``seed`` (scikit-learn's ``train_test_split(stratify=...)``); both in ascending order.
+
+    Raises:
+        DataError: naming ``flag`` when the fraction is out of range or leaves a class,
+            or a side, empty.
+    """
+    from sklearn.model_selection import train_test_split  # imported here: scikit-learn is slow to import
+
+    if not 0 < fraction < 1:
+        raise DataError(f"{flag} must be a fraction between 0 and 1, got {fraction}")
+    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    counts = np.bincount(y)
+    if (counts[counts > 0] < 2).any():
+        lonely = int(np.flatnonzero(counts == 1)[0])
+        raise DataError(f"{flag} {fraction}: class {lonely} has a single image, which cannot be on both sides; "
+                        "add images of it")
+    rows = np.arange(len(y))
+    try:
+        kept, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError as e:
+        raise DataError(f"{flag} {fraction} cannot divide {len(y)} images of {int((counts > 0).sum())} classes: "
+                        f"{e}") from None
+    return np.sort(kept), np.sort(held)
+
+
+def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out ``fraction`` of ``split`` for validation, stratified, chosen by ``seed``.
+
+    Returns:
+        ``(train, validation)``, each in the original order.
+    """
+    kept, held = stratified_split(split.labels, fraction, seed, "--val-split")
+    return split.take(torch.from_numpy(kept)), split.take(torch.from_numpy(held))
+
+
+def source_path(path: str | os.PathLike[str]) -> str:
+    """The folder made absolute, so that a run folder's record of it holds from any working directory."""
+    return os.path.abspath(Path(path))

@@ -1,0 +1,117 @@
+"""Which data a command or a run uses, as one entry point for every kind: a named data
+set (:mod:`convnet.data.catalog`) or a folder of images (:mod:`convnet.data.folders`).
+
+:class:`DataOptions` holds the data flags, checked before anything is read;
+:func:`load_data` reads what they name; :func:`run_data` reads a run's own data again,
+split as the run recorded it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convnet.core import runfolder
+from convnet.core.errors import RunError
+from convnet.data.catalog import DATASETS
+from convnet.data.dataset import Dataset, Split
+from convnet.data.folders import load_folder
+from convnet.data.named import load_dataset
+from convnet.data.options import DataOptions
+
+
+def load_data(options: DataOptions, *, progress: bool = True, files: dict[str, list[str]] | None = None) -> Dataset:
+    """The data ``options`` name: a named data set or a folder of images.
+
+    Args:
+        options: what to load (validated here).
+        progress: show a bar while a folder's images are decoded.
+        files: for a folder, the files of each split (``{"train": [...], "test": [...]}``)
+            as a run recorded them, instead of dividing the folder anew.
+    """
+    options.validate()
+    if options.folder is not None:
+        dataset = load_folder(options.folder, image_size=options.image_size, channels=options.channels,
+                              test_split=options.test_split, skip_bad_images=options.skip_bad_images,
+                              hflip=options.hflip, memory_budget_mb=options.memory_budget_mb,
+                              cache_dir=options.cache_dir, subset=options.subset, progress=progress, files=files)
+    else:
+        dataset = load_dataset(options.name, options.data_dir, subset=options.subset, cache_dir=options.cache_dir)
+    if options.hflip is not None and options.hflip != dataset.spec.hflip:
+        dataset = replace(dataset, spec=replace(dataset.spec, hflip=options.hflip))
+    return dataset
+
+
+def run_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None, *, progress: bool = True,
+             split: dict[str, Any] | None = None) -> Dataset:
+    """The data set a run was trained on, split as it was: for a folder of images the
+    recorded files of each split (``split``, else the run's ``split.json``); for a named
+    set the same subset, from ``data_dir`` if given, else from the folder it was read from
+    if that still exists, else found as usual; for images given in Python the held-out
+    images :meth:`ConvNetClassifier.save <convnet.estimator.ConvNetClassifier.save>` kept
+    (no training images are kept: the training split is empty, and its accuracy not measured).
+
+    Raises:
+        RunError: the data found is not the run's (other counts, sizes or classes).
+    """
+    data = run.config["data"]
+    spec = run.spec
+    if data.get("kind") == "folder":
+        if split is None and (run.path / runfolder.SPLIT).is_file():
+            split = runfolder.read_json(run.path / runfolder.SPLIT)
+        if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "test")):
+            raise RunError(f"{run.path / runfolder.SPLIT}: missing or damaged; it lists the files of each split")
+        options = DataOptions(folder=str(data_dir or data["source"]), subset=data.get("subset"),
+                              image_size=(spec.height, spec.width), channels=spec.channels,
+                              test_split=float(data.get("test_split", 0.2)),
+                              skip_bad_images=bool(data.get("skip_bad_images", False)), hflip=spec.hflip)
+        dataset = load_data(options, progress=progress, files=split)
+    elif data.get("test_data") is not None:
+        return _kept_test_data(run, data_dir)
+    elif data.get("name") not in DATASETS:
+        raise RunError(f"{run.path} keeps no images to score on (it was trained on images given in Python, "
+                       f"{data.get('name')!r}); pass X_test, y_test to save(): clf.save(DIR, X_test, y_test) keeps "
+                       "held-out images for `convnet evaluate`, `report` and `export` (`predict` and `serve` work "
+                       "without them)")
+    else:
+        if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
+            data_dir = data["source"]
+        dataset = load_dataset(data["name"], data_dir, subset=data.get("subset"))
+    if data.get("train_images") not in (None, len(dataset.train)):
+        raise RunError(f"{run.path} was trained on {data['train_images']} {data['name']} images from "
+                       f"{data.get('source')}, but {dataset.source} holds {len(dataset.train)}; "
+                       "pass --data-dir with the run's own data")
+    if dataset.spec.shape != spec.shape or dataset.classes != spec.classes:
+        raise RunError(f"{run.path} was trained on {spec.shape} images of {len(spec.classes)} classes, but "
+                       f"{dataset.source} holds {dataset.spec.shape} images of {dataset.num_classes}; "
+                       "give the run's own data")
+    return replace(dataset, spec=spec)
+
+
+def _kept_test_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
+    """The held-out images and labels a saved estimator keeps (``runfolder.TEST_DATA``, named by
+    the run's ``data.test_data``), read from ``data_dir`` if given, else from the run folder
+    (or the folder of an .onnx file exported from it). No training images are kept: the
+    training split is empty, so evaluation reports its accuracy as not measured.
+
+    Raises:
+        RunError: the file is missing, or not images in the run's input spec with class indices.
+    """
+    name = run.config["data"]["test_data"]
+    if not isinstance(name, str) or Path(name).name != name:  # a file beside config.json, nowhere else
+        raise RunError(f"{run.path}: malformed data.test_data ({name!r}) in its config; the run folder is damaged")
+    path = Path(data_dir or (run.path if run.path.is_dir() else run.path.parent)) / name
+    tensors = runfolder.load_tensors(path)
+    images, labels, spec = tensors.get("images"), tensors.get("labels"), run.spec
+    if (images is None or labels is None or images.dtype != torch.uint8 or tuple(images.shape[1:]) != spec.shape
+            or labels.dtype != torch.int64 or tuple(labels.shape) != (len(images),) or len(labels) == 0
+            or int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
+        raise RunError(f"{path}: not uint8 images {spec.shape} with their class indices (0 to "
+                       f"{spec.num_classes - 1}); the run folder is damaged")
+    held_out = Split(images, labels)
+    none = Split(images[:0], labels[:0])
+    return Dataset(str(run.config["data"]["name"]), spec, none, held_out, source=str(path.resolve()))

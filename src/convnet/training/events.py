@@ -1,0 +1,169 @@
+"""The training loop's events: hooks that do nothing unless overridden, and the ones
+convnet uses: validation, stopping at a target accuracy, printing, keeping the run folder.
+
+The loop calls them in the order given; an event that fills in the epoch's record
+(validation, test accuracy) comes before one that prints or writes it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch import nn
+
+from convnet.core import runfolder
+from convnet.core.progress import Bar
+from convnet.data.dataset import Split
+from convnet.models.inference import infer
+from convnet.training.checkpoint import save_checkpoint
+from convnet.training.state import TrainState
+
+
+class TrainEvents:
+    """Hooks the loop calls; each does nothing unless a subclass overrides it."""
+
+    def on_train_start(self, state: TrainState, num_images: int) -> None: ...
+
+    def on_batch_end(self, state: TrainState, num_images: int) -> None: ...
+
+    def on_epoch_end(self, state: TrainState) -> None: ...
+
+    def on_train_end(self, state: TrainState) -> None: ...
+
+
+class EventList(TrainEvents):
+    """Several events, called in order."""
+
+    def __init__(self, *events: TrainEvents) -> None:
+        self.events = events
+
+    def on_train_start(self, state: TrainState, num_images: int) -> None:
+        for e in self.events:
+            e.on_train_start(state, num_images)
+
+    def on_batch_end(self, state: TrainState, num_images: int) -> None:
+        for e in self.events:
+            e.on_batch_end(state, num_images)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        for e in self.events:
+            e.on_epoch_end(state)
+
+    def on_train_end(self, state: TrainState) -> None:
+        for e in self.events:
+            e.on_train_end(state)
+
+
+def score(model: nn.Module, split: Split, state: TrainState, tta: bool) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split``."""
+    logits = infer(model, split.images, engine=state.engine, tta=tta)
+    labels = split.labels.cpu()
+    return float(nn.functional.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
+
+
+class Validation(TrainEvents):
+    """Loss and accuracy on held-out images after every epoch (``val_loss``, ``val_accuracy``)."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        record = state.history[-1]
+        record.val_loss, record.val_accuracy = score(state.final_model, self.split, state, state.config.tta)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T that minimises the negative log-likelihood of ``softmax(logits /
+    T)`` on held-out images (Guo et al., 2017), searched over log T in [-4, 4]."""
+    from scipy.optimize import minimize_scalar
+
+    z, y = logits.double().cpu(), labels.cpu()
+    found = minimize_scalar(lambda log_t: float(nn.functional.cross_entropy(z / math.exp(log_t), y)),
+                            bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-6})
+    return math.exp(float(found.x))
+
+
+class Calibrate(TrainEvents):
+    """At the end of training: the temperature that calibrates the final model's
+    probabilities on ``split`` (held-out images), in ``state.calibration``."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def on_train_end(self, state: TrainState) -> None:
+        logits = infer(state.final_model, self.split.images, engine=state.engine, tta=state.config.tta)
+        labels = self.split.labels.cpu()
+        t = fit_temperature(logits, labels)
+        loss = nn.functional.cross_entropy
+        state.calibration = {"temperature": t, "fitted_on": "validation split", "images": len(labels),
+                             "nll_before": float(loss(logits, labels)), "nll_after": float(loss(logits / t, labels))}
+
+
+class StopAtAccuracy(TrainEvents):
+    """Measure the accuracy on ``split`` after every epoch (``test_accuracy``) and stop
+    training once it reaches ``target``: a time-to-accuracy run."""
+
+    def __init__(self, split: Split, target: float, *, tta: bool = False) -> None:
+        self.split, self.target, self.tta = split, target, tta
+        self.logits: torch.Tensor | None = None  # of the last measurement, for whoever scores the final model
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        self.logits = infer(state.final_model, self.split.images, engine=state.engine, tta=self.tta)
+        accuracy = float((self.logits.argmax(1) == self.split.labels.cpu()).float().mean())
+        state.history[-1].test_accuracy = accuracy
+        state.stop = state.stop or accuracy >= self.target
+
+
+class ConsolePrinter(TrainEvents):
+    """A live bar during each epoch (terminals only) and one line per epoch, in the
+    tutorial's words: ``Categorical Cross Entropy : 0.432``."""
+
+    def __init__(self, stream: TextIO | None = None, progress: bool = True) -> None:
+        self.stream = stream or sys.stdout
+        self.progress = progress
+        self.bar: Bar | None = None
+        self.num_images = 0
+
+    def on_train_start(self, state: TrainState, num_images: int) -> None:
+        self.num_images = num_images
+
+    def on_batch_end(self, state: TrainState, num_images: int) -> None:
+        if self.bar is None:
+            self.bar = Bar(self.num_images, f"epoch {state.epoch + 1}/{state.config.epochs}", enabled=self.progress)
+        self.bar.update(num_images)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        r = state.history[-1]
+        width = len(str(state.config.epochs))
+        extra = f"  accuracy {r.accuracy:.4f}" if r.accuracy is not None else ""
+        if r.val_loss is not None:
+            extra += f"  val loss {r.val_loss:.3f} accuracy {r.val_accuracy:.4f}"
+        if r.test_accuracy is not None:
+            extra += f"  test accuracy {r.test_accuracy:.4f}"
+        print(f"Categorical Cross Entropy : {r.loss:.3f}   epoch {r.epoch:>{width}}/{state.config.epochs}"
+              f"  {r.seconds:6.1f} s  {r.images_per_s:8,.0f} images/s{extra}", file=self.stream, flush=True)
+
+
+class RunWriter(TrainEvents):
+    """Keeps the run folder current: history every epoch, a checkpoint every epoch
+    (weights, optimizer state, random states), the final weights at the end."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        runfolder.write_history(self.run_dir, [asdict(r) for r in state.history])
+        save_checkpoint(self.run_dir / runfolder.CHECKPOINT, state)
+
+    def on_train_end(self, state: TrainState) -> None:
+        runfolder.write_weights(self.run_dir, state.final_model, state.config.model)
+        if state.calibration is not None:
+            runfolder.write_calibration(self.run_dir, state.calibration)

@@ -1,0 +1,72 @@
+"""The training loop's state, as the loop hands it to its events and to checkpoints: the
+live model, optimizer and random generators, the moving average of the weights, the
+epochs done. It lives below :mod:`convnet.training.loop`, :mod:`convnet.training.events` and
+:mod:`convnet.training.checkpoint`, which all read it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from convnet.data.dataset import InputSpec
+from convnet.models.engine import Engine
+from convnet.training.config import EpochRecord, TrainConfig
+
+
+class EMA:
+    """An exponential moving average of a model's weights and buffers, updated in place
+    after every step, so that it can be part of a step replayed as a CUDA graph.
+
+    The decay warms up: after ``n`` updates it is ``min(decay, (1 + n) / (10 + n))``, so a
+    short run (a small data set, few steps) averages its recent weights rather than its
+    first ones. :attr:`module` is the averaged model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        device = next(model.parameters()).device
+        self.updates = torch.zeros((), device=device)  # a tensor: counted inside a CUDA graph too
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(), strict=True))
+        self.floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+        self.others = [(a, b) for a, b in pairs if not a.is_floating_point()]  # batch norm's step counters
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates.add_(1)
+        decay = torch.clamp((1 + self.updates) / (10 + self.updates), max=self.decay)
+        ema, live = (list(t) for t in zip(*self.floats, strict=True))
+        torch._foreach_mul_(ema, decay)
+        torch._foreach_add_(ema, torch._foreach_mul(live, 1 - decay))
+        for a, b in self.others:
+            a.copy_(b)
+
+
+@dataclass
+class TrainState:
+    """What the loop hands to events: the live objects and the history so far."""
+
+    config: TrainConfig
+    spec: InputSpec
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    engine: Engine
+    shuffle_rng: torch.Generator
+    augment_rng: torch.Generator
+    ema: EMA | None = None  # the moving average of the weights, with --ema
+    epoch: int = 0  # epochs completed
+    history: list[EpochRecord] = field(default_factory=list)
+    stop: bool = False  # an event sets this to end training after the current epoch
+    calibration: dict[str, Any] | None = None  # the temperature fitted at the end (--calibrate), and on what
+
+    @property
+    def final_model(self) -> nn.Module:
+        """The model to evaluate and keep: the weights' moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
