@@ -25,7 +25,7 @@ from convnet.training.recipes import RECIPE_FIELDS, read_recipe_file
 optuna = pytest.importorskip("optuna")
 
 TRIALS = 6
-SMALL = ["--param", "model=seed", "--param", "epochs=1:2", "--param", "batch_size=32", "--subset", "200"]
+SMALL = ["--param", "model=seed", "--param", "epochs=1", "--param", "batch_size=32", "--subset", "200"]
 
 
 @pytest.fixture(scope="module")
