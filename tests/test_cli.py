@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from convnet.cli.parser import main
@@ -210,24 +211,32 @@ def test_resume_refuses_settings_it_would_ignore(trained: tuple[Path, Path],
     assert sorted(p.name for p in run.iterdir()) == before
 
 
-def test_a_target_accuracy_run_reuses_its_last_test_measurement(tmp_path: Path, toy_dir: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """Timed to a test accuracy: the test split is not scored again, nor the training
-    split (evaluate does that later)."""
+def test_a_target_accuracy_watches_validation_and_the_test_split_is_scored_once(
+        tmp_path: Path, toy_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--target-accuracy stops on the validation accuracy; the test images reach a model once, at the end."""
+    import convnet.training.events
+    import convnet.trust.evaluation
+
+    test_images = load_dataset("fashion-mnist", toy_dir).test.images
+    scored_on, real = [], convnet.trust.evaluation.infer
+
+    def counting(model, images, **kwargs):  # type: ignore[no-untyped-def]
+        scored_on.append(len(images) == len(test_images) and bool(torch.equal(images, test_images)))
+        return real(model, images, **kwargs)
+
+    for module in (convnet.trust.evaluation, convnet.training.events):
+        monkeypatch.setattr(module, "infer", counting)
     run = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--recipe", "tutorial", "--model", "fastnet",
                  "--lr", "0.003", "--epochs", "30", "--batch-size", "32", "--target-accuracy", "0.5", "--out", str(run),
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "Train Accuracy : not measured (a --target-accuracy run" in out, out
-    metrics = json.loads((run / runfolder.METRICS).read_text())
     history = json.loads((run / runfolder.HISTORY).read_text())
-    assert metrics["train"]["accuracy"] is None
-    assert metrics["test"]["accuracy"] == pytest.approx(history[-1]["test_accuracy"])
-    assert metrics["test"]["accuracy"] >= 0.5 and len(history) < 30
-    assert main(["evaluate", "--device", "cpu", str(run), "--json"]) == 0
-    scored = json.loads(capsys.readouterr().out)
-    assert 0 < scored["train"]["accuracy"] <= 1 and scored["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert history[-1]["val_accuracy"] >= 0.5 and len(history) < 30 and "reached --target-accuracy 0.5" in out, out
+    assert all(h["test_accuracy"] is None for h in history)
+    assert scored_on.count(True) == 1 and len(scored_on) > len(history)  # the test split once; validation per epoch
+    metrics = json.loads((run / runfolder.METRICS).read_text())
+    assert 0 < metrics["train"]["accuracy"] <= 1 and 0 < metrics["test"]["accuracy"] <= 1
 
 
 def test_a_small_data_set_is_trained_sized_and_says_so(tmp_path: Path, toy_dir: Path,
@@ -241,11 +250,12 @@ def test_a_small_data_set_is_trained_sized_and_says_so(tmp_path: Path, toy_dir: 
                  "--out", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "passes over" in line)
-    assert line.startswith("24 epochs of 10 passes over 100 images (192 steps of 128): sized to the data"), line
+    assert line.startswith("24 epochs of 11 passes over 90 images (192 steps of 128): sized to the data"), line
+    assert "validation: 10 of the 100 training images (--val-split 0.1, stratified, --seed 42)" in out, out
     history = json.loads((run / runfolder.HISTORY).read_text())
     assert len(history) == 24 and history[0]["images_per_s"] > 0
     config = json.loads((run / runfolder.CONFIG).read_text())["train"]
-    assert config["repeats"] == 10 and config["epochs"] == 24  # recorded: --resume goes on the same way
+    assert config["repeats"] == 11 and config["epochs"] == 24  # recorded: --resume goes on the same way
     assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--subset", "100", "--model", "seed",
                  "--epochs", "2", "--out", str(tmp_path / "given"), "--no-progress"]) == 0
     assert "passes over" not in capsys.readouterr().out
@@ -282,7 +292,7 @@ def test_imbalanced_classes_are_named_in_one_line_with_both_remedies(tmp_path: P
             "--test-split", "0.2"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("convnet: imbalanced")]
-    assert warnings == ["convnet: imbalanced classes: 'common' has 24 training images, 'rare' 4 (6x); "
+    assert warnings == ["convnet: imbalanced classes: 'common' has 21 training images, 'rare' 4 (5x); "
                         "--class-weight balanced or --sampler balanced gives the small classes more weight"]
     for remedy in (["--class-weight", "balanced"], ["--sampler", "balanced"]):
         assert main([*args, *remedy, "--out", str(tmp_path / remedy[0].strip("-"))]) == 0

@@ -110,7 +110,7 @@ def test_small_data_is_repeated_to_the_sized_number_of_images_per_epoch() -> Non
 
 
 def test_sizing_leaves_given_epochs_the_tutorial_and_faithful_runs_as_they_were() -> None:
-    from convnet.training.recipes import SIZED_IMAGES, resolve_run
+    from convnet.training.recipes import SIZED_IMAGES, resolve_run, trained_images
 
     def repeats(recipe_name: str | None, overrides: dict[str, object], faithful: bool = False) -> int:
         config, _ = resolve_run(recipe_name, {**overrides, "faithful": faithful}, device_type="cpu", hflip=True,
@@ -119,8 +119,9 @@ def test_sizing_leaves_given_epochs_the_tutorial_and_faithful_runs_as_they_were(
 
     assert repeats(None, {}) > 1 and repeats("gpu", {}) > 1
     assert repeats(None, {"epochs": 24}) == 1 and repeats("tutorial", {}) == 1 and repeats(None, {}, True) == 1
-    held_out, _ = resolve_run(None, {"val_split": 0.5}, device_type="cpu", hflip=True, train_images=300)
-    assert held_out.repeats == round(SIZED_IMAGES / 150)  # sized to the 150 images trained on, not the 300 given
+    trained = trained_images(300, 0.5)  # what a search's trials count: the images trained on, validation held out
+    held_out, _ = resolve_run(None, {"val_split": 0.5}, device_type="cpu", hflip=True, train_images=trained)
+    assert trained == 150 and held_out.repeats == round(SIZED_IMAGES / 150)
 
 
 def test_fine_tuning_freezes_an_eighth_of_the_epochs_and_never_all() -> None:

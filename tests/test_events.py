@@ -72,18 +72,26 @@ def test_a_target_accuracy_stops_training_and_keeps_its_logits() -> None:
     assert float((stop.logits.argmax(1) == test.labels).float().mean()) == result.history[-1].test_accuracy
 
 
-def test_a_target_accuracy_without_images_to_measure_it_on_is_refused() -> None:
-    with pytest.raises(ConvnetError, match="--target-accuracy needs the images to measure it on"):
-        train(TrainConfig(model="seed", epochs=1, target_accuracy=0.9), _split(16, 0), SPEC)
+def test_a_target_accuracy_or_patience_without_validation_is_refused() -> None:
+    for watch in ({"target_accuracy": 0.9}, {"patience": 2}):
+        with pytest.raises(ConvnetError, match="watch the validation accuracy; --val-split 0 holds no images out"):
+            train(TrainConfig(model="seed", epochs=1, val_split=0.0, **watch), _split(16, 0), SPEC)
 
 
-def test_the_printer_writes_the_tutorials_line_per_epoch() -> None:
+def test_the_printer_writes_the_tutorials_line_per_epoch_and_the_epoch_kept() -> None:
     out = io.StringIO()
-    train(TrainConfig(model="seed", epochs=2, batch_size=16), _split(32, 0), SPEC,
+    train(TrainConfig(model="seed", epochs=2, batch_size=16, val_split=0.0), _split(32, 0), SPEC,
           events=ConsolePrinter(out, progress=False))
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and all(line.startswith("Categorical Cross Entropy : ") for line in lines)
     assert "epoch 1/2" in lines[0] and "epoch 2/2" in lines[1] and "images/s" in lines[0]
+    out = io.StringIO()
+    result = train(TrainConfig(model="seed", epochs=2, batch_size=16), _split(32, 0), SPEC,
+                   events=ConsolePrinter(out, progress=False))
+    *epochs, kept = out.getvalue().splitlines()
+    assert len(epochs) == 2 and all("val loss" in line for line in epochs) and result.best is not None
+    assert epochs[result.best["epoch"] - 1].endswith("  best")
+    assert kept.startswith(f"kept the weights of epoch {result.best['epoch']} (validation accuracy ")
 
 
 def test_the_run_writer_keeps_history_and_checkpoint_current(tmp_path: Path) -> None:

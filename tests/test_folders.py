@@ -185,7 +185,8 @@ def test_skip_bad_images_trains_and_lists_them(tmp_path: Path, cache: Path) -> N
     config = json.loads((out / runfolder.CONFIG).read_text())
     assert config["input"]["channels"] == 3 and (config["input"]["height"], config["input"]["width"]) == (20, 20)
     split = json.loads((out / runfolder.SPLIT).read_text())
-    assert len(split["train"]) + len(split["test"]) == 11 and "blue/broken.png" not in split["train"] + split["test"]
+    everything = split["train"] + split["val"] + split["test"]
+    assert len(everything) == 11 and "blue/broken.png" not in everything
 
 
 def test_every_mode_becomes_the_specs_channels(tmp_path: Path, cache: Path) -> None:
@@ -350,7 +351,8 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
         metrics = json.loads((tmp_path / budget / runfolder.METRICS).read_text())
         assert metrics["train"]["accuracy"] > 0.9, metrics["train"]  # every image was read: the class is learnt
         data = json.loads((tmp_path / budget / runfolder.CONFIG).read_text())["data"]
-        assert (data["train_images"], data["test_images"]) == (1.6 * PER_CLASS, 0.4 * PER_CLASS), data  # no subset
+        assert (data["train_images"], data["val_images"], data["test_images"]) == (  # no subset; 0.1 validation
+            1.44 * PER_CLASS, 0.16 * PER_CLASS, 0.4 * PER_CLASS), data
     cache_mib = 2 * PER_CLASS * 3 * 64 * 64 / 2**20  # 23 MiB
     # what streaming saves is the images themselves: in memory the peak holds them all; streamed, it holds a
     # batch and the blocks the cache's checksum is read in (4 MiB each), well under half of them

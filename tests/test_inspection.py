@@ -109,7 +109,8 @@ def test_inspect_a_run_in_the_terminal_as_json_as_csv_and_in_the_report(
     kept = list((trained_run / "inspect").glob("train-folds-2-*.safetensors"))
     from convnet.core import runfolder
 
-    assert len(kept) == 1 and runfolder.load_tensors(kept[0])["probabilities"].shape == (200, 10)
+    # the training split's 180 images (20 of the 200 are the validation split)
+    assert len(kept) == 1 and runfolder.load_tensors(kept[0])["probabilities"].shape == (180, 10)
     assert (trained_run / "plots" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert (trained_run / "plots" / "mistakes_explained.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -243,5 +244,5 @@ def test_inspect_fits_the_temperature_on_out_of_fold_probabilities(
     assert main(["inspect", str(run), "--device", "cpu", "--train-folds", "2", "--calibrate", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     kept = json.loads((run / "calibration.json").read_text())
-    assert kept["fitted_on"] == "out-of-fold probabilities of 2 folds" and kept["images"] == 200
+    assert kept["fitted_on"] == "out-of-fold probabilities of 2 folds" and kept["images"] == 180
     assert found["temperature"] == kept["temperature"] and found["train_folds"]["folds"] == 2

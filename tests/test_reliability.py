@@ -108,10 +108,13 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(base: Path, uninte
     run = base / "killed"
     history = stop_mid_epoch(start_training(base, "killed"), run, signal.SIGKILL)
 
-    # What the killed run left: every file whole and loadable, temporary files only under hidden .tmp names.
+    # What the killed run left: every file whole and loadable (the weights of the best epoch so far among
+    # them), temporary files only under hidden .tmp names.
     names = sorted(p.name for p in run.iterdir())
     visible = [n for n in names if not n.startswith(".")]
-    assert set(visible) <= {runfolder.CONFIG, runfolder.HISTORY, runfolder.CHECKPOINT}, names
+    assert set(visible) <= {runfolder.CONFIG, runfolder.HISTORY, runfolder.CHECKPOINT, runfolder.WEIGHTS}, names
+    if runfolder.WEIGHTS in visible:
+        runfolder.load_tensors(run / runfolder.WEIGHTS)
     assert all(n.endswith(".tmp") for n in names if n.startswith(".")), names
     assert runfolder.open_run(run).config["train"]["epochs"] == EPOCHS
     runfolder.load_tensors(run / runfolder.CHECKPOINT)

@@ -52,8 +52,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if outcome.evaluation is None:  # not the main process under torchrun
         return 0
     ev, result = outcome.evaluation, outcome.result
-    why = "a --target-accuracy run; `convnet evaluate RUN` scores the training images"
-    print(f"Train Accuracy : {accuracy_text(ev.train.accuracy, why)}")
+    print(f"Train Accuracy : {accuracy_text(ev.train.accuracy)}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
     assert result.run_dir is not None
     print(f"trained in {result.seconds:.1f} s; weights in {result.run_dir / 'model.safetensors'}")

@@ -318,3 +318,10 @@ def write_inspection(run_dir: Path, record: Mapping[str, Any]) -> None:
     """``inspect.json``: what ``convnet inspect`` found, for ``convnet report``."""
     text = json.dumps(dict(record), indent=1).encode()
     atomic_write(Path(run_dir) / INSPECTION, lambda f: f.write(text))
+
+
+def write_kept(run_dir: Path, kept: Mapping[str, Any]) -> None:
+    """Add to ``config.json`` which epoch's weights ``model.safetensors`` holds (``kept``:
+    its epoch, and on validation its accuracy and loss)."""
+    config = read_json(Path(run_dir) / CONFIG)
+    write_json(Path(run_dir) / CONFIG, {**config, "kept": dict(kept)})

@@ -106,7 +106,8 @@ class Split:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled image data set: its input spec, a training and a test split.
+    """A labelled image data set: its input spec, a training and a test split, and a
+    validation split where it has one (a folder's ``val/``, or held out by :meth:`held_out`).
 
     Attributes:
         name: ``fashion-mnist``, ``mnist``, ``cifar10`` or ``folder``.
@@ -116,9 +117,10 @@ class Dataset:
         origin: how to load the same data again, recorded in the run's ``config.json``
             (for a folder of images: its layout, image size, channels, split settings).
         notes: things a user should know about how it was read (files passed over …).
-        files: for a folder of images, the files of each split (``train``, ``test``),
-            relative to ``source``, in the order of the splits' images.
+        files: for a folder of images, the files of each split (``train``, ``val``,
+            ``test``), relative to ``source``, in the order of the splits' images.
         skipped: images left out because they could not be decoded.
+        val: the validation split: images held out of training to choose by (None: none).
     """
 
     name: str
@@ -131,6 +133,7 @@ class Dataset:
     notes: tuple[str, ...] = ()
     files: dict[str, list[str]] | None = None
     skipped: tuple[str, ...] = ()
+    val: Split | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -145,6 +148,44 @@ class Dataset:
         """``(C, H, W)`` of one image."""
         return self.spec.shape
 
+    def held_out(self, fraction: float, seed: int, *, adapt: bool = False) -> tuple[Dataset, str]:
+        """The data set with its validation split: its own (a folder's ``val/``), else
+        ``fraction`` of the training images held out (stratified, chosen by ``seed``); none
+        when ``fraction`` is 0. And one line saying which.
+
+        Args:
+            adapt: ``fraction`` is a default, not asked for: where it would hold out less
+                than one image of each class, hold out one of each; where a class has a
+                single image, hold out none (and say so).
+
+        Raises:
+            DataError: a fraction asked for that leaves a class, or a side, empty.
+        """
+        if not fraction:
+            unused = f"; the {len(self.val):,} images of val/ are not used" if self.val is not None else ""
+            return replace(self, val=None, files=_without(self.files, "val")), \
+                f"no validation (--val-split 0): the last epoch's weights are kept{unused}"
+        if self.val is not None:
+            return self, (f"validation: the {len(self.val):,} images of the folder's val/ split (not --val-split); "
+                          "the best epoch's weights are kept")
+        if adapt:
+            counts = torch.bincount(self.train.labels.cpu())
+            classes, n = int((counts > 0).sum()), len(self.train)
+            if int(counts[counts > 0].min()) < 2 or n < 2 * classes:
+                return replace(self, val=None), (f"no validation: {n:,} training images are too few to hold one of "
+                                                 "each class out (a class has a single image); the last epoch's "
+                                                 "weights are kept")
+            fraction = max(fraction, classes / n)  # at least one image of each class
+        kept, held = stratified_split(self.train.labels, fraction, seed, "--val-split")
+        files = self.files
+        if files is not None:
+            files = {**files, "train": [files["train"][i] for i in kept], "val": [files["train"][i] for i in held]}
+        line = (f"validation: {len(held):,} of the {len(self.train):,} training images (--val-split {fraction:.3g}, "
+                f"stratified, --seed {seed}); the best epoch's weights are kept")
+        return replace(self, train=self.train.take(torch.from_numpy(kept)), val=self.train.take(
+            torch.from_numpy(held)), files=files, origin={**self.origin, "val_held_out": True,
+                                                          "val_split": fraction, "val_seed": seed}), line
+
     def first(self, subset: int | None) -> Dataset:
         """The data set with only the first ``subset`` training images (the test split whole)."""
         if subset is None:
@@ -152,6 +193,10 @@ class Dataset:
         check_subset(subset)
         files = None if self.files is None else {**self.files, "train": self.files["train"][:subset]}
         return replace(self, train=self.train.first(subset), subset=subset, files=files)
+
+
+def _without(files: dict[str, list[str]] | None, side: str) -> dict[str, list[str]] | None:
+    return None if files is None else {k: v for k, v in files.items() if k != side}
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """A folder of images as a :class:`~convnet.data.dataset.Dataset`: scanned
 (:mod:`convnet.data.folderscan`), decoded once into the cache of :mod:`convnet.data.imagecache`,
-and divided into a training and a test split.
+and divided into a training, a test and (where the folder has one) a validation split.
 
 Every image is converted to one size and channel count
 (:func:`~convnet.data.imagefiles.decode_image`) once; data larger than the memory budget stays
-in the cache and is read a batch at a time. A folder without a ``test/`` part is divided
-with a stratified split, the same one every time (seed 0); the run records the files of
-each side.
+in the cache and is read a batch at a time. A folder without a ``test/`` part gives a
+stratified share of its training images to the test split, the same one every time (seed 0);
+the run records the files of each split.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from convnet.core.errors import DataError
 from convnet.data import imagecache
 from convnet.data.catalog import default_cache_dir
 from convnet.data.dataset import Dataset, DiskImages, InputSpec, Split, stratified_split
-from convnet.data.folderscan import FolderScan, scan_folder
+from convnet.data.folderscan import TEST, TRAIN, VAL, FolderScan, scan_folder
 
 SPLIT_SEED = 0  # the test split of a folder without test/ is the same every time
 
@@ -90,7 +90,10 @@ def load_folder(folder: str | os.PathLike[str], *, image_size: tuple[int, int] |
         notes.append(f"{images.nbytes / 2**20:,.0f} MB of images is over the memory budget: "
                      "training reads them from the cache a batch at a time")
     labels = torch.tensor(index["labels"], dtype=torch.int64)
-    train_rows, test_rows = _split_rows(scan, index, test_split, files)
+    train_rows, val_rows, test_rows = _split_rows(scan, index, test_split, files)
+    if scan.layout == "train-val":
+        notes.append(f"test: {test_split:.0%} of train/ held out for the final score (--test-split, stratified): "
+                     "the folder has no test/")
     spec = InputSpec(index["channels"], index["height"], index["width"], tuple(index["classes"]),
                      dark_background=False, hflip=True if hflip is None else hflip)
 
@@ -104,8 +107,10 @@ def load_folder(folder: str | os.PathLike[str], *, image_size: tuple[int, int] |
                 "channels": index["channels"], "test_split": test_split,
                 "skip_bad_images": skip_bad_images, "split_seed": SPLIT_SEED, "cache": str(cache)},
         notes=tuple(notes),
-        files={"train": [index["files"][i] for i in train_rows], "test": [index["files"][i] for i in test_rows]},
+        files={side: [index["files"][i] for i in rows] for side, rows in
+               (("train", train_rows), ("val", val_rows), ("test", test_rows)) if rows is not None},
         skipped=tuple(b[0] for b in index["bad"]),
+        val=split(val_rows) if val_rows is not None else None,
     )
     return dataset.first(subset)
 
@@ -136,28 +141,37 @@ def _in_memory(images: DiskImages, memory_budget_mb: float | None) -> bool:
     return images.nbytes <= budget
 
 
-def _split_rows(scan: FolderScan, index: dict[str, Any], test_split: float,
-                files: dict[str, list[str]] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Row numbers of the training and the test images: as recorded, by the folder's
-    ``test/`` part, or a stratified split (seed 0) in a fixed shuffled order."""
+def _split_rows(scan: FolderScan, index: dict[str, Any], test_split: float, files: dict[str, list[str]] | None
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Row numbers of the training, validation (None: the folder has none) and test
+    images: as recorded, by the folder's split folders, or with the test images a
+    stratified share of the training ones (seed 0); each in a fixed shuffled order."""
     if files is not None:
         where = {f: i for i, f in enumerate(index["files"])}
-        out = []
-        for side in ("train", "test"):
-            gone = [f for f in files.get(side, []) if f not in where]
+        out: dict[str, np.ndarray] = {}
+        for side in ("train", "val", "test"):
+            if side not in files:  # a run written before validation splits, or without one
+                continue
+            gone = [f for f in files[side] if f not in where]
             if gone:
                 raise DataError(f"--data {scan.root}: {len(gone)} image{'s' if len(gone) > 1 else ''} of the run's "
                                 f"{side} split {'are' if len(gone) > 1 else 'is'} gone or unreadable (first: "
                                 f"{gone[0]}); the run can only be scored on its own images")
-            out.append(np.array([where[f] for f in files.get(side, [])], dtype=np.int64))
-        return out[0], out[1]
+            out[side] = np.array([where[f] for f in files[side]], dtype=np.int64)
+        return out["train"], out.get("val"), out["test"]
     rng = np.random.default_rng(SPLIT_SEED)
-    parts = np.asarray(index["parts"])
-    if scan.layout == "train-test":
-        train, test = np.flatnonzero(parts == 0), np.flatnonzero(parts == 1)
+    parts, labels = np.asarray(index["parts"]), np.asarray(index["labels"])
+    train = np.flatnonzero(parts == TRAIN)
+    if "test" in scan.layout:
+        test = np.flatnonzero(parts == TEST)
         if len(test) == 0:
             raise DataError(f"--data {scan.root}: test/ holds no images that could be decoded")
     else:
-        train, test = stratified_split(np.asarray(index["labels"]), test_split, SPLIT_SEED, "--test-split")
+        kept, held = stratified_split(labels[train], test_split, SPLIT_SEED, "--test-split")
+        train, test = train[kept], train[held]
+    val = np.flatnonzero(parts == VAL) if "val" in scan.layout else None
+    if val is not None and len(val) == 0:
+        raise DataError(f"--data {scan.root}: the validation folder holds no images that could be decoded")
     # a fixed shuffled order, so that --subset and unshuffled training see every class
-    return train[rng.permutation(len(train))], test[rng.permutation(len(test))]
+    train, test = train[rng.permutation(len(train))], test[rng.permutation(len(test))]
+    return train, (val[rng.permutation(len(val))] if val is not None else None), test

@@ -1,11 +1,15 @@
 """What a folder of images holds, before any image is decoded: its classes, its files and
-their labels, whether it comes divided into ``train/`` and ``test/``, and a manifest that
-changes whenever a file does.
+their labels, whether it comes divided into splits, and a manifest that changes whenever a
+file does.
 
 ::
 
     DIR/cat/001.jpg, DIR/cat/002.png, DIR/dog/…        a class per subfolder (names sorted)
-    DIR/train/cat/…, DIR/train/dog/…, DIR/test/cat/…   or a training and a test part
+    DIR/train/cat/…, DIR/train/dog/…                   or splits: train/, and beside it val/ (or valid/,
+    DIR/val/cat/…, DIR/test/cat/…                      validation/) and test/, each optional
+
+A top level with split folders but no ``train/`` (``val/`` beside class folders, say) is
+refused: it reads as neither layout.
 
 Image files are recognised by their extension (:data:`~convnet.data.imagefiles.IMAGE_SUFFIXES`);
 hidden files (``.DS_Store``) are passed over silently, other files (``notes.txt``) are
@@ -28,30 +32,58 @@ class FolderScan:
     """What a folder holds, before any image is decoded."""
 
     root: Path
-    layout: str  # "classes" (one folder per class) or "train-test"
+    layout: str  # "classes" (one folder per class), or the splits: "train", "train-val", "train-test", ...
     classes: tuple[str, ...]
-    files: list[str]  # paths relative to root, train part first, then test; by class, then by name
+    files: list[str]  # paths relative to root, by part (train, test, val), then by class, then by name
     labels: list[int]
-    parts: list[int]  # 0: train (or undivided), 1: test
+    parts: list[int]  # TRAIN (or undivided), TEST or VAL
     manifest: str  # SHA-256 over every file's path, size and modification time
     ignored: list[str]  # files passed over: not images by their extension, or outside class folders
 
 
-def scan_folder(root: str | os.PathLike[str]) -> FolderScan:
-    """List a folder of class folders (or ``train/`` and ``test/`` of them).
+TRAIN, TEST, VAL = 0, 1, 2  # the parts of a folder that comes divided into splits
+VAL_NAMES = ("val", "valid", "validation")  # a validation split's folder, as people name it
+
+
+def split_parts(root: Path, dirs: list[str]) -> list[tuple[str, int]]:
+    """The split folders at the top of ``root`` and their parts; ``[("", TRAIN)]`` for
+    class folders.
 
     Raises:
-        DataError: no such folder, fewer than 2 classes, a class folder without images,
-            a test class that training lacks, images but no class folders.
+        DataError: split folders without ``train/``, or two validation folders.
+    """
+    vals = [d for d in dirs if d in VAL_NAMES]
+    splits = [d for d in dirs if d in ("train", "test", *VAL_NAMES)]
+    if len(vals) > 1:
+        raise DataError(f"--data {root}: {' and '.join(f'{d}/' for d in vals)} are both a validation split; keep one")
+    if "train" not in dirs:
+        if splits:
+            others = len(dirs) - len(splits)
+            beside = f" beside {others} class folder{'s' if others > 1 else ''}" if others else ""
+            raise DataError(f"--data {root}: {', '.join(f'{d}/' for d in splits)}{beside} reads as neither "
+                            "splits nor classes; lay it out as DIR/train/CLASS/... with val/ and test/ (each "
+                            "optional) beside train/, or as DIR/CLASS/... with no split folders")
+        return [("", TRAIN)]
+    return [("train", TRAIN)] + ([("test", TEST)] if "test" in dirs else []) + ([(vals[0], VAL)] if vals else [])
+
+
+def scan_folder(root: str | os.PathLike[str]) -> FolderScan:
+    """List a folder of class folders (or ``train/``, ``val/``, ``test/`` of them).
+
+    Raises:
+        DataError: no such folder, split folders that cannot be read as splits, fewer than 2
+            classes, a class folder without images, a test or validation class that training
+            lacks, images but no class folders.
     """
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(f"--data {root}: no such folder")
     top = _entries(root)
-    layout = "train-test" if {"train", "test"} <= set(top.dirs) else "classes"
-    parts = [("train", 0), ("test", 1)] if layout == "train-test" else [("", 0)]
-    ignored = [f for f in top.files] if layout == "classes" else [*top.files, *(d for d in top.dirs
-                                                                                 if d not in ("train", "test"))]
+    parts = split_parts(root, top.dirs)
+    named = [name for name, _ in parts if name]
+    have = {part for name, part in parts if name}
+    layout = "-".join(n for n, part in (("train", TRAIN), ("val", VAL), ("test", TEST)) if part in have) or "classes"
+    ignored = [f for f in top.files] if not named else [*top.files, *(d for d in top.dirs if d not in named)]
     per_part: dict[int, dict[str, list[tuple[str, os.stat_result]]]] = {}
     for name, part in parts:
         base = root / name if name else root
@@ -67,7 +99,7 @@ def scan_folder(root: str | os.PathLike[str]) -> FolderScan:
         if name:
             ignored += [f"{name}/{f}" for f in _entries(base).files]
         per_part[part] = found
-    classes = tuple(sorted(per_part[0]))
+    classes = tuple(sorted(per_part[TRAIN]))
     if not classes:
         hint = (" (its images lie loose at the top)" if any(Path(f).suffix.lower() in IMAGE_SUFFIXES
                                                             for f in top.files) else "")
@@ -76,17 +108,16 @@ def scan_folder(root: str | os.PathLike[str]) -> FolderScan:
     if len(classes) < 2:
         raise DataError(f"--data {root}: only one class folder ({classes[0]}); a classifier needs at least 2, "
                         "one subfolder per class")
-    for part, found in per_part.items():
-        where = "test/" if part == 1 else "train/" if layout == "train-test" else ""
+    for name, part in parts:
+        found, where = per_part[part], f"{name}/" if name else ""
         for cls, images in found.items():
             if not images:
                 raise DataError(f"--data {root}: class folder {where}{cls} holds no images "
                                 f"({', '.join(sorted(IMAGE_SUFFIXES))}); add some or remove the folder")
-        if part == 1:
-            extra = sorted(set(found) - set(classes))
-            if extra:
-                raise DataError(f"--data {root}: test/{extra[0]} is a class that train/ does not have; "
-                                f"train/ has {', '.join(classes)}")
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise DataError(f"--data {root}: {where}{extra[0]} is a class that train/ does not have; "
+                            f"train/ has {', '.join(classes)}")
     files, labels, part_of, digest = [], [], [], hashlib.sha256()
     for part, found in sorted(per_part.items()):
         for label, cls in enumerate(classes):

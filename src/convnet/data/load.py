@@ -51,7 +51,8 @@ def run_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None,
     """The data set a run was trained on, split as it was: for a folder of images the
     recorded files of each split (``split``, else the run's ``split.json``); for a named
     set the same subset, from ``data_dir`` if given, else from the folder it was read from
-    if that still exists, else found as usual; for images given in Python the held-out
+    if that still exists, else found as usual; its validation images held out again as the
+    run held them out (the same stratified draw); for images given in Python the held-out
     images :meth:`ConvNetClassifier.save <convnet.estimator.ConvNetClassifier.save>` kept
     (no training images are kept: the training split is empty, and its accuracy not measured).
 
@@ -81,6 +82,8 @@ def run_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None,
         if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
             data_dir = data["source"]
         dataset = load_dataset(data["name"], data_dir, subset=data.get("subset"))
+    if data.get("val_held_out") and dataset.val is None and len(dataset.train):  # held out as the run held it
+        dataset = dataset.held_out(float(data["val_split"]), int(data["val_seed"]))[0]
     if data.get("train_images") not in (None, len(dataset.train)):
         raise RunError(f"{run.path} was trained on {data['train_images']} {data['name']} images from "
                        f"{data.get('source')}, but {dataset.source} holds {len(dataset.train)}; "

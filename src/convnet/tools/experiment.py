@@ -43,14 +43,10 @@ def run_training(request: TrainRequest, *, env: dict[str, str] | None = None,
             return TrainOutcome(trained.result, None)
         result, tracker = trained.result, trained.tracker
         assert result.run_dir is not None
-        # a --target-accuracy run measured the final model's test logits last: they are reused; it is timed to
-        # that accuracy, so the training images are not scored again (`convnet evaluate RUN` does that)
-        test_logits = trained.stop.logits if trained.stop is not None else None
 
-        def scored() -> Evaluation:
+        def scored() -> Evaluation:  # the test split read for the one time: the final score
             engine = single_process(trained.engine)
-            evaluation = evaluate_run(result.run_dir, engine=engine, dataset=trained.dataset,
-                                      test_logits=test_logits, score_train=not result.config.target_accuracy)
+            evaluation = evaluate_run(result.run_dir, engine=engine, dataset=trained.dataset)
             if tracker is not None:  # the scores, the pictures a user looks at first, and the run folder
                 pictures = write_plots(result.run_dir, evaluation, trained.dataset.test.images, result.model)
                 tracker.finish(evaluation.to_json(), {k: pictures[k] for k in ("confusion_matrix", "mistakes")},

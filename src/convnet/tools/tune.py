@@ -44,7 +44,15 @@ from convnet.models.engine import make_engine, resolve_device
 from convnet.tools.searchspace import Param, default_space, parse_param
 from convnet.training.config import TrainConfig, TrainRequest
 from convnet.training.events import TrainEvents
-from convnet.training.recipes import RECIPE_BASE, RECIPES, recipe, recipe_text, resolve_config, resolve_run
+from convnet.training.recipes import (
+    RECIPE_BASE,
+    RECIPES,
+    recipe,
+    recipe_text,
+    resolve_config,
+    resolve_run,
+    trained_images,
+)
 from convnet.training.run import hflip_of, train_run
 from convnet.training.state import TrainState
 
@@ -162,9 +170,10 @@ def trial_config(base_name: str, values: dict[str, Any], request: TuneRequest, t
     it, sized to the data (when ``train_images`` is known) as ``convnet train --recipe
     FILE`` sizes a recipe file's: the one resolution every run goes through
     (:func:`~convnet.training.recipes.resolve_run`)."""
+    trained = trained_images(train_images, request.val_split) if train_images is not None else None
     return resolve_run(trial_recipe(base_name, values, request, device_type),
                        {"seed": request.seed, "val_split": request.val_split}, device_type=device_type,
-                       hflip=hflip_of(request.data), train_images=train_images)[0]
+                       hflip=hflip_of(request.data), train_images=trained)[0]
 
 
 def trial_recipe(base_name: str, values: dict[str, Any], request: TuneRequest, device_type: str) -> TrainConfig:

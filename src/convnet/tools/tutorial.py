@@ -26,7 +26,8 @@ from convnet.training.run import train_run
 from convnet.trust.evaluation import Evaluation, evaluate
 from convnet.trust.report import build_report, format_comparison, load_summaries, write_plots
 
-SGD = TrainConfig(model="seed", optimizer="sgd", lr=1e-3, epochs=25, batch_size=128, seed=42, shuffle=False)
+SGD = TrainConfig(model="seed", optimizer="sgd", lr=1e-3, epochs=25, batch_size=128, seed=42, shuffle=False,
+                  val_split=0.0)  # the tutorial's: every training image, no validation
 ADAM = replace(SGD, optimizer="adam", epochs=15)
 QUICK_SUBSET, QUICK_SGD_EPOCHS, QUICK_ADAM_EPOCHS = 12_000, 5, 3
 

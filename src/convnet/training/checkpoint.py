@@ -19,7 +19,7 @@ import torch
 from convnet.core import runfolder
 from convnet.core.errors import RunError
 from convnet.training.config import EpochRecord
-from convnet.training.state import TrainState
+from convnet.training.state import Best, TrainState
 
 
 def save_checkpoint(path: Path, state: TrainState) -> None:
@@ -36,6 +36,8 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
             else:
                 opt_scalars.setdefault(str(pid), {})[key] = value
     groups = [{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in g.items()} for g in opt["param_groups"]]
+    if state.best is not None:  # the best epoch's weights: what the run keeps if no later epoch beats them
+        tensors.update({f"best.{k}": v for k, v in state.best.weights.items()})
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.shuffle"] = state.shuffle_rng.get_state()
     tensors["rng.augment"] = state.augment_rng.get_state()
@@ -50,6 +52,7 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
         "param_groups": groups,
         "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "rng_python": random.getstate(),
+        "best": state.best.to_json() if state.best is not None else None,
     }
     runfolder.save_tensors(path, tensors, {"convnet": json.dumps(meta)})
 
@@ -96,6 +99,10 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
         random.setstate((version, tuple(internal), gauss))
         state.epoch = int(meta["epoch"])
         state.history = [EpochRecord(**r) for r in meta["history"]]
+        if meta.get("best") is not None:  # a checkpoint written before there were best epochs has none
+            b = meta["best"]
+            state.best = Best(int(b["epoch"]), float(b["val_accuracy"]), float(b["val_loss"]),
+                              {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")})
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise RunError(f"{path}: damaged checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
                        "start the run again") from None

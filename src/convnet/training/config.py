@@ -54,10 +54,14 @@ class TrainConfig:
                            choices=SCHEDULES, takes=EVERYWHERE)
     warmup_epochs: float = option(0.0, "length of the linear warm-up, in epochs (may be fractional)",
                                   takes=EVERYWHERE)
-    val_split: float = option(0.0, "share of the training images held out, stratified, and scored every epoch",
-                              takes={TRAIN, TUNE, ESTIMATOR}, alias="validation_fraction")
-    target_accuracy: float = option(0.0, "stop once the test accuracy, checked every epoch, reaches this "
-                                    "(a time-to-accuracy run; 0: off)", takes={TRAIN}, shown="off")
+    val_split: float = option(0.1, "share of the training images held out (stratified, by --seed) and scored every "
+                              "epoch; the best epoch's weights are kept; a folder's own val/ is used instead; 0: "
+                              "none, the last epoch's weights", takes={TRAIN, TUNE, ESTIMATOR},
+                              alias="validation_fraction", shown="0.1; 0 with --faithful")
+    target_accuracy: float = option(0.0, "stop once the validation accuracy, checked every epoch, reaches this "
+                                    "(0: off)", takes={TRAIN}, shown="off")
+    patience: int = option(0, "stop once the validation accuracy has not improved for this many epochs (0: off)",
+                           takes={TRAIN, ESTIMATOR}, alias="n_iter_no_change", shown="off")
     tta: bool = option(False, "predict with the mean of each image and its mirror", takes=EVERYWHERE)
     ema: float = option(0.0, "keep and evaluate a moving average of the weights, decay per step (0: off)",
                         takes=EVERYWHERE)
@@ -79,8 +83,8 @@ class TrainConfig:
     repeats: int = 1
 
     def __post_init__(self) -> None:
-        if self.faithful:
-            self.shuffle = False
+        if self.faithful:  # the tutorial's training: its order, every training image
+            self.shuffle, self.val_split = False, 0.0
 
     @property
     def flips(self) -> bool:
@@ -156,7 +160,7 @@ class TrainRequest:
 
 # what --faithful cannot be combined with: every setting that departs from the tutorial's arithmetic
 NOT_FAITHFUL = ("nesterov", "label_smoothing", "augment", "schedule", "warmup_epochs", "tta", "ema", "repeats",
-                "freeze_epochs", "body_lr", "class_weight", "sampler", "calibrate")
+                "freeze_epochs", "body_lr", "class_weight", "sampler", "calibrate", "patience")
 
 
 def check_config(config: TrainConfig, *, from_weights: bool = False, held_out: bool | None = None) -> None:
@@ -183,6 +187,15 @@ def check_config(config: TrainConfig, *, from_weights: bool = False, held_out: b
             raise ConvnetError(f"unknown {flag(name)} {getattr(config, name)!r}; choose one of: {', '.join(choices)}")
     if config.model not in list_models():
         raise ConvnetError(f"unknown model {config.model!r}; choose one of: {', '.join(list_models())}")
+    if config.faithful:
+        if config.val_split:
+            raise ConvnetError(f"--faithful trains on every training image, as the tutorial did; it cannot be "
+                               f"combined with --val-split {config.val_split}")
+        plain = TrainConfig()
+        for name in NOT_FAITHFUL:
+            if getattr(config, name) != getattr(plain, name):
+                raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
+                                   f"{flag(name)} {getattr(config, name)}")
     c = config
     checks = [
         (c.epochs >= 1, f"--epochs must be at least 1, got {c.epochs}"),
@@ -197,6 +210,9 @@ def check_config(config: TrainConfig, *, from_weights: bool = False, held_out: b
         (0 <= c.warmup_epochs <= c.epochs, f"--warmup-epochs must be in 0..--epochs, got {c.warmup_epochs}"),
         (0 <= c.val_split < 1, f"--val-split must be in [0, 1), got {c.val_split}"),
         (0 <= c.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {c.target_accuracy}"),
+        (c.patience >= 0, f"--patience must be a number of epochs, 0 or more, got {c.patience}"),
+        (not (c.target_accuracy or c.patience) or (held_out if held_out is not None else c.val_split > 0),
+         "--target-accuracy and --patience watch the validation accuracy; --val-split 0 holds no images out"),
         (0 <= c.ema < 1, f"--ema must be a decay in [0, 1), got {c.ema}"),
         (c.repeats >= 1, f"repeats must be at least 1, got {c.repeats}"),
         (0 <= c.freeze_epochs < c.epochs,
@@ -211,12 +227,6 @@ def check_config(config: TrainConfig, *, from_weights: bool = False, held_out: b
     for ok, message in checks:
         if not ok:
             raise ConvnetError(message)
-    if config.faithful:
-        plain = TrainConfig()
-        for name in NOT_FAITHFUL:
-            if getattr(config, name) != getattr(plain, name):
-                raise ConvnetError(f"--faithful reproduces the tutorial's arithmetic; it cannot be combined with "
-                                   f"{flag(name)} {getattr(config, name)}")
 
 
 def flag(name: str) -> str:

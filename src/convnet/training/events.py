@@ -21,7 +21,7 @@ from convnet.core.progress import Bar
 from convnet.data.dataset import Split
 from convnet.models.inference import infer
 from convnet.training.checkpoint import save_checkpoint
-from convnet.training.state import TrainState
+from convnet.training.state import Best, TrainState
 
 
 class TrainEvents:
@@ -67,14 +67,24 @@ def score(model: nn.Module, split: Split, state: TrainState, tta: bool) -> tuple
 
 
 class Validation(TrainEvents):
-    """Loss and accuracy on held-out images after every epoch (``val_loss``, ``val_accuracy``)."""
+    """Loss and accuracy on held-out images after every epoch (``val_loss``,
+    ``val_accuracy``); the best epoch so far kept in ``state.best`` (its weights copied to
+    the CPU); training stopped once the config's ``target_accuracy`` is reached or, with
+    ``patience``, once that many epochs have passed without a better one."""
 
     def __init__(self, split: Split) -> None:
         self.split = split
 
     def on_epoch_end(self, state: TrainState) -> None:
-        record = state.history[-1]
-        record.val_loss, record.val_accuracy = score(state.final_model, self.split, state, state.config.tta)
+        record, config = state.history[-1], state.config
+        record.val_loss, record.val_accuracy = score(state.final_model, self.split, state, config.tta)
+        if state.best is None or state.best.better(record.val_accuracy, record.val_loss):
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in state.final_model.state_dict().items()}
+            state.best = Best(record.epoch, record.val_accuracy, record.val_loss, weights)
+        if config.target_accuracy and record.val_accuracy >= config.target_accuracy:
+            state.stop = True
+        if config.patience and record.epoch - state.best.epoch >= config.patience:
+            state.stop = True
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -89,14 +99,14 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 class Calibrate(TrainEvents):
-    """At the end of training: the temperature that calibrates the final model's
-    probabilities on ``split`` (held-out images), in ``state.calibration``."""
+    """At the end of training: the temperature that calibrates the kept model's
+    probabilities (the best epoch's) on ``split`` (held-out images), in ``state.calibration``."""
 
     def __init__(self, split: Split) -> None:
         self.split = split
 
     def on_train_end(self, state: TrainState) -> None:
-        logits = infer(state.final_model, self.split.images, engine=state.engine, tta=state.config.tta)
+        logits = infer(state.kept_model(), self.split.images, engine=state.engine, tta=state.config.tta)
         labels = self.split.labels.cpu()
         t = fit_temperature(logits, labels)
         loss = nn.functional.cross_entropy
@@ -106,7 +116,9 @@ class Calibrate(TrainEvents):
 
 class StopAtAccuracy(TrainEvents):
     """Measure the accuracy on ``split`` after every epoch (``test_accuracy``) and stop
-    training once it reaches ``target``: a time-to-accuracy run."""
+    training once it reaches ``target``: a benchmark's time to a test accuracy (``convnet
+    bench --target``). A run that decides by what it measures watches validation instead
+    (``target_accuracy``: :class:`Validation`)."""
 
     def __init__(self, split: Split, target: float, *, tta: bool = False) -> None:
         self.split, self.target, self.tta = split, target, tta
@@ -148,13 +160,30 @@ class ConsolePrinter(TrainEvents):
             extra += f"  val loss {r.val_loss:.3f} accuracy {r.val_accuracy:.4f}"
         if r.test_accuracy is not None:
             extra += f"  test accuracy {r.test_accuracy:.4f}"
+        if state.best is not None and state.best.epoch == r.epoch:
+            extra += "  best"
         print(f"Categorical Cross Entropy : {r.loss:.3f}   epoch {r.epoch:>{width}}/{state.config.epochs}"
               f"  {r.seconds:6.1f} s  {r.images_per_s:8,.0f} images/s{extra}", file=self.stream, flush=True)
 
+    def on_train_end(self, state: TrainState) -> None:
+        best, config = state.best, state.config
+        if best is None:
+            return
+        why = ""
+        if state.epoch < config.epochs:
+            why = (f"stopped after epoch {state.epoch} of {config.epochs}: " + (
+                f"validation accuracy {best.val_accuracy:.4f} reached --target-accuracy {config.target_accuracy}"
+                if config.target_accuracy and best.val_accuracy >= config.target_accuracy
+                else f"no better validation accuracy for --patience {config.patience} epochs") + "; ")
+        print(f"{why}kept the weights of epoch {best.epoch} (validation accuracy {best.val_accuracy:.4f}, loss "
+              f"{best.val_loss:.3f})", file=self.stream, flush=True)
+
 
 class RunWriter(TrainEvents):
-    """Keeps the run folder current: history every epoch, a checkpoint every epoch
-    (weights, optimizer state, random states), the final weights at the end."""
+    """Keeps the run folder current: history and a checkpoint every epoch (the last
+    epoch's weights, optimizer state, random states: what ``--resume`` continues from); the
+    weights the run keeps (the best epoch's on validation, else the last's) as soon as an
+    epoch improves on them and at the end, when ``config.json`` records which epoch they are."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -162,8 +191,12 @@ class RunWriter(TrainEvents):
     def on_epoch_end(self, state: TrainState) -> None:
         runfolder.write_history(self.run_dir, [asdict(r) for r in state.history])
         save_checkpoint(self.run_dir / runfolder.CHECKPOINT, state)
+        if state.best is not None and state.best.epoch == state.epoch:  # a new best: kept at once
+            runfolder.write_weights(self.run_dir, state.final_model, state.config.model)
 
     def on_train_end(self, state: TrainState) -> None:
-        runfolder.write_weights(self.run_dir, state.final_model, state.config.model)
+        runfolder.write_weights(self.run_dir, state.kept_model(), state.config.model)
+        runfolder.write_kept(self.run_dir, {"epoch": state.epoch, "of": "last epoch"} if state.best is None
+                             else {**state.best.to_json(), "of": "best epoch on the validation images"})
         if state.calibration is not None:
             runfolder.write_calibration(self.run_dir, state.calibration)

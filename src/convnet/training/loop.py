@@ -30,7 +30,7 @@ from convnet.models.networks import Calibrated, count_parameters, create_model, 
 from convnet.training import augment, checkpoint
 from convnet.training.config import EpochRecord, TrainConfig, check_config, lr_at
 from convnet.training.distributed import all_mean, wrap
-from convnet.training.events import Calibrate, EventList, RunWriter, StopAtAccuracy, Validation
+from convnet.training.events import Calibrate, EventList, RunWriter, Validation
 from convnet.training.recipes import without_flips
 from convnet.training.state import EMA, TrainState
 
@@ -99,6 +99,7 @@ class TrainResult:
     spec: InputSpec
     config: TrainConfig
     graphed: bool = False  # the step ran as a CUDA graph
+    best: dict[str, Any] | None = None  # the epoch whose weights `model` holds, on validation (None without)
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, engine: Engine,
@@ -206,9 +207,6 @@ def train(
     if engine.world_size > 1:
         engine = replace(engine, graphs=False)  # DDP's gradient hooks are not captured: several processes run eagerly
     extra = list(events) if isinstance(events, Sequence) else [events] if events is not None else []
-    if config.target_accuracy and not any(isinstance(e, StopAtAccuracy) for e in extra):
-        raise ConvnetError("--target-accuracy needs the images to measure it on: pass "
-                           "events=[StopAtAccuracy(test_split, target)]")
     if init is not None and resume:
         raise ConvnetError("init (starting weights) and resume cannot be combined: a resumed run continues "
                            "from its own checkpoint")
@@ -295,10 +293,10 @@ def train(
         if state.stop:
             break
     hooks.on_train_end(state)
-    final = state.final_model if state.calibration is None else \
-        Calibrated(state.final_model, state.calibration["temperature"])
+    kept = state.kept_model()  # the best epoch's weights on validation, else the last epoch's
+    final = kept if state.calibration is None else Calibrated(kept, state.calibration["temperature"])
     return TrainResult(final, state.history, run_dir, time.perf_counter() - start, spec, config,
-                       graphed=step.graph is not None)
+                       graphed=step.graph is not None, best=state.best.to_json() if state.best is not None else None)
 
 
 def epoch_order(n: int, config: TrainConfig, rng: torch.Generator, where: torch.device,

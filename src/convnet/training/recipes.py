@@ -31,7 +31,6 @@ RECIPES: dict[str, TrainConfig] = {
                         schedule="linear", warmup_epochs=2.0, tta=True, ema=0.0),
 }
 DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
-CALIBRATION_SPLIT = 0.1  # --calibrate without --val-split: the share of the training images held out for it
 
 
 RECIPE_FIELDS = tuple(o.name for o in taken_by(RECIPE, TrainConfig))  # what a recipe holds
@@ -114,8 +113,10 @@ def resolve_config(recipe_name: str | TrainConfig | None = None, overrides: dict
     for f in fields(TrainConfig):
         if f.name in given:
             setattr(config, f.name, given[f.name])
-    if faithful:
+    if faithful:  # the tutorial's training: its order, every training image
         config.shuffle = False
+        if not given.get("val_split"):
+            config.val_split = 0.0
     if not hflip:
         if "flip" in given.get("augment", "") or given.get("tta"):
             raise ConvnetError("this data set's images change class when mirrored (its spec forbids flips); "
@@ -128,10 +129,10 @@ def resolve_run(recipe_name: str | TrainConfig | None, overrides: dict[str, Any]
                 from_weights: bool = False, train_images: int | None = None) -> tuple[TrainConfig, str]:
     """The config a new run trains with, checked (:func:`~convnet.training.config.check_config`),
     and a line saying how it was sized: the recipe with the given settings laid over it
-    (:func:`resolve_config`); ``--calibrate``'s held-out share where no ``val_split`` is
-    given; for a run that starts from trained weights, fine-tuning's defaults
+    (:func:`resolve_config`); for a run that starts from trained weights, fine-tuning's defaults
     (:func:`fine_tune_defaults`) where no setting says otherwise; and, when
-    ``train_images`` is known and ``epochs`` is not given, sized to the data
+    ``train_images`` (the images it trains on, validation held out) is known and
+    ``epochs`` is not given, sized to the data
     (:func:`size_to_data`; never the tutorial's recipe or a faithful run). The command
     line, the estimator and ``convnet tune``'s trials all resolve through here.
 
@@ -140,13 +141,11 @@ def resolve_run(recipe_name: str | TrainConfig | None, overrides: dict[str, Any]
     """
     given = {k: v for k, v in overrides.items() if v is not None}
     config = resolve_config(recipe_name, given, device_type=device_type, hflip=hflip)
-    if config.calibrate and "val_split" not in given and not config.val_split:
-        config = replace(config, val_split=CALIBRATION_SPLIT)  # the temperature is fitted on held-out images
     if from_weights:  # fine-tuning's defaults, where no setting says otherwise
         config = replace(config, **{k: v for k, v in fine_tune_defaults(config.epochs).items() if k not in given})
     sizing = ""
     if train_images is not None and "epochs" not in given and not config.faithful and recipe_name != "tutorial":
-        config, sizing = size_to_data(config, trained_images(train_images, config.val_split))
+        config, sizing = size_to_data(config, train_images)
     check_config(config, from_weights=from_weights)
     return config, sizing
 

@@ -28,7 +28,7 @@ from convnet.models.engine import Engine, make_engine, resolve_device
 from convnet.models.pretrained import fit_weights, model_of, open_source, spec_for
 from convnet.training.config import TrainConfig, TrainRequest, check_config
 from convnet.training.distributed import DistributedInfo
-from convnet.training.events import ConsolePrinter, StopAtAccuracy, TrainEvents
+from convnet.training.events import ConsolePrinter, TrainEvents
 from convnet.training.loop import TrainResult, train
 from convnet.training.recipes import resolve_run
 from convnet.training.tracking import Tracker, check_log, connect, resume_tracking, start
@@ -44,15 +44,12 @@ class TrainedRun:
         engine: the device and arithmetic it trained with.
         tracker: the trackers it reports to (``--log``), still open for the final scores;
             None without.
-        stop: the event that measured the test accuracy every epoch (``--target-accuracy``
-            runs), whose last logits the final scoring reuses; None otherwise.
     """
 
     result: TrainResult
     dataset: Dataset
     engine: Engine
     tracker: Tracker | None = None
-    stop: StopAtAccuracy | None = None
 
     @property
     def config(self) -> TrainConfig:
@@ -112,7 +109,7 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
         return resolve_run(request.recipe, given, device_type=device.type, hflip=hflip_of(request.data),
                            from_weights=source is not None or init is not None, train_images=train_images)
 
-    plan(None)
+    planned, _ = plan(None)
     if isinstance(request.data, DataOptions):
         request.data.validate()
     out = request.out if request.out is not None or not write else "new"
@@ -124,6 +121,11 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     # the data, then the config sized to it and the weights fitted to it
     dataset = load_data(request.data, progress=request.progress and main and stream is not None) \
         if isinstance(request.data, DataOptions) else request.data
+    # validation: the data's own split, or held out of the training images; sized to the images trained on
+    default_share = not isinstance(settings, TrainConfig) and "val_split" not in given
+    dataset, validation = dataset.held_out(planned.val_split, planned.seed, adapt=default_share)
+    if dataset.val is None and planned.val_split:  # too few images to hold any out: the run has no validation
+        given["val_split"] = 0.0
     config, sizing = plan(len(dataset.train))
     if source is not None:  # the normalization the weights were trained with (a hub model's)
         dataset = replace(dataset, spec=spec_for(source, dataset.spec))
@@ -146,13 +148,13 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
         f"{engine.device}{procs}{folder}")
     if init_record is not None:
         say(f"starting from {init_record['source']} ({'; '.join(init_record['changes']) or 'every weight kept'})")
+    say(validation)
     if sizing:
         say(sizing)
     imbalance = imbalance_warning(dataset, config)
     if imbalance:
         say(f"convnet: {imbalance}")
 
-    stop = StopAtAccuracy(dataset.test, config.target_accuracy, tta=config.tta) if config.target_accuracy else None
     tracker = None
     if connection is not None:
         name = run_dir.name if run_dir is not None else \
@@ -160,10 +162,10 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
         tracker = start(connection, run_dir, name, config, data_record(dataset),
                         tensorboard_dir=None if run_dir is not None else Path(tensorboard_root or "tensorboard") / name)
     printer = ConsolePrinter(stream, progress=request.progress) if stream is not None and main else None
-    result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, engine=engine,
-                                            events=[*events, stop, printer, tracker], run_dir=run_dir,
+    result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, val=dataset.val, engine=engine,
+                                            events=[*events, printer, tracker], run_dir=run_dir,
                                             data_record=data_record(dataset), init=init, init_record=init_record))
-    return TrainedRun(result, dataset, engine, tracker, stop)
+    return TrainedRun(result, dataset, engine, tracker)
 
 
 def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine: Engine | None,
@@ -183,12 +185,11 @@ def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine:
     tracker = resume_tracking(run.path) if rank == 0 else None  # as the run recorded
     data_dir = request.data.data_dir if isinstance(request.data, DataOptions) else None
     dataset = run_data(run, data_dir, progress=request.progress and rank == 0 and stream is not None)
-    stop = StopAtAccuracy(dataset.test, config.target_accuracy, tta=config.tta) if config.target_accuracy else None
+    dataset, _ = dataset.held_out(config.val_split, config.seed)  # the validation split it had
     printer = ConsolePrinter(stream, progress=request.progress) if stream is not None and rank == 0 else None
-    result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, engine=engine,
-                                            events=[*events, stop, printer, tracker], run_dir=run.path,
-                                            resume=True))
-    return TrainedRun(result, dataset, engine, tracker, stop)
+    result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, val=dataset.val, engine=engine,
+                                            events=[*events, printer, tracker], run_dir=run.path, resume=True))
+    return TrainedRun(result, dataset, engine, tracker)
 
 
 def tracked(tracker: Tracker | None, training: Any) -> Any:
@@ -251,8 +252,9 @@ def hflip_of(data: DataOptions | Dataset) -> bool:
 
 def data_record(dataset: Dataset) -> dict[str, Any]:
     """What ``config.json`` keeps of the data: enough to read the same images again."""
+    val = {"val_images": len(dataset.val)} if dataset.val is not None else {}
     return {"name": dataset.name, "source": dataset.source, "subset": dataset.subset,
-            "train_images": len(dataset.train), "test_images": len(dataset.test), **dataset.origin}
+            "train_images": len(dataset.train), **val, "test_images": len(dataset.test), **dataset.origin}
 
 
 def resume(run_dir: str | Path, *, engine: Engine | None = None, events: Sequence[TrainEvents | None] = (),

@@ -50,6 +50,25 @@ class EMA:
 
 
 @dataclass
+class Best:
+    """The best epoch so far on the validation images, and its weights (the moving
+    average's where there is one), on the CPU."""
+
+    epoch: int
+    val_accuracy: float
+    val_loss: float
+    weights: dict[str, torch.Tensor]
+
+    def better(self, accuracy: float, loss: float) -> bool:
+        """Whether an epoch with this validation accuracy and loss beats this one: a higher
+        accuracy, or the same with a lower loss (small validation sets tie often)."""
+        return (accuracy, -loss) > (self.val_accuracy, -self.val_loss)
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"epoch": self.epoch, "val_accuracy": self.val_accuracy, "val_loss": self.val_loss}
+
+
+@dataclass
 class TrainState:
     """What the loop hands to events: the live objects and the history so far."""
 
@@ -65,8 +84,18 @@ class TrainState:
     history: list[EpochRecord] = field(default_factory=list)
     stop: bool = False  # an event sets this to end training after the current epoch
     calibration: dict[str, Any] | None = None  # the temperature fitted at the end (--calibrate), and on what
+    best: Best | None = None  # the best epoch on the validation images so far (None without validation)
 
     @property
     def final_model(self) -> nn.Module:
-        """The model to evaluate and keep: the weights' moving average when there is one."""
+        """The model as trained so far: the weights' moving average when there is one."""
         return self.ema.module if self.ema is not None else self.model
+
+    def kept_model(self) -> nn.Module:
+        """The model the run keeps: the best epoch's weights where there is validation,
+        else the last epoch's (a copy where it differs from :attr:`final_model`)."""
+        if self.best is None or self.best.epoch == self.epoch:
+            return self.final_model
+        model = copy.deepcopy(self.final_model)
+        model.load_state_dict(self.best.weights)
+        return model

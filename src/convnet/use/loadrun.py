@@ -83,7 +83,8 @@ class LoadedRun:
         return infer(self.model, images, engine=self.engine, tta=self.tta).softmax(dim=1).numpy()
 
     def dataset(self, data_dir: PathLike | None = None, *, progress: bool = True) -> Dataset:
-        """The data the run was trained on, split as it was (:func:`convnet.data.load.run_data`)."""
+        """The data the run was trained on, split as it was (:func:`convnet.data.load.run_data`):
+        its training, validation and test images."""
         return run_data(self.run, data_dir, progress=progress)
 
 
