@@ -66,13 +66,16 @@ def accuracy_text(accuracy: float | None, why: str = "the run keeps no training 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from convnet.trust.report import evaluate_and_plot
 
-    ev, plots = evaluate_and_plot(a.run, data_dir=a.data_dir, device=a.device)
+    ev, plots = evaluate_and_plot(a.run, data_dir=a.data_dir, data=a.data, device=a.device)
     if a.json:
         print(json.dumps(ev.to_json(), indent=2))
         if ev.note:
             print(f"note: {ev.note}", file=sys.stderr)
         return 0
-    print(f"Train Accuracy : {accuracy_text(ev.train.accuracy)}")
+    if a.data is not None:
+        print(f"Scored on {int(ev.confusion_matrix.sum()):,} labelled images of {a.data}")
+    else:
+        print(f"Train Accuracy : {accuracy_text(ev.train.accuracy)}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
     if ev.note:
         print(f"note: {ev.note}")

@@ -74,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each flag given overrides the recipe's value.")
     add_options(p, TRAIN)
 
-    p = sub.add_parser("evaluate", help="accuracy, classification report and confusion matrix of a run")
+    p = sub.add_parser("evaluate", help="accuracy, classification report and confusion matrix of a run",
+                       description="Score a run (or its .onnx file) on its own test split, or on a labelled folder "
+                                   "of new images with --data, e.g. `convnet evaluate RUN --data new-photos/`.")
     p.add_argument("run", type=Path, help="run folder, or an .onnx file from `convnet export` (ONNX Runtime)")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="score on this labelled folder instead: class folders, or the test/ split of train/ "
+                        "val/ test/; classes matched by name (default: the run's own test split)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: text)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="where the run's data is now, if it moved (default: where it was trained)")

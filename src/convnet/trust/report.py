@@ -136,17 +136,19 @@ def write_plots(run_dir: PathLike | runfolder.Run, evaluation: Evaluation, test_
     return {name: runfolder.plot_path(run.path, name) for name in PLOT_FILES}
 
 
-def evaluate_and_plot(path: PathLike, *, data_dir: PathLike | None = None, device: str = "auto",
-                      progress: bool = True) -> tuple[Evaluation, Path | None]:
+def evaluate_and_plot(path: PathLike, *, data_dir: PathLike | None = None, data: PathLike | None = None,
+                      device: str = "auto", progress: bool = True) -> tuple[Evaluation, Path | None]:
     """What ``convnet evaluate PATH`` does: score a run folder with its own engine (writing
     ``metrics.json``) and draw its pictures into ``RUN/plots/``, or score an ``.onnx``
-    file in ONNX Runtime (no pictures: it has no run folder).
+    file in ONNX Runtime (no pictures: it has no run folder); with ``data``, score either
+    on that labelled folder instead, leaving the run's own scores and pictures as they are.
 
     Returns:
-        The scores and the folder of the pictures (None for an ``.onnx`` file).
+        The scores and the folder of the pictures (None for an ``.onnx`` file or ``data``).
     """
-    evaluation, model, dataset = evaluate_model(path, data_dir=data_dir, device=device, progress=progress)
-    if not isinstance(model, LoadedRun):
+    evaluation, model, dataset = evaluate_model(path, data_dir=data_dir, data=data, device=device,
+                                                progress=progress)
+    if not isinstance(model, LoadedRun) or data is not None:
         return evaluation, None
     write_plots(model.run, evaluation, dataset.test.images, model.model)
     return evaluation, runfolder.plots_dir(model.path)
@@ -237,6 +239,8 @@ def comparison(summaries: Sequence[RunSummary]) -> Comparison:
                                ("batch size", "batch_size"), ("seed", "seed"))]
     rows += [
         ("train images", [f"{r.config['data'].get('train_images') or 0:,}" for r in s]),
+        ("val images", [f"{r.config['data'].get('val_images') or 0:,}" for r in s]),
+        ("kept epoch", [kept_epoch(r.config) for r in s]),
         ("training s", [f"{r.training_seconds:.1f}" for r in s]),
         ("final loss", [f"{r.history[-1]['loss']:.3f}" if r.history else "-" for r in s]),
         ("train accuracy", [_accuracy(r.train_accuracy) for r in s]),
@@ -244,6 +248,14 @@ def comparison(summaries: Sequence[RunSummary]) -> Comparison:
     ]
     classes = [*s[0].classes, *AVERAGES]
     return Comparison([r.name for r in s], rows, classes, [[r.report[c]["f1-score"] for r in s] for c in classes])
+
+
+def kept_epoch(config: dict[str, Any]) -> str:
+    """Which epoch's weights a run keeps: ``"7/24 best"`` (the best on validation), ``"24/24"``, or ``"-"``."""
+    kept, epochs = config.get("kept"), config.get("train", {}).get("epochs")
+    if not isinstance(kept, dict) or "epoch" not in kept:
+        return "-"
+    return f"{kept['epoch']}/{epochs}" + (" best" if "val_accuracy" in kept else "")
 
 
 def format_comparison(summaries: Sequence[RunSummary]) -> str:
@@ -327,6 +339,15 @@ def _comparison_html(summaries: Sequence[RunSummary]) -> str:
     ])
 
 
+def _kept_html(config: dict[str, Any]) -> str:
+    kept = config.get("kept")
+    if not isinstance(kept, dict) or "val_accuracy" not in kept:
+        return ""
+    return (f"<p>Weights kept: epoch {kept['epoch']} of {config['train'].get('epochs')}, the best on the "
+            f"{config['data'].get('val_images', 0):,} validation images (accuracy {kept['val_accuracy']:.4f}, "
+            f"loss {kept['val_loss']:.4f}).</p>")
+
+
 def _run_html(s: RunSummary, anchor: str) -> str:
     e = html.escape
     report_rows = [[c, *(f"{s.report[c][k]:.3f}" for k in ("precision", "recall", "f1-score")),
@@ -342,6 +363,7 @@ def _run_html(s: RunSummary, anchor: str) -> str:
     return "".join([
         f'<section id="{anchor}"><h2>Run {e(s.name)}</h2><p class="muted">{e(str(s.path))}</p>',
         table(["", "train", "test"], [["accuracy", _accuracy(s.train_accuracy), f"{s.test_accuracy:.3f}"]]),
+        _kept_html(s.config),
         images["history"],
         '<div class="row"><div><h3>Classification report (test set)</h3>',
         table(["class", "precision", "recall", "f1-score", "support"], report_rows),

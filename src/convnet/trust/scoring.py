@@ -1,6 +1,6 @@
 """Scoring a saved model on its own data: what ``convnet evaluate`` computes for a run
 folder (written to its ``metrics.json``) or for an ``.onnx`` file, and what ``convnet
-train`` computes at the end of a run.
+train`` computes at the end of a run; or on a labelled folder of new images.
 
 The model is opened by :mod:`convnet.use.loadrun` and scored by
 :func:`~convnet.trust.evaluation.score_splits`, the same scorer for both kinds; the pictures
@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from convnet.core import runfolder
-from convnet.data.dataset import Dataset, Images
+from convnet.core.errors import DataError, InputError
+from convnet.core.progress import Bar
+from convnet.data.dataset import Dataset, Images, Split
+from convnet.data.folderscan import TEST, TRAIN, scan_folder
+from convnet.data.inputfiles import input_batches
 from convnet.models.engine import Engine
 from convnet.trust.evaluation import Evaluation, evaluate, score_splits
 from convnet.use.loadrun import LoadedRun, Model, load_run, open_model
@@ -76,23 +81,68 @@ def score_model(model: Model, dataset: Dataset) -> Evaluation:
     """Score a run folder (its ``metrics.json`` written) or an ``.onnx`` file on ``dataset``."""
     if isinstance(model, LoadedRun):
         return score_run(model, dataset)
-
-    def probabilities(images: Images) -> torch.Tensor:
-        return torch.from_numpy(model.probabilities(images))
-
-    return score_splits(probabilities, dataset)
+    return score_splits(probabilities_of(model), dataset)
 
 
-def evaluate_model(path: PathLike, *, data_dir: PathLike | None = None, device: str = "auto",
-                   progress: bool = True) -> tuple[Evaluation, Model, Dataset]:
+def folder_data(model: Model, folder: PathLike, *, progress: bool = True) -> Dataset:
+    """A labelled folder as a test split in ``model``'s input spec: its class folders (or
+    the ``test/`` split of a split layout), each image read as ``convnet predict`` reads it,
+    each class matched to the model's by name.
+
+    Raises:
+        DataError: not a labelled folder, a split layout without ``test/``, a class the
+            model does not know, an image that cannot be read.
+    """
+    scan = scan_folder(folder)
+    if scan.layout != "classes" and "test" not in scan.layout:
+        raise DataError(f"--data {scan.root}: a {scan.layout} layout without test/; give a folder of class folders, "
+                        "or one whose test/ split holds the labelled images")
+    spec = model.spec
+    unknown = sorted(set(scan.classes) - set(spec.classes))
+    if unknown:
+        raise DataError(f"--data {scan.root}: class {unknown[0]!r} is not one the model knows; its classes are "
+                        f"{', '.join(spec.classes)}")
+    part = TRAIN if scan.layout == "classes" else TEST
+    rows = [i for i, p in enumerate(scan.parts) if p == part]
+    files = [scan.root / scan.files[i] for i in rows]
+    labels = torch.tensor([spec.classes.index(scan.classes[scan.labels[i]]) for i in rows], dtype=torch.int64)
+    images = []
+    bar = Bar(len(files), "reading", enabled=progress)
+    for item in input_batches(files, spec):
+        if isinstance(item, InputError):
+            raise DataError(f"--data {scan.root}: {item}")
+        images.append(item.images)
+        bar.update(len(item.images))
+    bar.close()
+    none = torch.zeros((0, *spec.shape), dtype=torch.uint8)
+    return Dataset("folder", spec, Split(none, labels[:0]), Split(torch.cat(images), labels), str(scan.root))
+
+
+def evaluate_model(path: PathLike, *, data_dir: PathLike | None = None, data: PathLike | None = None,
+                   device: str = "auto", progress: bool = True) -> tuple[Evaluation, Model, Dataset]:
     """What ``convnet evaluate PATH`` scores: a run folder (in PyTorch, as it was
     evaluated; its ``metrics.json`` written) or an ``.onnx`` file (in ONNX Runtime), on
-    the data of the run, found again. The model is opened (and checked) before the data
-    is read.
+    the data of the run, found again (in ``data_dir`` where it moved), or on the labelled
+    folder ``data`` (:func:`folder_data`; the run's ``metrics.json`` left as it is). The
+    model is opened (and checked) before the data is read.
 
     Returns:
         The scores, the opened model and the data they were computed on.
     """
+    if data is not None and data_dir is not None:
+        raise DataError("--data (a labelled folder to score on) and --data-dir (where the run's own data is now) "
+                        "cannot be combined; give one")
     model = open_model(path, device=device)
+    if data is not None:
+        dataset = folder_data(model, data, progress=progress)
+        return score_splits(probabilities_of(model), dataset, score_train=False), model, dataset
     dataset = model.dataset(data_dir, progress=progress)
     return score_model(model, dataset), model, dataset
+
+
+def probabilities_of(model: Model) -> Callable[[Images], torch.Tensor]:
+    """The model's class probabilities, as the scorer takes them."""
+    def probabilities(images: Images) -> torch.Tensor:
+        return torch.from_numpy(model.probabilities(images))
+
+    return probabilities
