@@ -3,8 +3,8 @@
 Each trial trains with the base recipe (sized to the data as ``convnet train`` sizes it)
 and the trial's values laid over it, on the training images less ``--val-split`` of them
 (stratified, the seed's split: the same for every trial), and is scored by the validation
-accuracy after its last epoch. The test split is never scored. The training loop's events
-report the validation accuracy to Optuna's median pruner at every tenth of the trial's
+accuracy of its best epoch (the weights ``convnet train`` keeps). The test split is never
+scored. The training loop's events report the validation accuracy to Optuna's median pruner at every tenth of the trial's
 epochs (so that short and long schedules are compared at the same point of their decay),
 which stops the trials that fall behind; a trial whose loss diverges counts as pruned.
 
@@ -258,7 +258,8 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
             print(f"trial {trial.number}: pruned after epoch {pruning.pruned_at} of {config.epochs}  "
                   f"{time.perf_counter() - start:.0f} s  {_values(values)}", file=out_stream, flush=True)
             raise optuna.TrialPruned()
-        accuracy = float(result.history[-1].val_accuracy or 0.0)
+        # the validation accuracy of the epoch the run keeps: the best, as `convnet train` keeps it
+        accuracy = float(result.best["val_accuracy"] if result.best else result.history[-1].val_accuracy or 0.0)
         best = max([accuracy, *(t.value for t in study.get_trials(deepcopy=False)
                                 if t.value is not None and t.number != trial.number)])
         print(f"trial {trial.number}: val accuracy {accuracy:.4f}  {time.perf_counter() - start:.0f} s  "
