@@ -4,8 +4,9 @@ Each trial trains with the base recipe (sized to the data as ``convnet train`` s
 and the trial's values laid over it, on the training images less ``--val-split`` of them
 (stratified, the seed's split: the same for every trial), and is scored by the validation
 accuracy of its best epoch (the weights ``convnet train`` keeps). The test split is never
-scored. The training loop's events report the validation accuracy to Optuna's median pruner at every tenth of the trial's
-epochs (so that short and long schedules are compared at the same point of their decay),
+scored. The training loop's events report the validation accuracy to Optuna's median
+pruner at every tenth of the trial's epochs (so that short and long schedules are compared
+at the same point of their decay),
 which stops the trials that fall behind; a trial whose loss diverges counts as pruned.
 
 With ``storage`` (a SQLite file or any database URL Optuna takes) several processes, on one
