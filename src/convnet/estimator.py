@@ -76,6 +76,13 @@ def _param_default(o: Option) -> Any:
 DEFAULTS = {o.param_name: _param_default(o) for o in PARAMS}
 
 
+def unlabelled_rows(y: np.ndarray) -> np.ndarray:
+    """Where ``y`` is -1, scikit-learn's mark of an unlabelled sample (``sklearn.semi_supervised``)."""
+    if y.dtype.kind in "iu" or y.dtype.kind == "f":
+        return y == -1
+    return np.array([isinstance(v, int | np.integer) and not isinstance(v, bool) and v == -1 for v in y.tolist()])
+
+
 class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     """A convolutional image classifier with scikit-learn's interface.
 
@@ -128,8 +135,13 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         through the one path every run trains by (:func:`convnet.training.run.train_run`);
         nothing is written to disk.
 
+        ``y == -1`` marks an unlabelled image, as in ``sklearn.semi_supervised``: the
+        labelled images train as usual and the unlabelled ones are the pool training also
+        learns from (FixMatch, :mod:`convnet.training.semi`). -1 is therefore never a class.
+
         Raises:
-            InputError (a ValueError): ``X`` is not images, ``y`` does not match it or holds one class.
+            InputError (a ValueError): ``X`` is not images, ``y`` does not match it or holds
+                fewer than 2 classes besides -1.
             ConvnetError: a bad setting, named as ``convnet train`` names it.
         """
         warm = self.warm_start and hasattr(self, "model_")
@@ -137,12 +149,18 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         if len(y) == 0:
             raise InputError("y holds no labels (0 samples); give images of at least 2 classes")
         check_classification_targets(y)
-        classes, labels = np.unique(y, return_inverse=True)
+        unlabelled = unlabelled_rows(y)
+        classes, labels = np.unique(y[~unlabelled], return_inverse=True)
         if len(classes) < 2:
-            raise InputError(f"y holds one class ({classes[0]!r}); a classifier needs at least 2 classes")
+            besides = " besides -1 (unlabelled)" if unlabelled.any() else ""
+            count = "no class" if len(classes) == 0 else "one class"
+            raise InputError(f"y holds {count}{besides} ({', '.join(map(repr, classes.tolist()))}); a classifier "
+                             "needs at least 2 classes")
         images = as_images(X, self.input_spec_ if warm else None, layout=self.layout, name="X")
         if len(images) != len(y):
             raise InputError(f"X holds {len(images)} images but y {len(y)} labels; give one label per image")
+        pool = images[torch.from_numpy(np.flatnonzero(unlabelled))] if unlabelled.any() else None
+        images, y = images[torch.from_numpy(np.flatnonzero(~unlabelled))], y[~unlabelled]
         if warm:  # the model's outputs stay in their order (a run's own order for a loaded convnet run)
             if sorted(classes.tolist()) != sorted(self.classes_.tolist()):
                 raise InputError(f"warm_start: y's classes {classes.tolist()} differ from those fitted before "
@@ -154,7 +172,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
         spec = self.input_spec_ if warm else spec_of(images, [str(c) for c in classes], hflip=self.hflip is not False)
         data = Split(images, torch.from_numpy(labels.astype(np.int64)))
         held_out = Split(images[:0], data.labels[:0])  # no test split: scoring is for score()
-        request = self._request(Dataset("arrays", spec, data, held_out, ""), warm)
+        request = self._request(Dataset("arrays", spec, data, held_out, "", pool=pool), warm)
         # warm: from the weights learned so far, with a fresh optimizer and schedule
         init = uncalibrated(self.model_)[0].state_dict() if warm else None
         trained = train_run(request, init=init, stream=sys.stdout if self.verbose else None,
@@ -192,6 +210,26 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """Probabilities ``(N, n_classes)``, columns in ``classes_`` order, rows summing to 1."""
         return self._predictor().predict_proba(X)
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """The accuracy on the images whose label is not -1: an unlabelled image (``y ==
+        -1``, as in :meth:`fit`) has no truth to score against, so cross-validation on
+        partly labelled data scores what can be scored (scikit-learn's own semi-supervised
+        estimators count those rows as mistakes).
+
+        Raises:
+            InputError: every label is -1.
+        """
+        y = column_or_1d(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
+        labelled = ~unlabelled_rows(y)
+        if not labelled.any():
+            raise InputError("score: every label in y is -1 (unlabelled); give labelled images to score on")
+        if labelled.all():
+            return float(super().score(X, y, sample_weight))
+        rows = np.flatnonzero(labelled)
+        weights = None if sample_weight is None else np.asarray(sample_weight)[rows]
+        return float(super().score(as_images(X, self.input_spec_, layout=self.layout, name="X")[
+            torch.from_numpy(rows)], y[rows], weights))
 
     def predict(self, X: Any) -> np.ndarray:
         """The label of each image, from ``classes_`` (the same kind as the ``y`` fitted on)."""

@@ -304,7 +304,27 @@ def cmd_datasets(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suggest(a: argparse.Namespace) -> int:
+    from convnet.use.suggest import suggest
+
+    found = suggest(a.run, a.pool, n=a.n, device=a.device, csv_out=a.csv, html_out=a.html, progress=not a.json,
+                    data_dir=a.data_dir)
+    if a.json:
+        print(json.dumps({"ranked": found.ranked, "already_trained": found.already_trained,
+                          "suggestions": [s.to_json() for s in found.suggestions]}, indent=2))
+        return 0
+    width = max(len(s.item) for s in found.suggestions)
+    print(f"{len(found.suggestions)} of {found.ranked:,} unlabelled images to label, the most useful first"
+          + (f" ({found.already_trained:,} left out: the run trained on them)" if found.already_trained else ""))
+    for s in found.suggestions:
+        print(f"{s.rank:>5}  {s.item:<{width}}  looks like {s.predicted:<12} {s.probability:.3f}  score {s.score:.3f}")
+    for what, path in (("table", a.csv), ("contact sheet", found.html)):
+        if path is not None:
+            print(f"{what} in {path}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "tutorial": cmd_tutorial,
             "models": cmd_models, "recipes": cmd_recipes, "datasets": cmd_datasets, "bench": cmd_bench,
             "report": cmd_report, "inspect": cmd_inspect, "compare": cmd_compare, "export": cmd_export,
-            "serve": cmd_serve, "tune": cmd_tune}
+            "serve": cmd_serve, "tune": cmd_tune, "suggest": cmd_suggest}

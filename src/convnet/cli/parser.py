@@ -191,6 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --target: skip the tutorial's Adam-15 reference run (default: run it)")
     add_options(p, BENCH)
 
+    p = sub.add_parser("suggest", help="the unlabelled images whose labels would help a run most, ranked",
+                       description="Rank a pool of unlabelled images by how much their labels would help the run: "
+                                   "the ones it is least sure of, spread over the data. Label them (move each file "
+                                   "into its class folder under the training folder) and train again, with "
+                                   "`--unlabeled POOL` for the rest. Images the run trained on are never suggested.")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("pool", metavar="POOL", help="a folder of unlabelled images (any layout), or rest: the training "
+                                                "images the run's --subset left out (by index on a named data set)")
+    p.add_argument("--n", type=int, default=100, metavar="K", help="how many to suggest (default: %(default)s)")
+    p.add_argument("--csv", type=Path, default=None, metavar="FILE",
+                   help="write the ranking as path,predicted,probability,score (default: no file)")
+    p.add_argument("--html", type=Path, default=None, metavar="FILE",
+                   help="write a contact sheet of the suggested images with the model's guess (default: no file)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: text)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the run's data is now, if it moved (default: where it was trained)")
+    _device_flag(p)
+
     p = sub.add_parser("report", help="one self-contained HTML report of runs: scores, plots, comparison")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders; several are compared first")
     p.add_argument("-o", "--out", type=Path, default=None,

@@ -121,6 +121,10 @@ class Dataset:
             ``test``), relative to ``source``, in the order of the splits' images.
         skipped: images left out because they could not be decoded.
         val: the validation split: images held out of training to choose by (None: none).
+        pool: unlabelled images in ``spec`` that training learns from too (None: none).
+        pool_record: what the run records of the pool: where it is, how many, its hash.
+        pool_index: where the pool images lie among the training images a ``--subset``
+            left out (``--unlabeled rest``), in the pool's order; None otherwise.
     """
 
     name: str
@@ -134,6 +138,9 @@ class Dataset:
     files: dict[str, list[str]] | None = None
     skipped: tuple[str, ...] = ()
     val: Split | None = None
+    pool: Images | None = None
+    pool_record: dict[str, Any] | None = None
+    pool_index: np.ndarray | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -185,6 +192,41 @@ class Dataset:
         return replace(self, train=self.train.take(torch.from_numpy(kept)), val=self.train.take(
             torch.from_numpy(held)), files=files, origin={**self.origin, "val_held_out": True,
                                                           "val_split": fraction, "val_seed": seed}), line
+
+    def draw(self, subset: int | None, seed: int, *, rest_as_pool: bool = False) -> Dataset:
+        """The data set with ``subset`` of its training images, a stratified draw chosen by
+        ``seed`` (in their order); with ``rest_as_pool`` the others become the unlabelled
+        pool. ``None``, or as many as there are: all of them.
+
+        Raises:
+            DataError: fewer images than classes, or a class too small to be drawn from.
+        """
+        if subset is None:
+            return self
+        check_subset(subset)
+        n = len(self.train)
+        if subset >= n:
+            kept, rest = np.arange(n), np.arange(0)
+        else:
+            from sklearn.model_selection import train_test_split  # imported here: scikit-learn is slow to import
+
+            y = self.train.labels.cpu().numpy()
+            try:
+                kept, rest = train_test_split(np.arange(n), train_size=subset, random_state=seed, stratify=y)
+            except ValueError as e:
+                raise DataError(f"--subset {subset}: a stratified draw of {subset} of {n:,} images of "
+                                f"{len(np.unique(y))} classes is not possible ({e})") from None
+            kept, rest = np.sort(kept), np.sort(rest)
+        files = self.files
+        if files is not None:
+            files = {**files, "train": [files["train"][i] for i in kept],
+                     **({"pool": [files["train"][i] for i in rest]} if rest_as_pool else {})}
+        pool, record, index = self.pool, self.pool_record, self.pool_index
+        if rest_as_pool:
+            pool, index = self.train.take(torch.from_numpy(rest)).images, rest
+            record = {"source": "rest", "images": len(rest)}  # the training images --subset leaves out
+        return replace(self, train=self.train.take(torch.from_numpy(kept)), subset=subset, files=files, pool=pool,
+                       pool_record=record, pool_index=index, origin={**self.origin, "subset_seed": seed})
 
     def first(self, subset: int | None) -> Dataset:
         """The data set with only the first ``subset`` training images (the test split whole)."""

@@ -11,6 +11,7 @@ the run records the files of each split.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -22,8 +23,8 @@ import torch
 from convnet.core.errors import DataError
 from convnet.data import imagecache
 from convnet.data.catalog import default_cache_dir
-from convnet.data.dataset import Dataset, DiskImages, InputSpec, Split, stratified_split
-from convnet.data.folderscan import TEST, TRAIN, VAL, FolderScan, scan_folder
+from convnet.data.dataset import Dataset, DiskImages, Images, InputSpec, Split, stratified_split
+from convnet.data.folderscan import TEST, TRAIN, VAL, FolderScan, image_files, scan_folder
 
 SPLIT_SEED = 0  # the test split of a folder without test/ is the same every time
 
@@ -91,6 +92,7 @@ def load_folder(folder: str | os.PathLike[str], *, image_size: tuple[int, int] |
                      "training reads them from the cache a batch at a time")
     labels = torch.tensor(index["labels"], dtype=torch.int64)
     train_rows, val_rows, test_rows = _split_rows(scan, index, test_split, files)
+    pool_rows = _recorded(scan, index, files, "pool") if files is not None and "pool" in files else None
     if scan.layout == "train-val":
         notes.append(f"test: {test_split:.0%} of train/ held out for the final score (--test-split, stratified): "
                      "the folder has no test/")
@@ -111,6 +113,7 @@ def load_folder(folder: str | os.PathLike[str], *, image_size: tuple[int, int] |
                (("train", train_rows), ("val", val_rows), ("test", test_rows)) if rows is not None},
         skipped=tuple(b[0] for b in index["bad"]),
         val=split(val_rows) if val_rows is not None else None,
+        pool=split(pool_rows).images if pool_rows is not None else None,
     )
     return dataset.first(subset)
 
@@ -146,19 +149,9 @@ def _split_rows(scan: FolderScan, index: dict[str, Any], test_split: float, file
     """Row numbers of the training, validation (None: the folder has none) and test
     images: as recorded, by the folder's split folders, or with the test images a
     stratified share of the training ones (seed 0); each in a fixed shuffled order."""
-    if files is not None:
-        where = {f: i for i, f in enumerate(index["files"])}
-        out: dict[str, np.ndarray] = {}
-        for side in ("train", "val", "test"):
-            if side not in files:  # a run written before validation splits, or without one
-                continue
-            gone = [f for f in files[side] if f not in where]
-            if gone:
-                raise DataError(f"--data {scan.root}: {len(gone)} image{'s' if len(gone) > 1 else ''} of the run's "
-                                f"{side} split {'are' if len(gone) > 1 else 'is'} gone or unreadable (first: "
-                                f"{gone[0]}); the run can only be scored on its own images")
-            out[side] = np.array([where[f] for f in files[side]], dtype=np.int64)
-        return out["train"], out.get("val"), out["test"]
+    if files is not None:  # a run written before validation splits, or without one, has no "val"
+        val = _recorded(scan, index, files, "val") if "val" in files else None
+        return _recorded(scan, index, files, "train"), val, _recorded(scan, index, files, "test")
     rng = np.random.default_rng(SPLIT_SEED)
     parts, labels = np.asarray(index["parts"]), np.asarray(index["labels"])
     train = np.flatnonzero(parts == TRAIN)
@@ -175,3 +168,66 @@ def _split_rows(scan: FolderScan, index: dict[str, Any], test_split: float, file
     # a fixed shuffled order, so that --subset and unshuffled training see every class
     train, test = train[rng.permutation(len(train))], test[rng.permutation(len(test))]
     return train, (val[rng.permutation(len(val))] if val is not None else None), test
+
+
+def _recorded(scan: FolderScan, index: dict[str, Any], files: dict[str, list[str]], side: str) -> np.ndarray:
+    """The rows of the files a run recorded for ``side``.
+
+    Raises:
+        DataError: one of them is gone or cannot be decoded any more.
+    """
+    where = {f: i for i, f in enumerate(index["files"])}
+    gone = [f for f in files[side] if f not in where]
+    if gone:
+        raise DataError(f"--data {scan.root}: {len(gone)} image{'s' if len(gone) > 1 else ''} of the run's "
+                        f"{side} split {'are' if len(gone) > 1 else 'is'} gone or unreadable (first: "
+                        f"{gone[0]}); the run can only be scored on its own images")
+    return np.array([where[f] for f in files[side]], dtype=np.int64)
+
+
+def load_pool(folder: str | os.PathLike[str], spec: InputSpec, *, memory_budget_mb: float | None = None,
+              cache_dir: str | None = None, progress: bool = True
+              ) -> tuple[Images, dict[str, Any], list[str], list[str]]:
+    """A folder of unlabelled images (any layout, searched recursively, as ``convnet
+    predict DIR`` finds them), decoded once into the cache at ``spec``'s size and channels,
+    in memory unless over the memory budget. Images that cannot be decoded are left out.
+
+    Returns:
+        The images, what a run records of them (folder, count, the folder's manifest, the
+        images' SHA-256), notes for the user, and each image's file (relative to the folder).
+
+    Raises:
+        DataError: not a folder, or no image in it.
+    """
+    root = Path(folder).resolve()
+    images_found, _ = image_files(root)
+    if not images_found:
+        raise DataError(f"--unlabeled {root}: no image files in it or below it")
+    digest = hashlib.sha256()
+    rel = []
+    for path in images_found:
+        st = path.stat()
+        name = path.relative_to(root).as_posix()
+        rel.append(name)
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    scan = FolderScan(root, "pool", ("pool",), rel, [0] * len(rel), [TRAIN] * len(rel), digest.hexdigest(), [])
+    size, channels = (spec.height, spec.width), spec.channels
+    base = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = imagecache.cache_path(root, size, channels, base)
+    index = imagecache.read_index(cache)
+    images = imagecache.load(cache, index) if index is not None and index.get("manifest") == scan.manifest else None
+    notes = []
+    if images is None or index is None:
+        shutil.rmtree(cache, ignore_errors=True)
+        index = imagecache.build(cache, scan, size, channels, True, progress)
+        images = imagecache.load(cache, index)
+        if images is None:
+            raise DataError(f"the image cache {cache} was damaged as it was written; check the disk")
+        notes.append(f"decoded {len(images):,} unlabelled images into {cache}")
+    if index["bad"]:
+        notes.append(f"left out {len(index['bad'])} unlabelled image{'s' if len(index['bad']) > 1 else ''} that "
+                     f"cannot be decoded: {', '.join(b[0] for b in index['bad'][:3])}")
+    pool = images.load() if _in_memory(images, memory_budget_mb) else images
+    record = {"source": str(root), "images": len(images), "manifest": scan.manifest,
+              "sha256": index["images_sha256"]}
+    return pool, record, notes, list(index["files"])

@@ -19,35 +19,52 @@ from convnet.core import runfolder
 from convnet.core.errors import RunError
 from convnet.data.catalog import DATASETS
 from convnet.data.dataset import Dataset, Split
-from convnet.data.folders import load_folder
+from convnet.data.folders import load_folder, load_pool
 from convnet.data.named import load_dataset
-from convnet.data.options import DataOptions
+from convnet.data.options import REST, DataOptions
 
 
-def load_data(options: DataOptions, *, progress: bool = True, files: dict[str, list[str]] | None = None) -> Dataset:
-    """The data ``options`` name: a named data set or a folder of images.
+def load_data(options: DataOptions, *, seed: int = 42, progress: bool = True,
+              files: dict[str, list[str]] | None = None, pool: bool = True) -> Dataset:
+    """The data ``options`` name: a named data set or a folder of images, with ``subset``
+    of its training images (a stratified draw by ``seed``) and its unlabelled pool.
 
     Args:
         options: what to load (validated here).
+        seed: chooses the ``subset`` drawn.
         progress: show a bar while a folder's images are decoded.
         files: for a folder, the files of each split (``{"train": [...], "test": [...]}``)
-            as a run recorded them, instead of dividing the folder anew.
+            as a run recorded them, instead of dividing the folder anew (and drawing no subset).
+        pool: read the unlabelled pool (``unlabeled``); False: leave it out (scoring needs none).
     """
     options.validate()
     if options.folder is not None:
         dataset = load_folder(options.folder, image_size=options.image_size, channels=options.channels,
                               test_split=options.test_split, skip_bad_images=options.skip_bad_images,
                               hflip=options.hflip, memory_budget_mb=options.memory_budget_mb,
-                              cache_dir=options.cache_dir, subset=options.subset, progress=progress, files=files)
+                              cache_dir=options.cache_dir, progress=progress, files=files)
     else:
-        dataset = load_dataset(options.name, options.data_dir, subset=options.subset, cache_dir=options.cache_dir)
+        dataset = load_dataset(options.name, options.data_dir, cache_dir=options.cache_dir)
     if options.hflip is not None and options.hflip != dataset.spec.hflip:
         dataset = replace(dataset, spec=replace(dataset.spec, hflip=options.hflip))
+    if files is None:
+        dataset = dataset.draw(options.subset, seed, rest_as_pool=pool and options.unlabeled == REST)
+    if not pool:
+        return replace(dataset, pool=None, files=_without_pool(dataset.files))
+    if options.unlabeled not in (None, REST):
+        images, record, notes, _ = load_pool(options.unlabeled, dataset.spec,
+                                             memory_budget_mb=options.memory_budget_mb, cache_dir=options.cache_dir,
+                                             progress=progress)
+        dataset = replace(dataset, pool=images, pool_record=record, notes=(*dataset.notes, *notes))
     return dataset
 
 
+def _without_pool(files: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+    return None if files is None else {k: v for k, v in files.items() if k != "pool"}
+
+
 def run_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None, *, progress: bool = True,
-             split: dict[str, Any] | None = None) -> Dataset:
+             split: dict[str, Any] | None = None, pool: bool = False) -> Dataset:
     """The data set a run was trained on, split as it was: for a folder of images the
     recorded files of each split (``split``, else the run's ``split.json``); for a named
     set the same subset, from ``data_dir`` if given, else from the folder it was read from
@@ -66,11 +83,13 @@ def run_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None,
             split = runfolder.read_json(run.path / runfolder.SPLIT)
         if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "test")):
             raise RunError(f"{run.path / runfolder.SPLIT}: missing or damaged; it lists the files of each split")
-        options = DataOptions(folder=str(data_dir or data["source"]), subset=data.get("subset"),
+        options = DataOptions(folder=str(data_dir or data["source"]),
                               image_size=(spec.height, spec.width), channels=spec.channels,
                               test_split=float(data.get("test_split", 0.2)),
                               skip_bad_images=bool(data.get("skip_bad_images", False)), hflip=spec.hflip)
-        dataset = load_data(options, progress=progress, files=split)
+        dataset = load_data(options, progress=progress, files=split, pool=pool)
+        if data.get("subset") and "subset_seed" not in data:  # a run written when --subset took the first N
+            dataset = dataset.first(data["subset"])
     elif data.get("test_data") is not None:
         return _kept_test_data(run, data_dir)
     elif data.get("name") not in DATASETS:
@@ -81,7 +100,15 @@ def run_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None,
     else:
         if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
             data_dir = data["source"]
-        dataset = load_dataset(data["name"], data_dir, subset=data.get("subset"))
+        dataset = load_dataset(data["name"], data_dir)
+        recorded = data.get("pool") or {}
+        if "subset_seed" in data:  # the same stratified draw; the others the pool, where they were
+            dataset = dataset.draw(data.get("subset"), int(data["subset_seed"]),
+                                   rest_as_pool=pool and recorded.get("source") == REST)
+        else:  # a run written when --subset took the first N
+            dataset = dataset.first(data.get("subset"))
+    if pool and (data.get("pool") or {}).get("source") not in (None, REST):
+        dataset = _same_pool(run, dataset, data["pool"], progress)
     if data.get("val_held_out") and dataset.val is None and len(dataset.train):  # held out as the run held it
         dataset = dataset.held_out(float(data["val_split"]), int(data["val_seed"]))[0]
     if data.get("train_images") not in (None, len(dataset.train)):
@@ -118,3 +145,19 @@ def _kept_test_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None 
     held_out = Split(images, labels)
     none = Split(images[:0], labels[:0])
     return Dataset(str(run.config["data"]["name"]), spec, none, held_out, source=str(path.resolve()))
+
+
+def _same_pool(run: runfolder.Run, dataset: Dataset, recorded: dict[str, Any], progress: bool) -> Dataset:
+    """The run's folder of unlabelled images, read again: the same images, or refused.
+
+    Raises:
+        RunError: the folder is gone, or holds other images than when the run started.
+    """
+    folder = Path(recorded["source"])
+    if not folder.is_dir():
+        raise RunError(f"{run.path} learnt from the unlabelled images in {folder}, which is gone; resume needs them")
+    images, found, _, _ = load_pool(folder, dataset.spec, progress=progress)
+    if (found["images"], found["sha256"]) != (recorded.get("images"), recorded.get("sha256")):
+        raise RunError(f"{run.path} learnt from {recorded.get('images'):,} unlabelled images in {folder}, which now "
+                       f"holds {found['images']:,} other ones; resume needs the same pool (or start a new run)")
+    return replace(dataset, pool=images, pool_record=found)

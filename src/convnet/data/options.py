@@ -13,6 +13,7 @@ from convnet.core.options import BENCH, ESTIMATOR, TRAIN, TUNE, TUTORIAL, option
 from convnet.data.catalog import DATASETS, named
 
 DEFAULT_DATASET = "fashion-mnist"
+REST = "rest"  # --unlabeled rest: the training images --subset leaves out are the pool
 LAYOUTS = ("auto", "nchw", "nhwc")  # how a 4-d array is read: --layout
 NAMED = frozenset({TRAIN, TUNE, TUTORIAL, BENCH})  # the commands that read a named data set
 FOLDERS = frozenset({TRAIN, TUNE})  # the commands that read a folder of images
@@ -59,8 +60,12 @@ class DataOptions:
                                   shown="the cache, then a system copy, then a download")
     folder: str | None = option(None, "a folder of images, one subfolder per class (or train/ and test/ of them)",
                                 takes=FOLDERS, flag="--data", metavar="DIR", shown="the named --dataset")
-    subset: int | None = option(None, "train on the first N training images only", takes=FOLDERS, metavar="N",
+    subset: int | None = option(None, "train on N of the training images, a stratified draw by --seed (with "
+                                "--unlabeled rest the others are the unlabelled pool)", takes=FOLDERS, metavar="N",
                                 shown="all")
+    unlabeled: str | None = option(None, "a folder of unlabelled images (any layout, searched recursively) that "
+                                   "training learns from too; or rest: the training images --subset leaves out",
+                                   takes=FOLDERS, metavar="DIR|rest", shown="labelled images only")
     image_size: tuple[int, int] | None = option(None, "with --data: the size images are converted to",
                                                 takes=FOLDERS, metavar="N|HxW", parse=parse_image_size,
                                                 shown="the most common, at most 64")
@@ -98,6 +103,16 @@ class DataOptions:
                     raise DataError(f"{flag} applies to folders of images (--data DIR); {ds.name} images are "
                                     f"{ds.channels}x{ds.height}x{ds.width}")
         check_subset(self.subset)
+        if self.unlabeled == REST and self.subset is None:
+            raise DataError("--unlabeled rest makes the training images --subset leaves out the pool: give --subset N")
+        if self.unlabeled not in (None, REST):
+            pool = Path(self.unlabeled)
+            if not pool.is_dir():
+                raise DataError(f"--unlabeled {pool}: no such folder (give a folder of images, or rest)")
+            if self.folder is not None and (pool.resolve() == Path(self.folder).resolve()
+                                            or Path(self.folder).resolve() in pool.resolve().parents):
+                raise DataError(f"--unlabeled {pool} lies inside --data {self.folder}, where it would be read as a "
+                                "class; put the unlabelled images beside the labelled folder, not in it")
         if self.channels not in (None, 1, 3):
             raise DataError(f"--channels must be 1 or 3, got {self.channels}")
         if self.image_size is not None and not (8 <= min(self.image_size) and max(self.image_size) <= 1024):

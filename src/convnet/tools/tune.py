@@ -227,7 +227,7 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         return len(study.get_trials(deepcopy=False, states=states))
 
-    dataset = load_data(request.data, progress=False) if finished() < request.trials else None
+    dataset = load_data(request.data, seed=request.seed, progress=False) if finished() < request.trials else None
     device = resolve_device(request.device)
     engine = make_engine(device)
     ran = 0

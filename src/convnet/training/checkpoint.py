@@ -53,6 +53,7 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
         "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "rng_python": random.getstate(),
         "best": state.best.to_json() if state.best is not None else None,
+        "peak": state.peak.to_json() if state.peak is not None else None,
     }
     runfolder.save_tensors(path, tensors, {"convnet": json.dumps(meta)})
 
@@ -103,6 +104,8 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
             b = meta["best"]
             state.best = Best(int(b["epoch"]), float(b["val_accuracy"]), float(b["val_loss"]),
                               {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")})
+            p = meta.get("peak") or b
+            state.peak = Best(int(p["epoch"]), float(p["val_accuracy"]), float(p["val_loss"]))
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise RunError(f"{path}: damaged checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
                        "start the run again") from None

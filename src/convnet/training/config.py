@@ -260,4 +260,6 @@ class EpochRecord:
     accuracy: float | None = None  # on the training batches as they were trained on (augmented), during the epoch
     val_loss: float | None = None  # on the held-out --val-split images
     val_accuracy: float | None = None
-    test_accuracy: float | None = None  # only measured for --target-accuracy
+    test_accuracy: float | None = None  # only measured for a benchmark's time to a test accuracy
+    pool_used: float | None = None  # with unlabelled images: the share of those drawn the teacher was sure of
+    pool_confidence: float | None = None  # and its mean most-probable-class probability on them

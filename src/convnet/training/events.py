@@ -68,9 +68,12 @@ def score(model: nn.Module, split: Split, state: TrainState, tta: bool) -> tuple
 
 class Validation(TrainEvents):
     """Loss and accuracy on held-out images after every epoch (``val_loss``,
-    ``val_accuracy``); the best epoch so far kept in ``state.best`` (its weights copied to
-    the CPU); training stopped once the config's ``target_accuracy`` is reached or, with
-    ``patience``, once that many epochs have passed without a better one."""
+    ``val_accuracy``), and the epoch the run keeps: the best (``state.peak``), or a later
+    one whose accuracy is within one standard error of the best's (``state.best``, its
+    weights copied to the CPU): on a small validation set a difference that size is noise,
+    and the later epochs of a schedule are the better trained. Training stops once the
+    config's ``target_accuracy`` is reached or, with ``patience``, once that many epochs
+    have passed without a better one."""
 
     def __init__(self, split: Split) -> None:
         self.split = split
@@ -78,12 +81,16 @@ class Validation(TrainEvents):
     def on_epoch_end(self, state: TrainState) -> None:
         record, config = state.history[-1], state.config
         record.val_loss, record.val_accuracy = score(state.final_model, self.split, state, config.tta)
-        if state.best is None or state.best.better(record.val_accuracy, record.val_loss):
+        if state.peak is None or state.peak.better(record.val_accuracy, record.val_loss):
+            state.peak = Best(record.epoch, record.val_accuracy, record.val_loss)
+        peak = state.peak
+        noise = math.sqrt(peak.val_accuracy * (1 - peak.val_accuracy) / max(1, len(self.split)))  # its standard error
+        if record.val_accuracy >= peak.val_accuracy - noise:
             weights = {k: v.detach().to("cpu", copy=True) for k, v in state.final_model.state_dict().items()}
             state.best = Best(record.epoch, record.val_accuracy, record.val_loss, weights)
         if config.target_accuracy and record.val_accuracy >= config.target_accuracy:
             state.stop = True
-        if config.patience and record.epoch - state.best.epoch >= config.patience:
+        if config.patience and record.epoch - peak.epoch >= config.patience:
             state.stop = True
 
 
@@ -160,23 +167,28 @@ class ConsolePrinter(TrainEvents):
             extra += f"  val loss {r.val_loss:.3f} accuracy {r.val_accuracy:.4f}"
         if r.test_accuracy is not None:
             extra += f"  test accuracy {r.test_accuracy:.4f}"
-        if state.best is not None and state.best.epoch == r.epoch:
+        if state.peak is not None and state.peak.epoch == r.epoch:
             extra += "  best"
+        elif state.best is not None and state.best.epoch == r.epoch:
+            extra += "  kept"
         print(f"Categorical Cross Entropy : {r.loss:.3f}   epoch {r.epoch:>{width}}/{state.config.epochs}"
               f"  {r.seconds:6.1f} s  {r.images_per_s:8,.0f} images/s{extra}", file=self.stream, flush=True)
 
     def on_train_end(self, state: TrainState) -> None:
-        best, config = state.best, state.config
-        if best is None:
+        best, peak, config = state.best, state.peak, state.config
+        if best is None or peak is None:
             return
         why = ""
         if state.epoch < config.epochs:
             why = (f"stopped after epoch {state.epoch} of {config.epochs}: " + (
-                f"validation accuracy {best.val_accuracy:.4f} reached --target-accuracy {config.target_accuracy}"
-                if config.target_accuracy and best.val_accuracy >= config.target_accuracy
+                f"validation accuracy {state.history[-1].val_accuracy:.4f} reached --target-accuracy "
+                f"{config.target_accuracy}" if config.target_accuracy
+                and (state.history[-1].val_accuracy or 0) >= config.target_accuracy
                 else f"no better validation accuracy for --patience {config.patience} epochs") + "; ")
+        which = "the best" if best.epoch == peak.epoch else \
+            f"within one standard error of the best, {peak.val_accuracy:.4f} at epoch {peak.epoch}"
         print(f"{why}kept the weights of epoch {best.epoch} (validation accuracy {best.val_accuracy:.4f}, loss "
-              f"{best.val_loss:.3f})", file=self.stream, flush=True)
+              f"{best.val_loss:.3f}: {which})", file=self.stream, flush=True)
 
 
 class RunWriter(TrainEvents):
@@ -191,12 +203,13 @@ class RunWriter(TrainEvents):
     def on_epoch_end(self, state: TrainState) -> None:
         runfolder.write_history(self.run_dir, [asdict(r) for r in state.history])
         save_checkpoint(self.run_dir / runfolder.CHECKPOINT, state)
-        if state.best is not None and state.best.epoch == state.epoch:  # a new best: kept at once
+        if state.best is not None and state.best.epoch == state.epoch:  # the epoch kept moved on: written at once
             runfolder.write_weights(self.run_dir, state.final_model, state.config.model)
 
     def on_train_end(self, state: TrainState) -> None:
         runfolder.write_weights(self.run_dir, state.kept_model(), state.config.model)
-        runfolder.write_kept(self.run_dir, {"epoch": state.epoch, "of": "last epoch"} if state.best is None
-                             else {**state.best.to_json(), "of": "best epoch on the validation images"})
+        runfolder.write_kept(self.run_dir, {"epoch": state.epoch, "of": "last epoch"} if state.best is None else {
+            **state.best.to_json(), "of": "the last epoch within one standard error of the best on validation",
+            "best": state.peak.to_json() if state.peak is not None else None})
         if state.calibration is not None:
             runfolder.write_calibration(self.run_dir, state.calibration)

@@ -24,10 +24,10 @@ from torch import nn
 from convnet.core import runfolder
 from convnet.core.errors import ConvnetError, InputError, TrainingDiverged
 from convnet.data.arrays import as_images, as_labels, as_split, spec_of
-from convnet.data.dataset import DiskImages, InputSpec, Split, batches, split_validation
+from convnet.data.dataset import DiskImages, Images, InputSpec, Split, batches, split_validation
 from convnet.models.engine import Engine, StepRunner, make_engine
 from convnet.models.networks import Calibrated, count_parameters, create_model, head_name, weight_mismatch
-from convnet.training import augment, checkpoint
+from convnet.training import augment, checkpoint, semi
 from convnet.training.config import EpochRecord, TrainConfig, check_config, lr_at
 from convnet.training.distributed import all_mean, wrap
 from convnet.training.events import Calibrate, EventList, RunWriter, Validation
@@ -103,22 +103,42 @@ class TrainResult:
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, engine: Engine,
-               ema: EMA | None, correct: torch.Tensor, pad: int, images: torch.Tensor, labels: torch.Tensor,
-               shifts: torch.Tensor | None = None, flips: torch.Tensor | None = None) -> torch.Tensor:
+               ema: EMA | None, correct: torch.Tensor, seen: torch.Tensor, pad: int, images: torch.Tensor,
+               labels: torch.Tensor, shifts: torch.Tensor | None = None, flips: torch.Tensor | None = None,
+               pool: torch.Tensor | None = None, pool_shifts: torch.Tensor | None = None,
+               pool_flips: torch.Tensor | None = None, **strong: torch.Tensor) -> torch.Tensor:
     """One optimizer step on a batch; returns its loss (a tensor on the device).
 
     Graph-safe: no host synchronisation, state updated in place (``correct`` counts the
-    right predictions on the training batches).
+    right predictions on the training batches; ``seen`` the pool images the teacher was
+    sure of and the sum of its confidence on them all).
 
     Args:
         images: uint8 ``(B, C, H, W)``; labels ``(B,)``.
         shifts, flips: the batch's augmentation draws (:func:`convnet.training.augment.draw`).
+        pool: unlabelled uint8 images ``(U, C, H, W)``, with their light (``pool_shifts``,
+            ``pool_flips``) and ``strong`` augmentation draws (:class:`~convnet.training.semi.StrongDraws`'s
+            fields): FixMatch (:mod:`convnet.training.semi`).
     """
     x = engine.batch(images)  # (B, C, H, W) float in [0, 1], on the device, in the engine's layout
     x = augment.apply(x, augment.Draws(shifts, flips), pad)
-    with engine.precision():
-        logits = net(x)  # (B, num_classes)
-    loss = loss_fn(logits.float(), labels)
+    if pool is None:
+        with engine.precision():
+            logits = net(x)  # (B, num_classes)
+        loss = loss_fn(logits.float(), labels)
+    else:
+        u = engine.batch(pool)  # (U, C, H, W)
+        with torch.no_grad(), engine.precision():  # the teacher's classes, seen lightly augmented
+            teacher = (ema.module if ema is not None else net)(augment.apply(u, augment.Draws(pool_shifts, pool_flips),
+                                                                             pad))
+        confidence, pseudo = teacher.float().softmax(dim=1).max(dim=1)  # (U,), (U,)
+        sure = (confidence >= semi.THRESHOLD).float()
+        with engine.precision():  # (B + U, num_classes): one pass, one batch norm's statistics
+            both = net(torch.cat([x, semi.strong(u, semi.StrongDraws(**{"strong_flips": None, **strong}))]))
+        logits, pool_logits = both[:len(x)], both[len(x):]
+        unlabelled = (nn.functional.cross_entropy(pool_logits.float(), pseudo, reduction="none") * sure).mean()
+        loss = loss_fn(logits.float(), labels) + semi.WEIGHT * unlabelled
+        seen.add_(torch.stack([sure.sum(), confidence.sum()]))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -155,6 +175,7 @@ def train(
     spec: InputSpec | None = None,
     *,
     val: Split | None = None,
+    pool: Images | None = None,
     engine: Engine | None = None,
     events: Any = None,
     run_dir: Path | None = None,
@@ -177,6 +198,8 @@ def train(
             (augmentation and test-time) are left out, as the command line does.
         val: images to score after every epoch; by default ``config.val_split`` of
             ``data`` is held out for it.
+        pool: unlabelled uint8 images ``(P, C, H, W)`` in ``spec`` (in memory or on disk)
+            that training learns from too (:mod:`convnet.training.semi`).
         engine: device and fast path; defaults to the CPU, faithful when ``config.faithful``.
         events: a :class:`~convnet.training.events.TrainEvents` or a list of them, called in
             order (see :mod:`convnet.training.events`: printing, stopping at a target accuracy).
@@ -226,6 +249,8 @@ def train(
     model = engine.prepare_model(net)
     optimizer = make_optimizer(config, model, engine)
     ema = EMA(model, config.ema) if config.ema else None
+    if ema is not None:
+        ema.module.eval()  # evaluated, and the teacher of the pool images: its batch norm's statistics fixed
     state = TrainState(config, spec, model, optimizer, engine, torch.Generator().manual_seed(config.seed),
                        torch.Generator(engine.device).manual_seed(config.seed + 1), ema)
     if resume:
@@ -247,12 +272,14 @@ def train(
     where = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")  # of the images, for indices
     steps_per_epoch = len(batches(n, config.batch_size))
     correct = torch.zeros((), dtype=torch.int64, device=engine.device)
+    seen = torch.zeros(2, device=engine.device)  # pool images the teacher was sure of, and its summed confidence
+    per_batch = semi.RATIO  # pool images drawn per labelled image
     balanced = class_weights(labels, spec.num_classes) if "balanced" in (config.class_weight, config.sampler) else None
     weight = balanced.to(engine.device) if balanced is not None and config.class_weight == "balanced" else None
     # --sampler balanced: each image's chance is its class's weight (1 / its images), every class drawn equally often
     draw = balanced[labels.cpu()] if balanced is not None and config.sampler == "balanced" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
-    step = StepRunner(functools.partial(train_step, net, optimizer, loss_fn, engine, ema, correct,
+    step = StepRunner(functools.partial(train_step, net, optimizer, loss_fn, engine, ema, correct, seen,
                                         config.translate_px), engine)
     scaled = any("lr_scale" in g for g in optimizer.param_groups)  # head and body apart (make_optimizer)
     check_each_batch = engine.device.type == "cpu"  # a finite-check costs a GPU sync; there, check per epoch
@@ -262,14 +289,25 @@ def train(
         model.train()
         t0 = time.perf_counter()
         order = epoch_order(len(data), config, state.shuffle_rng, where, draw)
+        # the pool images of the epoch: RATIO per labelled image, every one before any twice
+        pool_order = pool_rows(len(pool), per_batch * n, state.shuffle_rng) if pool is not None else None
         losses = []
         correct.zero_()
+        seen.zero_()
         for i, rows in enumerate(batches(n, config.batch_size)):
             idx = order[rows] if order is not None else rows
             x, y = images[idx], labels[idx]  # (B, C, H, W) uint8, (B,)
             draws = augment.draw(len(y), config.augment, config.translate_px, state.augment_rng, engine.device)
             tensors = {k: v for k, v in (("images", x), ("labels", y), ("shifts", draws.shifts),
                                          ("flips", draws.flips)) if v is not None}
+            if pool is not None and pool_order is not None:  # (U, C, H, W) unlabelled, U = RATIO * B
+                u = pool[pool_order[per_batch * rows.start:per_batch * rows.stop]].to(engine.device)
+                light = augment.draw(len(u), config.augment, config.translate_px, state.augment_rng, engine.device)
+                tensors.update({k: v for k, v in (("pool", u), ("pool_shifts", light.shifts),
+                                                  ("pool_flips", light.flips)) if v is not None})
+                strong = semi.draw_strong(len(u), (spec.height, spec.width), spec.hflip, state.augment_rng,
+                                          engine.device)
+                tensors.update({k: v for k, v in vars(strong).items() if v is not None})
             if engine.world_size > 1:  # this process's share of the global batch
                 tensors = {k: v.tensor_split(engine.world_size)[engine.rank] for k, v in tensors.items()}
             if config.schedule != "constant" or scaled:
@@ -287,7 +325,11 @@ def train(
         seconds = time.perf_counter() - t0
         accuracy = float(all_mean(correct.float(), engine)) * engine.world_size / n  # all processes' hits
         lr = next(g["lr"] for g in optimizer.param_groups if not g.get("body"))  # the head's
-        state.history.append(EpochRecord(epoch + 1, loss, seconds, n / seconds, float(lr), accuracy))
+        record = EpochRecord(epoch + 1, loss, seconds, n / seconds, float(lr), accuracy)
+        if pool is not None:  # the share of the pool images drawn the teacher was sure of, its mean confidence
+            sure, confidence = (float(v) / (per_batch * n) for v in all_mean(seen, engine) * engine.world_size)
+            record.pool_used, record.pool_confidence = sure, confidence
+        state.history.append(record)
         state.epoch = epoch + 1
         hooks.on_epoch_end(state)
         if state.stop:
@@ -310,6 +352,13 @@ def epoch_order(n: int, config: TrainConfig, rng: torch.Generator, where: torch.
     if config.shuffle:
         return torch.cat([torch.randperm(n, generator=rng) for _ in range(config.repeats)]).to(where)
     return torch.arange(n, device=where).repeat(config.repeats) if config.repeats > 1 else None
+
+
+def pool_rows(size: int, count: int, rng: torch.Generator) -> torch.Tensor:
+    """``count`` rows of a pool of ``size`` images: passes in new random orders, each
+    image drawn once before any is drawn again."""
+    passes = -(-count // size)
+    return torch.cat([torch.randperm(size, generator=rng) for _ in range(passes)])[:count]
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -112,6 +112,9 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     planned, _ = plan(None)
     if isinstance(request.data, DataOptions):
         request.data.validate()
+        if planned.faithful and request.data.unlabeled is not None:
+            raise ConvnetError("--faithful trains on the tutorial's labelled images alone; it cannot be combined "
+                               f"with --unlabeled {request.data.unlabeled}")
     out = request.out if request.out is not None or not write else "new"
     if out not in (None, "new"):
         runfolder.check_out(out)
@@ -119,8 +122,11 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     connection = connect(trackers, request.mlflow_uri, request.mlflow_experiment) if trackers and main else None
 
     # the data, then the config sized to it and the weights fitted to it
-    dataset = load_data(request.data, progress=request.progress and main and stream is not None) \
+    dataset = load_data(request.data, seed=planned.seed, progress=request.progress and main and stream is not None) \
         if isinstance(request.data, DataOptions) else request.data
+    if planned.faithful and dataset.pool is not None:
+        raise ConvnetError("--faithful trains on the tutorial's labelled images alone; it cannot learn from "
+                           "unlabelled ones")
     # validation: the data's own split, or held out of the training images; sized to the images trained on
     default_share = not isinstance(settings, TrainConfig) and "val_split" not in given
     dataset, validation = dataset.held_out(planned.val_split, planned.seed, adapt=default_share)
@@ -149,6 +155,9 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     if init_record is not None:
         say(f"starting from {init_record['source']} ({'; '.join(init_record['changes']) or 'every weight kept'})")
     say(validation)
+    if dataset.pool is not None:
+        say(f"unlabelled: {len(dataset.pool):,} images ({pool_name(dataset.pool_record)}), learnt from where the "
+            "teacher is sure of them")
     if sizing:
         say(sizing)
     imbalance = imbalance_warning(dataset, config)
@@ -162,8 +171,8 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
         tracker = start(connection, run_dir, name, config, data_record(dataset),
                         tensorboard_dir=None if run_dir is not None else Path(tensorboard_root or "tensorboard") / name)
     printer = ConsolePrinter(stream, progress=request.progress) if stream is not None and main else None
-    result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, val=dataset.val, engine=engine,
-                                            events=[*events, printer, tracker], run_dir=run_dir,
+    result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, val=dataset.val, pool=dataset.pool,
+                                            engine=engine, events=[*events, printer, tracker], run_dir=run_dir,
                                             data_record=data_record(dataset), init=init, init_record=init_record))
     return TrainedRun(result, dataset, engine, tracker)
 
@@ -184,11 +193,12 @@ def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine:
     engine = replace(engine or make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
     tracker = resume_tracking(run.path) if rank == 0 else None  # as the run recorded
     data_dir = request.data.data_dir if isinstance(request.data, DataOptions) else None
-    dataset = run_data(run, data_dir, progress=request.progress and rank == 0 and stream is not None)
+    dataset = run_data(run, data_dir, progress=request.progress and rank == 0 and stream is not None, pool=True)
     dataset, _ = dataset.held_out(config.val_split, config.seed)  # the validation split it had
     printer = ConsolePrinter(stream, progress=request.progress) if stream is not None and rank == 0 else None
-    result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, val=dataset.val, engine=engine,
-                                            events=[*events, printer, tracker], run_dir=run.path, resume=True))
+    result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, val=dataset.val, pool=dataset.pool,
+                                            engine=engine, events=[*events, printer, tracker], run_dir=run.path,
+                                            resume=True))
     return TrainedRun(result, dataset, engine, tracker)
 
 
@@ -253,8 +263,15 @@ def hflip_of(data: DataOptions | Dataset) -> bool:
 def data_record(dataset: Dataset) -> dict[str, Any]:
     """What ``config.json`` keeps of the data: enough to read the same images again."""
     val = {"val_images": len(dataset.val)} if dataset.val is not None else {}
+    pool = {"pool": dataset.pool_record or {"images": len(dataset.pool)}} if dataset.pool is not None else {}
     return {"name": dataset.name, "source": dataset.source, "subset": dataset.subset,
-            "train_images": len(dataset.train), **val, "test_images": len(dataset.test), **dataset.origin}
+            "train_images": len(dataset.train), **val, "test_images": len(dataset.test), **pool, **dataset.origin}
+
+
+def pool_name(record: dict[str, Any] | None) -> str:
+    """Where a run's unlabelled images come from, in words."""
+    source = (record or {}).get("source")
+    return "the training images --subset leaves out" if source == "rest" else str(source) if source else "given"
 
 
 def resume(run_dir: str | Path, *, engine: Engine | None = None, events: Sequence[TrainEvents | None] = (),

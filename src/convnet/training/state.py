@@ -51,13 +51,14 @@ class EMA:
 
 @dataclass
 class Best:
-    """The best epoch so far on the validation images, and its weights (the moving
-    average's where there is one), on the CPU."""
+    """An epoch on the validation images: the best so far (``state.peak``), or the one the
+    run keeps (``state.best``, with its weights, the moving average's where there is one,
+    on the CPU)."""
 
     epoch: int
     val_accuracy: float
     val_loss: float
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def better(self, accuracy: float, loss: float) -> bool:
         """Whether an epoch with this validation accuracy and loss beats this one: a higher
@@ -84,7 +85,8 @@ class TrainState:
     history: list[EpochRecord] = field(default_factory=list)
     stop: bool = False  # an event sets this to end training after the current epoch
     calibration: dict[str, Any] | None = None  # the temperature fitted at the end (--calibrate), and on what
-    best: Best | None = None  # the best epoch on the validation images so far (None without validation)
+    best: Best | None = None  # the epoch the run keeps, with its weights (None without validation)
+    peak: Best | None = None  # the best epoch on the validation images so far (no weights)
 
     @property
     def final_model(self) -> nn.Module:

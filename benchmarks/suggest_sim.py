@@ -1,0 +1,99 @@
+"""Active learning, simulated: does labelling what `convnet suggest` ranks first beat labelling at random?
+
+    python benchmarks/suggest_sim.py OUT.json [--methods badge,random] [--seeds 0,1,2] [--score test|judge]
+
+Fashion-MNIST, the default training (`convnet train`'s, sized to the data, validation held out of the labels):
+start from 200 labelled training images drawn at random (stratified, by the seed), then 8 rounds that each add
+100 more, chosen by the method from the rest of the training images (the pool; their labels are read only once a
+method has chosen them, as a person would label them), retraining from scratch each round. Each model is scored on
+`--score`: the 10,000 test images (the measurement), or 2,000 training images that are never labelled nor in the
+pool (`judge`: how the ranking method was chosen). Writes every round to OUT.json and prints accuracy by labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from convnet.data.dataset import Dataset, Split
+from convnet.data.named import load_dataset
+from convnet.models.engine import make_engine
+from convnet.models.inference import infer
+from convnet.training.config import TrainRequest
+from convnet.training.run import train_run
+from convnet.use.suggest import predict_with_features, rank
+
+START, STEP, ROUNDS = 200, 100, 8
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--methods", default="badge,random")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--score", choices=("test", "judge"), default="test")
+    a = p.parse_args()
+    data = load_dataset("fashion-mnist")
+    x, y = data.train.images, data.train.labels.numpy()
+    engine = make_engine("cpu")
+    rows = json.loads(a.out.read_text()) if a.out.is_file() else []
+    rest, judge = train_test_split(np.arange(len(y)), test_size=2_000, random_state=1234, stratify=y)
+    if a.score == "test":
+        score_x, score_y = data.test.images, data.test.labels
+    else:
+        score_x, score_y = x[torch.from_numpy(judge)], torch.from_numpy(y[judge])
+    empty = Split(x[:0], data.train.labels[:0])
+    for seed in (int(s) for s in a.seeds.split(",")):
+        for method in a.methods.split(","):
+            labelled = train_test_split(rest, train_size=START, random_state=seed, stratify=y[rest])[0]
+            for round_ in range(ROUNDS + 1):
+                key = (a.score, method, seed, len(labelled))
+                start = time.perf_counter()
+                split = Split(x[torch.from_numpy(labelled)], torch.from_numpy(y[labelled]))
+                trained = train_run(TrainRequest({"seed": seed}, Dataset("fashion-mnist", data.spec, split, empty,
+                                                                          "")), engine=engine)
+                model = trained.result.model
+                logits = infer(model, score_x, engine=engine, tta=trained.config.tta)
+                accuracy = float((logits.argmax(1) == score_y).float().mean())
+                if round_ < ROUNDS:  # the next labels: chosen from the pool by the method
+                    pool = np.setdiff1d(rest, labelled)
+                    probs, feats = predict_with_features(_Loaded(model, engine, trained.config.tta),  # type: ignore
+                                                         x[torch.from_numpy(pool)])
+                    picked = pool[rank(probs, feats, STEP, method=method, seed=seed + round_)]
+                if key not in {(r["score"], r["method"], r["seed"], r["labels"]) for r in rows}:
+                    rows.append({"score": a.score, "method": method, "seed": seed, "labels": len(labelled),
+                                 "accuracy": accuracy, "seconds": time.perf_counter() - start})
+                    print(json.dumps(rows[-1]), flush=True)
+                    a.out.write_text(json.dumps(rows, indent=1))
+                if round_ < ROUNDS:
+                    labelled = np.concatenate([labelled, picked])
+    sizes = [START + STEP * r for r in range(ROUNDS + 1)]
+    methods = a.methods.split(",")
+    print("| labels | " + " | ".join(methods) + " |")
+    print("| --- |" + " --- |" * len(methods))
+    for n in sizes:
+        cells = []
+        for m in methods:
+            found = [r["accuracy"] for r in rows if (r["score"], r["method"], r["labels"]) == (a.score, m, n)]
+            cells.append(f"{statistics.fmean(found):.4f} ({min(found):.4f}-{max(found):.4f})" if found else "")
+        print(f"| {n:,} | " + " | ".join(cells) + " |")
+    return 0
+
+
+class _Loaded:
+    """What :func:`predict_with_features` reads of a loaded run: a model, its engine, its flips."""
+
+    def __init__(self, model: torch.nn.Module, engine: object, tta: bool) -> None:
+        self.model, self.engine, self.tta = model, engine, tta
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Learning from unlabelled images too: FixMatch's consistency (Sohn et al., 2020), with the
+moving average of the weights as the teacher.
+
+Every step also draws ``RATIO`` times as many images from the unlabelled pool as the batch
+holds. The teacher (the weights' moving average, or the model itself without one) labels
+each pool image seen with light augmentation (the recipe's shifts and flips); where its
+most probable class reaches ``THRESHOLD``, the student learns that class from the same
+image under strong augmentation (:func:`strong`: larger shifts, a cut-out square, contrast
+and brightness), weighted by ``WEIGHT`` against the labelled loss. Pool images the teacher
+is unsure of add nothing, so a pool of other things (wrong data) mostly goes unused.
+
+The constants were chosen on validation images only (README, "Few labels").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from convnet.training.augment import flip, translate
+
+THRESHOLD = 0.8  # the teacher's probability from which a pool image's class is learnt
+WEIGHT = 1.0  # the unlabelled loss against the labelled one
+RATIO = 3  # pool images per labelled image in a step
+STRONG_PAD = 4  # largest shift of the strong augmentation, in pixels (28x28 images: a seventh)
+CUTOUT = 0.5  # the side of the square cut out, as a share of the image's side
+
+
+@dataclass
+class StrongDraws:
+    """One pool batch's strong augmentation: shifts ``(U, 2)`` in ``0..2*STRONG_PAD``,
+    flips ``(U,)`` (None where mirrors change the class), cut-out corners ``(U, 2)``,
+    contrast factors and brightness offsets ``(U,)``; named apart from the labelled batch's draws."""
+
+    strong_shifts: torch.Tensor
+    strong_flips: torch.Tensor | None
+    cutouts: torch.Tensor
+    contrast: torch.Tensor
+    brightness: torch.Tensor
+
+
+def draw_strong(batch: int, size: tuple[int, int], hflip: bool, generator: torch.Generator,
+                device: torch.device) -> StrongDraws:
+    """The random numbers of the strong augmentation for ``batch`` pool images of ``size`` (H, W)."""
+    h, w = size
+    side = max(1, round(CUTOUT * min(h, w)))
+    return StrongDraws(
+        strong_shifts=torch.randint(0, 2 * STRONG_PAD + 1, (batch, 2), generator=generator, device=device),
+        strong_flips=torch.rand(batch, generator=generator, device=device) < 0.5 if hflip else None,
+        cutouts=torch.stack([torch.randint(-side // 2, h - side // 2, (batch,), generator=generator, device=device),
+                             torch.randint(-side // 2, w - side // 2, (batch,), generator=generator, device=device)],
+                            dim=1),
+        contrast=torch.empty(batch, device=device).uniform_(0.5, 1.5, generator=generator),
+        brightness=torch.empty(batch, device=device).uniform_(-0.25, 0.25, generator=generator),
+    )
+
+
+def strong(x: torch.Tensor, d: StrongDraws) -> torch.Tensor:
+    """Strong augmentation of float images ``(U, C, H, W)`` in [0, 1]: shift, mirror, a
+    cut-out square (set to the image's mean), contrast about the mean and brightness."""
+    x = translate(x, d.strong_shifts, STRONG_PAD)
+    if d.strong_flips is not None:
+        x = flip(x, d.strong_flips)
+    u, _, h, w = x.shape
+    side = max(1, round(CUTOUT * min(h, w)))
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    top, left = d.cutouts[:, 0].view(u, 1, 1), d.cutouts[:, 1].view(u, 1, 1)
+    hole = ((rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)).unsqueeze(1)  # (U, 1, H, W)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # (U, 1, 1, 1)
+    x = torch.where(hole, mean, x)
+    x = (x - mean) * d.contrast.view(u, 1, 1, 1) + mean + d.brightness.view(u, 1, 1, 1)
+    return x.clamp(0, 1)
