@@ -22,6 +22,7 @@ from convnet.models.inference import infer
 from convnet.models.networks import create_model, head_name, list_models, load_weights
 from convnet.use.export import MAX_PROBABILITY_DIFFERENCE, export_run
 from convnet.use.loadrun import load_run
+from convnet.use.prediction import TOP_K
 from convnet.use.serve import ServeOptions, create_app, load_for_serving
 
 from .conftest import make_dataset_dir
@@ -125,7 +126,7 @@ def test_every_way_of_predicting_gives_the_same_answer(model_name: str, tta: boo
         np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE, err_msg=name)
     assert (np.nanargmax(served, 1) == expected.argmax(1)).all()
     shown = ~np.isnan(served)
-    assert shown.sum() == 5 * len(x)  # the service answers the top 5 of each image
+    assert shown.sum() == TOP_K * len(x)  # the service answers the top 3 of each image, as predict does
     np.testing.assert_allclose(served[shown], expected[shown], rtol=0, atol=TOLERANCE, err_msg="served")
 
 

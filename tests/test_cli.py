@@ -97,8 +97,12 @@ def test_predict_bad_input_is_named_and_others_still_predicted(trained: tuple[Pa
 
 def test_resume_from_cli(trained: tuple[Path, Path], tmp_path: Path) -> None:
     data, run = trained
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
     p = convnet("train", "--device", "cpu", "--resume", str(run), "--data-dir", str(data))
-    assert p.returncode == 0, p.stderr  # already complete: nothing to add, the weights are rewritten as they were
+    # already complete: nothing to add, said in one line that points to --init-from; the folder is as it was
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert f"{run} is complete (" in p.stderr and f"convnet train --init-from {run}" in p.stderr
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
 
 
 @pytest.mark.parametrize(
@@ -194,7 +198,7 @@ def test_a_faithful_run_is_scored_with_the_tutorials_arithmetic(tmp_path: Path, 
     assert main(["evaluate", "--device", "cpu", str(run)]) == 0
     assert main(["predict", "--device", "cpu", str(run), str(png)]) == 0
     (run / runfolder.METRICS).unlink()  # so that report scores the run again
-    assert main(["report", "--device", "cpu", str(run), "-o", str(tmp_path / "r.html")]) == 0
+    assert main(["report", "--device", "cpu", str(run), "--html", str(tmp_path / "r.html")]) == 0
     assert len(engines) >= 5, engines  # both splits twice (evaluate, report) and the image
     assert all(e == Engine.faithful() for e in engines), engines
 

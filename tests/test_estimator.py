@@ -289,7 +289,7 @@ def test_save_load_and_the_command_line(digits: tuple[np.ndarray, np.ndarray], t
     assert main(["predict", "--device", "cpu", str(run), str(tmp_path / "x.npy"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [int(r["class"]) for r in rows] == clf.predict(X[600:603]).tolist()
-    assert main(["report", "--device", "cpu", str(run), "-o", str(tmp_path / "r.html")]) == 0
+    assert main(["report", "--device", "cpu", str(run), "--html", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").stat().st_size > 10_000
     assert main(["compare", str(run)]) == 0
     capsys.readouterr()
@@ -369,7 +369,7 @@ def test_serving_a_saved_estimator(fitted: ConvNetClassifier, digits: tuple[np.n
     assert main(["predict", "--device", "cpu", str(run), str(png), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["class"] == expected
     for command in (["evaluate", "--device", "cpu", str(run)], ["export", str(run)],
-                    ["report", "--device", "cpu", str(run), "-o", str(tmp_path / "r.html")]):
+                    ["report", "--device", "cpu", str(run), "--html", str(tmp_path / "r.html")]):
         assert main(command) == 1, command
         err = capsys.readouterr().err
         assert err.startswith("convnet: error: ") and err.count("\n") == 1, err  # one line, no traceback

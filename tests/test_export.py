@@ -93,7 +93,7 @@ def test_a_model_that_fails_parity_is_not_written(toy: Path, tmp_path: Path, mon
 
     monkeypatch.setattr(export, "export_model", drifted)
     out = tmp_path / "m.onnx"
-    assert main(["export", str(run), "-o", str(out)]) == 1
+    assert main(["export", str(run), "--onnx", str(out)]) == 1
     err = capsys.readouterr().err
     assert "fails the parity check" in err and "not written" in err and err.count("\n") == 1
     assert not out.exists() and not parity_path(out).exists()
@@ -101,13 +101,13 @@ def test_a_model_that_fails_parity_is_not_written(toy: Path, tmp_path: Path, mon
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["export", "RUN", "-o", "model.txt"], "must end in .onnx"),
-    (["export", "RUN", "-o", "missing/model.onnx"], "does not exist"),
-    (["export", "RUN", "-o", "."], "must end in .onnx"),
+    (["export", "RUN", "--onnx", "model.txt"], "must end in .onnx"),
+    (["export", "RUN", "--onnx", "missing/model.onnx"], "does not exist"),
+    (["export", "RUN", "--onnx", "."], "must end in .onnx"),
     (["export", "nowhere"], "no such run folder"),
     (["predict", "nowhere.onnx", "x.png"], "no such file"),
     (["evaluate", "notes.onnx"], "not a valid ONNX model"),
-    (["export", "RUN", "-o", "taken.onnx"], "taken.parity.json, which is a folder"),
+    (["export", "RUN", "--onnx", "taken.onnx"], "taken.parity.json, which is a folder"),
 ])
 def test_export_errors_are_one_line(args: list[str], message: str, toy: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -239,7 +239,7 @@ def trained_run(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_predict_and_evaluate_accept_the_onnx_file(trained_run: Path, toy: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "deployed.onnx"
-    assert main(["export", str(trained_run), "-o", str(out)]) == 0
+    assert main(["export", str(trained_run), "--onnx", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "labels agree on" in printed and str(out) in printed and (tmp_path / "deployed.parity.json").is_file()
     images = load_dataset("fashion-mnist", toy).test.images[:8].numpy()
@@ -288,7 +288,7 @@ def test_colour_folder_run_exports_and_evaluates_from_its_metadata(tmp_path: Pat
     assert main(["evaluate", "--device", "cpu", str(run), "--json"]) == 0
     run_scores = json.loads(capsys.readouterr().out)
     out = tmp_path / "colour.onnx"
-    assert main(["export", str(run), "-o", str(out)]) == 0
+    assert main(["export", str(run), "--onnx", str(out)]) == 0
     capsys.readouterr()
     onnx = open_onnx(out)
     assert onnx.spec.channels == 3 and (onnx.spec.height, onnx.spec.width) == (14, 18)

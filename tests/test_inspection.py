@@ -128,7 +128,7 @@ def test_inspect_a_run_in_the_terminal_as_json_as_csv_and_in_the_report(
                        "given_probability"]
     assert len(rows) - 1 == len(found["label_issues"])
 
-    assert main(["report", str(trained_run), "-o", str(tmp_path / "r.html"), "--device", "cpu"]) == 0
+    assert main(["report", str(trained_run), "--html", str(tmp_path / "r.html"), "--device", "cpu"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "Can I trust it?" in page and "expected calibration error" in page and "reliability diagram" in page
     assert found["label_issues"] and 'alt="likely label errors"' in page  # an untrained model: labels disagree

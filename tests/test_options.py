@@ -19,6 +19,7 @@ from convnet.training.config import TrainConfig, TrainRequest
 from convnet.training.recipes import RECIPE_FIELDS
 
 TUNE_OWN = {"--param", "--space", "--trials", "--timeout", "--storage", "--study", "--out", "--report"}
+OUTPUT = {"--json", "--no-progress"}  # how results are shown: the command line's grammar (tests/test_grammar.py), not an option
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -33,12 +34,12 @@ def flags(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def test_train_takes_exactly_the_declared_flags() -> None:
-    assert flags(subparsers()["train"]) == {o.flag_name for o in taken_by(TRAIN, *DECLARED)}
+    assert flags(subparsers()["train"]) == {o.flag_name for o in taken_by(TRAIN, *DECLARED)} | OUTPUT
 
 
 def test_tune_takes_the_declared_flags_and_its_own() -> None:
     declared_flags = {o.flag_name for o in taken_by(TUNE, *DECLARED)}
-    assert flags(subparsers()["tune"]) == declared_flags | TUNE_OWN
+    assert flags(subparsers()["tune"]) == declared_flags | TUNE_OWN | OUTPUT
     assert {"--model", "--lr", "--epochs", "--seed", "--val-split", "--data"} <= declared_flags
 
 

@@ -204,7 +204,7 @@ def test_report_is_self_contained_and_redraws_missing_plots(two_runs: tuple[Path
     _, sgd, adam = two_runs
     shutil.rmtree(adam / "plots", ignore_errors=True)
     out = tmp_path / "r.html"
-    assert main(["report", "--device", "cpu", str(sgd), str(adam), "-o", str(out)]) == 0
+    assert main(["report", "--device", "cpu", str(sgd), str(adam), "--html", str(out)]) == 0
     assert f"Report written to {out}" in capsys.readouterr().out
     assert all((adam / "plots" / f"{n}.png").is_file() for n in report.PLOT_FILES)
     page = out.read_text()
@@ -229,7 +229,7 @@ def test_user_errors_are_one_line(args: list[str], message: str, capsys: pytest.
 def test_report_into_a_missing_folder_and_a_run_without_weights(two_runs: tuple[Path, Path, Path], tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     _, sgd, _ = two_runs
-    assert main(["report", "--device", "cpu", str(sgd), "-o", str(tmp_path / "no" / "such" / "r.html")]) == 1
+    assert main(["report", "--device", "cpu", str(sgd), "--html", str(tmp_path / "no" / "such" / "r.html")]) == 1
     assert "does not exist" in capsys.readouterr().err
     bare = tmp_path / "bare"
     bare.mkdir()

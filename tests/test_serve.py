@@ -35,7 +35,7 @@ from convnet.use.loadtest import (
     stop_server,
 )
 from convnet.use.onnxfile import open_onnx
-from convnet.use.prediction import predict_files
+from convnet.use.prediction import TOP_K, predict_files
 from convnet.use.serve import ServeOptions, create_app
 
 from .conftest import make_dataset_dir
@@ -111,7 +111,7 @@ def test_answers_match_convnet_predict(client, onnx_file: Path, pngs: list[Path]
     assert all(abs(p["probability"] - row.probability) < 1e-5 for p, row in zip(got, expected, strict=True))
     for p in got:
         top = [t["probability"] for t in p["top"]]
-        assert len(top) == 5 and top == sorted(top, reverse=True) and p["top"][0]["label"] == p["label"]
+        assert len(top) == TOP_K and top == sorted(top, reverse=True) and p["top"][0]["label"] == p["label"]
     # the same images as JSON pixel arrays, uint8 and floats in [0, 1]: the same answers
     spec = open_onnx(onnx_file).spec
     arrays = np.stack([load_image(p, spec).numpy() for p in pngs])  # (3, 1, 28, 28)
@@ -142,7 +142,7 @@ def _truncated(path: Path) -> bytes:
 
 BAD = [  # (description, request keyword arguments, status, fragment of the error)
     ("not an image", lambda p: {"files": [("file", ("notes.txt", b"hello, world", "text/plain"))]}, 400,
-     "not a readable image"),
+     "not an image file convnet can read"),
     ("truncated image", lambda p: {"files": [("file", ("cut.png", _truncated(p), "image/png"))]}, 400,
      "truncated"),
     ("decompression bomb", lambda p: {"files": [("file", ("bomb.png", _bomb(), "image/png"))]}, 400,
@@ -399,7 +399,7 @@ def test_page_in_headless_chromium_shows_what_convnet_predict_says(server: str, 
                 lambda d: d.find_element(By.ID, "label").get_attribute("data-label") is not None)
             assert driver.find_element(By.ID, "label").text == cls
             bars = driver.find_elements(By.CSS_SELECTOR, "#bars .bar")
-            assert len(bars) == 5 and bars[0].find_element(By.CLASS_NAME, "cls").text == cls
+            assert len(bars) == TOP_K and bars[0].find_element(By.CLASS_NAME, "cls").text == cls
             size = driver.execute_script("const i = document.getElementById('seen'); "
                                          "return [i.naturalWidth, i.naturalHeight];")
             assert size == [28, 28]  # the model's own size, whatever the picture's

@@ -156,5 +156,5 @@ def test_a_missing_library_names_the_install(toy_dir: Path, tmp_path: Path, monk
                         else real(name, *a))
     assert _train(toy_dir, "--out", str(tmp_path / "run"), "--log", "tensorboard") == 1
     err = capsys.readouterr().err
-    assert "--log tensorboard needs the tensorboard package" in err and "pip install 'convnet[tracking]'" in err
+    assert "--log tensorboard needs the tensorboard package" in err and "pip install 'convnet-toolkit[tracking]'" in err
     assert not (tmp_path / "run").exists()

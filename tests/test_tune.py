@@ -248,7 +248,8 @@ def test_without_optuna_tune_names_the_install(tmp_path: Path, monkeypatch: pyte
     real = tune.importlib.util.find_spec
     monkeypatch.setattr(tune.importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
     assert main(["tune", "--device", "cpu", "--out", str(tmp_path / "o")]) == 1
-    assert "convnet tune needs Optuna, which is not installed: pip install 'convnet[tune]'" in capsys.readouterr().err
+    assert "convnet tune needs Optuna, which is not installed: pip install 'convnet-toolkit[tune]'" in \
+        capsys.readouterr().err
 
 
 def test_convnet_recipes_names_itself_in_a_bad_files_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

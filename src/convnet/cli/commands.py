@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from convnet.core.errors import ConvnetError
@@ -48,10 +49,14 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     request = request_of(a)
     request.mlflow_experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or request.mlflow_experiment
-    outcome = run_training(request, env=dict(os.environ))
+    outcome = run_training(request, env=dict(os.environ), stream=sys.stderr if a.json else sys.stdout)
     if outcome.evaluation is None:  # not the main process under torchrun
         return 0
     ev, result = outcome.evaluation, outcome.result
+    if a.json:  # the run's lines went to stderr: stdout is the JSON alone
+        print(json.dumps({"run": str(result.run_dir), "kept": result.best, "seconds": result.seconds,
+                          **ev.to_json()}, indent=2))
+        return 0
     print(f"Train Accuracy : {accuracy_text(ev.train.accuracy)}")
     print(f"Test  Accuracy : {ev.test.accuracy:.3f}")
     assert result.run_dir is not None
@@ -66,7 +71,7 @@ def accuracy_text(accuracy: float | None, why: str = "the run keeps no training 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from convnet.trust.report import evaluate_and_plot
 
-    ev, plots = evaluate_and_plot(a.run, data_dir=a.data_dir, data=a.data, device=a.device)
+    ev, plots = evaluate_and_plot(a.run, data_dir=a.data_dir, data=a.data, device=a.device, progress=a.progress)
     if a.json:
         print(json.dumps(ev.to_json(), indent=2))
         if ev.note:
@@ -94,7 +99,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from convnet.use.export import export_run
 
-    result = export_run(a.run, a.out, data_dir=a.data_dir)
+    result = export_run(a.run, a.onnx, data_dir=a.data_dir, progress=a.progress)
+    if a.json:
+        print(json.dumps({"onnx": str(result.path), "opset": result.opset, "parity": result.parity.to_json(),
+                          "mlflow_run": result.mlflow_run}, indent=2))
+        return 0
     print(result.parity.describe())
     print(f"ONNX model (opset {result.opset}) written to {result.path}; parity figures in {result.parity_path}")
     if result.mlflow_run is not None:
@@ -105,8 +114,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from convnet.use.serve import ServeOptions, serve
 
-    serve(a.model, ServeOptions(host=a.host, port=a.port, max_body_mb=a.max_body_mb, max_images=a.max_images,
-                                max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
+    serve(a.run, ServeOptions(host=a.host, port=a.port, max_body_mb=a.max_body_mb, max_images=a.max_images,
+                                max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, top_k=a.top_k,
                                 min_confidence=a.min_confidence, workers=a.workers))
     return 0
 
@@ -114,8 +123,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from convnet.trust.report import build_report
 
-    path = build_report(a.runs, a.out, data_dir=a.data_dir, device=a.device)
-    print(f"Report written to {path}")
+    path = build_report(a.runs, a.html, data_dir=a.data_dir, device=a.device)
+    print(json.dumps({"report": str(path)}) if a.json else f"Report written to {path}")
     return 0
 
 
@@ -126,12 +135,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from convnet.trust.inspection import inspect_and_plot
 
     found, diagram = inspect_and_plot(a.run, train_folds=a.train_folds, calibrate=a.calibrate, data_dir=a.data_dir,
-                                      device=a.device, progress=not a.json, csv=a.csv)
+                                      device=a.device, progress=a.progress and not a.json, csv=a.csv)
     if a.json:
         print(json.dumps(found.to_json(), indent=2))
         return 0
     names = found.classes
     print(f"inspected {found.run}: {found.test_images:,} test images, accuracy {found.test_accuracy:.4f}")
+    if found.warning:
+        print(f"warning: {found.warning}")
     by_split = {s: sum(i.split == s for i in found.issues) for s in ("train", "test")}
     how = ""
     if found.folds is not None:
@@ -169,7 +180,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from convnet.trust.report import compare
 
-    print(compare(a.runs, data_dir=a.data_dir, device=a.device))
+    print(compare(a.runs, data_dir=a.data_dir, device=a.device, as_json=a.json))
     return 0
 
 
@@ -226,8 +237,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from convnet.tools.bench import BenchResult, bench, format_bench, format_time_to_accuracy
 
     result = bench(data_options(a, BENCH), device=a.device or "auto", model=a.model, batch_size=a.batch_size,
-                   train_images=a.train_images, repeats=a.repeats, target=a.target, recipe=a.recipe, seeds=a.seeds,
-                   reference=not a.no_reference)
+                   train_images=a.train_images, repeats=a.repeats, target=a.target_accuracy, recipe=a.recipe,
+                   seeds=a.runs, reference=not a.no_reference)
     if a.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -250,6 +261,9 @@ def cmd_tune(a: argparse.Namespace) -> int:
     outcome = run_tune(TuneRequest(data=data_options(a, TUNE), recipe=a.recipe, space=space, settings=settings,
                                    trials=a.trials, timeout=a.timeout, storage=a.storage, study=a.study, out=a.out,
                                    val_split=val_split, seed=seed, report=a.report, device=a.device or "auto"))
+    if a.json:
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(outcome).items()}, indent=2))
+        return 0
     print(f"study {outcome.study!r}: {outcome.finished} trials finished, {outcome.ran} run by this process")
     if outcome.best_trial is not None:
         print(f"best: trial {outcome.best_trial}, val accuracy {outcome.best_value:.4f}: "
@@ -267,7 +281,11 @@ def cmd_tune(a: argparse.Namespace) -> int:
 def cmd_recipes(a: argparse.Namespace) -> int:
     from convnet.training.recipes import describe_recipes
 
-    for title, flags in describe_recipes(a.file):
+    found = describe_recipes(a.file)
+    if a.json:
+        print(json.dumps({title: flags for title, flags in found}, indent=2))
+        return 0
+    for title, flags in found:
         print(title)
         for flag in flags:
             print(f"  {flag}")
@@ -281,6 +299,11 @@ def cmd_models(a: argparse.Namespace) -> int:
         from convnet.tools.bench import model_speeds  # imported here: building and timing the models needs torch
 
         speeds = model_speeds(list_models())
+    if a.json:
+        rows = [{"model": name, "description": description, "parameters": model_name(name).parameters,  # type: ignore
+                 **({"images_per_s": speeds[name]} if a.speed else {})} for name, description in list_models().items()]
+        print(json.dumps(rows, indent=2))
+        return 0
     print(f"{'model':<12} {'parameters':>10}  " + (f"{'images/s':>9}  " if a.speed else "")
           + ("(parameters for 10 classes of 28x28 grey images" + ("; images/s predicting them on this machine's CPU)"
                                                                   if a.speed else ")")))
@@ -295,7 +318,11 @@ def cmd_models(a: argparse.Namespace) -> int:
 def cmd_datasets(a: argparse.Namespace) -> int:
     from convnet.data.catalog import describe_datasets
 
-    for d in describe_datasets():
+    found = describe_datasets()
+    if a.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    for d in found:
         print(f"{d['name']:<14} {d['height']}x{d['width']}, {d['channels']} channel{'s' if d['channels'] > 1 else ''}, "
               f"{d['classes']} classes, {d['train_images']:,} + {d['test_images']:,} images, "
               f"flips {'allowed' if d['hflip'] else 'not allowed'}")
@@ -307,8 +334,8 @@ def cmd_datasets(a: argparse.Namespace) -> int:
 def cmd_suggest(a: argparse.Namespace) -> int:
     from convnet.use.suggest import suggest
 
-    found = suggest(a.run, a.pool, n=a.n, device=a.device, csv_out=a.csv, html_out=a.html, progress=not a.json,
-                    data_dir=a.data_dir)
+    found = suggest(a.run, a.pool, n=a.n, device=a.device, csv_out=a.csv, html_out=a.html,
+                    progress=a.progress and not a.json, data_dir=a.data_dir)
     if a.json:
         print(json.dumps({"ranked": found.ranked, "already_trained": found.already_trained,
                           "suggestions": [s.to_json() for s in found.suggestions]}, indent=2))

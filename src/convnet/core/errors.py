@@ -32,5 +32,9 @@ class RunError(ConvnetError):
     """A run folder is missing, incomplete or inconsistent."""
 
 
+class RunComplete(RunError):
+    """A run asked to resume has trained all its epochs: nothing is left to do."""
+
+
 class TrainingDiverged(ConvnetError):
     """The loss became NaN or infinite."""

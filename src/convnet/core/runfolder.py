@@ -196,6 +196,9 @@ def open_run(path: str | os.PathLike[str]) -> Run:
         RunError: not a folder, or its config is missing or damaged.
     """
     p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".onnx":
+        raise RunError(f"{p} is an .onnx file; this needs the run folder it was exported from (its model in "
+                       "PyTorch)")
     if not p.is_dir():
         raise RunError(f"{p}: no such run folder")
     if not (p / CONFIG).is_file():

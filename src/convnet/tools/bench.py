@@ -290,7 +290,7 @@ def bench(data: DataOptions, *, device: str = "auto", model: str = "seed", batch
     if repeats < 1 or train_images < batch_size or batch_size < 1:
         raise ConvnetError("--repeats must be >= 1, --batch-size >= 1 and --train-images at least one --batch-size")
     if target is not None and (not 0 < target <= 1 or seeds < 1):
-        raise ConvnetError(f"--target must be an accuracy in (0, 1] and --seeds >= 1, got {target}, {seeds}")
+        raise ConvnetError(f"--target-accuracy must be an accuracy in (0, 1] and --runs >= 1, got {target}, {seeds}")
     engine = make_engine(device)
     create_model(model)  # an unknown name is refused before the data is read
     if recipe is not None:

@@ -39,6 +39,7 @@ from typing import Any, TextIO
 from convnet.core import htmlparts
 from convnet.core.durable import atomic_write
 from convnet.core.errors import ConvnetError, TrainingDiverged
+from convnet.core.version import install_hint
 from convnet.data.load import load_data
 from convnet.data.options import DataOptions
 from convnet.models.engine import make_engine, resolve_device
@@ -57,7 +58,7 @@ from convnet.training.recipes import (
 from convnet.training.run import hflip_of, train_run
 from convnet.training.state import TrainState
 
-INSTALL = "pip install 'convnet[tune]'"
+INSTALL = install_hint("tune")
 BEST = "best.toml"  # the best trial's recipe, in the output folder
 REPORT = "report.html"
 PRUNE_AFTER = 5  # trials finished before the median pruner stops any

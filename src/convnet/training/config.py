@@ -150,7 +150,7 @@ class TrainRequest:
     progress: bool = option(True, "a live progress bar in a terminal", takes={TRAIN, TUTORIAL}, flag="--no-progress",
                             shown="a bar in a terminal")
     log: tuple[str, ...] = option((), "also send the epochs, scores and pictures to TensorBoard (RUN/tensorboard/) or "
-                                  "MLflow; repeat for both; needs pip install 'convnet[tracking]'", choices=TRACKERS,
+                                  "MLflow; repeat for both; needs the tracking extra", choices=TRACKERS,
                                   takes={TRAIN, ESTIMATOR}, shown="the run folder only")
     mlflow_uri: str | None = option(None, "with --log mlflow: the tracking server or store",
                                     takes={TRAIN, ESTIMATOR}, metavar="URI",

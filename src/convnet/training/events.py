@@ -124,7 +124,7 @@ class Calibrate(TrainEvents):
 class StopAtAccuracy(TrainEvents):
     """Measure the accuracy on ``split`` after every epoch (``test_accuracy``) and stop
     training once it reaches ``target``: a benchmark's time to a test accuracy (``convnet
-    bench --target``). A run that decides by what it measures watches validation instead
+    bench --target-accuracy``). A run that decides by what it measures watches validation instead
     (``target_accuracy``: :class:`Validation`)."""
 
     def __init__(self, split: Split, target: float, *, tta: bool = False) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from convnet.core import runfolder
-from convnet.core.errors import ConvnetError, InputError, TrainingDiverged
+from convnet.core.errors import ConvnetError, InputError, RunComplete, TrainingDiverged
 from convnet.data.arrays import as_images, as_labels, as_split, spec_of
 from convnet.data.dataset import DiskImages, Images, InputSpec, Split, batches, split_validation
 from convnet.models.engine import Engine, StepRunner, make_engine
@@ -257,6 +257,10 @@ def train(
         if run_dir is None:
             raise ConvnetError("resume needs the run folder")
         checkpoint.load_checkpoint(run_dir / runfolder.CHECKPOINT, state)
+        if state.epoch >= config.epochs:
+            kept = f", the weights of epoch {state.best.epoch} kept" if state.best is not None else ""
+            raise RunComplete(f"{run_dir} is complete ({state.epoch} of {config.epochs} epochs{kept}); to train on "
+                              f"from its weights, start a new run: convnet train --init-from {run_dir}")
     elif run_dir is not None and engine.is_main:
         runfolder.write_config(run_dir, asdict(config), spec, engine.describe(), count_parameters(model),
                           data_record or {"name": "arrays", "train_images": len(data)}, init_record)

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import torch
 
 from convnet.core import runfolder
-from convnet.core.errors import ConvnetError, RunError
+from convnet.core.errors import ConvnetError, RunComplete, RunError
 from convnet.data.catalog import DATASETS
 from convnet.data.dataset import Dataset
 from convnet.data.load import load_data, run_data
@@ -132,6 +132,8 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     dataset, validation = dataset.held_out(planned.val_split, planned.seed, adapt=default_share)
     if dataset.val is None and planned.val_split:  # too few images to hold any out: the run has no validation
         given["val_split"] = 0.0
+    if dataset.pool is not None and not isinstance(settings, TrainConfig):
+        given.setdefault("label_smoothing", 0.0)  # smoothed targets cap the teacher's confidence below THRESHOLD
     config, sizing = plan(len(dataset.train))
     if source is not None:  # the normalization the weights were trained with (a hub model's)
         dataset = replace(dataset, spec=spec_for(source, dataset.spec))
@@ -207,6 +209,8 @@ def tracked(tracker: Tracker | None, training: Any) -> Any:
     it does not finish."""
     try:
         return training()
+    except RunComplete:  # nothing was trained: the trackers keep the run as it ended
+        raise
     except BaseException as e:
         if tracker is not None:
             tracker.fail(interrupted=isinstance(e, KeyboardInterrupt))

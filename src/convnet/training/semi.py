@@ -20,7 +20,7 @@ import torch
 
 from convnet.training.augment import flip, translate
 
-THRESHOLD = 0.8  # the teacher's probability from which a pool image's class is learnt
+THRESHOLD = 0.95  # the teacher's probability from which a pool image's class is learnt (FixMatch's)
 WEIGHT = 1.0  # the unlabelled loss against the labelled one
 RATIO = 3  # pool images per labelled image in a step
 STRONG_PAD = 4  # largest shift of the strong augmentation, in pixels (28x28 images: a seventh)

@@ -14,7 +14,7 @@
 
 The run folder records which (:data:`RECORD`), so ``--resume`` continues the same
 TensorBoard folder (dropping any point after the checkpoint it resumes from) and the same
-MLflow run. Both libraries are extras (``pip install 'convnet[tracking]'``), imported only
+MLflow run. Both libraries are extras (``pip install 'convnet-toolkit[tracking]'``), imported only
 when asked for; without them ``--log`` says in one line what to install.
 """
 
@@ -35,13 +35,14 @@ import numpy as np
 from convnet.core import runfolder
 from convnet.core.durable import write_json
 from convnet.core.errors import ConvnetError
+from convnet.core.version import install_hint
 from convnet.training.config import TRACKERS, TrainConfig
 from convnet.training.events import TrainEvents
 from convnet.training.state import TrainState
 
 RECORD, TENSORBOARD = runfolder.TRACKING, runfolder.TENSORBOARD  # in the run folder: which trackers; the event files
 EXPERIMENT = "convnet"  # the MLflow experiment when MLFLOW_EXPERIMENT_NAME names none
-INSTALL = "pip install 'convnet[tracking]'"
+INSTALL = install_hint("tracking")
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 

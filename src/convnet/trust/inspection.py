@@ -117,6 +117,22 @@ class Inspection:
     mistakes: dict[str, np.ndarray] | None = None  # the most confidently wrong test images, with heat maps (not JSON)
     flagged: np.ndarray | None = None  # the first :data:`SHOWN` likely label errors' images (not JSON)
 
+    @property
+    def warning(self) -> str | None:
+        """Why the label errors found may mean little: a model too weak for them.
+
+        Confident learning calls an image mislabelled where the model confidently disagrees
+        with its label; that reads the model's mistakes as the labels' only where the model
+        is mostly right. The line is drawn halfway between chance and every image right
+        (0.55 for 10 classes, 0.75 for 2): below it the model is wrong on most of what it
+        could get right, and most disagreements are its own mistakes."""
+        line = (1 + 1 / len(self.classes)) / 2
+        if self.test_accuracy >= line:
+            return None
+        return (f"the model's test accuracy {self.test_accuracy:.3f} is below {line:.2f} (halfway between chance and "
+                "every image right): most of the likely label errors are its own mistakes; train a better model "
+                "before trusting them")
+
     def to_json(self) -> dict[str, Any]:
         return {"run": str(self.run), "classes": list(self.classes), "test_images": self.test_images,
                 "test_accuracy": self.test_accuracy,
@@ -125,7 +141,7 @@ class Inspection:
                 "calibration": asdict(self.calibration),
                 "per_class": [asdict(c) for c in self.per_class],
                 "confused": [{"true": t, "predicted": p, "images": n} for t, p, n in self.confused],
-                "train_folds": self.folds, "temperature": self.temperature}
+                "train_folds": self.folds, "temperature": self.temperature, "warning": self.warning}
 
 
 # --- the numbers: pure functions of probabilities and labels

@@ -18,6 +18,7 @@ is drawn, so the other commands do not pay for it.
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import time
@@ -229,6 +230,11 @@ class Comparison:
         """The headers of the differences from the first run."""
         return [f"{n}-{self.names[0]}" for n in self.names[1:]]
 
+    def to_json(self) -> dict[str, Any]:
+        rows = {label: dict(zip(self.names, cells, strict=True)) for label, cells in self.rows}
+        f1 = {c: dict(zip(self.names, row, strict=True)) for c, row in zip(self.classes, self.f1, strict=True)}
+        return {"runs": self.names, **rows, "f1": f1}
+
 
 def comparison(summaries: Sequence[RunSummary]) -> Comparison:
     """The one comparison of runs: their settings, sizes, times and accuracies, and the
@@ -284,10 +290,12 @@ def format_comparison(summaries: Sequence[RunSummary]) -> str:
     return "\n".join(lines)
 
 
-def compare(run_dirs: Sequence[PathLike], *, data_dir: PathLike | None = None, device: str = "auto") -> str:
+def compare(run_dirs: Sequence[PathLike], *, data_dir: PathLike | None = None, device: str = "auto",
+            as_json: bool = False) -> str:
     """What ``convnet compare RUN...`` prints: :func:`format_comparison` of the runs
-    (evaluated first where they have no scores yet)."""
-    return format_comparison(load_summaries(run_dirs, plots=False, data_dir=data_dir, device=device))
+    (evaluated first where they have no scores yet), or with ``as_json`` :func:`comparison`'s JSON."""
+    summaries = load_summaries(run_dirs, plots=False, data_dir=data_dir, device=device)
+    return json.dumps(comparison(summaries).to_json(), indent=2) if as_json else format_comparison(summaries)
 
 
 # --- the HTML report

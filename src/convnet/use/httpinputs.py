@@ -130,6 +130,8 @@ async def _multipart_images(content_type: str, body: bytes, spec: InputSpec, max
                       await asyncio.to_thread(load_image, data, spec)).numpy()  # big images off the event loop
         except InputError as e:
             problem = _UPLOAD_REPR.sub("the upload", str(e).removeprefix("<image>: "))
+            if "cannot identify image file" in problem:  # PIL's words for bytes that are no image it reads
+                problem = "not an image file convnet can read (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)"
             raise RequestError(400, f"{name} (file {i + 1} of {len(files)}): {problem}") from None
     return out
 

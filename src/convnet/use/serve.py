@@ -61,11 +61,9 @@ from convnet.use.export import export_in_memory
 from convnet.use.httpinputs import JSON, MULTIPART, RequestError, request_images
 from convnet.use.loadrun import LoadedRun, open_model
 from convnet.use.onnxfile import OnnxModel, open_onnx
-from convnet.use.prediction import check_min_confidence, rows_of
+from convnet.use.prediction import TOP_K, check_min_confidence, check_top_k, rows_of
 from convnet.use.servemetrics import CONTENT_TYPE, CountRequests, ServiceMetrics, shared_metrics, worker_exited
 from convnet.use.workers import MAX_WORKERS, as_worker, run_workers
-
-TOP_K = 5
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,7 @@ class ServeOptions:
         batch_wait_ms: how long the batcher waits for more requests after the first one
             while the batch is not full.
         threads: ONNX Runtime's threads per call (1 leaves the other core to the HTTP side).
+        top_k: the most probable classes each answer carries.
         min_confidence: answer ``"unsure"`` (label null) where the most probable class has a
             lower probability; None: always the most probable class.
         workers: processes answering on the one port, each with its own ONNX Runtime session.
@@ -95,6 +94,7 @@ class ServeOptions:
     threads: int = 1
     min_confidence: float | None = None
     workers: int = 1
+    top_k: int = TOP_K
 
     @property
     def max_body_bytes(self) -> int:
@@ -116,6 +116,7 @@ class ServeOptions:
             raise ConvnetError(f"--batch-wait-ms must be between 0 and 1000, got {self.batch_wait_ms:g}")
         if self.threads < 1:
             raise ConvnetError(f"threads must be at least 1, got {self.threads}")
+        check_top_k(self.top_k)
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConvnetError(f"--workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
 
@@ -159,7 +160,7 @@ def create_app(model: OnnxModel, options: ServeOptions, *, metrics_dir: Path | N
         nonlocal not_ready
         try:
             probs = await batcher.submit(np.zeros((1, *model.spec.shape), np.uint8))
-            prediction_rows(probs, model.spec.classes, None, options.min_confidence)
+            prediction_rows(probs, model.spec.classes, None, options.min_confidence, options.top_k)
         except ConvnetError as e:
             not_ready = f"the first prediction failed: {e}"
             print(f"convnet: error: {not_ready}", file=sys.stderr, flush=True)
@@ -214,7 +215,7 @@ def create_app(model: OnnxModel, options: ServeOptions, *, metrics_dir: Path | N
         metrics.images.inc(len(images))
         return JSONResponse({"predictions": prediction_rows(probs, model.spec.classes,
                                                             images if include_input else None,
-                                                            options.min_confidence)})
+                                                            options.min_confidence, options.top_k)})
 
     @app.get("/health", summary="200 while the model is loaded")
     async def health() -> JSONResponse:
