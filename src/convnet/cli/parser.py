@@ -31,6 +31,10 @@ class UsageError(ConvnetError):
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        # a flag is spelled out: an abbreviation would make a renamed flag (--target) mean its neighbour
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message: str) -> typing.NoReturn:  # one line, not the usage block (that is for --help)
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
