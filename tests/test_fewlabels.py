@@ -77,6 +77,9 @@ def test_a_named_set_keeps_n_labels_stratified_and_the_rest_is_the_pool(tmp_path
     assert (data["train_images"], data["val_images"], data["pool"]["images"]) == (90, 10, 156)  # 256 in all
     history = json.loads((run / runfolder.HISTORY).read_text())
     assert all(h["pool_used"] is not None for h in history)
+    assert out.count(f"pool {history[-1]['pool_used']:.0%}") >= 1  # the epoch line says how much of it was used
+    assert main(["report", "--device", "cpu", str(run), "--html", str(tmp_path / "r.html"), "--no-progress"]) == 0
+    assert "pool used (confidence)" in (tmp_path / "r.html").read_text()
     from convnet.use.loadrun import load_run
 
     again = load_run(run, device="cpu").dataset(progress=False)  # the same draw, read again; scoring reads no pool

@@ -19,7 +19,7 @@ from convnet.training.config import TrainConfig, TrainRequest
 from convnet.training.recipes import RECIPE_FIELDS
 
 TUNE_OWN = {"--param", "--space", "--trials", "--timeout", "--storage", "--study", "--out", "--report"}
-OUTPUT = {"--json", "--no-progress"}  # how results are shown: the command line's grammar (tests/test_grammar.py), not an option
+OUTPUT = {"--json", "--no-progress"}  # how results are shown: the grammar (tests/test_grammar.py), not options
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -1,6 +1,6 @@
 """convnet: train, evaluate and use convolutional image classifiers, Fashion-MNIST first.
 
-The public API, by the module that holds it (README's "How the code is laid out" lists
+The public API, by the module that holds it (docs/ARCHITECTURE.md lists
 every module, bottom to top)::
 
     datatypes   InputSpec, Split, Dataset                -> uint8 images (N, C, H, W), int64 labels

@@ -85,7 +85,7 @@ class Engine:
         """The measured fast path for ``device`` (see ``convnet bench``)."""
         device = device or torch.device("cpu")
         if device.type == "cuda":
-            # Measured on one H100 (README): eager channels_last + bf16 is slower than plain fp32 (the
+            # Measured on one H100 (docs/gpu.md): eager channels_last + bf16 is slower than plain fp32 (the
             # seed model at batch 128 is bound by kernel launches); inside a CUDA graph it is the fastest.
             return cls(device, channels_last=True, autocast=torch.bfloat16, infer_batch_size=1024, graphs=True)
         # Measured on 2 cores with AVX512-BF16, seed model, batch 128: channels_last 1.14x, bf16

@@ -147,7 +147,7 @@ class TrainRequest:
                               shown="runs/MODEL-OPTIMIZER-TIME")
     resume: Path | None = option(None, "continue RUN from its last complete epoch, with its own settings and data",
                                  takes={TRAIN}, metavar="RUN")
-    progress: bool = option(True, "a live progress bar in a terminal", takes={TRAIN, TUTORIAL}, flag="--no-progress",
+    progress: bool = option(True, "no live progress bar", takes={TRAIN, TUTORIAL}, flag="--no-progress",
                             shown="a bar in a terminal")
     log: tuple[str, ...] = option((), "also send the epochs, scores and pictures to TensorBoard (RUN/tensorboard/) or "
                                   "MLflow; repeat for both; needs the tracking extra", choices=TRACKERS,

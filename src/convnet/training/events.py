@@ -167,6 +167,8 @@ class ConsolePrinter(TrainEvents):
             extra += f"  val loss {r.val_loss:.3f} accuracy {r.val_accuracy:.4f}"
         if r.test_accuracy is not None:
             extra += f"  test accuracy {r.test_accuracy:.4f}"
+        if r.pool_used is not None:  # the share of the pool images drawn that the teacher was sure of
+            extra += f"  pool {r.pool_used:.0%}" + (f" at {r.pool_confidence:.2f}" if r.pool_used else "")
         if state.peak is not None and state.peak.epoch == r.epoch:
             extra += "  best"
         elif state.best is not None and state.best.epoch == r.epoch:

@@ -17,7 +17,7 @@ from convnet.core.options import RECIPE, taken_by
 from convnet.training.config import TrainConfig, check_config
 
 # Named recipes: `convnet train --recipe NAME`; flags given on the command line override them.
-# Chosen on a validation split (--val-split 0.1), never on the test set; see README for their numbers.
+# Chosen on a validation split (--val-split 0.1), never on the test set; see docs/performance.md for their numbers.
 RECIPES: dict[str, TrainConfig] = {
     "tutorial": TrainConfig(shuffle=False),
     "cpu": TrainConfig(model="fastnet", optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -158,11 +158,11 @@ def trained_images(images: int, val_split: float) -> int:
 
 # Training sized to the data (when --epochs is not given): every epoch trains on about this many images, the
 # training images repeated as often as it takes; 10,000 images or more train one pass per epoch, as the recipes
-# were tuned. Chosen on validation splits only (benchmarks/size_rule.py; README, "Small data").
+# were tuned. Chosen on validation splits only (benchmarks/size_rule.py; docs/small-data.md).
 SIZED_IMAGES = 10_000
 # Runs that start from trained weights (--init-from), unless flags say otherwise: the head alone for the first
 # eighth of the epochs (3 of 24), then the rest at a tenth of its learning rate. Chosen on a validation split only
-# (benchmarks/transfer.py choose; README, "Fine-tuning").
+# (benchmarks/transfer.py choose; docs/small-data.md, "Fine-tuning").
 FINE_TUNE = {"freeze_share": 1 / 8, "body_lr": 0.1}
 
 

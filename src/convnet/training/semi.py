@@ -9,7 +9,7 @@ image under strong augmentation (:func:`strong`: larger shifts, a cut-out square
 and brightness), weighted by ``WEIGHT`` against the labelled loss. Pool images the teacher
 is unsure of add nothing, so a pool of other things (wrong data) mostly goes unused.
 
-The constants were chosen on validation images only (README, "Few labels").
+The constants were chosen on validation images only (docs/small-data.md, "Few labels").
 """
 
 from __future__ import annotations

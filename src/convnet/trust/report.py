@@ -356,14 +356,25 @@ def _kept_html(config: dict[str, Any]) -> str:
             f"loss {kept['val_loss']:.4f}).</p>")
 
 
+def _pool_cell(h: dict[str, Any]) -> str:
+    """An epoch's share of the unlabelled images the teacher was sure of, and its mean confidence on them."""
+    if h.get("pool_used") is None:
+        return "-"
+    return f"{h['pool_used']:.0%}" + (f" ({h['pool_confidence']:.2f})" if h["pool_used"] else "")
+
+
 def _run_html(s: RunSummary, anchor: str) -> str:
     e = html.escape
     report_rows = [[c, *(f"{s.report[c][k]:.3f}" for k in ("precision", "recall", "f1-score")),
                     int(s.report[c]["support"])] for c in [*s.classes, *AVERAGES]]
+    pooled = any(h.get("pool_used") is not None for h in s.history)  # trained with unlabelled images too
     history_rows = [[h.get("epoch", i + 1), f"{h['loss']:.4f}",
                      *(f"{h[k]:.4f}" if h.get(k) is not None else "-" for k in ("val_loss", "val_accuracy")),
+                     *([_pool_cell(h)] if pooled else []),
                      f"{h.get('seconds', 0):.1f}", f"{h.get('images_per_s', 0):,.0f}"]
                     for i, h in enumerate(s.history)]
+    history_head = ["epoch", "loss", "val loss", "val accuracy", *(["pool used (confidence)"] if pooled else []),
+                    "seconds", "images/s"]
     pictures = {"history": "loss and accuracy per epoch", "confusion_matrix": "confusion matrix",
                 "class_scores": "precision, recall and f1 per class", "mistakes": "most confidently wrong",
                 "samples": "sample predictions"}
@@ -379,7 +390,7 @@ def _run_html(s: RunSummary, anchor: str) -> str:
         images["confusion_matrix"], images["mistakes"], images["samples"],
         inspection_html(s.path),
         f"<h3>Epochs ({s.training_seconds:.1f} s of training)</h3>",
-        table(["epoch", "loss", "val loss", "val accuracy", "seconds", "images/s"], history_rows),
+        table(history_head, history_rows),
         "<h3>Config</h3>",
         table(["key", "value"], _flat(s.config), cls="kv"),
         "</section>",

@@ -4,7 +4,7 @@ predicts it in one call, and hands each request its rows on the event loop.
 
 The requests that arrive while a batch runs form the next one, so batches grow with the
 load without any wait; on 2 cores, where parsing HTTP costs more than the model, a wait
-only added latency (README), hence ``convnet serve``'s default of 0.
+only added latency (docs/serving.md), hence ``convnet serve``'s default of 0.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def parse_multipart(body: bytes, content_type: str, max_files: int) -> list[tupl
     python-multipart (``parse_options_header``). Its streaming ``MultipartParser`` was
     measured in this function's place: 23 us per single-image body instead of 8, 540 us
     instead of 190 for 32 images, and 5-8 % fewer single-image requests per second under
-    load (README), over the 5 % this project accepts for a library."""
+    load (docs/serving.md), over the 5 % this project accepts for a library."""
     boundary = parse_options_header(content_type)[1].get(b"boundary")
     if not boundary:
         raise RequestError(400, "malformed multipart form: no boundary in its Content-Type")

@@ -253,7 +253,7 @@ def measure(model: str | os.PathLike[str], png: bytes, *, seconds: float = 10, r
 
 
 def format_table(rows: Sequence[LoadResult]) -> str:
-    """The rows as the README's Markdown table (a workers column where a server had more than one)."""
+    """The rows as the Markdown table of docs/serving.md (a workers column where a server had more than one)."""
     by_workers = any(r.workers != 1 for r in rows)
     lines = ["| " + ("workers | " if by_workers else "") + "request | clients | requests/s | images/s | p50 ms | "
              "p99 ms | errors |", "| --- " * (7 + by_workers) + "|"]

@@ -11,8 +11,8 @@
     GET  /          a page to try an image (:file:`page.html`, no external scripts)
 
 Concurrent requests are predicted together (:mod:`convnet.use.batcher`). ONNX Runtime is the
-backend because it was measured faster than PyTorch on small batches here (README, "Use
-the model elsewhere"); a run folder is exported to ONNX in memory when the server starts
+backend because it was measured faster than PyTorch on small batches here (docs/serving.md);
+a run folder is exported to ONNX in memory when the server starts
 (:func:`convnet.use.export.export_in_memory`).
 
 Every bad request is answered 4xx with ``{"error": "..."}`` naming the problem, before

@@ -66,7 +66,7 @@ def worker_exited(pid: int, folder: Path) -> None:
 
 
 class ServiceMetrics:
-    """The metrics of one app (see the module's docstring); README's table lists them.
+    """The metrics of one app (see the module's docstring); docs/serving.md's table lists them.
 
     Args:
         model: the registered model's name (``convnet.model`` in the file's metadata).
