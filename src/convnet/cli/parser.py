@@ -89,6 +89,14 @@ def _run_data_dir(p: argparse.ArgumentParser) -> None:
                         "read them)")
 
 
+def _reads_a_run(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that scores or reads a run's data: where the data moved, JSON, the bar, the device."""
+    _run_data_dir(p)
+    _json(p)
+    _declared(p, "progress")
+    _declared(p, "device")
+
+
 def _top_k(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=3, metavar="K",
                    help="the most probable classes each answer carries (default: %(default)s)")
@@ -129,10 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, metavar="DIR",
                    help="score on this labelled folder instead: class folders, or the test/ split of train/ "
                         "val/ test/; classes matched by name (default: the run's own test split)")
-    _run_data_dir(p)
-    _json(p)
-    _declared(p, "progress")
-    _declared(p, "device")
+    _reads_a_run(p)
 
     p = _command(sub, "predict", "classify image files, folders, .npy arrays or IDX files with a trained run",
                  "Predict the class of every input the run's way (its input size and channels, its flips).",
@@ -266,10 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the ranking as path,predicted,probability,score (default: no file)")
     p.add_argument("--html", type=Path, default=None, metavar="FILE",
                    help="write a contact sheet of the suggested images with the model's guess (default: no file)")
-    _run_data_dir(p)
-    _json(p)
-    _declared(p, "progress")
-    _declared(p, "device")
+    _reads_a_run(p)
 
     p = _command(sub, "report", "one self-contained HTML report of runs: scores, plots, comparison",
                  "Write one HTML page of one or more runs (several are compared first), scoring and drawing any run "
@@ -278,10 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders; several are compared first")
     p.add_argument("--html", type=Path, default=None, metavar="FILE",
                    help="the HTML file (default: report.html in the runs' common folder)")
-    _run_data_dir(p)
-    _json(p)
-    _declared(p, "progress")
-    _declared(p, "device")
+    _reads_a_run(p)
 
     p = _command(sub, "inspect", "can I trust it? likely label errors, calibration, per-class scores",
                  "Inspect a run: likely label errors (confident learning) on the test split, and with --train-folds "
@@ -298,19 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the run (default: off)")
     p.add_argument("--csv", type=Path, default=None, metavar="FILE",
                    help="write every likely label error to FILE (default: no file)")
-    _run_data_dir(p)
-    _json(p)
-    _declared(p, "progress")
-    _declared(p, "device")
+    _reads_a_run(p)
 
     p = _command(sub, "compare", "runs side by side in the terminal: accuracies, losses, f1 per class",
                  "Print runs side by side: settings, sizes, times, accuracies, the epoch each keeps, f1 per class.",
                  "convnet compare runs/a runs/b")
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders")
-    _run_data_dir(p)
-    _json(p)
-    _declared(p, "progress")
-    _declared(p, "device")
+    _reads_a_run(p)
 
     p = _command(sub, "models", "list the registered models and their sizes",
                  "List every registered model with its parameter count (for 10 classes of 28x28 grey images).",
