@@ -35,6 +35,14 @@ class Parser(argparse.ArgumentParser):
         # a flag is spelled out: an abbreviation would make a renamed flag (--target) mean its neighbour
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
+    def parse_args(self, args: typing.Any = None, namespace: typing.Any = None) -> typing.Any:
+        found, extras = self.parse_known_args(args, namespace)
+        if extras:  # named against the subcommand given, whose --help lists what it takes
+            command = getattr(found, "command", None)
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)} (see `{self.prog}"
+                             f"{' ' + command if command else ''} --help`)")
+        return found
+
     def error(self, message: str) -> typing.NoReturn:  # one line, not the usage block (that is for --help)
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
