@@ -1,6 +1,7 @@
 """Active learning, simulated: does labelling what `convnet suggest` ranks first beat labelling at random?
 
     python benchmarks/suggest_sim.py OUT.json [--methods badge,random] [--seeds 0,1,2] [--score test|judge]
+                                     [--plot FILE.png]
 
 Fashion-MNIST, the default training (`convnet train`'s, sized to the data, validation held out of the labels):
 start from 200 labelled training images drawn at random (stratified, by the seed), then 8 rounds that each add
@@ -40,6 +41,7 @@ def main() -> int:
     p.add_argument("--methods", default="badge,random")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--score", choices=("test", "judge"), default="test")
+    p.add_argument("--plot", type=Path, default=None, help="also draw accuracy against labels, a line per method")
     a = p.parse_args()
     data = load_dataset("fashion-mnist")
     x, y = data.train.images, data.train.labels.numpy()
@@ -85,7 +87,31 @@ def main() -> int:
             found = [r["accuracy"] for r in rows if (r["score"], r["method"], r["labels"]) == (a.score, m, n)]
             cells.append(f"{statistics.fmean(found):.4f} ({min(found):.4f}-{max(found):.4f})" if found else "")
         print(f"| {n:,} | " + " | ".join(cells) + " |")
+    if a.plot is not None:
+        plot(rows, a.score, methods, sizes, a.plot)
     return 0
+
+
+def plot(rows: list[dict], score: str, methods: list[str], sizes: list[int], out: Path) -> None:
+    """Mean accuracy against labels, a line per method, the seeds' range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for m in methods:
+        found = [[r["accuracy"] for r in rows if (r["score"], r["method"], r["labels"]) == (score, m, n)]
+                 for n in sizes]
+        shown = [(n, f) for n, f in zip(sizes, found, strict=True) if f]
+        ax.plot([n for n, _ in shown], [statistics.fmean(f) for _, f in shown], marker="o", label=m)
+        ax.fill_between([n for n, _ in shown], [min(f) for _, f in shown], [max(f) for _, f in shown], alpha=0.2)
+    ax.set_xlabel("labelled images")
+    ax.set_ylabel(f"{score} accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
 
 
 class _Loaded:
