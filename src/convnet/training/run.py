@@ -112,9 +112,12 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     planned, _ = plan(None)
     if isinstance(request.data, DataOptions):
         request.data.validate()
-        if planned.faithful and request.data.unlabeled is not None:
-            raise ConvnetError("--faithful trains on the tutorial's labelled images alone; it cannot be combined "
-                               f"with --unlabeled {request.data.unlabeled}")
+        unlabeled = request.data.unlabeled
+    else:  # a data set given whole: its pool is known before anything is read
+        unlabeled = pool_name(request.data.pool_record) if request.data.pool is not None else None
+    if planned.faithful and unlabeled is not None:
+        raise ConvnetError("--faithful trains on the tutorial's labelled images alone; it cannot be combined "
+                           f"with --unlabeled {unlabeled}")
     out = request.out if request.out is not None or not write else "new"
     if out not in (None, "new"):
         runfolder.check_out(out)
@@ -124,9 +127,6 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     # the data, then the config sized to it and the weights fitted to it
     dataset = load_data(request.data, seed=planned.seed, progress=request.progress and main and stream is not None) \
         if isinstance(request.data, DataOptions) else request.data
-    if planned.faithful and dataset.pool is not None:
-        raise ConvnetError("--faithful trains on the tutorial's labelled images alone; it cannot learn from "
-                           "unlabelled ones")
     # validation: the data's own split, or held out of the training images; sized to the images trained on
     default_share = not isinstance(settings, TrainConfig) and "val_split" not in given
     dataset, validation = dataset.held_out(planned.val_split, planned.seed, adapt=default_share)
