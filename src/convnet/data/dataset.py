@@ -170,7 +170,7 @@ class Dataset:
         """
         if not fraction:
             unused = f"; the {len(self.val):,} images of val/ are not used" if self.val is not None else ""
-            return replace(self, val=None, files=_without(self.files, "val")), \
+            return replace(self, val=None, files=files_without(self.files, "val")), \
                 f"no validation (--val-split 0): the last epoch's weights are kept{unused}"
         if self.val is not None:
             return self, (f"validation: the {len(self.val):,} images of the folder's val/ split (not --val-split); "
@@ -237,7 +237,8 @@ class Dataset:
         return replace(self, train=self.train.first(subset), subset=subset, files=files)
 
 
-def _without(files: dict[str, list[str]] | None, side: str) -> dict[str, list[str]] | None:
+def files_without(files: dict[str, list[str]] | None, side: str) -> dict[str, list[str]] | None:
+    """A folder's files of each split (``Dataset.files``) less those of ``side`` (``val``, ``pool``)."""
     return None if files is None else {k: v for k, v in files.items() if k != side}
 
 

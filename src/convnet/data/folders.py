@@ -11,7 +11,6 @@ the run records the files of each split.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +23,7 @@ from convnet.core.errors import DataError
 from convnet.data import imagecache
 from convnet.data.catalog import default_cache_dir
 from convnet.data.dataset import Dataset, DiskImages, Images, InputSpec, Split, stratified_split
-from convnet.data.folderscan import TEST, TRAIN, VAL, FolderScan, image_files, scan_folder
+from convnet.data.folderscan import TEST, TRAIN, VAL, FolderScan, scan_folder, scan_pool
 
 SPLIT_SEED = 0  # the test split of a folder without test/ is the same every time
 
@@ -62,21 +61,10 @@ def load_folder(folder: str | os.PathLike[str], *, image_size: tuple[int, int] |
     scan = scan_folder(folder)
     base = Path(cache_dir) if cache_dir else default_cache_dir()
     cache, index = _find_cache(scan, image_size, channels, base)
-    notes: list[str] = []
-    images = None
-    if index is not None and index.get("manifest") == scan.manifest:
-        images = imagecache.load(cache, index)
-        if images is None:
-            notes.append(f"the image cache {cache} was damaged: rebuilt")
-    if images is None or index is None:
-        if cache.exists():
-            shutil.rmtree(cache, ignore_errors=True)
-        index = imagecache.build(cache, scan, image_size, channels, skip_bad_images, progress)
+    images, index, notes, decoded = _cached(scan, cache, index, image_size, channels, skip_bad_images, progress)
+    if decoded:
         notes.append(f"decoded {index['decoded']['images']:,} images in {index['decoded']['seconds']:.1f} s "
                      f"({index['decoded']['images_per_s']:,.0f} images/s) into {cache}")
-        images = imagecache.load(cache, index)
-        if images is None:
-            raise DataError(f"the image cache {cache} was damaged as it was written; check the disk")
     elif index["bad"] and not skip_bad_images:
         raise DataError(imagecache.bad_message(scan.root, [tuple(b) for b in index["bad"]]))
     if scan.ignored:
@@ -116,6 +104,31 @@ def load_folder(folder: str | os.PathLike[str], *, image_size: tuple[int, int] |
         pool=split(pool_rows).images if pool_rows is not None else None,
     )
     return dataset.first(subset)
+
+
+def _cached(scan: FolderScan, cache: Path, index: dict[str, Any] | None, image_size: tuple[int, int] | None,
+            channels: int | None, skip_bad_images: bool, progress: bool
+            ) -> tuple[DiskImages, dict[str, Any], list[str], bool]:
+    """The scanned folder's images from ``cache``, decoded into it anew where the cache is
+    missing, stale (another manifest) or damaged; with its index, notes for the user, and
+    whether it was decoded now.
+
+    Raises:
+        DataError: the cache damaged as it was written.
+    """
+    notes = []
+    images = imagecache.load(cache, index) if index is not None and index.get("manifest") == scan.manifest else None
+    if images is not None and index is not None:
+        return images, index, notes, False
+    if index is not None and index.get("manifest") == scan.manifest:
+        notes.append(f"the image cache {cache} was damaged: rebuilt")
+    if cache.exists():
+        shutil.rmtree(cache, ignore_errors=True)
+    index = imagecache.build(cache, scan, image_size, channels, skip_bad_images, progress)
+    images = imagecache.load(cache, index)
+    if images is None:
+        raise DataError(f"the image cache {cache} was damaged as it was written; check the disk")
+    return images, index, notes, True
 
 
 def _find_cache(scan: FolderScan, image_size: tuple[int, int] | None, channels: int | None,
@@ -199,35 +212,16 @@ def load_pool(folder: str | os.PathLike[str], spec: InputSpec, *, memory_budget_
     Raises:
         DataError: not a folder, or no image in it.
     """
-    root = Path(folder).resolve()
-    images_found, _ = image_files(root)
-    if not images_found:
-        raise DataError(f"--unlabeled {root}: no image files in it or below it")
-    digest = hashlib.sha256()
-    rel = []
-    for path in images_found:
-        st = path.stat()
-        name = path.relative_to(root).as_posix()
-        rel.append(name)
-        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    scan = FolderScan(root, "pool", ("pool",), rel, [0] * len(rel), [TRAIN] * len(rel), digest.hexdigest(), [])
+    scan = scan_pool(folder)
     size, channels = (spec.height, spec.width), spec.channels
-    base = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache = imagecache.cache_path(root, size, channels, base)
-    index = imagecache.read_index(cache)
-    images = imagecache.load(cache, index) if index is not None and index.get("manifest") == scan.manifest else None
-    notes = []
-    if images is None or index is None:
-        shutil.rmtree(cache, ignore_errors=True)
-        index = imagecache.build(cache, scan, size, channels, True, progress)
-        images = imagecache.load(cache, index)
-        if images is None:
-            raise DataError(f"the image cache {cache} was damaged as it was written; check the disk")
+    cache = imagecache.cache_path(scan.root, size, channels, Path(cache_dir) if cache_dir else default_cache_dir())
+    images, index, notes, decoded = _cached(scan, cache, imagecache.read_index(cache), size, channels, True, progress)
+    if decoded:
         notes.append(f"decoded {len(images):,} unlabelled images into {cache}")
     if index["bad"]:
         notes.append(f"left out {len(index['bad'])} unlabelled image{'s' if len(index['bad']) > 1 else ''} that "
                      f"cannot be decoded: {', '.join(b[0] for b in index['bad'][:3])}")
     pool = images.load() if _in_memory(images, memory_budget_mb) else images
-    record = {"source": str(root), "images": len(images), "manifest": scan.manifest,
+    record = {"source": str(scan.root), "images": len(images), "manifest": scan.manifest,
               "sha256": index["images_sha256"]}
     return pool, record, notes, list(index["files"])

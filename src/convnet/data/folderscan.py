@@ -118,15 +118,39 @@ def scan_folder(root: str | os.PathLike[str]) -> FolderScan:
         if extra:
             raise DataError(f"--data {root}: {where}{extra[0]} is a class that train/ does not have; "
                             f"train/ has {', '.join(classes)}")
-    files, labels, part_of, digest = [], [], [], hashlib.sha256()
+    entries, labels, part_of = [], [], []
     for part, found in sorted(per_part.items()):
         for label, cls in enumerate(classes):
-            for rel, st in found.get(cls, []):
-                files.append(rel)
+            for entry in found.get(cls, []):
+                entries.append(entry)
                 labels.append(label)
                 part_of.append(part)
-                digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return FolderScan(root, layout, classes, files, labels, part_of, digest.hexdigest(), sorted(ignored))
+    return FolderScan(root, layout, classes, [rel for rel, _ in entries], labels, part_of, _manifest(entries),
+                      sorted(ignored))
+
+
+def scan_pool(folder: str | os.PathLike[str]) -> FolderScan:
+    """A folder of unlabelled images in any layout (searched recursively, as ``convnet
+    predict DIR`` finds them): one part, one class, and a manifest as :func:`scan_folder`'s.
+
+    Raises:
+        DataError: a folder that cannot be read, or no image in it.
+    """
+    root = Path(folder).resolve()
+    entries, _ = _walk(root, root)
+    entries.sort(key=lambda entry: entry[0])  # by path, as image_files lists them
+    if not entries:
+        raise DataError(f"--unlabeled {root}: no image files in it or below it")
+    return FolderScan(root, "pool", ("pool",), [rel for rel, _ in entries], [0] * len(entries),
+                      [TRAIN] * len(entries), _manifest(entries), [])
+
+
+def _manifest(entries: list[tuple[str, os.stat_result]]) -> str:
+    """SHA-256 over each file's path, size and modification time: changes whenever a file does."""
+    digest = hashlib.sha256()
+    for rel, st in entries:
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

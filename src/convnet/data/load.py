@@ -18,7 +18,7 @@ import torch
 from convnet.core import runfolder
 from convnet.core.errors import RunError
 from convnet.data.catalog import DATASETS
-from convnet.data.dataset import Dataset, Split
+from convnet.data.dataset import Dataset, Split, files_without
 from convnet.data.folders import load_folder, load_pool
 from convnet.data.named import load_dataset
 from convnet.data.options import REST, DataOptions
@@ -50,17 +50,13 @@ def load_data(options: DataOptions, *, seed: int = 42, progress: bool = True,
     if files is None:
         dataset = dataset.draw(options.subset, seed, rest_as_pool=pool and options.unlabeled == REST)
     if not pool:
-        return replace(dataset, pool=None, files=_without_pool(dataset.files))
+        return replace(dataset, pool=None, files=files_without(dataset.files, "pool"))
     if options.unlabeled not in (None, REST):
         images, record, notes, _ = load_pool(options.unlabeled, dataset.spec,
                                              memory_budget_mb=options.memory_budget_mb, cache_dir=options.cache_dir,
                                              progress=progress)
         dataset = replace(dataset, pool=images, pool_record=record, notes=(*dataset.notes, *notes))
     return dataset
-
-
-def _without_pool(files: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-    return None if files is None else {k: v for k, v in files.items() if k != "pool"}
 
 
 def run_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None, *, progress: bool = True,
@@ -77,6 +73,7 @@ def run_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None,
         RunError: the data found is not the run's (other counts, sizes or classes).
     """
     data = run.config["data"]
+    recorded = data.get("pool") or {}  # the unlabelled images it learnt from, if any
     spec = run.spec
     if data.get("kind") == "folder":
         if split is None and (run.path / runfolder.SPLIT).is_file():
@@ -101,14 +98,13 @@ def run_data(run: runfolder.Run, data_dir: str | os.PathLike[str] | None = None,
         if data_dir is None and data.get("source") and Path(data["source"]).is_dir():
             data_dir = data["source"]
         dataset = load_dataset(data["name"], data_dir)
-        recorded = data.get("pool") or {}
         if "subset_seed" in data:  # the same stratified draw; the others the pool, where they were
             dataset = dataset.draw(data.get("subset"), int(data["subset_seed"]),
                                    rest_as_pool=pool and recorded.get("source") == REST)
         else:  # a run written when --subset took the first N
             dataset = dataset.first(data.get("subset"))
-    if pool and (data.get("pool") or {}).get("source") not in (None, REST):
-        dataset = _same_pool(run, dataset, data["pool"], progress)
+    if pool and recorded.get("source") not in (None, REST):
+        dataset = _same_pool(run, dataset, recorded, progress)
     if data.get("val_held_out") and dataset.val is None and len(dataset.train):  # held out as the run held it
         dataset = dataset.held_out(float(data["val_split"]), int(data["val_seed"]))[0]
     if data.get("train_images") not in (None, len(dataset.train)):
