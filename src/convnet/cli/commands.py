@@ -115,8 +115,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from convnet.use.serve import ServeOptions, serve
 
     serve(a.run, ServeOptions(host=a.host, port=a.port, max_body_mb=a.max_body_mb, max_images=a.max_images,
-                                max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, top_k=a.top_k,
-                                min_confidence=a.min_confidence, workers=a.workers))
+                              max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, top_k=a.top_k,
+                              min_confidence=a.min_confidence, workers=a.workers))
     return 0
 
 
