@@ -40,9 +40,9 @@ from convnet.models.engine import make_engine
 from convnet.models.networks import Calibrated, count_parameters, create_model, uncalibrated
 from convnet.training.config import TrainConfig, TrainRequest
 from convnet.training.run import train_run
-from convnet.trust.evaluation import SplitScores, evaluate
+from convnet.trust.evaluation import SplitScores, score_splits
 from convnet.trust.report import write_plots
-from convnet.use.loadrun import load_run
+from convnet.use.loadrun import OnnxPath, load_run
 from convnet.use.prediction import Predictor
 
 
@@ -204,8 +204,15 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     def _predictor(self) -> Predictor:
         check_is_fitted(self)
         engine = make_engine(self.device, faithful=self.config_.faithful)
-        return Predictor(engine.prepare_model(self.model_), self.input_spec_, self.classes_, engine,
-                         tta=self.config_.tta, layout=self.layout)
+        model = engine.prepare_model(self.model_)
+        onnx = None
+        if engine.device.type == "cpu" and not self.config_.faithful:  # exported in memory, once per fitted model
+            kept = getattr(self, "_onnx", None)
+            onnx = kept if kept is not None and kept.model is model else OnnxPath(model, self.input_spec_,
+                                                                                 self.config_.tta)
+            self._onnx = onnx
+        return Predictor(model, self.input_spec_, self.classes_, engine, tta=self.config_.tta, layout=self.layout,
+                         onnx=onnx)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Probabilities ``(N, n_classes)``, columns in ``classes_`` order, rows summing to 1."""
@@ -297,7 +304,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     def _write_scores(self, run_dir: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
         p = self._predictor()
         held_out = Dataset("arrays", self.input_spec_, Split(images[:0], labels[:0]), Split(images, labels), "")
-        evaluation = evaluate(p.model, held_out, engine=p.engine, tta=p.tta)
+        evaluation = score_splits(lambda x: torch.from_numpy(p.predict_proba(x)).float(), held_out,
+                                  score_train=False)  # as the estimator predicts
         # no training images are kept: the train accuracy is the one measured while training
         evaluation = replace(evaluation, train=SplitScores.accuracy_only(float(self.history_[-1].get("accuracy")
                                                                                 or 0.0)))
@@ -345,6 +353,7 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
+        state.pop("_onnx", None)  # an ONNX Runtime session: made again when it pays
         if "model_" in state:
             model, temperature = uncalibrated(self.model_)
             weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -56,7 +56,8 @@ TENSORBOARD = "tensorboard"  # with --log tensorboard: the subfolder of event fi
 PLOTS = "plots"  # the subfolder of pictures
 INSPECTION = "inspect.json"  # what `convnet inspect RUN` found: shown by `convnet report`
 INSPECT_DIR = "inspect"  # what inspection keeps (out-of-fold probabilities)
-ONNX = "model.onnx"  # `convnet export`'s file, by default
+ONNX = "model.onnx"  # the run's export: `convnet export`'s file by default, and what the CPU predicts with
+ONNX_PARITY = "model.parity.json"  # `convnet export`'s parity figures for it
 
 
 def read_json(path: Path) -> Any:

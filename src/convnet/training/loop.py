@@ -103,7 +103,8 @@ class TrainResult:
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, engine: Engine,
-               ema: EMA | None, correct: torch.Tensor, seen: torch.Tensor, pad: int, images: torch.Tensor,
+               ema: EMA | None, correct: torch.Tensor, seen: torch.Tensor, align: semi.Alignment | None, pad: int,
+               images: torch.Tensor,
                labels: torch.Tensor, shifts: torch.Tensor | None = None, flips: torch.Tensor | None = None,
                pool: torch.Tensor | None = None, pool_shifts: torch.Tensor | None = None,
                pool_flips: torch.Tensor | None = None, **strong: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,8 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Mod
         with torch.no_grad(), engine.precision():  # the teacher's classes, seen lightly augmented
             teacher = (ema.module if ema is not None else net)(augment.apply(u, augment.Draws(pool_shifts, pool_flips),
                                                                              pad))
-        confidence, pseudo = teacher.float().softmax(dim=1).max(dim=1)  # (U,), (U,)
+        probs = teacher.float().softmax(dim=1)  # (U, num_classes)
+        confidence, pseudo = (align(probs) if align is not None else probs).max(dim=1)  # (U,), (U,)
         sure = (confidence >= semi.THRESHOLD).float()
         with engine.precision():  # (B + U, num_classes): one pass, one batch norm's statistics
             both = net(torch.cat([x, semi.strong(u, semi.StrongDraws(**{"strong_flips": None, **strong}))]))
@@ -283,7 +285,8 @@ def train(
     # --sampler balanced: each image's chance is its class's weight (1 / its images), every class drawn equally often
     draw = balanced[labels.cpu()] if balanced is not None and config.sampler == "balanced" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
-    step = StepRunner(functools.partial(train_step, net, optimizer, loss_fn, engine, ema, correct, seen,
+    align = semi.Alignment(labels, spec.num_classes, engine.device) if pool is not None and semi.ALIGN else None
+    step = StepRunner(functools.partial(train_step, net, optimizer, loss_fn, engine, ema, correct, seen, align,
                                         config.translate_px), engine)
     scaled = any("lr_scale" in g for g in optimizer.param_groups)  # head and body apart (make_optimizer)
     check_each_batch = engine.device.type == "cpu"  # a finite-check costs a GPU sync; there, check per epoch

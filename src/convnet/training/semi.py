@@ -25,6 +25,26 @@ WEIGHT = 1.0  # the unlabelled loss against the labelled one
 RATIO = 3  # pool images per labelled image in a step
 STRONG_PAD = 4  # largest shift of the strong augmentation, in pixels (28x28 images: a seventh)
 CUTOUT = 0.5  # the side of the square cut out, as a share of the image's side
+ALIGN = True  # distribution alignment of the teacher's probabilities (ReMixMatch's)
+ALIGN_MOMENTUM = 0.99  # the running mean of the teacher's probabilities: about the last hundred steps
+
+
+class Alignment:
+    """Distribution alignment (Berthelot et al., 2020, ReMixMatch): the teacher's
+    probabilities on pool images, multiplied by the labelled images' class shares and
+    divided by the running mean of its own probabilities, renormalised, so that a teacher
+    that leans towards a few classes early on does not teach the pool only those.
+    Graph-safe: the running mean is updated in place."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, device: torch.device) -> None:
+        counts = torch.bincount(labels.cpu().long(), minlength=num_classes).float()
+        self.prior = (counts / counts.sum()).to(device)
+        self.running = self.prior.clone()
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        self.running.mul_(ALIGN_MOMENTUM).add_(probs.mean(dim=0), alpha=1 - ALIGN_MOMENTUM)
+        aligned = probs * (self.prior / self.running.clamp_min(1e-6))
+        return aligned / aligned.sum(dim=1, keepdim=True)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from convnet.data.dataset import Dataset, Images, Split
 from convnet.data.folderscan import TEST, TRAIN, scan_folder
 from convnet.data.inputfiles import input_batches
 from convnet.models.engine import Engine
-from convnet.trust.evaluation import Evaluation, evaluate, score_splits
+from convnet.trust.evaluation import Evaluation, score_splits
 from convnet.use.loadrun import LoadedRun, Model, load_run, open_model
 
 PathLike = str | os.PathLike[str]
@@ -54,8 +54,9 @@ def score_run(loaded: LoadedRun, dataset: Dataset, *, test_logits: torch.Tensor 
     ``"inference": "fp32"``) may have recorded a test accuracy computed in bfloat16; when
     the new one differs, :attr:`Evaluation.note` says so in one line."""
     before = _recorded_before(loaded.path / runfolder.METRICS)
-    result = evaluate(loaded.model, dataset, engine=loaded.engine, tta=loaded.tta, test_logits=test_logits,
-                      score_train=score_train)
+    known = test_logits.softmax(dim=1) if test_logits is not None and loaded.onnx is None else None  # else: as
+    result = score_splits(probabilities_of(loaded), dataset, test_probabilities=known,  # the run predicts now
+                          score_train=score_train)
     now = result.test.accuracy
     if before is not None and now is not None and round(before, 6) != round(now, 6):
         result.note = (f"the test accuracy recorded before, {before:.4f}, was predicted in the precision the run "

@@ -49,6 +49,26 @@ def new_session(model: bytes | str | os.PathLike[str], threads: int | None = Non
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def session_probabilities(session: Any, images: Images | np.ndarray, num_classes: int, path: Path,
+                          batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """Class probabilities, float32 ``(N, num_classes)``, of uint8 images ``(N, C, H, W)``
+    (a tensor, an array or images on disk) from a convnet graph's ONNX Runtime ``session``,
+    ``batch_size`` at a time.
+
+    Raises:
+        RunError: ONNX Runtime failed on the model (``path``: a file changed after its export).
+    """
+    out = []
+    for s in range(0, len(images), batch_size):
+        chunk = _numpy(images[s:s + batch_size])
+        try:
+            out.append(session.run(None, {"images": chunk})[0])
+        except Exception as e:  # onnxruntime's own Fail/RuntimeException types: the graph's fault
+            raise RunError(f"{path}: ONNX Runtime failed on this model ({_first_line(e)}); "
+                           "export the run again") from None
+    return np.concatenate(out) if out else np.empty((0, num_classes), np.float32)
+
+
 @dataclass(frozen=True)
 class OnnxModel:
     """A convnet .onnx file loaded in ONNX Runtime.
@@ -85,15 +105,7 @@ class OnnxModel:
         Raises:
             RunError: ONNX Runtime failed on the model (a file changed after its export).
         """
-        out = []
-        for s in range(0, len(images), batch_size):
-            chunk = _numpy(images[s:s + batch_size])
-            try:
-                out.append(self.session.run(None, {"images": chunk})[0])
-            except Exception as e:  # onnxruntime's own Fail/RuntimeException types: the graph's fault
-                raise RunError(f"{self.path}: ONNX Runtime failed on this model ({_first_line(e)}); "
-                               "export the run again") from None
-        return np.concatenate(out) if out else np.empty((0, self.spec.num_classes), np.float32)
+        return session_probabilities(self.session, images, self.spec.num_classes, self.path, batch_size)
 
     def dataset(self, data_dir: str | os.PathLike[str] | None = None, *, progress: bool = True) -> Dataset:
         """The data of the run the file was exported from, found through its metadata

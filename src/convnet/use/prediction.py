@@ -30,7 +30,7 @@ from convnet.data.inputfiles import expand_inputs, input_batches
 from convnet.models.engine import Engine
 from convnet.models.inference import infer
 from convnet.use.explain import check_explain_output, write_explanations
-from convnet.use.loadrun import LoadedRun, Model, load_run, open_model
+from convnet.use.loadrun import LoadedRun, Model, OnnxPath, load_run, open_model
 from convnet.use.onnxfile import OnnxModel
 
 TOP_K = 3  # classes each row carries by default (--top-k)
@@ -252,6 +252,7 @@ class Predictor:
         engine: device and precision, as the run was evaluated.
         tta: predict with the mean of each image and its mirror, as the run was evaluated.
         layout: ``auto``, ``nchw`` or ``nhwc`` for 4-d arrays whose shape reads both ways.
+        onnx: on the CPU, the export it predicts with (:class:`~convnet.use.loadrun.OnnxPath`).
     """
 
     model: nn.Module
@@ -260,6 +261,7 @@ class Predictor:
     engine: Engine
     tta: bool = False
     layout: str = "auto"
+    onnx: OnnxPath | None = None
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Probabilities ``(N, len(classes))`` float64, columns in :attr:`classes` order, rows summing to 1.
@@ -271,6 +273,10 @@ class Predictor:
         images = as_images(X, self.input_spec, layout=self.layout)
         if len(images) == 0:
             return np.zeros((0, len(self.classes)))
+        fast = self.onnx.probabilities(images) if self.onnx is not None else None
+        if fast is not None:
+            probs = fast.astype(np.float64)
+            return probs / probs.sum(axis=1, keepdims=True)
         return infer(self.model, images, engine=self.engine, tta=self.tta).double().softmax(dim=1).numpy()
 
     def predict(self, X: Any) -> np.ndarray:
@@ -286,4 +292,4 @@ def load(run_dir: str | os.PathLike[str], *, device: str | torch.device = "auto"
         RunError: not a run folder, or its weights are missing or damaged.
     """
     loaded = load_run(run_dir, device=device)
-    return Predictor(loaded.model, loaded.spec, loaded.labels, loaded.engine, tta=loaded.tta)
+    return Predictor(loaded.model, loaded.spec, loaded.labels, loaded.engine, tta=loaded.tta, onnx=loaded.onnx)

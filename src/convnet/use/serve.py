@@ -12,8 +12,8 @@
 
 Concurrent requests are predicted together (:mod:`convnet.use.batcher`). ONNX Runtime is the
 backend because it was measured faster than PyTorch on small batches here (docs/serving.md);
-a run folder is exported to ONNX in memory when the server starts
-(:func:`convnet.use.export.export_in_memory`).
+a run folder serves its kept export (``RUN/model.onnx``, made from its weights), or is
+exported to ONNX in memory when the server starts (:func:`convnet.use.export.export_in_memory`).
 
 Every bad request is answered 4xx with ``{"error": "..."}`` naming the problem, before
 any of it reaches the model (:mod:`convnet.use.httpinputs`). A model that fails in ONNX
@@ -260,7 +260,7 @@ PREDICT_OPENAPI: dict[str, Any] = {"requestBody": {"required": True, "content": 
 
 def model_bytes(source: str | Path, threads: int = 1) -> tuple[Path, bytes]:
     """The model to serve as the bytes of an ``.onnx`` file, and what they came from: an
-    ``.onnx`` file read (once checked), or a run folder exported in memory."""
+    ``.onnx`` file read (once checked), or a run folder's kept export or one made in memory."""
     model = open_model(source, device="cpu", threads=threads)  # checked against `convnet predict RUN --device cpu`
     return model.path, export_in_memory(model, threads) if isinstance(model, LoadedRun) else model.path.read_bytes()
 
