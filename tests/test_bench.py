@@ -16,7 +16,28 @@ def test_bench_measures_both_sides(toy_dir: Path) -> None:
               r.convnet_predict_images_per_s):
         assert v > 0
     assert abs(r.train_speedup - r.convnet_train_images_per_s / r.tutorial_train_images_per_s) < 1e-9
-    assert "speed-up" in format_bench(r)
+    assert r.onnx_predict_images_per_s is not None and r.onnx_predict_speedup is not None  # the CPU's path
+    assert abs(r.onnx_predict_speedup - r.onnx_predict_images_per_s / r.tutorial_predict_images_per_s) < 1e-9
+    text = format_bench(r)
+    assert "speed-up" in text and "ONNX Runtime" in text and r.cpu in text
+    assert r.engine["cpu"]["name"] == r.cpu and r.cpu_flags == r.engine["cpu"]["flags"]
+
+
+def test_cpu_info_names_the_flags_that_decide_the_engine(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from convnet.models import engine
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu sse avx2 fma avx512f\n\n")
+    real = Path
+    monkeypatch.setattr(engine, "Path", lambda p: fake if p == "/proc/cpuinfo" else real(p))
+    engine.cpu_info.cache_clear()
+    try:
+        assert engine.cpu_info() == {"name": "Some CPU 9000", "flags": ["avx2", "fma", "avx512f"]}
+        monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+        assert Engine.fast().describe()["cpu"] == {"name": "Some CPU 9000", "flags": ["avx2", "fma", "avx512f"],
+                                                   "bf16": False}
+    finally:
+        engine.cpu_info.cache_clear()
 
 
 def test_bench_json_from_cli(toy_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]

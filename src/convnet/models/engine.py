@@ -10,9 +10,12 @@ whether the training step runs eagerly or replays as a CUDA graph (:class:`StepR
 from __future__ import annotations
 
 import contextlib
+import functools
+import platform
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,6 +49,29 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx_vnni")  # the ones
+# that decide how fast a CPU computes fp32 and bf16
+
+
+@functools.cache
+def cpu_info() -> dict[str, object]:
+    """This CPU's model name and which of :data:`CPU_FLAGS` it has (read from
+    ``/proc/cpuinfo``; elsewhere the platform's name and no flags)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            name = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return {"name": name, "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
 @dataclass(frozen=True)
@@ -131,6 +157,7 @@ class Engine:
             "fold_batchnorm": self.fold_batchnorm,
             "torch_threads": torch.get_num_threads(),
             "processes": self.world_size,
+            **({"cpu": {**cpu_info(), "bf16": cpu_has_bf16()}} if self.device.type == "cpu" else {}),
         }
 
     @property

@@ -9,12 +9,12 @@ GPU work is synchronised before a clock is read.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from convnet.core.errors import ConvnetError
 from convnet.data.dataset import Dataset
 from convnet.data.load import load_data
 from convnet.data.options import DataOptions
-from convnet.models.engine import Engine, make_engine
+from convnet.models.engine import Engine, cpu_info, make_engine
 from convnet.models.inference import infer
 from convnet.models.networks import create_model
 from convnet.training.config import TrainConfig, TrainRequest
@@ -33,6 +33,8 @@ from convnet.training.loop import train
 from convnet.training.recipes import DEFAULT_RECIPE, resolve_config, resolve_run
 from convnet.training.run import train_run
 from convnet.trust.evaluation import score_split
+from convnet.use.onnxfile import new_session, session_probabilities
+from convnet.use.onnxgraph import export_model
 
 
 # --- the tutorial's code, as printed (only the per-epoch print is dropped)
@@ -97,6 +99,9 @@ class BenchResult:
     torch: str
     threads: int
     cpu: str
+    onnx_predict_images_per_s: float | None = None  # ONNX Runtime on the model's export (the CPU's prediction path)
+    onnx_predict_speedup: float | None = None
+    cpu_flags: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,12 +181,19 @@ def run_bench(dataset: Dataset, *, engine: Engine, model: str = "seed", batch_si
     def convnet_predict() -> None:
         infer(fast_net, test_uint8, engine=engine).argmax(dim=1)
 
-    times: dict[str, list[float]] = {k: [] for k in ("tt", "ct", "tp", "cp")}
+    pairs = [("tt", tutorial_train), ("ct", convnet_train), ("tp", tutorial_predict), ("cp", convnet_predict)]
+    if device.type == "cpu":  # what a run on the CPU predicts with: ONNX Runtime on its export
+        session = new_session(export_model(fast_net, spec, tta=False).SerializeToString())
+        test_cpu = test_uint8.cpu()
+
+        def onnx_predict() -> None:
+            session_probabilities(session, test_cpu, spec.num_classes, Path("bench.onnx")).argmax(axis=1)
+
+        pairs.append(("op", onnx_predict))
+    times: dict[str, list[float]] = {k: [] for k, _ in pairs}
     for i in range(warmup + repeats):
-        pairs = [("tt", tutorial_train), ("ct", convnet_train), ("tp", tutorial_predict), ("cp", convnet_predict)]
-        if i % 2:  # alternate which side goes first
-            pairs = [pairs[1], pairs[0], pairs[3], pairs[2]]
-        for key, fn in pairs:
+        order = [pairs[1], pairs[0], *pairs[2:][::-1]] if i % 2 else pairs  # alternate which side goes first
+        for key, fn in order:
             t = _timed(fn, device)
             if i >= warmup:
                 times[key].append(t)
@@ -194,7 +206,9 @@ def run_bench(dataset: Dataset, *, engine: Engine, model: str = "seed", batch_si
         tutorial_predict_images_per_s=n_test / med["tp"], convnet_predict_images_per_s=n_test / med["cp"],
         train_speedup=med["tt"] / med["ct"], predict_speedup=med["tp"] / med["cp"],
         engine=engine.describe(), torch=torch.__version__, threads=torch.get_num_threads(),
-        cpu=platform.processor() or platform.machine(),
+        cpu=str(cpu_info()["name"]), cpu_flags=list(cpu_info()["flags"]),  # type: ignore[call-overload]
+        onnx_predict_images_per_s=n_test / med["op"] if "op" in med else None,
+        onnx_predict_speedup=med["tp"] / med["op"] if "op" in med else None,
     )
 
 
@@ -206,7 +220,11 @@ def format_bench(r: BenchResult) -> str:
         f"{'train':<10}{r.tutorial_train_images_per_s:>10,.0f} i/s{r.convnet_train_images_per_s:>10,.0f} i/s"
         f"{r.train_speedup:>9.2f}x",
         f"{'predict':<10}{r.tutorial_predict_images_per_s:>10,.0f} i/s{r.convnet_predict_images_per_s:>10,.0f} i/s"
-        f"{r.predict_speedup:>9.2f}x",
+        f"{r.predict_speedup:>9.2f}x  (PyTorch, fp32)",
+        *([f"{'predict':<10}{'':>14}{r.onnx_predict_images_per_s:>10,.0f} i/s{r.onnx_predict_speedup:>9.2f}x  "
+           "(ONNX Runtime, fp32: what a run on the CPU predicts with)"] if r.onnx_predict_images_per_s else []),
+        f"cpu {r.cpu}, flags {' '.join(r.cpu_flags or []) or 'unknown'}; engine: "
+        f"{'bf16' if r.engine.get('autocast') else 'fp32'} training, channels-last {r.engine.get('channels_last')}",
     ])
 
 
