@@ -40,6 +40,50 @@ def test_the_fast_cpu_path_uses_bfloat16_only_where_the_cpu_has_it(bf16: bool,
     assert e.describe()["autocast"] == ("bfloat16" if bf16 else None)
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_precision_overrides_the_cpus_choice_for_training_only(bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: bf16)
+    assert make_engine("cpu", precision="fp32").autocast is None
+    assert make_engine("cpu", precision="bf16").autocast == torch.bfloat16
+    assert make_engine("cpu", precision="auto") == make_engine("cpu")
+    assert make_engine("cpu", precision="fp32").describe()["inference"] == "fp32"
+    assert make_engine("cpu", faithful=True, precision="bf16") == Engine.faithful()  # the tutorial's arithmetic
+
+
+@pytest.mark.parametrize(("recorded", "native", "expected", "noted"), [
+    ("bfloat16", True, "bf16", False),  # the same kind of CPU: bit for bit
+    ("bfloat16", False, "fp32", True),  # a CPU without bfloat16: fp32, said in one line
+    (None, True, "fp32", False),  # trained in fp32: fp32 here too, even where bf16 is faster
+    ("missing", True, "auto", False),  # an older run that did not record it: as this machine trains
+])
+def test_a_resumed_run_keeps_its_arithmetic_where_the_cpu_allows(recorded: str | None, native: bool, expected: str,
+                                                                 noted: bool, monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from convnet.core import runfolder
+    from convnet.training.run import resumed_precision
+
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: native)
+    engine = {} if recorded == "missing" else {"autocast": recorded}
+    run = runfolder.Run(tmp_path, {"train": {}, "engine": engine}, [])
+    precision, note = resumed_precision(run, torch.device("cpu"))
+    assert precision == expected
+    assert bool(note) == noted and (not noted or "continues in fp32" in note and str(tmp_path) in note)
+
+
+def test_train_precision_fp32_trains_and_records_fp32_on_a_bf16_cpu(toy_dir, tmp_path,  # type: ignore[no-untyped-def]
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from convnet.cli.parser import main
+    from convnet.core import runfolder
+
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: True)
+    out = tmp_path / "run"
+    assert main(["train", "--data-dir", str(toy_dir), "--subset", "64", "--epochs", "1", "--model", "seed",
+                 "--precision", "fp32", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    config = runfolder.read_json(out / runfolder.CONFIG)
+    assert config["engine"]["autocast"] is None and config["train"]["precision"] == "fp32"
+    assert config["engine"]["cpu"]["bf16"] is True  # the CPU could have: the flag decided
+
+
 def test_a_batch_reaches_the_model_as_floats_in_its_layout() -> None:
     images = torch.randint(0, 256, (4, 3, 8, 10), dtype=torch.uint8)
     x = Engine.fast().batch(images)

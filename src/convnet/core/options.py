@@ -25,6 +25,7 @@ TUTORIAL = "tutorial"  # a flag of `convnet tutorial`
 BENCH = "bench"  # a flag of `convnet bench`
 EVERYWHERE = frozenset({TRAIN, TUNE, RECIPE, ESTIMATOR})  # a recipe's training setting
 DEVICES = ("auto", "cpu", "cuda")  # where every command computes: --device
+PRECISIONS = ("auto", "fp32", "bf16")  # the training arithmetic: --precision
 
 
 @dataclass(frozen=True)

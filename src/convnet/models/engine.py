@@ -107,9 +107,13 @@ class Engine:
         return cls(device or torch.device("cpu"))
 
     @classmethod
-    def fast(cls, device: torch.device | None = None) -> Engine:
-        """The measured fast path for ``device`` (see ``convnet bench``)."""
+    def fast(cls, device: torch.device | None = None, precision: str = "auto") -> Engine:
+        """The measured fast path for ``device`` (see ``convnet bench``), training in
+        ``precision`` (``auto``: bf16 on a GPU and where the CPU computes it natively)."""
         device = device or torch.device("cpu")
+        if precision != "auto":
+            bf16 = torch.bfloat16 if precision == "bf16" else None
+            return replace(cls.fast(device), autocast=bf16)
         if device.type == "cuda":
             # Measured on one H100 (docs/gpu.md): eager channels_last + bf16 is slower than plain fp32 (the
             # seed model at batch 128 is bound by kernel launches); inside a CUDA graph it is the fastest.
@@ -185,11 +189,12 @@ def exact_arithmetic(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
-def make_engine(device: str | torch.device = "auto", *, faithful: bool = False) -> Engine:
+def make_engine(device: str | torch.device = "auto", *, faithful: bool = False, precision: str = "auto") -> Engine:
     """The engine every command uses: the tutorial's arithmetic for a faithful run, else
-    the fast path, on ``device`` (``auto``, ``cpu``, ``cuda``, or a device)."""
+    the fast path, on ``device`` (``auto``, ``cpu``, ``cuda``, or a device), training in
+    ``precision`` (``auto``, ``fp32``, ``bf16``; see :meth:`Engine.fast`)."""
     d = resolve_device(device)
-    return Engine.faithful(d) if faithful else Engine.fast(d)
+    return Engine.faithful(d) if faithful else Engine.fast(d, precision)
 
 
 def single_process(engine: Engine) -> Engine:

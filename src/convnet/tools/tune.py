@@ -230,7 +230,6 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
 
     dataset = load_data(request.data, seed=request.seed, progress=False) if finished() < request.trials else None
     device = resolve_device(request.device)
-    engine = make_engine(device)
     ran = 0
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -251,7 +250,9 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
         start = time.perf_counter()
         pruning = Pruning(trial)
         try:
-            result = train_run(TrainRequest(settings=config, data=dataset), engine=engine, events=[pruning]).result
+            trial_engine = make_engine(device, precision=config.precision)  # the trial's --precision
+            result = train_run(TrainRequest(settings=config, data=dataset), engine=trial_engine,
+                               events=[pruning]).result
         except TrainingDiverged as e:  # as bad as a trial gets: counted with the pruned ones
             print(f"trial {trial.number}: {e}  {_values(values)}", file=out_stream, flush=True)
             raise optuna.TrialPruned() from None

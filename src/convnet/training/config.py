@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from convnet.core.errors import ConvnetError, RunError
-from convnet.core.options import BENCH, DEVICES, ESTIMATOR, EVERYWHERE, TRAIN, TUNE, TUTORIAL, option
+from convnet.core.options import BENCH, DEVICES, ESTIMATOR, EVERYWHERE, PRECISIONS, TRAIN, TUNE, TUTORIAL, option
 from convnet.data.options import DataOptions
 from convnet.models.names import list_models
 
@@ -78,6 +78,9 @@ class TrainConfig:
                              takes=PER_RUN)
     faithful: bool = option(False, "the tutorial's exact arithmetic: fp32, no shuffling, its float32 learning rate",
                             takes={*PER_RUN, TUTORIAL})
+    precision: str = option("auto", "the training step's arithmetic: bf16 (bfloat16 autocast), fp32, or auto: bf16 on "
+                            "a GPU and on a CPU that computes it natively (AVX512-BF16, AMX), else fp32; predictions "
+                            "are always fp32", choices=PRECISIONS, takes={TRAIN, TUNE, ESTIMATOR})
     # passes over the training images in one epoch, each shuffled and augmented anew: 1 as given; more when the
     # training is sized to a small data set (convnet.training.recipes.size_to_data), not an option of its own
     repeats: int = 1

@@ -140,7 +140,8 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     init_record = None
     if source is not None:
         init, init_record = fit_weights(source, config.model, dataset.spec, config.seed)
-    engine = replace(engine or make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
+    engine = replace(engine or make_engine(device, faithful=config.faithful, precision=config.precision), rank=rank,
+                     world_size=world)
 
     run_dir = None
     if out is not None and main:
@@ -192,7 +193,11 @@ def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine:
     device = resolve_device(request.device)
     if distributed is not None and device.type == "cuda":
         device = torch.device("cuda", distributed.local_rank)
-    engine = replace(engine or make_engine(device, faithful=config.faithful), rank=rank, world_size=world)
+    precision, note = resumed_precision(run, device)
+    engine = replace(engine or make_engine(device, faithful=config.faithful, precision=precision), rank=rank,
+                     world_size=world)
+    if note and stream is not None and rank == 0:
+        print(f"convnet: {note}", file=stream, flush=True)
     tracker = resume_tracking(run.path) if rank == 0 else None  # as the run recorded
     data_dir = request.data.data_dir if isinstance(request.data, DataOptions) else None
     dataset = run_data(run, data_dir, progress=request.progress and rank == 0 and stream is not None, pool=True)
@@ -202,6 +207,20 @@ def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine:
                                             engine=engine, events=[*events, printer, tracker], run_dir=run.path,
                                             resume=True))
     return TrainedRun(result, dataset, engine, tracker)
+
+
+def resumed_precision(run: runfolder.Run, device: torch.device) -> tuple[str, str]:
+    """The arithmetic a resumed run continues in, and a line to say when it is not the one
+    it trained in: the recorded one (bit for bit on a machine of the same kind), except
+    bfloat16 on a CPU that does not compute it natively, which continues in fp32."""
+    engine = run.config.get("engine")
+    if not isinstance(engine, dict) or "autocast" not in engine:  # not recorded: as this machine trains
+        return "auto", ""
+    precision = "bf16" if engine["autocast"] == "bfloat16" else "fp32"
+    if precision == "bf16" and device.type == "cpu" and Engine.fast(device).autocast is None:
+        return "fp32", (f"{run.path} trained in bfloat16 on a CPU that computes it natively; this one does not "
+                        "(no AVX512-BF16 or AMX), so it continues in fp32: the same run, not bit for bit")
+    return precision, ""
 
 
 def tracked(tracker: Tracker | None, training: Any) -> Any:
