@@ -238,7 +238,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     result = bench(data_options(a, BENCH), device=a.device or "auto", model=a.model, batch_size=a.batch_size,
                    train_images=a.train_images, repeats=a.repeats, target=a.target_accuracy, recipe=a.recipe,
-                   seeds=a.runs, reference=not a.no_reference)
+                   seeds=a.runs, reference=not a.no_reference, precision=a.precision or "auto")
     if a.json:
         print(json.dumps(result.to_json(), indent=2))
     else:

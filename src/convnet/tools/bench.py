@@ -298,9 +298,10 @@ def format_time_to_accuracy(r: TimeToAccuracy) -> str:
 
 def bench(data: DataOptions, *, device: str = "auto", model: str = "seed", batch_size: int = 128,
           train_images: int = 12_800, repeats: int = 5, target: float | None = None, recipe: str | None = None,
-          seeds: int = 3, reference: bool = True) -> BenchResult | TimeToAccuracy:
+          seeds: int = 3, reference: bool = True, precision: str = "auto") -> BenchResult | TimeToAccuracy:
     """What ``convnet bench`` does: :func:`run_bench`, or with ``target``
-    :func:`time_to_accuracy` of ``recipe`` (default: the device's), on the fast engine.
+    :func:`time_to_accuracy` of ``recipe`` (default: the device's), on the fast engine
+    training in ``precision`` (``fp32`` measures a CPU without bfloat16's path on any CPU).
 
     Raises:
         ConvnetError: a bad value, named, before the data is read.
@@ -309,7 +310,7 @@ def bench(data: DataOptions, *, device: str = "auto", model: str = "seed", batch
         raise ConvnetError("--repeats must be >= 1, --batch-size >= 1 and --train-images at least one --batch-size")
     if target is not None and (not 0 < target <= 1 or seeds < 1):
         raise ConvnetError(f"--target-accuracy must be an accuracy in (0, 1] and --runs >= 1, got {target}, {seeds}")
-    engine = make_engine(device)
+    engine = make_engine(device, precision=precision)
     create_model(model)  # an unknown name is refused before the data is read
     if recipe is not None:
         resolve_config(recipe)

@@ -80,7 +80,7 @@ class TrainConfig:
                             takes={*PER_RUN, TUTORIAL})
     precision: str = option("auto", "the training step's arithmetic: bf16 (bfloat16 autocast), fp32, or auto: bf16 on "
                             "a GPU and on a CPU that computes it natively (AVX512-BF16, AMX), else fp32; predictions "
-                            "are always fp32", choices=PRECISIONS, takes={TRAIN, TUNE, ESTIMATOR})
+                            "are always fp32", choices=PRECISIONS, takes={TRAIN, TUNE, ESTIMATOR, BENCH})
     # passes over the training images in one epoch, each shuffled and augmented anew: 1 as given; more when the
     # training is sized to a small data set (convnet.training.recipes.size_to_data), not an option of its own
     repeats: int = 1
