@@ -109,6 +109,19 @@ def test_small_data_is_repeated_to_the_sized_number_of_images_per_epoch() -> Non
     assert "sized to the data" in size_to_data(cpu, 100)[1]
 
 
+def test_a_run_with_unlabelled_images_trains_longer_and_says_so() -> None:
+    from convnet.training.recipes import POOL_EPOCHS, resolve_run, size_to_data
+
+    cpu = recipe("cpu")
+    sized, line = size_to_data(cpu, 900, pool=True)
+    alone, _ = size_to_data(cpu, 900)
+    assert sized.epochs == POOL_EPOCHS * cpu.epochs and sized.repeats == alone.repeats
+    assert replace(sized, epochs=cpu.epochs) == alone  # nothing else changes
+    assert f"{POOL_EPOCHS}x the recipe's epochs" in line and f"{sized.epochs} epochs of" in line
+    given, _ = resolve_run(None, {"epochs": 5}, device_type="cpu", hflip=True, train_images=900, pool=True)
+    assert given.epochs == 5  # --epochs is taken as given
+
+
 def test_sizing_leaves_given_epochs_the_tutorial_and_faithful_runs_as_they_were() -> None:
     from convnet.training.recipes import SIZED_IMAGES, resolve_run, trained_images
 

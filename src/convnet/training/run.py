@@ -102,12 +102,12 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     if source is not None:
         given["model"] = model_of(source, given.get("model"))  # the source's
 
-    def plan(train_images: int | None) -> tuple[TrainConfig, str]:
+    def plan(train_images: int | None, pool: bool = False) -> tuple[TrainConfig, str]:
         if isinstance(settings, TrainConfig):  # a whole config, trained as it is
             check_config(settings, from_weights=source is not None or init is not None)
             return settings, ""
         return resolve_run(request.recipe, given, device_type=device.type, hflip=hflip_of(request.data),
-                           from_weights=source is not None or init is not None, train_images=train_images)
+                           from_weights=source is not None or init is not None, train_images=train_images, pool=pool)
 
     planned, _ = plan(None)
     if isinstance(request.data, DataOptions):
@@ -134,7 +134,7 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
         given["val_split"] = 0.0
     if dataset.pool is not None and not isinstance(settings, TrainConfig):
         given.setdefault("label_smoothing", 0.0)  # smoothed targets cap the teacher's confidence below THRESHOLD
-    config, sizing = plan(len(dataset.train))
+    config, sizing = plan(len(dataset.train), pool=dataset.pool is not None)
     if source is not None:  # the normalization the weights were trained with (a hub model's)
         dataset = replace(dataset, spec=spec_for(source, dataset.spec))
     init_record = None
