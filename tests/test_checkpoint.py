@@ -74,6 +74,23 @@ def test_a_checkpoint_restores_the_loop_bit_for_bit(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
+def test_the_pools_alignment_comes_back_into_the_tensor_the_step_holds(tmp_path: Path) -> None:
+    from convnet.training.semi import Alignment
+
+    align = Alignment(torch.tensor([0, 1, 2, 2]), 3, torch.device("cpu"))
+    align(torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]]))  # the running mean moved off the prior
+    state = _state()
+    state.align = align.running
+    save_checkpoint(tmp_path / "c.safetensors", state)
+    fresh = Alignment(torch.tensor([0, 1, 2, 2]), 3, torch.device("cpu"))
+    restored = _state(seed=99)
+    restored.align = fresh.running
+    held = fresh.running  # what a replayed step reads
+    assert not torch.equal(held, align.running)
+    load_checkpoint(tmp_path / "c.safetensors", restored)
+    assert restored.align is held and torch.equal(held, align.running)
+
+
 def test_a_checkpoint_holds_tensors_and_json_only(tmp_path: Path) -> None:
     state = _state()
     save_checkpoint(tmp_path / "c.safetensors", state)

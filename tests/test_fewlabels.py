@@ -182,3 +182,17 @@ def test_suggestions_spread_over_the_data_and_never_repeat_a_training_image(tmp_
     shutil.rmtree(pool)
     assert main(["suggest", str(run), "rest", "--device", "cpu"]) == 1
     assert "trained on all of its training images" in capsys.readouterr().err
+
+
+def test_distribution_alignment_evens_out_a_teacher_that_leans_to_one_class() -> None:
+    from convnet.training.semi import Alignment
+
+    align = Alignment(torch.tensor([0, 1, 0, 1]), 2, torch.device("cpu"))  # the labels: half and half
+    leaning = torch.tensor([[0.9, 0.1]] * 8)
+    for _ in range(500):  # the teacher says class 0 for everything: its running mean leans there
+        aligned = align(leaning)
+    assert align.running[0] > 0.85
+    assert torch.allclose(aligned.sum(1), torch.ones(8))
+    assert aligned[0, 0] < 0.9 and aligned[0, 1] > 0.1  # pulled back towards the labels' shares
+    assert torch.allclose(Alignment(torch.tensor([0, 1]), 2, torch.device("cpu"))(torch.tensor([[0.5, 0.5]])),
+                          torch.tensor([[0.5, 0.5]]))  # a teacher in line with the labels is left as it is

@@ -27,6 +27,8 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
     if state.ema is not None:
         tensors.update({f"ema.{k}": v for k, v in state.ema.module.state_dict().items()})
         tensors["ema_updates"] = state.ema.updates
+    if state.align is not None:
+        tensors["align.running"] = state.align
     opt = state.optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in opt["state"].items():
@@ -76,6 +78,8 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
             state.ema.module.load_state_dict({k.removeprefix("ema."): v for k, v in tensors.items()
                                               if k.startswith("ema.")})
             state.ema.updates.copy_(tensors["ema_updates"])
+        if state.align is not None and "align.running" in tensors:  # in place: the step holds this tensor
+            state.align.copy_(tensors["align.running"])
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):

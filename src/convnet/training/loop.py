@@ -253,8 +253,11 @@ def train(
     ema = EMA(model, config.ema) if config.ema else None
     if ema is not None:
         ema.module.eval()  # evaluated, and the teacher of the pool images: its batch norm's statistics fixed
+    # with a pool: the running mean of the teacher's probabilities that distribution alignment divides by
+    align = semi.Alignment(data.labels, spec.num_classes, engine.device) if pool is not None and semi.ALIGN else None
     state = TrainState(config, spec, model, optimizer, engine, torch.Generator().manual_seed(config.seed),
-                       torch.Generator(engine.device).manual_seed(config.seed + 1), ema)
+                       torch.Generator(engine.device).manual_seed(config.seed + 1), ema,
+                       align=align.running if align is not None else None)
     if resume:
         if run_dir is None:
             raise ConvnetError("resume needs the run folder")
@@ -285,7 +288,6 @@ def train(
     # --sampler balanced: each image's chance is its class's weight (1 / its images), every class drawn equally often
     draw = balanced[labels.cpu()] if balanced is not None and config.sampler == "balanced" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
-    align = semi.Alignment(labels, spec.num_classes, engine.device) if pool is not None and semi.ALIGN else None
     step = StepRunner(functools.partial(train_step, net, optimizer, loss_fn, engine, ema, correct, seen, align,
                                         config.translate_px), engine)
     scaled = any("lr_scale" in g for g in optimizer.param_groups)  # head and body apart (make_optimizer)

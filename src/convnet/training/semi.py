@@ -25,7 +25,7 @@ WEIGHT = 1.0  # the unlabelled loss against the labelled one
 RATIO = 3  # pool images per labelled image in a step
 STRONG_PAD = 4  # largest shift of the strong augmentation, in pixels (28x28 images: a seventh)
 CUTOUT = 0.5  # the side of the square cut out, as a share of the image's side
-ALIGN = False  # distribution alignment of the teacher's probabilities (ReMixMatch's)
+ALIGN = True  # distribution alignment of the teacher's probabilities (ReMixMatch's)
 ALIGN_MOMENTUM = 0.99  # the running mean of the teacher's probabilities: about the last hundred steps
 
 
