@@ -220,6 +220,7 @@ def test_a_target_accuracy_watches_validation_and_the_test_split_is_scored_once(
     """--target-accuracy stops on the validation accuracy; the test images reach a model once, at the end."""
     import convnet.training.events
     import convnet.trust.evaluation
+    import convnet.use.loadrun
 
     test_images = load_dataset("fashion-mnist", toy_dir).test.images
     scored_on, real = [], convnet.trust.evaluation.infer
@@ -228,7 +229,7 @@ def test_a_target_accuracy_watches_validation_and_the_test_split_is_scored_once(
         scored_on.append(len(images) == len(test_images) and bool(torch.equal(images, test_images)))
         return real(model, images, **kwargs)
 
-    for module in (convnet.trust.evaluation, convnet.training.events):
+    for module in (convnet.trust.evaluation, convnet.training.events, convnet.use.loadrun):  # every forward pass
         monkeypatch.setattr(module, "infer", counting)
     run = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--recipe", "tutorial", "--model", "fastnet",
@@ -254,12 +255,12 @@ def test_a_small_data_set_is_trained_sized_and_says_so(tmp_path: Path, toy_dir: 
                  "--out", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "passes over" in line)
-    assert line.startswith("24 epochs of 11 passes over 90 images (192 steps of 128): sized to the data"), line
-    assert "validation: 10 of the 100 training images (--val-split 0.1, stratified, --seed 42)" in out, out
+    assert line.startswith("24 epochs of 10 passes over 100 images (192 steps of 128): sized to the data"), line
+    assert "no validation: 10 held-out images (--val-split 0.1 of 100) could not tell" in out, out
     history = json.loads((run / runfolder.HISTORY).read_text())
     assert len(history) == 24 and history[0]["images_per_s"] > 0
     config = json.loads((run / runfolder.CONFIG).read_text())["train"]
-    assert config["repeats"] == 11 and config["epochs"] == 24  # recorded: --resume goes on the same way
+    assert config["repeats"] == 10 and config["epochs"] == 24  # recorded: --resume goes on the same way
     assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--subset", "100", "--model", "seed",
                  "--epochs", "2", "--out", str(tmp_path / "given"), "--no-progress"]) == 0
     assert "passes over" not in capsys.readouterr().out
@@ -296,7 +297,7 @@ def test_imbalanced_classes_are_named_in_one_line_with_both_remedies(tmp_path: P
             "--test-split", "0.2"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("convnet: imbalanced")]
-    assert warnings == ["convnet: imbalanced classes: 'common' has 21 training images, 'rare' 4 (5x); "
+    assert warnings == ["convnet: imbalanced classes: 'common' has 24 training images, 'rare' 4 (6x); "
                         "--class-weight balanced or --sampler balanced gives the small classes more weight"]
     for remedy in (["--class-weight", "balanced"], ["--sampler", "balanced"]):
         assert main([*args, *remedy, "--out", str(tmp_path / remedy[0].strip("-"))]) == 0

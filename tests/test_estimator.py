@@ -459,8 +459,8 @@ def test_the_estimator_sizes_training_and_fine_tunes_as_the_command_line_does(
     monkeypatch.setattr(convnet.training.recipes, "SIZED_IMAGES", 600)  # small, so that the test is quick
     clf = ConvNetClassifier(model="fastnet", hflip=False, device="cpu", verbose=0, random_state=0)
     clf.fit(X[:100], y[:100])
-    # epochs not given: sized to the 90 images trained on (10 held out for validation)
-    assert clf.config_.repeats == round(600 / 90) and clf.config_.epochs == convnet.RECIPES["cpu"].epochs
+    # epochs not given: sized to the 100 images trained on (10 held out would be too few to validate on)
+    assert clf.config_.repeats == round(600 / 100) and clf.config_.epochs == convnet.RECIPES["cpu"].epochs
     run = clf.save(tmp_path / "source")
     odd = y[100:160] % 2  # new classes: 0 and 1
     tuned = ConvNetClassifier(model="fastnet", epochs=2, hflip=False, device="cpu", verbose=0, random_state=0,

@@ -70,7 +70,8 @@ def test_a_named_set_keeps_n_labels_stratified_and_the_rest_is_the_pool(tmp_path
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     assert main(["train", "--device", "cpu", "--data-dir", str(toy_dir), "--model", "seed", "--epochs", "2",
-                 "--subset", "100", "--unlabeled", "rest", "--out", str(run), "--no-progress"]) == 0
+                 "--subset", "100", "--unlabeled", "rest", "--val-split", "0.1", "--out", str(run),
+                 "--no-progress"]) == 0  # validation as asked: drawn from the 100 labelled, never from the pool
     out = capsys.readouterr().out
     assert "unlabelled: 156 images (the training images --subset leaves out)" in out, out
     data = json.loads((run / runfolder.CONFIG).read_text())["data"]

@@ -170,3 +170,14 @@ def test_the_estimator_exports_in_memory_and_pickles_without_it(tmp_path: Path) 
     assert getattr(copy, "_onnx", None) is None
     np.testing.assert_array_equal(copy.predict(big), clf.predict(big))
     assert not list(tmp_path.iterdir())  # no folder: nothing written anywhere here
+
+
+def test_serving_a_run_keeps_the_export_it_makes(toy: Path, tmp_path: Path) -> None:  # noqa: F811
+    run = decisive_run(tmp_path / "run", "seed", toy, tta=True)
+    loaded = load_run(run, device="cpu")
+    assert loaded.onnx is not None and loaded.onnx.kept() is None
+    export_in_memory(loaded)  # what `convnet serve RUN` does at its start
+    again = load_run(run, device="cpu")
+    assert again.onnx is not None and again.onnx.kept() is not None  # the run's predictions use it from now on
+    few = images(3)
+    assert np.abs(again.probabilities(few) - again.torch_probabilities(few)).max() <= MAX_PROBABILITY_DIFFERENCE

@@ -409,7 +409,7 @@ def test_page_in_headless_chromium_shows_what_convnet_predict_says(server: str, 
         driver.quit()
 
 
-def test_a_run_folder_is_served_through_an_in_memory_export(tmp_path: Path, pngs: list[Path]) -> None:
+def test_a_run_folder_is_served_through_an_export_it_then_keeps(tmp_path: Path, pngs: list[Path]) -> None:
     from fastapi.testclient import TestClient
 
     from convnet.use.serve import load_for_serving
@@ -417,7 +417,7 @@ def test_a_run_folder_is_served_through_an_in_memory_export(tmp_path: Path, pngs
     toy = make_dataset_dir(tmp_path / "toy", n_train=16, n_test=16)
     run = untrained_run(tmp_path / "run", "seed", toy, tta=False)
     model = load_for_serving(run)
-    assert not list(run.glob("*.onnx"))  # nothing written into the run folder
+    assert [p.name for p in run.glob("*.onnx")] == ["model.onnx"]  # the run's kept export: its predictions use it
     with TestClient(create_app(model, ServeOptions())) as c:
         answer = c.post("/predict", files=files(*pngs)).json()["predictions"]
         about = c.get("/model").json()

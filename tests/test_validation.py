@@ -5,6 +5,7 @@ early stopping, and scoring a run on a new labelled folder."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -172,19 +173,31 @@ def test_faithful_and_the_tutorial_train_on_every_image() -> None:
         check_config(resolve_config(None, {"faithful": True, "val_split": 0.1}))
 
 
-def test_too_few_images_for_the_default_share_hold_one_of_each_class_out_or_none(tmp_path: Path) -> None:
-    labels = torch.tensor([0] * 6 + [1] * 6 + [2] * 6)
-    from convnet.data.dataset import Dataset
+def test_the_default_share_holds_out_nothing_where_too_few_images_would_be_held(tmp_path: Path) -> None:
+    from convnet.data.dataset import MIN_VALIDATION_PER_CLASS, Dataset
 
-    images = torch.zeros((18, 1, 8, 8), dtype=torch.uint8)
-    ds = Dataset("arrays", InputSpec(1, 8, 8, ("a", "b", "c")), Split(images, labels), Split(images[:0], labels[:0]),
-                 "")
-    held, _ = ds.held_out(0.1, 0, adapt=True)  # 10 % of 18 is 2: fewer than the 3 classes
+    def data(per_class: int) -> Dataset:
+        labels = torch.arange(3).repeat_interleave(per_class)
+        images = torch.zeros((len(labels), 1, 8, 8), dtype=torch.uint8)
+        return Dataset("arrays", InputSpec(1, 8, 8, ("a", "b", "c")), Split(images, labels),
+                       Split(images[:0], labels[:0]), "")
+
+    enough = 10 * MIN_VALIDATION_PER_CLASS  # per class: a tenth of it held out is the minimum
+    held, line = data(enough).held_out(0.1, 0, adapt=True)
+    assert held.val is not None and len(held.val) == 3 * MIN_VALIDATION_PER_CLASS and line.startswith("validation:")
+    few = data(enough - 10)  # 27 of 270 would be held out: fewer than 10 a class
+    none, line = few.held_out(0.1, 0, adapt=True)
+    assert none.val is None and len(none.train) == len(few.train)  # every image trains
+    assert line.startswith(f"no validation: {math.ceil(0.1 * len(few.train))} held-out images")
+    assert f"fewer than {MIN_VALIDATION_PER_CLASS} a class" in line and "--val-split holds some out" in line
+    asked, _ = few.held_out(0.1, 0)  # asked for: held out as asked
+    assert asked.val is not None and len(asked.val) == math.ceil(0.1 * len(few.train))
+    # --patience, --target-accuracy or --calibrate need validation: at least one image of each class, or none
+    tiny = data(6)  # 10 % of 18 is 2: fewer than the 3 classes
+    held, _ = tiny.held_out(0.1, 0, adapt=True, watched=True)
     assert held.val is not None and torch.equal(torch.bincount(held.val.labels), torch.tensor([1, 1, 1]))
-    with pytest.raises(DataError, match="--val-split 0.1 cannot divide 18 images"):
-        ds.held_out(0.1, 0)  # asked for: refused, not changed
-    single = Dataset("arrays", ds.spec, Split(ds.train.images[:7], torch.tensor([0] * 6 + [1])), ds.test, "")
-    none, line = single.held_out(0.1, 0, adapt=True)
+    single = Dataset("arrays", tiny.spec, Split(tiny.train.images[:7], torch.tensor([0] * 6 + [1])), tiny.test, "")
+    none, line = single.held_out(0.1, 0, adapt=True, watched=True)
     assert none.val is None and line.startswith("no validation: 7 training images are too few")
 
 

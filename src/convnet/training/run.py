@@ -129,7 +129,8 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
         if isinstance(request.data, DataOptions) else request.data
     # validation: the data's own split, or held out of the training images; sized to the images trained on
     default_share = not isinstance(settings, TrainConfig) and "val_split" not in given
-    dataset, validation = dataset.held_out(planned.val_split, planned.seed, adapt=default_share)
+    watched = bool(planned.patience or planned.target_accuracy or planned.calibrate)  # these need validation
+    dataset, validation = dataset.held_out(planned.val_split, planned.seed, adapt=default_share, watched=watched)
     if dataset.val is None and planned.val_split:  # too few images to hold any out: the run has no validation
         given["val_split"] = 0.0
     if dataset.pool is not None and not isinstance(settings, TrainConfig):

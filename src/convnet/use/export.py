@@ -26,7 +26,7 @@ from convnet.core.durable import atomic_write, check_output_file, write_json
 from convnet.core.errors import ConvnetError, RunError
 from convnet.data.dataset import Images
 from convnet.training.tracking import log_file
-from convnet.use.loadrun import LoadedRun, load_run, run_temperature
+from convnet.use.loadrun import LoadedRun, keep_export, load_run, run_temperature
 from convnet.use.onnxfile import metadata_json, new_session
 from convnet.use.onnxgraph import INPUT_NAME, OPSET, export_model, recorded_accuracy, run_metadata, set_metadata
 
@@ -179,6 +179,9 @@ def export_in_memory(loaded: LoadedRun, threads: int | None = None) -> bytes:
                            f"{parity.max_probability_difference:.1e} on random images; export it with `convnet "
                            "export` to see the parity figures")
     set_metadata(proto, run_metadata(loaded.run, run_temperature(loaded.run), None))
-    return proto.SerializeToString()
+    blob = proto.SerializeToString()
+    if loaded.onnx is not None:  # a run that predicts on the CPU: kept, so that its predictions use it too
+        keep_export(loaded.run, blob)
+    return blob
 
 

@@ -9,13 +9,14 @@ a run folder, or an ``.onnx`` file from ``convnet export`` (:mod:`convnet.use.on
 Both answer the same questions (``spec``, ``tta``, ``probabilities(images)``,
 ``dataset()``), so a command that predicts or scores does not care which it was given.
 
-On the CPU a model predicts in ONNX Runtime, on its export (:class:`OnnxPath`), which is
-2-3 times faster than PyTorch's fp32 there: a run folder keeps its export as
-``RUN/model.onnx`` (made the first time the run predicts :data:`EXPORT_FROM` images or more
-at once, as at the end of its training; written whole, used only while it matches the
-weights' digest, the calibration and the test-time flips), and a model in memory (the
-estimator's) exports in memory. Both paths give the same labels and probabilities within
-1e-4 (the parity bound of ``convnet export``, checked again each time an export is made).
+On the CPU a model predicts in ONNX Runtime, on its export (:class:`OnnxPath`), where it
+has one: 1.3-1.6 times as fast as PyTorch's fp32 there. A run folder keeps its export as
+``RUN/model.onnx`` (written by ``convnet export RUN`` and ``convnet serve RUN``, or the
+first time the run is asked for :data:`EXPORT_FROM` images at once, where exporting pays;
+written whole, used only while it matches the weights' digest, the calibration and the
+test-time flips); a model in memory (the estimator's) exports in memory at that size. Both
+paths give the same labels and probabilities within 1e-4 (the parity bound of ``convnet
+export``, checked again each time an export is made).
 GPUs, faithful runs (the tutorial's own arithmetic), heat maps and the inspection folds
 stay on PyTorch.
 """
@@ -45,7 +46,11 @@ from convnet.use.onnxfile import OnnxModel, is_onnx, new_session, open_onnx, ses
 from convnet.use.onnxgraph import WEIGHTS_KEY, export_model, run_metadata, set_metadata, weights_digest
 
 PathLike = str | os.PathLike[str]
-EXPORT_FROM = 20_000  # images in one call from which a model without an export is exported (about 2-5 s) to predict
+# Images in one call from which a model without an export is exported to predict. Exporting costs about 4.5 s in a
+# fresh process (the exporter's imports, then 1 s) and ONNX Runtime saves about 33 us an image (the seed model: 14,236
+# against 9,757 images/s, convnet bench, 2 AVX512-BF16 cores): it pays from about 150,000 images. Below that a run
+# predicts in PyTorch until it has an export (`convnet export RUN`, `convnet serve RUN`, or a call this large).
+EXPORT_FROM = 150_000
 PARITY_PROBE = 256  # images of the call a new export is checked on against PyTorch
 PARITY_BOUND = 1e-4  # the largest probability difference allowed (convnet export's bound)
 
@@ -124,17 +129,24 @@ class OnnxPath:
             return None
         if self.run is not None:
             set_metadata(proto, run_metadata(self.run, self.temperature, None))
-            blob = proto.SerializeToString()
-
-            def write(f: IO[bytes]) -> None:
-                f.write(blob)
-
-            try:
-                atomic_write(self.run.path / runfolder.ONNX, write)
-                (self.run.path / runfolder.ONNX_PARITY).unlink(missing_ok=True)  # it described another file
-            except (RunError, OSError):  # a folder that cannot be written in: kept in memory
-                pass
+            keep_export(self.run, proto.SerializeToString())
         return session
+
+
+def keep_export(run: runfolder.Run, blob: bytes) -> bool:
+    """Keep ``blob``, the ONNX file of the run's model made from its weights, as the run's
+    export (``RUN/model.onnx``), written whole; False where the folder cannot be written in
+    (the export then lives in memory only)."""
+
+    def write(f: IO[bytes]) -> None:
+        f.write(blob)
+
+    try:
+        atomic_write(run.path / runfolder.ONNX, write)
+        (run.path / runfolder.ONNX_PARITY).unlink(missing_ok=True)  # it described another file
+    except (RunError, OSError):
+        return False
+    return True
 
 
 def torch_probabilities(model: nn.Module, images: Images, tta: bool, engine: Engine | None = None) -> np.ndarray:
