@@ -6,8 +6,10 @@ holds. The teacher (the weights' moving average, or the model itself without one
 each pool image seen with light augmentation (the recipe's shifts and flips); where its
 most probable class reaches ``THRESHOLD``, the student learns that class from the same
 image under strong augmentation (:func:`strong`: larger shifts, a cut-out square, contrast
-and brightness), weighted by ``WEIGHT`` against the labelled loss. Pool images the teacher
-is unsure of add nothing, so a pool of other things (wrong data) mostly goes unused.
+and brightness), weighted by ``WEIGHT`` against the labelled loss. With ``ALIGN`` the
+teacher's probabilities are first aligned with the labels' class shares (:class:`Alignment`).
+Pool images the teacher is unsure of add nothing, so a pool of other things (wrong data)
+mostly goes unused. A run with a pool trains longer (``recipes.POOL_EPOCHS``).
 
 The constants were chosen on validation images only (docs/small-data.md, "Few labels").
 """
