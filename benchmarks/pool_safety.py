@@ -1,6 +1,6 @@
 """A pool of the wrong things, and a small data set: does learning from unlabelled images ever make a run worse?
 
-    python benchmarks/pool_safety.py OUT.json [--seeds 0] [--cases foreign,digits]
+    python benchmarks/pool_safety.py OUT.json [--seeds 0] [--cases foreign,digits] [--arms alone,pool,...]
 
 `foreign`: Fashion-MNIST, 1,000 labels (`Dataset.draw`, the stratified draw `convnet train --subset 1000 --seed S`
 makes), the other 59,000 training images as the pool, then the same pool with 30 % of it replaced by images of no
@@ -85,12 +85,15 @@ def main() -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--seeds", default="0")
     p.add_argument("--cases", default="foreign,digits")
+    p.add_argument("--arms", default="", help="only these arms (e.g. 'pool 30%% foreign'; default: all)")
     a = p.parse_args()
     engine = make_engine("cpu")
     rows = json.loads(a.out.read_text()) if a.out.is_file() else []
     for name in a.cases.split(","):
         for seed in map(int, a.seeds.split(",")):
             for arm, dataset in cases(name, seed).items():
+                if a.arms and arm not in a.arms.split(","):
+                    continue
                 if any((r["case"], r["arm"], r["seed"]) == (name, arm, seed) for r in rows):
                     continue
                 accuracy, seconds = score(dataset, seed, engine)
