@@ -70,7 +70,7 @@ def test_a_resumed_run_keeps_its_arithmetic_where_the_cpu_allows(recorded: str |
     assert bool(note) == noted and (not noted or "continues in fp32" in note and str(tmp_path) in note)
 
 
-def test_train_precision_fp32_trains_and_records_fp32_on_a_bf16_cpu(toy_dir, tmp_path,  # type: ignore[no-untyped-def]
+def test_train_precision_fp32_trains_and_records_fp32_on_a_bf16_cpu(toy_dir, tmp_path, capsys,  # type: ignore[no-untyped-def]
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from convnet.cli.parser import main
     from convnet.core import runfolder
@@ -81,6 +81,8 @@ def test_train_precision_fp32_trains_and_records_fp32_on_a_bf16_cpu(toy_dir, tmp
                  "--precision", "fp32", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
     config = runfolder.read_json(out / runfolder.CONFIG)
     assert config["engine"]["autocast"] is None and config["train"]["precision"] == "fp32"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("recipe cpu (the default on a CPU), training in fp32 (--precision fp32; CPU flags")
     assert config["engine"]["cpu"]["bf16"] is True  # the CPU could have: the flag decided
 
 
@@ -104,3 +106,17 @@ def test_on_the_cpu_a_step_runs_eagerly_and_single_process_resets_the_rank() -> 
     assert runner.graph is None and calls == [["images", "labels"]]
     worker = Engine(torch.device("cpu"), rank=3, world_size=4)
     assert not worker.is_main and single_process(worker).is_main and single_process(worker).world_size == 1
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_first_line_says_the_recipe_and_why_it_trains_in_that_arithmetic(bf16: bool,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from convnet.training.config import TrainConfig
+    from convnet.training.run import arithmetic_line
+
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: bf16)
+    line = arithmetic_line(None, TrainConfig(), make_engine("cpu"))
+    assert line.startswith("recipe cpu (the default on a CPU), training in " + ("bf16" if bf16 else "fp32"))
+    assert ("computes bfloat16 natively" if bf16 else "has no native bfloat16 (no AVX512-BF16 or AMX") in line
+    assert arithmetic_line("tutorial", TrainConfig(faithful=True), make_engine("cpu", faithful=True)) == \
+        "recipe tutorial, the tutorial's arithmetic: fp32 (--faithful)"

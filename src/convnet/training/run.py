@@ -24,13 +24,13 @@ from convnet.data.catalog import DATASETS
 from convnet.data.dataset import Dataset
 from convnet.data.load import load_data, run_data
 from convnet.data.options import DataOptions
-from convnet.models.engine import Engine, make_engine, resolve_device
+from convnet.models.engine import Engine, cpu_info, make_engine, resolve_device
 from convnet.models.pretrained import fit_weights, model_of, open_source, spec_for
 from convnet.training.config import TrainConfig, TrainRequest, check_config
 from convnet.training.distributed import DistributedInfo
 from convnet.training.events import ConsolePrinter, TrainEvents
 from convnet.training.loop import TrainResult, train
-from convnet.training.recipes import resolve_run
+from convnet.training.recipes import DEFAULT_RECIPE, resolve_run
 from convnet.training.tracking import Tracker, check_log, connect, resume_tracking, start
 
 
@@ -154,6 +154,7 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     c, h, w = dataset.image_shape
     procs = f" x {world} processes" if world > 1 else ""
     folder = f"; run folder {run_dir}" if run_dir is not None else ""
+    say(arithmetic_line(request.recipe if isinstance(request.recipe, str) else None, config, engine))
     say(f"training {config.model} on {len(dataset.train):,} {dataset.name} images ({c}x{h}x{w}), "
         f"{engine.device}{procs}{folder}")
     if init_record is not None:
@@ -208,6 +209,23 @@ def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine:
                                             engine=engine, events=[*events, printer, tracker], run_dir=run.path,
                                             resume=True))
     return TrainedRun(result, dataset, engine, tracker)
+
+
+def arithmetic_line(recipe_name: str | None, config: TrainConfig, engine: Engine) -> str:
+    """One line: the recipe a run takes and the arithmetic it trains in, and why."""
+    name = recipe_name or ("tutorial" if config.faithful else DEFAULT_RECIPE.get(engine.device.type, "cpu"))
+    which = f"recipe {name}" + ("" if recipe_name else f" (the default on a {engine.device.type.upper()})")
+    if config.faithful:
+        return f"{which}, the tutorial's arithmetic: fp32 (--faithful)"
+    if engine.device.type != "cpu":
+        return f"{which}, training in {'bf16' if engine.autocast else 'fp32'}"
+    flags = " ".join(str(f) for f in cpu_info()["flags"]) or "unknown"  # type: ignore[attr-defined]
+    if config.precision != "auto":
+        return f"{which}, training in {config.precision} (--precision {config.precision}; CPU flags {flags})"
+    if engine.autocast is not None:
+        return f"{which}, training in bf16: this CPU computes bfloat16 natively (CPU flags {flags})"
+    return (f"{which}, training in fp32: this CPU has no native bfloat16 (no AVX512-BF16 or AMX; CPU flags "
+            f"{flags})")
 
 
 def resumed_precision(run: runfolder.Run, device: torch.device) -> tuple[str, str]:
