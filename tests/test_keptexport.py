@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from convnet.core import durable, runfolder
+from convnet.data.dataset import Dataset, Split
 from convnet.estimator import ConvNetClassifier
 from convnet.models.networks import create_model
+from convnet.trust.scoring import score_run
 from convnet.use import loadrun
 from convnet.use.export import MAX_PROBABILITY_DIFFERENCE, export_in_memory, export_run
 from convnet.use.loadrun import load_run
@@ -181,3 +183,20 @@ def test_serving_a_run_keeps_the_export_it_makes(toy: Path, tmp_path: Path) -> N
     assert again.onnx is not None and again.onnx.kept() is not None  # the run's predictions use it from now on
     few = images(3)
     assert np.abs(again.probabilities(few) - again.torch_probabilities(few)).max() <= MAX_PROBABILITY_DIFFERENCE
+
+
+def test_known_test_logits_are_reused_unless_the_run_predicts_in_onnx_runtime(toy: Path,  # noqa: F811
+                                                                                 tmp_path: Path) -> None:
+    run = decisive_run(tmp_path / "run", "seed", toy, tta=False)
+    test = images(EXPORT_FROM - 1, seed=3)  # too few to make an export
+    labels = torch.zeros(len(test), dtype=torch.int64)
+    loaded = load_run(run, device="cpu")
+    dataset = Dataset("arrays", loaded.spec, Split(test[:0], labels[:0]), Split(test, labels), "")
+    said = torch.zeros(len(test), loaded.spec.num_classes)
+    said[:, 0] = 9.0  # logits that a --target-accuracy run measured: class 0 for every image, all right
+    assert score_run(loaded, dataset, test_logits=said, score_train=False).test.accuracy == 1.0  # reused
+    truth = float((loaded.torch_probabilities(test).argmax(1) == 0).mean())
+    assert truth < 1.0  # what the run itself predicts differs from what was said
+    load_run(run, device="cpu").probabilities(images(EXPORT_FROM))  # the run now keeps an export
+    again = load_run(run, device="cpu")
+    assert score_run(again, dataset, test_logits=said, score_train=False).test.accuracy == pytest.approx(truth)

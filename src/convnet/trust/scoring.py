@@ -54,9 +54,11 @@ def score_run(loaded: LoadedRun, dataset: Dataset, *, test_logits: torch.Tensor 
     ``"inference": "fp32"``) may have recorded a test accuracy computed in bfloat16; when
     the new one differs, :attr:`Evaluation.note` says so in one line."""
     before = _recorded_before(loaded.path / runfolder.METRICS)
-    known = test_logits.softmax(dim=1) if test_logits is not None and loaded.onnx is None else None  # else: as
-    result = score_splits(probabilities_of(loaded), dataset, test_probabilities=known,  # the run predicts now
-                          score_train=score_train)
+    # logits already known (a --target-accuracy run's last check) are PyTorch's: reused unless the run
+    # predicts the test split in ONNX Runtime, so that the score is the one `convnet evaluate` gives
+    onnx = loaded.onnx is not None and loaded.onnx.session(dataset.test.images) is not None
+    known = test_logits.softmax(dim=1) if test_logits is not None and not onnx else None
+    result = score_splits(probabilities_of(loaded), dataset, test_probabilities=known, score_train=score_train)
     now = result.test.accuracy
     if before is not None and now is not None and round(before, 6) != round(now, 6):
         result.note = (f"the test accuracy recorded before, {before:.4f}, was predicted in the precision the run "
