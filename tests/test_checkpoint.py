@@ -91,6 +91,23 @@ def test_the_pools_alignment_comes_back_into_the_tensor_the_step_holds(tmp_path:
     assert restored.align is held and torch.equal(held, align.running)
 
 
+def test_the_pools_thresholds_come_back_into_the_tensor_the_step_holds(tmp_path: Path) -> None:
+    from convnet.training.semi import Adaptive
+
+    adaptive = Adaptive(3, torch.device("cpu"))
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]])
+    adaptive(probs, probs.max(dim=1).values)  # the running means moved off their start
+    state = _state()
+    state.adaptive = adaptive.running
+    save_checkpoint(tmp_path / "c.safetensors", state)
+    restored = _state(seed=99)
+    held = Adaptive(3, torch.device("cpu")).running  # what a replayed step reads
+    restored.adaptive = held
+    assert not torch.equal(held, adaptive.running)
+    load_checkpoint(tmp_path / "c.safetensors", restored)
+    assert restored.adaptive is held and torch.equal(held, adaptive.running)
+
+
 def test_a_checkpoint_holds_tensors_and_json_only(tmp_path: Path) -> None:
     state = _state()
     save_checkpoint(tmp_path / "c.safetensors", state)

@@ -115,7 +115,7 @@ def test_a_run_with_unlabelled_images_trains_longer_and_says_so() -> None:
     cpu = recipe("cpu")
     sized, line = size_to_data(cpu, 900, pool=True)
     alone, _ = size_to_data(cpu, 900)
-    assert sized.epochs == POOL_EPOCHS * cpu.epochs and sized.repeats == alone.repeats
+    assert sized.epochs == round(POOL_EPOCHS * cpu.epochs) and sized.repeats == alone.repeats
     assert replace(sized, epochs=cpu.epochs) == alone  # nothing else changes
     assert f"{POOL_EPOCHS}x the recipe's epochs" in line and f"{sized.epochs} epochs of" in line
     given, _ = resolve_run(None, {"epochs": 5}, device_type="cpu", hflip=True, train_images=900, pool=True)

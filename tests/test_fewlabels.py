@@ -197,3 +197,17 @@ def test_distribution_alignment_evens_out_a_teacher_that_leans_to_one_class() ->
     assert aligned[0, 0] < 0.9 and aligned[0, 1] > 0.1  # pulled back towards the labels' shares
     assert torch.allclose(Alignment(torch.tensor([0, 1]), 2, torch.device("cpu"))(torch.tensor([[0.5, 0.5]])),
                           torch.tensor([[0.5, 0.5]]))  # a teacher in line with the labels is left as it is
+
+
+def test_the_thresholds_follow_the_teachers_confidence_and_are_lower_for_classes_it_rarely_picks() -> None:
+    from convnet.training.semi import Adaptive
+
+    adaptive = Adaptive(3, torch.device("cpu"))
+    unsure = torch.tensor([[0.4, 0.3, 0.3]] * 6)
+    first = adaptive(unsure, unsure.max(dim=1).values)
+    assert torch.all(first < 0.5)  # an untrained teacher: low thresholds, as its confidence is low
+    sure = torch.tensor([[0.97, 0.02, 0.01]] * 5 + [[0.02, 0.97, 0.01]] * 5 + [[0.05, 0.05, 0.9]])
+    for _ in range(1000):  # a teacher grown sure, that seldom picks class 2
+        later = adaptive(sure, sure.max(dim=1).values)
+    assert 0.9 < float(adaptive.running[0]) < 0.97  # the global threshold: its mean confidence
+    assert later[0] == later.max() and later[2] < 0.5 * later[0]  # class 2's threshold scaled down

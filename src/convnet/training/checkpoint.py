@@ -29,6 +29,8 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
         tensors["ema_updates"] = state.ema.updates
     if state.align is not None:
         tensors["align.running"] = state.align
+    if state.adaptive is not None:
+        tensors["adaptive.running"] = state.adaptive
     opt = state.optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in opt["state"].items():
@@ -80,6 +82,8 @@ def load_checkpoint(path: Path, state: TrainState) -> None:
             state.ema.updates.copy_(tensors["ema_updates"])
         if state.align is not None and "align.running" in tensors:  # in place: the step holds this tensor
             state.align.copy_(tensors["align.running"])
+        if state.adaptive is not None and "adaptive.running" in tensors:
+            state.adaptive.copy_(tensors["adaptive.running"])
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):

@@ -104,6 +104,7 @@ class TrainResult:
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, engine: Engine,
                ema: EMA | None, correct: torch.Tensor, seen: torch.Tensor, align: semi.Alignment | None, pad: int,
+               adaptive: semi.Adaptive | None,
                images: torch.Tensor,
                labels: torch.Tensor, shifts: torch.Tensor | None = None, flips: torch.Tensor | None = None,
                pool: torch.Tensor | None = None, pool_shifts: torch.Tensor | None = None,
@@ -133,8 +134,9 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Mod
             teacher = (ema.module if ema is not None else net)(augment.apply(u, augment.Draws(pool_shifts, pool_flips),
                                                                              pad))
         probs = teacher.float().softmax(dim=1)  # (U, num_classes)
-        confidence, pseudo = (align(probs) if align is not None else probs).max(dim=1)  # (U,), (U,)
-        sure = (confidence >= semi.THRESHOLD).float()
+        probs = align(probs) if align is not None else probs
+        confidence, pseudo = probs.max(dim=1)  # (U,), (U,)
+        sure = (confidence >= (adaptive(probs, confidence)[pseudo] if adaptive is not None else semi.THRESHOLD)).float()
         with engine.precision():  # (B + U, num_classes): one pass, one batch norm's statistics
             both = net(torch.cat([x, semi.strong(u, semi.StrongDraws(**{"strong_flips": None, **strong}))]))
         logits, pool_logits = both[:len(x)], both[len(x):]
@@ -255,9 +257,11 @@ def train(
         ema.module.eval()  # evaluated, and the teacher of the pool images: its batch norm's statistics fixed
     # with a pool: the running mean of the teacher's probabilities that distribution alignment divides by
     align = semi.Alignment(data.labels, spec.num_classes, engine.device) if pool is not None and semi.ALIGN else None
+    adaptive = semi.Adaptive(spec.num_classes, engine.device) if pool is not None and semi.ADAPTIVE else None
     state = TrainState(config, spec, model, optimizer, engine, torch.Generator().manual_seed(config.seed),
                        torch.Generator(engine.device).manual_seed(config.seed + 1), ema,
-                       align=align.running if align is not None else None)
+                       align=align.running if align is not None else None,
+                       adaptive=adaptive.running if adaptive is not None else None)
     if resume:
         if run_dir is None:
             raise ConvnetError("resume needs the run folder")
@@ -289,7 +293,7 @@ def train(
     draw = balanced[labels.cpu()] if balanced is not None and config.sampler == "balanced" else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     step = StepRunner(functools.partial(train_step, net, optimizer, loss_fn, engine, ema, correct, seen, align,
-                                        config.translate_px), engine)
+                                        config.translate_px, adaptive), engine)
     scaled = any("lr_scale" in g for g in optimizer.param_groups)  # head and body apart (make_optimizer)
     check_each_batch = engine.device.type == "cpu"  # a finite-check costs a GPU sync; there, check per epoch
     hooks.on_train_start(state, n)

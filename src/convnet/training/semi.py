@@ -4,12 +4,13 @@ moving average of the weights as the teacher.
 Every step also draws ``RATIO`` times as many images from the unlabelled pool as the batch
 holds. The teacher (the weights' moving average, or the model itself without one) labels
 each pool image seen with light augmentation (the recipe's shifts and flips); where its
-most probable class reaches ``THRESHOLD``, the student learns that class from the same
-image under strong augmentation (:func:`strong`: larger shifts, a cut-out square, contrast
-and brightness), weighted by ``WEIGHT`` against the labelled loss. With ``ALIGN`` the
-teacher's probabilities are first aligned with the labels' class shares (:class:`Alignment`).
-Pool images the teacher is unsure of add nothing, so a pool of other things (wrong data)
-mostly goes unused. A run with a pool trains longer (``recipes.POOL_EPOCHS``).
+most probable class reaches that class's threshold (:class:`Adaptive`, FreeMatch's, which
+follow the teacher's confidence; ``THRESHOLD`` without ``ADAPTIVE``), the student learns
+that class from the same image under strong augmentation (:func:`strong`: larger shifts, a
+cut-out square, contrast and brightness), weighted by ``WEIGHT`` against the labelled loss.
+With ``ALIGN`` the teacher's probabilities are first aligned with the labels' class shares
+(:class:`Alignment`). Pool images the teacher is unsure of add nothing. A run with a pool
+trains longer (``recipes.POOL_EPOCHS``).
 
 The constants were chosen on validation images only (docs/small-data.md, "Few labels").
 """
@@ -22,13 +23,15 @@ import torch
 
 from convnet.training.augment import flip, translate
 
-THRESHOLD = 0.95  # the teacher's probability from which a pool image's class is learnt (FixMatch's)
+THRESHOLD = 0.95  # without ADAPTIVE: the teacher's probability from which a pool image's class is learnt (FixMatch's)
 WEIGHT = 1.0  # the unlabelled loss against the labelled one
 RATIO = 3  # pool images per labelled image in a step
 STRONG_PAD = 4  # largest shift of the strong augmentation, in pixels (28x28 images: a seventh)
 CUTOUT = 0.5  # the side of the square cut out, as a share of the image's side
 ALIGN = True  # distribution alignment of the teacher's probabilities (ReMixMatch's)
 ALIGN_MOMENTUM = 0.99  # the running mean of the teacher's probabilities: about the last hundred steps
+ADAPTIVE = True  # FreeMatch's self-adaptive thresholds (Adaptive) instead of THRESHOLD
+ADAPTIVE_MOMENTUM = 0.99  # their running means: about the last hundred steps, as ALIGN_MOMENTUM
 
 
 class Alignment:
@@ -47,6 +50,22 @@ class Alignment:
         self.running.mul_(ALIGN_MOMENTUM).add_(probs.mean(dim=0), alpha=1 - ALIGN_MOMENTUM)
         aligned = probs * (self.prior / self.running.clamp_min(1e-6))
         return aligned / aligned.sum(dim=1, keepdim=True)
+
+
+class Adaptive:
+    """FreeMatch's self-adaptive thresholds (Wang et al., 2023): a global threshold, the
+    running mean of the teacher's largest probability, scaled per class by the running mean
+    of its probabilities over the largest. Graph-safe: updated in place."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.running = torch.full((num_classes + 1,), 1 / num_classes, device=device)  # [global, per class...]
+
+    def __call__(self, probs: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        m = ADAPTIVE_MOMENTUM
+        self.running[:1].mul_(m).add_(confidence.mean().view(1), alpha=1 - m)
+        self.running[1:].mul_(m).add_(probs.mean(dim=0), alpha=1 - m)
+        local = self.running[1:] / self.running[1:].max()
+        return self.running[0] * local
 
 
 @dataclass

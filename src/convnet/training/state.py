@@ -82,6 +82,7 @@ class TrainState:
     augment_rng: torch.Generator
     ema: EMA | None = None  # the moving average of the weights, with --ema
     align: torch.Tensor | None = None  # with a pool: the running mean of the teacher's probabilities (semi.Alignment)
+    adaptive: torch.Tensor | None = None  # with a pool: the running means behind the thresholds (semi.Adaptive)
     epoch: int = 0  # epochs completed
     history: list[EpochRecord] = field(default_factory=list)
     stop: bool = False  # an event sets this to end training after the current epoch
