@@ -52,7 +52,15 @@ def start_training(base: Path, out: str) -> subprocess.Popen[str]:
     """``convnet train`` in the background, from ``base``, on ``base/toy`` (relative paths)."""
     return subprocess.Popen([sys.executable, "-m", "convnet", "train", "--device", "cpu",
                              "--data-dir", "toy", *TRAIN, "--out", out],
-                            cwd=base, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=base, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_ctrl_c)
+
+
+def default_ctrl_c() -> None:
+    """In the child: Ctrl-C's default action, which Python turns into KeyboardInterrupt. A
+    suite started in the background of a shell (``pytest &``) ignores SIGINT, and a child
+    inherits that: the training would never see the signal this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop_mid_epoch(base: Path, out: str, sig: int,
