@@ -45,7 +45,7 @@ def test_flags_override_the_recipe_and_other_optimizers_drop_its_momentum() -> N
     adam = resolve_config("cpu", {"optimizer": "adam"})
     assert adam.optimizer == "adam" and adam.momentum == 0.0 and not adam.nesterov
     assert resolve_config(None, {"faithful": True}) == TrainConfig(faithful=True, shuffle=False)
-    assert resolve_config(None, device_type="cuda") == RECIPES["gpu"]
+    assert resolve_config(None, kind="cuda") == RECIPES["gpu"]
     assert recipe("cpu") is not RECIPES["cpu"]  # a copy: changing it leaves the recipe as it is
 
 
@@ -118,7 +118,7 @@ def test_a_run_with_unlabelled_images_trains_longer_and_says_so() -> None:
     assert sized.epochs == round(POOL_EPOCHS * cpu.epochs) and sized.repeats == alone.repeats
     assert replace(sized, epochs=cpu.epochs) == alone  # nothing else changes
     assert f"{POOL_EPOCHS}x the recipe's epochs" in line and f"{sized.epochs} epochs of" in line
-    given, _ = resolve_run(None, {"epochs": 5}, device_type="cpu", hflip=True, train_images=900, pool=True)
+    given, _ = resolve_run(None, {"epochs": 5}, kind="cpu", hflip=True, train_images=900, pool=True)
     assert given.epochs == 5  # --epochs is taken as given
 
 
@@ -126,14 +126,14 @@ def test_sizing_leaves_given_epochs_the_tutorial_and_faithful_runs_as_they_were(
     from convnet.training.recipes import SIZED_IMAGES, resolve_run, trained_images
 
     def repeats(recipe_name: str | None, overrides: dict[str, object], faithful: bool = False) -> int:
-        config, _ = resolve_run(recipe_name, {**overrides, "faithful": faithful}, device_type="cpu", hflip=True,
+        config, _ = resolve_run(recipe_name, {**overrides, "faithful": faithful}, kind="cpu", hflip=True,
                                 train_images=300)
         return config.repeats
 
     assert repeats(None, {}) > 1 and repeats("gpu", {}) > 1
     assert repeats(None, {"epochs": 24}) == 1 and repeats("tutorial", {}) == 1 and repeats(None, {}, True) == 1
     trained = trained_images(300, 0.5)  # what a search's trials count: the images trained on, validation held out
-    held_out, _ = resolve_run(None, {"val_split": 0.5}, device_type="cpu", hflip=True, train_images=trained)
+    held_out, _ = resolve_run(None, {"val_split": 0.5}, kind="cpu", hflip=True, train_images=trained)
     assert trained == 150 and held_out.repeats == round(SIZED_IMAGES / 150)
 
 

@@ -82,7 +82,8 @@ def test_train_precision_fp32_trains_and_records_fp32_on_a_bf16_cpu(toy_dir, tmp
     config = runfolder.read_json(out / runfolder.CONFIG)
     assert config["engine"]["autocast"] is None and config["train"]["precision"] == "fp32"
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("recipe cpu (the default on a CPU), training in fp32 (--precision fp32; CPU flags")
+    assert printed[0].startswith("recipe cpu-fp32 (the default where training is fp32: chosen for it), training in "
+                                 "fp32 (--precision fp32; CPU flags")
     assert config["engine"]["cpu"]["bf16"] is True  # the CPU could have: the flag decided
 
 
@@ -116,7 +117,34 @@ def test_the_first_line_says_the_recipe_and_why_it_trains_in_that_arithmetic(bf1
 
     monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: bf16)
     line = arithmetic_line(None, TrainConfig(), make_engine("cpu"))
-    assert line.startswith("recipe cpu (the default on a CPU), training in " + ("bf16" if bf16 else "fp32"))
+    assert line.startswith("recipe cpu (the default on a CPU that trains in bfloat16), training in bf16" if bf16 else
+                           "recipe cpu-fp32 (the default where training is fp32: chosen for it), training in fp32")
     assert ("computes bfloat16 natively" if bf16 else "has no native bfloat16 (no AVX512-BF16 or AMX") in line
     assert arithmetic_line("tutorial", TrainConfig(faithful=True), make_engine("cpu", faithful=True)) == \
         "recipe tutorial, the tutorial's arithmetic: fp32 (--faithful)"
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_default_recipe_follows_the_arithmetic_a_cpu_trains_in(bf16: bool, toy_dir, tmp_path,  # type: ignore[no-untyped-def]
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from convnet.data.options import DataOptions
+    from convnet.training.config import TrainRequest
+    from convnet.training.recipes import DEFAULT_RECIPE, RECIPES
+    from convnet.training.run import train_run
+
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: bf16)
+    assert make_engine("cpu").recipe_kind == ("cpu" if bf16 else "cpu-fp32")
+    assert engine_module.recipe_kind(torch.device("cpu"), "fp32") == "cpu-fp32"  # --precision fp32: fp32's recipe
+    assert engine_module.recipe_kind(torch.device("cpu"), "bf16") == "cpu"
+    assert Engine(torch.device("cuda")).recipe_kind == "cuda"
+    assert RECIPES["cpu-fp32"].model == "fastnet-slim" != RECIPES["cpu"].model
+    data = DataOptions(data_dir=toy_dir, subset=64)
+
+    def trained(**settings: object) -> str:
+        request = TrainRequest({"epochs": 1, **settings}, data, device="cpu")
+        return train_run(request).config.model
+
+    assert trained() == RECIPES[DEFAULT_RECIPE["cpu" if bf16 else "cpu-fp32"]].model
+    assert trained(precision="fp32") == "fastnet-slim"
+    explicit = TrainRequest({"epochs": 1, "precision": "fp32"}, data, recipe="cpu", device="cpu")
+    assert train_run(explicit).config.model == "fastnet"  # a recipe named is the recipe taken

@@ -32,10 +32,17 @@ import convnet
 from convnet.core import runfolder
 from convnet.core.errors import ConvnetError, InputError
 from convnet.estimator import ConvNetClassifier
+from convnet.models.engine import make_engine
+from convnet.training.recipes import DEFAULT_RECIPE
 
 FAST = dict(model="seed", recipe="tutorial", epochs=3, batch_size=32, hflip=False, device="cpu", verbose=0,
             random_state=0)
 DOCS = Path(__file__).parent.parent / "docs" / "ESTIMATOR.md"
+
+
+def cpu_recipe() -> convnet.TrainConfig:
+    """The default recipe on this CPU: ``cpu``, or ``cpu-fp32`` where it has no bfloat16."""
+    return convnet.RECIPES[DEFAULT_RECIPE[make_engine("cpu").recipe_kind]]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,7 +121,7 @@ def test_settings_are_the_recipe_with_the_parameters_laid_over_it(digits: tuple[
     X, y = digits
     clf = ConvNetClassifier(model="seed", epochs=1, batch_size=64, device="cpu", verbose=0, random_state=3,
                             hflip=False).fit(X[:200], y[:200])
-    cpu = convnet.RECIPES["cpu"]
+    cpu = cpu_recipe()
     assert (clf.config_.optimizer, clf.config_.lr, clf.config_.ema) == (cpu.optimizer, cpu.lr, cpu.ema)
     assert (clf.config_.model, clf.config_.epochs, clf.config_.batch_size, clf.config_.seed) == ("seed", 1, 64, 3)
     assert clf.config_.augment == "translate" and not clf.config_.tta  # hflip=False: no mirrors
@@ -460,7 +467,7 @@ def test_the_estimator_sizes_training_and_fine_tunes_as_the_command_line_does(
     clf = ConvNetClassifier(model="fastnet", hflip=False, device="cpu", verbose=0, random_state=0)
     clf.fit(X[:100], y[:100])
     # epochs not given: sized to the 100 images trained on (10 held out would be too few to validate on)
-    assert clf.config_.repeats == round(600 / 100) and clf.config_.epochs == convnet.RECIPES["cpu"].epochs
+    assert clf.config_.repeats == round(600 / 100) and clf.config_.epochs == cpu_recipe().epochs
     run = clf.save(tmp_path / "source")
     odd = y[100:160] % 2  # new classes: 0 and 1
     tuned = ConvNetClassifier(model="fastnet", epochs=2, hflip=False, device="cpu", verbose=0, random_state=0,

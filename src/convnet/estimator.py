@@ -91,7 +91,8 @@ class ConvNetClassifier(ClassifierMixin, BaseEstimator):
     line's flags (:data:`PARAMS`; ``help(ConvNetClassifier)`` lists them with their defaults),
     plus its own: ``warm_start``, ``layout``, ``verbose``, ``log_dir``. Every training
     setting left at None takes the recipe's value (``convnet recipes`` lists them; the
-    default recipe is ``cpu`` on a CPU, ``gpu`` on a GPU), or convnet's default.
+    default recipe is ``cpu`` on a CPU that trains in bfloat16, ``cpu-fp32`` where it trains in fp32, ``gpu`` on a
+    GPU), or convnet's default.
     ``random_state`` None draws a seed from numpy's global random state; an int trains the
     same model every time on a CPU. ``log`` takes ``"tensorboard"``, ``"mlflow"`` or both
     (a list): each ``fit`` is a tracked run of its own (TensorBoard's in

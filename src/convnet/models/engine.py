@@ -165,6 +165,15 @@ class Engine:
         }
 
     @property
+    def recipe_kind(self) -> str:
+        """What picks a run's default recipe (:data:`convnet.training.recipes.DEFAULT_RECIPE`):
+        ``cuda``; ``cpu``, a CPU that trains in bfloat16; ``cpu-fp32``, one that trains in fp32
+        (no native bfloat16, or ``--precision fp32``)."""
+        if self.device.type != "cpu":
+            return self.device.type
+        return "cpu" if self.autocast is not None else "cpu-fp32"
+
+    @property
     def is_main(self) -> bool:
         """The one process that prints and writes files (rank 0)."""
         return self.rank == 0
@@ -195,6 +204,11 @@ def make_engine(device: str | torch.device = "auto", *, faithful: bool = False, 
     ``precision`` (``auto``, ``fp32``, ``bf16``; see :meth:`Engine.fast`)."""
     d = resolve_device(device)
     return Engine.faithful(d) if faithful else Engine.fast(d, precision)
+
+
+def recipe_kind(device: torch.device, precision: str = "auto") -> str:
+    """:attr:`Engine.recipe_kind` of the fast engine ``device`` and ``precision`` make."""
+    return Engine.fast(device, precision).recipe_kind
 
 
 def single_process(engine: Engine) -> Engine:

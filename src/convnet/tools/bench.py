@@ -264,7 +264,7 @@ def time_to_accuracy(dataset: Dataset, *, engine: Engine, recipe_name: str, targ
     """
     secs, epochs, accs = [], [], []
     for seed in range(seeds):  # every training image, timed to the test accuracy: a benchmark, not a choice
-        config, _ = resolve_run(recipe_name, {"seed": seed, "val_split": 0.0}, device_type=engine.device.type,
+        config, _ = resolve_run(recipe_name, {"seed": seed, "val_split": 0.0}, kind=engine.recipe_kind,
                                 hflip=dataset.spec.hflip, train_images=len(dataset.train))
         stop = StopAtAccuracy(dataset.test, target, tta=config.tta)
         result = train_run(TrainRequest(config, dataset), engine=engine, events=[stop]).result
@@ -316,7 +316,7 @@ def bench(data: DataOptions, *, device: str = "auto", model: str = "seed", batch
         resolve_config(recipe)
     dataset = load_data(data)
     if target is not None:
-        return time_to_accuracy(dataset, engine=engine, recipe_name=recipe or DEFAULT_RECIPE[engine.device.type],
+        return time_to_accuracy(dataset, engine=engine, recipe_name=recipe or DEFAULT_RECIPE[engine.recipe_kind],
                                 target=target, seeds=seeds, reference=reference)
     return run_bench(dataset, engine=engine, model=model, batch_size=batch_size, train_images=train_images,
                      repeats=repeats)

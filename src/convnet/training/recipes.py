@@ -18,11 +18,16 @@ from convnet.training.config import TrainConfig, check_config
 
 # Named recipes: `convnet train --recipe NAME`; flags given on the command line override them.
 # Chosen on a validation split (--val-split 0.1), never on the test set; see docs/performance.md for their numbers.
+_CPU = TrainConfig(model="fastnet", optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, epochs=24,
+                   batch_size=128, label_smoothing=0.1, augment="flip-translate", translate_px=2, schedule="linear",
+                   warmup_epochs=1.0, tta=True, ema=0.995)
 RECIPES: dict[str, TrainConfig] = {
     "tutorial": TrainConfig(shuffle=False),
-    "cpu": TrainConfig(model="fastnet", optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                       epochs=24, batch_size=128, label_smoothing=0.1, augment="flip-translate", translate_px=2,
-                       schedule="linear", warmup_epochs=1.0, tta=True, ema=0.995),
+    "cpu": _CPU,
+    # The cpu recipe with fastnet-slim for 18 epochs: where training is fp32 (no native bfloat16), within the time
+    # the tutorial's Adam-15 script takes. Chosen on seed 0's validation split (docs/performance.md, "A recipe for
+    # fp32").
+    "cpu-fp32": replace(_CPU, model="fastnet-slim", epochs=18),
     "gpu": TrainConfig(model="airnet", optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
                        epochs=12, batch_size=512, label_smoothing=0.1, augment="flip-translate", translate_px=2,
                        schedule="linear", warmup_epochs=1.0, tta=True, ema=0.0),
@@ -30,7 +35,11 @@ RECIPES: dict[str, TrainConfig] = {
                         epochs=60, batch_size=512, label_smoothing=0.1, augment="flip-translate", translate_px=2,
                         schedule="linear", warmup_epochs=2.0, tta=True, ema=0.0),
 }
-DEFAULT_RECIPE = {"cpu": "cpu", "cuda": "gpu"}
+# The default recipe by what a run trains on (:attr:`convnet.models.engine.Engine.recipe_kind`), and how the first line
+# of `convnet train` and `convnet recipes` say where it is the default.
+DEFAULT_RECIPE = {"cpu": "cpu", "cpu-fp32": "cpu-fp32", "cuda": "gpu"}
+DEFAULT_WHERE = {"cpu": "on a CPU that trains in bfloat16", "cpu-fp32": "where training is fp32: chosen for it",
+                 "cuda": "on a GPU"}
 
 
 RECIPE_FIELDS = tuple(o.name for o in taken_by(RECIPE, TrainConfig))  # what a recipe holds
@@ -88,7 +97,7 @@ def recipe_text(config: TrainConfig, comment: str, base: str = RECIPE_BASE) -> s
 
 
 def resolve_config(recipe_name: str | TrainConfig | None = None, overrides: dict[str, Any] | None = None, *,
-                   device_type: str = "cpu", hflip: bool = True) -> TrainConfig:
+                   kind: str = "cpu", hflip: bool = True) -> TrainConfig:
     """The recipe (by default the device's, or the tutorial's for a faithful run) with every
     given setting laid over it, fitted to the data: where a mirror changes an image's class
     (``hflip=False``: digits, letters) the recipe's flips are left out. Not checked: see
@@ -98,7 +107,7 @@ def resolve_config(recipe_name: str | TrainConfig | None = None, overrides: dict
         recipe_name: a name in :data:`RECIPES`, a recipe file, or a config used as the
             recipe (a search's trial); None for the default.
         overrides: settings given explicitly (None values are ignored).
-        device_type: ``cpu`` or ``cuda``: picks the default recipe.
+        kind: what the run trains on (:data:`DEFAULT_RECIPE`'s keys): picks the default recipe.
         hflip: whether the data set allows mirrored images.
 
     Raises:
@@ -107,7 +116,7 @@ def resolve_config(recipe_name: str | TrainConfig | None = None, overrides: dict
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     faithful = bool(given.get("faithful"))
     config = replace(recipe_name) if isinstance(recipe_name, TrainConfig) else \
-        recipe(recipe_name or ("tutorial" if faithful else DEFAULT_RECIPE.get(device_type, "cpu")))
+        recipe(recipe_name or ("tutorial" if faithful else DEFAULT_RECIPE.get(kind, "cpu")))
     if given.get("optimizer", "sgd") != "sgd" and "nesterov" not in given:
         config.nesterov, config.momentum = False, 0.0  # the recipe's SGD momentum does not carry over
     for f in fields(TrainConfig):
@@ -125,7 +134,7 @@ def resolve_config(recipe_name: str | TrainConfig | None = None, overrides: dict
     return config
 
 
-def resolve_run(recipe_name: str | TrainConfig | None, overrides: dict[str, Any], *, device_type: str, hflip: bool,
+def resolve_run(recipe_name: str | TrainConfig | None, overrides: dict[str, Any], *, kind: str, hflip: bool,
                 from_weights: bool = False, train_images: int | None = None,
                 pool: bool = False) -> tuple[TrainConfig, str]:
     """The config a new run trains with, checked (:func:`~convnet.training.config.check_config`),
@@ -141,7 +150,7 @@ def resolve_run(recipe_name: str | TrainConfig | None, overrides: dict[str, Any]
         ConvnetError: a bad setting, named by its flag.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
-    config = resolve_config(recipe_name, given, device_type=device_type, hflip=hflip)
+    config = resolve_config(recipe_name, given, kind=kind, hflip=hflip)
     if from_weights:  # fine-tuning's defaults, where no setting says otherwise
         config = replace(config, **{k: v for k, v in fine_tune_defaults(config.epochs).items() if k not in given})
     sizing = ""
@@ -226,8 +235,8 @@ def describe_recipes(path: Path | None = None) -> list[tuple[str, list[str]]]:
         return [(str(path), settings_as_flags(read_recipe_file(path, where="convnet recipes")))]
     found = []
     for name, config in RECIPES.items():
-        default = [d for d, r in DEFAULT_RECIPE.items() if r == name]
-        note = (f" (default on {', '.join(default)})" if default else
+        default = [DEFAULT_WHERE[kind] for kind, r in DEFAULT_RECIPE.items() if r == name]
+        note = (f" (the default {', '.join(default)})" if default else
                 " (the tutorial's settings; base of --faithful)" if name == "tutorial" else "")
         found.append((name + note, settings_as_flags(config)))
     return found

@@ -24,13 +24,13 @@ from convnet.data.catalog import DATASETS
 from convnet.data.dataset import Dataset
 from convnet.data.load import load_data, run_data
 from convnet.data.options import DataOptions
-from convnet.models.engine import Engine, cpu_info, make_engine, resolve_device
+from convnet.models.engine import Engine, cpu_info, make_engine, recipe_kind, resolve_device
 from convnet.models.pretrained import fit_weights, model_of, open_source, spec_for
 from convnet.training.config import TrainConfig, TrainRequest, check_config
 from convnet.training.distributed import DistributedInfo
 from convnet.training.events import ConsolePrinter, TrainEvents
 from convnet.training.loop import TrainResult, train
-from convnet.training.recipes import DEFAULT_RECIPE, resolve_run
+from convnet.training.recipes import DEFAULT_RECIPE, DEFAULT_WHERE, resolve_run
 from convnet.training.tracking import Tracker, check_log, connect, resume_tracking, start
 
 
@@ -102,11 +102,13 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     if source is not None:
         given["model"] = model_of(source, given.get("model"))  # the source's
 
+    kind = engine.recipe_kind if engine is not None else recipe_kind(device, given.get("precision", "auto"))
+
     def plan(train_images: int | None, pool: bool = False) -> tuple[TrainConfig, str]:
         if isinstance(settings, TrainConfig):  # a whole config, trained as it is
             check_config(settings, from_weights=source is not None or init is not None)
             return settings, ""
-        return resolve_run(request.recipe, given, device_type=device.type, hflip=hflip_of(request.data),
+        return resolve_run(request.recipe, given, kind=kind, hflip=hflip_of(request.data),
                            from_weights=source is not None or init is not None, train_images=train_images, pool=pool)
 
     planned, _ = plan(None)
@@ -213,8 +215,9 @@ def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine:
 
 def arithmetic_line(recipe_name: str | None, config: TrainConfig, engine: Engine) -> str:
     """One line: the recipe a run takes and the arithmetic it trains in, and why."""
-    name = recipe_name or ("tutorial" if config.faithful else DEFAULT_RECIPE.get(engine.device.type, "cpu"))
-    which = f"recipe {name}" + ("" if recipe_name else f" (the default on a {engine.device.type.upper()})")
+    kind = engine.recipe_kind
+    name = recipe_name or ("tutorial" if config.faithful else DEFAULT_RECIPE[kind])
+    which = f"recipe {name}" + ("" if recipe_name or config.faithful else f" (the default {DEFAULT_WHERE[kind]})")
     if config.faithful:
         return f"{which}, the tutorial's arithmetic: fp32 (--faithful)"
     if engine.device.type != "cpu":
