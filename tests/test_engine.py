@@ -125,7 +125,7 @@ def test_the_first_line_says_the_recipe_and_why_it_trains_in_that_arithmetic(bf1
 
 
 @pytest.mark.parametrize("bf16", [True, False])
-def test_the_default_recipe_follows_the_arithmetic_a_cpu_trains_in(bf16: bool, toy_dir, tmp_path,  # type: ignore[no-untyped-def]
+def test_the_default_recipe_follows_the_arithmetic_a_cpu_trains_in(bf16: bool, toy_dir,  # type: ignore[no-untyped-def]
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from convnet.data.options import DataOptions
     from convnet.training.config import TrainRequest

@@ -162,28 +162,28 @@ def check_request(request: TuneRequest) -> tuple[TrainConfig, str, dict[str, Par
     for p in space.values():  # each value a trial can draw, with the recipe's others: a bad one named now
         for value in p.choices if p.kind in ("fixed", "choice") else (p.low, p.high):
             try:
-                trial_config(name, {p.name: value}, request, None, kind)
+                trial_config(name, {p.name: value}, request, None)
             except ConvnetError as e:
                 raise ConvnetError(f"--param {p.name}: {value!r} cannot be trained: {e}") from None
     return base, name, space
 
 
-def trial_config(base_name: str, values: dict[str, Any], request: TuneRequest, train_images: int | None,
-                 kind: str) -> TrainConfig:
+def trial_config(base_name: str, values: dict[str, Any], request: TuneRequest,
+                 train_images: int | None) -> TrainConfig:
     """The config a trial trains with: the base recipe with the trial's values laid over
     it, sized to the data (when ``train_images`` is known) as ``convnet train --recipe
     FILE`` sizes a recipe file's: the one resolution every run goes through
     (:func:`~convnet.training.recipes.resolve_run`)."""
     trained = trained_images(train_images, request.val_split) if train_images is not None else None
-    return resolve_run(trial_recipe(base_name, values, request, kind),
-                       {"seed": request.seed, "val_split": request.val_split}, kind=kind,
+    return resolve_run(trial_recipe(base_name, values, request),
+                       {"seed": request.seed, "val_split": request.val_split},
                        hflip=hflip_of(request.data), train_images=trained)[0]
 
 
-def trial_recipe(base_name: str, values: dict[str, Any], request: TuneRequest, kind: str) -> TrainConfig:
+def trial_recipe(base_name: str, values: dict[str, Any], request: TuneRequest) -> TrainConfig:
     """A trial's recipe, as the recipe file of the best trial holds it: the base recipe with
     the trial's values laid over it (a shorter schedule keeping its warm-up within it)."""
-    trial = resolve_config(base_name, values, kind=kind, hflip=hflip_of(request.data))
+    trial = resolve_config(base_name, values, hflip=hflip_of(request.data))
     return replace(trial, warmup_epochs=min(trial.warmup_epochs, trial.epochs))
 
 
@@ -232,7 +232,6 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
 
     dataset = load_data(request.data, seed=request.seed, progress=False) if finished() < request.trials else None
     device = resolve_device(request.device)
-    kind = recipe_kind(device, request.settings.get("precision") or "auto")
     ran = 0
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -249,7 +248,7 @@ def run_tune(request: TuneRequest, *, stream: TextIO | None = None) -> TuneOutco
         trial.set_user_attr("process", worker)
         trial.set_user_attr("val_images", math.ceil(request.val_split * len(dataset.train)))
         values = {k: p.suggest(trial) for k, p in space.items()}
-        config = trial_config(base_name, values, request, len(dataset.train), kind)
+        config = trial_config(base_name, values, request, len(dataset.train))
         start = time.perf_counter()
         pruning = Pruning(trial)
         try:
@@ -337,7 +336,7 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
     if best is not None or request.report:
         out.mkdir(parents=True, exist_ok=True)
     if best is not None:
-        config = trial_recipe(base_name, dict(best.params), request, "cpu")  # base_name is a recipe: kind is not read
+        config = trial_recipe(base_name, dict(best.params), request)
         comment = (f"convnet recipe: the best of {finished} trials of study {study.study_name!r} (trial "
                    f"{best.number}),\nvalidation accuracy {best.value:.4f} on --val-split {request.val_split:g}, "
                    f"--seed {request.seed}" + (f"\n(95 % interval {interval[0]:.3f}-{interval[1]:.3f} on "

@@ -134,7 +134,7 @@ def resolve_config(recipe_name: str | TrainConfig | None = None, overrides: dict
     return config
 
 
-def resolve_run(recipe_name: str | TrainConfig | None, overrides: dict[str, Any], *, kind: str, hflip: bool,
+def resolve_run(recipe_name: str | TrainConfig | None, overrides: dict[str, Any], *, kind: str = "cpu", hflip: bool,
                 from_weights: bool = False, train_images: int | None = None,
                 pool: bool = False) -> tuple[TrainConfig, str]:
     """The config a new run trains with, checked (:func:`~convnet.training.config.check_config`),
@@ -144,7 +144,8 @@ def resolve_run(recipe_name: str | TrainConfig | None, overrides: dict[str, Any]
     ``train_images`` (the images it trains on, validation held out) is known and
     ``epochs`` is not given, sized to the data
     (:func:`size_to_data`; never the tutorial's recipe or a faithful run). The command
-    line, the estimator and ``convnet tune``'s trials all resolve through here.
+    line, the estimator and ``convnet tune``'s trials all resolve through here. ``kind``
+    picks the default recipe where ``recipe_name`` is None, as in :func:`resolve_config`.
 
     Raises:
         ConvnetError: a bad setting, named by its flag.
