@@ -1,15 +1,17 @@
 """How the `cpu-fp32` recipe was chosen: fastnet's widths against its epochs, for CPUs that train in fp32.
 
     python benchmarks/fp32_recipe.py speed OUT.json [--repeats 3]
-    python benchmarks/fp32_recipe.py choose OUT.json WIDTHS EPOCHS [--seed 0]
+    python benchmarks/fp32_recipe.py choose OUT.json WIDTHS EPOCHS [--seed 0] [--pool-first]
 
 `speed` times the fp32 training step (channels-last, batches of 128, SGD with Nesterov momentum: the engine and
-optimizer of a CPU without bfloat16) of fastnet at each candidate's widths, median of 30 steps after 5 of warm-up,
-`--repeats` times. `choose` trains the `cpu` recipe in fp32 with fastnet at WIDTHS (e.g. 16,64,128) for EPOCHS on
-Fashion-MNIST's default validation split (10 % of the training images, stratified by --seed) and records the kept
-epoch's validation accuracy: the test split is never read. The epochs of each candidate were set so that it trains
-about as long as fastnet does in 13 epochs, the tutorial's Adam-15 script's time here (docs/performance.md, "A
-recipe for fp32"). Each result is appended to OUT.json (a JSON list).
+optimizer of a CPU without bfloat16) of fastnet at each candidate's widths, and of `fastnet-lean` (16-64-128, each
+stage's max-pool before its batch norm and ReLU), median of 30 steps after 5 of warm-up, `--repeats` times.
+`choose` trains the `cpu` recipe in fp32 with fastnet at WIDTHS (e.g. 16,64,128) for EPOCHS on Fashion-MNIST's
+default validation split (10 % of the training images, stratified by --seed) and records the kept epoch's
+validation accuracy: the test split is never read; `--pool-first` builds the candidate as `fastnet-lean` is. The
+epochs of each candidate were set so that it trains about as long as fastnet does in 13 epochs, the tutorial's
+Adam-15 script's time here (docs/performance.md, "A recipe for fp32"). Each result is appended to OUT.json (a JSON
+list).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from convnet.training.run import train_run
 CANDIDATES = ((32, 64, 128), (16, 64, 128), (16, 48, 128), (24, 48, 96), (16, 32, 64))
 
 
-def step_speed(widths: tuple[int, int, int], batch: int = 128, steps: int = 30) -> float:
+def step_speed(widths: tuple[int, int, int], pool_first: bool = False, batch: int = 128, steps: int = 30) -> float:
     """Images a second through one fp32 training step of fastnet at ``widths`` (median of ``steps``)."""
-    model = FastNet(10, 1, widths).to(memory_format=torch.channels_last)
+    model = FastNet(10, 1, widths, pool_first=pool_first).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = torch.rand(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
@@ -65,25 +67,29 @@ def main() -> None:
     parser.add_argument("epochs", nargs="?", type=int, default=18)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pool-first", action="store_true", help="conv, max-pool, batch norm, ReLU in each stage")
     args = parser.parse_args()
     keep_freed_memory()  # as the command line does
     cpu = {**cpu_info(), "threads": torch.get_num_threads()}
     if args.mode == "speed":
         torch.manual_seed(0)
-        for widths in CANDIDATES:
-            speeds = [round(step_speed(widths)) for _ in range(args.repeats)]
-            print(f"{'-'.join(map(str, widths)):>12}  {speeds} images/s", flush=True)
-            append(args.out, {"widths": widths, "images_per_s": speeds, "cpu": cpu})
+        for widths, pool_first in [(w, False) for w in CANDIDATES] + [((16, 64, 128), True)]:
+            speeds = [round(step_speed(widths, pool_first)) for _ in range(args.repeats)]
+            print(f"{'-'.join(map(str, widths)):>12}{' pool first' if pool_first else ''}  {speeds} images/s",
+                  flush=True)
+            append(args.out, {"widths": widths, "pool_first": pool_first, "images_per_s": speeds, "cpu": cpu})
         return
     widths = tuple(int(w) for w in args.widths.split(","))
-    name = "fastnet-" + "-".join(map(str, widths))
-    register_model(name, f"fastnet at widths {widths}")(lambda c, i, s: FastNet(c, i, widths))  # type: ignore[arg-type]
+    name = "fastnet-" + "-".join(map(str, widths)) + ("-pool-first" if args.pool_first else "")
+    register_model(name, f"fastnet at widths {widths}")(
+        lambda c, i, s: FastNet(c, i, widths, pool_first=args.pool_first))  # type: ignore[arg-type]
     start = time.perf_counter()
     settings = {"model": name, "epochs": args.epochs, "seed": args.seed, "precision": "fp32"}
     request = TrainRequest(settings, DataOptions(dataset="fashion-mnist"), recipe="cpu", device="cpu")
     result = train_run(request, engine=make_engine("cpu", precision="fp32")).result
     best = result.best or {}
-    record = {"widths": widths, "epochs": args.epochs, "seed": args.seed, "kept": best.get("epoch"),
+    record = {"widths": widths, "pool_first": args.pool_first, "epochs": args.epochs, "seed": args.seed,
+              "kept": best.get("epoch"),
               "val_accuracy": best.get("val_accuracy"), "seconds": round(time.perf_counter() - start),
               "val_by_epoch": [round(r.val_accuracy or 0.0, 4) for r in result.history], "cpu": cpu}
     print(json.dumps(record), flush=True)

@@ -96,6 +96,24 @@ def test_folding_batchnorm_keeps_the_logits_and_the_model(name: str) -> None:
     assert (folded is model) == (not followed)
 
 
+def test_fastnet_lean_is_fastnet_slim_with_each_pool_before_its_batch_norm() -> None:
+    """With batch norm at the identity (as initialised, in eval mode) max-pooling commutes with it and with ReLU,
+    so the same convolutions give the same logits; trained statistics make the two differ."""
+    torch.manual_seed(0)
+    slim, lean = create_model("fastnet-slim").eval(), create_model("fastnet-lean").eval()
+    convs = [m for m in lean.modules() if isinstance(m, nn.Conv2d)]
+    for mine, theirs in zip(convs, [m for m in slim.modules() if isinstance(m, nn.Conv2d)], strict=True):
+        mine.weight.data.copy_(theirs.weight.data)
+    lean.head.load_state_dict(slim.head.state_dict())
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x), slim(x))
+        for stage in lean.features:
+            assert [type(m) for m in stage] == [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU]
+            stage[2].running_var.fill_(4.0)
+        assert not torch.allclose(lean(x), slim(x))
+
+
 def test_resnet18_has_torchvisions_parameter_names_and_shapes() -> None:
     """So that published ImageNet weights load as they are: checked against the names and shapes that
     torchvision's own resnet.py gives (tests/fixtures/torchvision_resnet18.json)."""
