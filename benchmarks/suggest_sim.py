@@ -1,14 +1,17 @@
 """Active learning, simulated: does labelling what `convnet suggest` ranks first beat labelling at random?
 
     python benchmarks/suggest_sim.py OUT.json [--methods badge,random] [--seeds 0,1,2] [--score test|judge]
-                                     [--plot FILE.png]
+                                     [--pool] [--step 100] [--rounds 8] [--plot FILE.png]
 
 Fashion-MNIST, the default training (`convnet train`'s, sized to the data, validation held out of the labels):
 start from 200 labelled training images drawn at random (stratified, by the seed), then 8 rounds that each add
 100 more, chosen by the method from the rest of the training images (the pool; their labels are read only once a
-method has chosen them, as a person would label them), retraining from scratch each round. Each model is scored on
+method has chosen them, as a person would label them), retraining from scratch each round. With `--pool` each run
+also learns from the rest of those images as its unlabelled pool (`convnet train --unlabeled`, as README's loop does),
+and the suggestions come from that model. Each model is scored on
 `--score`: the 10,000 test images (the measurement), or 2,000 training images that are never labelled nor in the
-pool (`judge`: how the ranking method was chosen). Writes every round to OUT.json and prints accuracy by labels.
+pool (`judge`: how the ranking method was chosen). Writes every round to OUT.json and prints accuracy by labels;
+a round already in OUT.json is not trained again where its model is not needed (the last round, or `random`'s).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from convnet.training.config import TrainRequest
 from convnet.training.run import train_run
 from convnet.use.suggest import predict_with_features, rank
 
-START, STEP, ROUNDS = 200, 100, 8
+START = 200
 
 
 def main() -> int:
@@ -41,6 +44,9 @@ def main() -> int:
     p.add_argument("--methods", default="badge,random")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--score", choices=("test", "judge"), default="test")
+    p.add_argument("--pool", action="store_true", help="train with the other images as the unlabelled pool")
+    p.add_argument("--step", type=int, default=100, help="labels added each round")
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--plot", type=Path, default=None, help="also draw accuracy against labels, a line per method")
     a = p.parse_args()
     data = load_dataset("fashion-mnist")
@@ -53,43 +59,63 @@ def main() -> int:
     else:
         score_x, score_y = x[torch.from_numpy(judge)], torch.from_numpy(y[judge])
     empty = Split(x[:0], data.train.labels[:0])
+    done = {_key(r) for r in rows}
     for seed in (int(s) for s in a.seeds.split(",")):
         for method in a.methods.split(","):
             labelled = train_test_split(rest, train_size=START, random_state=seed, stratify=y[rest])[0]
-            for round_ in range(ROUNDS + 1):
-                key = (a.score, method, seed, len(labelled))
-                start = time.perf_counter()
-                split = Split(x[torch.from_numpy(labelled)], torch.from_numpy(y[labelled]))
-                trained = train_run(TrainRequest({"seed": seed}, Dataset("fashion-mnist", data.spec, split, empty,
-                                                                          "")), engine=engine)
-                model = trained.result.model
-                logits = infer(model, score_x, engine=engine, tta=trained.config.tta)
-                accuracy = float((logits.argmax(1) == score_y).float().mean())
-                if round_ < ROUNDS:  # the next labels: chosen from the pool by the method
-                    pool = np.setdiff1d(rest, labelled)
-                    probs, feats = predict_with_features(_Loaded(model, engine, trained.config.tta),  # type: ignore
-                                                         x[torch.from_numpy(pool)])
-                    picked = pool[rank(probs, feats, STEP, method=method, seed=seed + round_)]
-                if key not in {(r["score"], r["method"], r["seed"], r["labels"]) for r in rows}:
-                    rows.append({"score": a.score, "method": method, "seed": seed, "labels": len(labelled),
-                                 "accuracy": accuracy, "seconds": time.perf_counter() - start})
-                    print(json.dumps(rows[-1]), flush=True)
-                    a.out.write_text(json.dumps(rows, indent=1))
-                if round_ < ROUNDS:
+            for round_ in range(a.rounds + 1):
+                key = (a.score, a.pool, method, seed, len(labelled))
+                last = round_ == a.rounds
+                if round_ == 0 and key not in done:  # every method starts from the same labels: one run for all
+                    same = [r for r in rows if _key(r)[:2] == (a.score, a.pool) and _key(r)[3:] == key[3:]]
+                    if same:
+                        rows.append({**same[0], "method": method})
+                        done.add(key)
+                pool = np.setdiff1d(rest, labelled)
+                if key in done and (last or method == "random"):  # measured, and no model needed for the next picks
+                    picked = None if last else pool[rank(np.zeros((len(pool), 2)), np.zeros((len(pool), 1)), a.step,
+                                                         method=method, seed=seed + round_)]
+                else:
+                    start = time.perf_counter()
+                    split = Split(x[torch.from_numpy(labelled)], torch.from_numpy(y[labelled]))
+                    dataset = Dataset("fashion-mnist", data.spec, split, empty, "",
+                                      pool=x[torch.from_numpy(pool)] if a.pool else None)
+                    trained = train_run(TrainRequest({"seed": seed}, dataset), engine=engine)
+                    model = trained.result.model
+                    logits = infer(model, score_x, engine=engine, tta=trained.config.tta)
+                    accuracy = float((logits.argmax(1) == score_y).float().mean())
+                    picked = None
+                    if not last:  # the next labels: chosen from the pool by the method
+                        probs, feats = predict_with_features(_Loaded(model, engine, trained.config.tta),  # type: ignore
+                                                             x[torch.from_numpy(pool)])
+                        picked = pool[rank(probs, feats, a.step, method=method, seed=seed + round_)]
+                    if key not in done:
+                        rows.append({"score": a.score, "pool": a.pool, "method": method, "seed": seed,
+                                     "labels": len(labelled), "accuracy": accuracy,
+                                     "seconds": time.perf_counter() - start})
+                        done.add(key)
+                        print(json.dumps(rows[-1]), flush=True)
+                        a.out.write_text(json.dumps(rows, indent=1))
+                if picked is not None:
                     labelled = np.concatenate([labelled, picked])
-    sizes = [START + STEP * r for r in range(ROUNDS + 1)]
+    sizes = [START + a.step * r for r in range(a.rounds + 1)]
     methods = a.methods.split(",")
     print("| labels | " + " | ".join(methods) + " |")
     print("| --- |" + " --- |" * len(methods))
     for n in sizes:
         cells = []
         for m in methods:
-            found = [r["accuracy"] for r in rows if (r["score"], r["method"], r["labels"]) == (a.score, m, n)]
+            found = [r["accuracy"] for r in rows if _key(r)[:3] == (a.score, a.pool, m) and r["labels"] == n]
             cells.append(f"{statistics.fmean(found):.4f} ({min(found):.4f}-{max(found):.4f})" if found else "")
         print(f"| {n:,} | " + " | ".join(cells) + " |")
     if a.plot is not None:
-        plot(rows, a.score, methods, sizes, a.plot)
+        plot([r for r in rows if _key(r)[1] == a.pool], a.score, methods, sizes, a.plot)
     return 0
+
+
+def _key(row: dict) -> tuple:
+    """A round's identity in OUT.json: score, pool, method, seed, labels (rows before `--pool` had none)."""
+    return row["score"], row.get("pool", False), row["method"], row["seed"], row["labels"]
 
 
 def plot(rows: list[dict], score: str, methods: list[str], sizes: list[int], out: Path) -> None:
