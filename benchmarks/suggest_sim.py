@@ -1,7 +1,7 @@
 """Active learning, simulated: does labelling what `convnet suggest` ranks first beat labelling at random?
 
     python benchmarks/suggest_sim.py OUT.json [--methods badge,random] [--seeds 0,1,2] [--score test|judge]
-                                     [--pool] [--step 100] [--rounds 8] [--plot FILE.png]
+                                     [--pool] [--step 100] [--rounds 8] [--plot FILE.png] [--report]
 
 Fashion-MNIST, the default training (`convnet train`'s, sized to the data, validation held out of the labels):
 start from 200 labelled training images drawn at random (stratified, by the seed), then 8 rounds that each add
@@ -11,7 +11,8 @@ also learns from the rest of those images as its unlabelled pool (`convnet train
 and the suggestions come from that model. Each model is scored on
 `--score`: the 10,000 test images (the measurement), or 2,000 training images that are never labelled nor in the
 pool (`judge`: how the ranking method was chosen). Writes every round to OUT.json and prints accuracy by labels;
-a round already in OUT.json is not trained again where its model is not needed (the last round, or `random`'s).
+a round already in OUT.json is not trained again where its model is not needed (the last round, or `random`'s);
+`--report` trains nothing and prints (and plots) what OUT.json holds.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> int:
     p.add_argument("--step", type=int, default=100, help="labels added each round")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--plot", type=Path, default=None, help="also draw accuracy against labels, a line per method")
+    p.add_argument("--report", action="store_true", help="train nothing: the table (and plot) of OUT.json")
     a = p.parse_args()
     data = load_dataset("fashion-mnist")
     x, y = data.train.images, data.train.labels.numpy()
@@ -60,7 +62,7 @@ def main() -> int:
         score_x, score_y = x[torch.from_numpy(judge)], torch.from_numpy(y[judge])
     empty = Split(x[:0], data.train.labels[:0])
     done = {_key(r) for r in rows}
-    for seed in (int(s) for s in a.seeds.split(",")):
+    for seed in () if a.report else (int(s) for s in a.seeds.split(",")):
         for method in a.methods.split(","):
             labelled = train_test_split(rest, train_size=START, random_state=seed, stratify=y[rest])[0]
             for round_ in range(a.rounds + 1):
