@@ -5,9 +5,10 @@ Each pool image is predicted by the run's model; the ranking (:func:`rank`) star
 the images it is least sure of (the smallest margin between its two most probable
 classes) and spreads the picks over the data: BADGE's choice (Ash et al., 2020), k-means++
 seeding on each image's gradient embedding, the penultimate features scaled by how far the
-prediction is from sure, so that fifty copies of one confusing picture count as one. BADGE
-is taken on its paper's evidence; its comparison with the margin alone on validation images
-(``benchmarks/suggest_sim.py --score judge``) is still to be run (docs/small-data.md).
+prediction is from sure, so that fifty copies of one confusing picture count as one. Judged
+against the margin alone on validation images (``benchmarks/suggest_sim.py --score judge``,
+two seeds): within the noise, each ahead on one seed, so BADGE stays for its spread
+(docs/small-data.md).
 
 Images the run trained on (the same file bytes, or the same pixels once converted to the
 run's input) are never suggested. A pool is a folder of images (any layout, as ``convnet
