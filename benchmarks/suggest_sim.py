@@ -74,10 +74,7 @@ def main() -> int:
                         rows.append({**same[0], "method": method})
                         done.add(key)
                 pool = np.setdiff1d(rest, labelled)
-                if key in done and (last or method == "random"):  # measured, and no model needed for the next picks
-                    picked = None if last else pool[rank(np.zeros((len(pool), 2)), np.zeros((len(pool), 1)), a.step,
-                                                         method=method, seed=seed + round_)]
-                else:
+                if key not in done or not (last or method == "random"):  # to measure, or for the next picks
                     start = time.perf_counter()
                     split = Split(x[torch.from_numpy(labelled)], torch.from_numpy(y[labelled]))
                     dataset = Dataset("fashion-mnist", data.spec, split, empty, "",
@@ -86,11 +83,6 @@ def main() -> int:
                     model = trained.result.model
                     logits = infer(model, score_x, engine=engine, tta=trained.config.tta)
                     accuracy = float((logits.argmax(1) == score_y).float().mean())
-                    picked = None
-                    if not last:  # the next labels: chosen from the pool by the method
-                        probs, feats = predict_with_features(_Loaded(model, engine, trained.config.tta),  # type: ignore
-                                                             x[torch.from_numpy(pool)])
-                        picked = pool[rank(probs, feats, a.step, method=method, seed=seed + round_)]
                     if key not in done:
                         rows.append({"score": a.score, "pool": a.pool, "method": method, "seed": seed,
                                      "labels": len(labelled), "accuracy": accuracy,
@@ -98,8 +90,12 @@ def main() -> int:
                         done.add(key)
                         print(json.dumps(rows[-1]), flush=True)
                         a.out.write_text(json.dumps(rows, indent=1))
-                if picked is not None:
-                    labelled = np.concatenate([labelled, picked])
+                if not last:  # the next labels: chosen from the pool by the method (random's need no model)
+                    blank = np.zeros((len(pool), 1))
+                    probs, feats = (blank, blank) if method == "random" else predict_with_features(
+                        _Loaded(model, engine, trained.config.tta), x[torch.from_numpy(pool)])  # type: ignore
+                    labelled = np.concatenate([labelled, pool[rank(probs, feats, a.step, method=method,
+                                                                   seed=seed + round_)]])
     sizes = [START + a.step * r for r in range(a.rounds + 1)]
     methods = a.methods.split(",")
     print("| labels | " + " | ".join(methods) + " |")
