@@ -7,8 +7,8 @@ classes) and spreads the picks over the data: BADGE's choice (Ash et al., 2020),
 seeding on each image's gradient embedding, the penultimate features scaled by how far the
 prediction is from sure, so that fifty copies of one confusing picture count as one. Judged
 against the margin alone on validation images (``benchmarks/suggest_sim.py --score judge``,
-two seeds): within the noise, each ahead on one seed, so BADGE stays for its spread
-(docs/small-data.md).
+three seeds): level on their mean, BADGE ahead on two of them, so BADGE stays for its
+spread (docs/small-data.md).
 
 Images the run trained on (the same file bytes, or the same pixels once converted to the
 run's input) are never suggested. A pool is a folder of images (any layout, as ``convnet
