@@ -37,8 +37,9 @@ from convnet.use.onnxfile import new_session, session_probabilities
 from convnet.use.onnxgraph import export_model
 
 
-# --- the tutorial's code, as printed (only the per-epoch print is dropped)
+# --- the tutorial's code, as printed (only the per-epoch print is dropped: each epoch's mean loss is returned)
 def TrainModelInBatches(model, loss_func, optimizer, X, Y, batch_size=32, epochs=5):  # type: ignore[no-untyped-def]  # noqa: N802
+    means = []
     for i in range(epochs):  # noqa: B007 (the tutorial's code, verbatim)
         batches = torch.arange((X.shape[0] // batch_size) + 1)  ### Batch Indices
 
@@ -60,7 +61,8 @@ def TrainModelInBatches(model, loss_func, optimizer, X, Y, batch_size=32, epochs
             loss.backward()  ## Calculate Gradients
             optimizer.step()  ## Update Weights
 
-        torch.tensor(losses).mean()  # the tutorial prints this
+        means.append(torch.tensor(losses).mean())  # the tutorial prints this
+    return means
 
 
 def MakePredictions(model, input_data, batch_size=32):  # type: ignore[no-untyped-def]  # noqa: N802
