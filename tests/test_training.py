@@ -5,21 +5,19 @@ with where it happened; and the tutorial's first losses, exactly."""
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from convnet.core import runfolder
 from convnet.core.errors import ConvnetError, RunError, TrainingDiverged
 from convnet.data.named import load_dataset
 from convnet.models.engine import Engine
 from convnet.models.networks import create_model
-from convnet.tools.bench import TrainModelInBatches
+from convnet.tools.bench import tutorial_adam
 from convnet.training.config import TrainConfig
 from convnet.training.events import StopAtAccuracy, TrainEvents
 from convnet.training.loop import train
@@ -129,13 +127,9 @@ def test_faithful_adam_is_the_tutorials_own_arithmetic(real_fashion: Path) -> No
     images = ds.train.first(12_000)  # as 60,000, not a multiple of 128: its last batch is short, not empty
     config = TrainConfig(model="seed", optimizer="adam", lr=0.001, epochs=1, batch_size=128, seed=42, faithful=True)
     ours = train(config, images, ds.spec, engine=Engine.faithful()).history[0].loss
-    torch.manual_seed(42)  # the tutorial's seeding, model and optimizer, as it writes them
+    torch.manual_seed(42)  # the tutorial's seeding, then its model, optimizer and loop
     net = create_model("seed", ds.spec.num_classes, ds.spec.channels, (ds.spec.height, ds.spec.width))
-    optimizer = torch.optim.Adam(params=net.parameters(), lr=torch.tensor(1 / 1e3))
-    with warnings.catch_warnings():  # its torch.tensor(losses) warns about grad-carrying scalars
-        warnings.simplefilter("ignore", UserWarning)
-        theirs = TrainModelInBatches(net, nn.CrossEntropyLoss(), optimizer, images.images.float() / 255.0,
-                                     images.labels, batch_size=128, epochs=1)
+    theirs = tutorial_adam(net, images.images.float() / 255.0, images.labels, batch_size=128)
     assert ours == float(theirs[0])
 
 

@@ -65,6 +65,18 @@ def TrainModelInBatches(model, loss_func, optimizer, X, Y, batch_size=32, epochs
     return means
 
 
+def tutorial_adam(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                  epochs: int = 1) -> list[torch.Tensor]:
+    """The tutorial's Adam training of ``model`` on float images ``x`` in [0, 1]: its
+    optimizer (the learning rate as the float32 tensor it passes), loss and
+    :func:`TrainModelInBatches`; each epoch's mean batch loss, as it prints them."""
+    optimizer = torch.optim.Adam(params=model.parameters(), lr=torch.tensor(1 / 1e3))
+    with warnings.catch_warnings():  # its torch.tensor(losses) warns about grad-carrying scalars
+        warnings.simplefilter("ignore", UserWarning)
+        return TrainModelInBatches(model, nn.CrossEntropyLoss(), optimizer, x, y,
+                                   batch_size=batch_size, epochs=epochs)
+
+
 def MakePredictions(model, input_data, batch_size=32):  # type: ignore[no-untyped-def]  # noqa: N802
     batches = torch.arange((input_data.shape[0] // batch_size) + 1)  ### Batch Indices
 
@@ -163,11 +175,7 @@ def run_bench(dataset: Dataset, *, engine: Engine, model: str = "seed", batch_si
 
     def tutorial_train() -> None:
         torch.manual_seed(config.seed)
-        net = new_model().to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=torch.tensor(1 / 1e3))
-        with warnings.catch_warnings():  # its torch.tensor(losses) warns about grad-carrying scalars
-            warnings.simplefilter("ignore", UserWarning)
-            TrainModelInBatches(net, nn.CrossEntropyLoss(), opt, x_train, y_train, batch_size=batch_size, epochs=1)
+        tutorial_adam(new_model().to(device), x_train, y_train, batch_size)
 
     def convnet_train() -> None:
         train(config, sub, spec, engine=engine)
