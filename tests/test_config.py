@@ -62,7 +62,8 @@ def test_config_validation_names_the_flag() -> None:
     for bad, flag in [(dict(optimizer="lbfgs"), "--optimizer"), (dict(epochs=0), "--epochs"),
                       (dict(batch_size=0), "--batch-size"), (dict(lr=-1.0), "--lr"), (dict(lr=float("nan")), "--lr"),
                       (dict(momentum=1.0), "--momentum"), (dict(class_weight="inverse"), "--class-weight"),
-                      (dict(sampler="weighted"), "--sampler")]:
+                      (dict(sampler="weighted"), "--sampler"), (dict(val_every=0), "--val-every must be a number of "
+                                                                     "epochs, 1 or more, got 0")]:
         with pytest.raises(ConvnetError, match=flag):
             check_config(TrainConfig(**bad))  # type: ignore[arg-type]
     assert TrainConfig(faithful=True).shuffle is False

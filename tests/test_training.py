@@ -150,6 +150,16 @@ def test_resume_with_every_recipe_feature(toy_dir: Path, tmp_path: Path) -> None
     assert all(r.val_loss is not None for r in resumed.history)
 
 
+def test_validation_every_n_epochs_and_after_the_last(toy_dir: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir)
+    config = TrainConfig(model="seed", optimizer="adam", epochs=5, batch_size=32, val_split=0.2, val_every=2)
+    result = train(config, ds.train, ds.spec)
+    assert [r.epoch for r in result.history if r.val_accuracy is not None] == [2, 4, 5]
+    assert result.best is not None and result.best["epoch"] in (2, 4, 5)
+    every = train(replace(config, val_every=1), ds.train, ds.spec)  # the same training, scored every epoch
+    assert [r.val_accuracy for r in every.history][1::2] == [r.val_accuracy for r in result.history][1::2]
+
+
 def test_target_accuracy_stops_early(toy_dir: Path) -> None:
     ds = load_dataset("fashion-mnist", toy_dir)
     config = TrainConfig(model="fastnet", optimizer="adam", lr=3e-3, epochs=30, batch_size=32, target_accuracy=0.5)

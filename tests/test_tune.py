@@ -125,6 +125,17 @@ def test_the_pruner_stops_a_trial_from_the_loops_events(toy_dir: Path) -> None:
     assert list(trial.intermediate_values) == [10, 20, 30]  # every tenth of the epochs done: 1 of 3 is 33 %
 
 
+def test_the_pruner_hears_every_tenth_when_validation_skips_epochs(toy_dir: Path) -> None:
+    ds = load_dataset("fashion-mnist", toy_dir, subset=100)
+    config = TrainConfig(model="seed", optimizer="sgd", lr=0.05, epochs=3, batch_size=32, val_split=0.2,
+                         val_every=2)
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda trial: (train(config, ds.train, ds.spec, events=[tune.Pruning(trial)]), 0.0)[1],
+                   n_trials=1)
+    values = study.trials[0].intermediate_values  # epoch 2 (66 %) reports 10..60, epoch 3 the rest
+    assert list(values) == list(range(10, 101, 10)) and values[10] == values[60] != 0
+
+
 def test_the_space_is_checked_before_any_data_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tune", "--device", "cpu", "--data-dir", str(tmp_path / "nodata"), "--param", "model=seed,nope"]) == 1
     assert "--param model: 'nope' cannot be trained: unknown model 'nope'" in capsys.readouterr().err

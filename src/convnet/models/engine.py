@@ -121,11 +121,12 @@ class Engine:
         # Measured on 2 cores with AVX512-BF16, seed model, batch 128: channels_last 1.14x, bf16
         # autocast 1.6x, both 2.1x over plain fp32; torch.compile was slower. Without native bf16
         # instructions autocast emulates it slowly, so it is used only where the CPU has them.
-        # Inference is fastest in batches of 128 here: larger ones fall out of the caches
-        # (seed model, bf16: 48k images/s at 128, 33k at 512, 14k at 2048). Folding batch norm into
-        # the convolutions: fastnet predicts 1.16x as fast on 2 AVX2 cores (median of 11).
+        # Predicting is fp32 and fastest in batches of 512 (10,000 images, median of 5; images/s at 128 and 512):
+        # on 2 AVX2 cores seed 7,616 and 8,914, fastnet-lean with test-time flips 4,177 and 4,686, fastnet 7,181 and
+        # 7,163; on 2 Zen 4 cores seed 9,256 and 11,610 (docs/performance.md). Folding batch norm into the
+        # convolutions: fastnet predicts 1.16x as fast on 2 AVX2 cores (median of 11).
         return cls(device, channels_last=True, autocast=torch.bfloat16 if cpu_has_bf16() else None,
-                   infer_batch_size=128, fold_batchnorm=True)
+                   infer_batch_size=512, fold_batchnorm=True)
 
     @property
     def memory_format(self) -> torch.memory_format:

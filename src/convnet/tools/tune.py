@@ -123,12 +123,15 @@ class Pruning(TrainEvents):
     def __init__(self, trial: Any) -> None:
         self.trial = trial
         self.pruned_at: int | None = None
+        self.reported = 0  # the last step reported
 
     def on_epoch_end(self, state: TrainState) -> None:
         record = state.history[-1]
-        before = 100 * (record.epoch - 1) // state.config.epochs // 10  # tenths done before this epoch
-        for step in range(10 * (before + 1), 100 * record.epoch // state.config.epochs + 1, 10):
+        if record.val_accuracy is None:  # not a checked epoch (--val-every): its tenths go with the next check
+            return
+        for step in range(self.reported + 10, 100 * record.epoch // state.config.epochs + 1, 10):
             self.trial.report(record.val_accuracy, step)
+            self.reported = step
         if self.trial.should_prune():
             self.pruned_at = record.epoch
             state.stop = True

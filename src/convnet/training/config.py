@@ -58,6 +58,9 @@ class TrainConfig:
                               "epoch; the best epoch's weights are kept; a folder's own val/ is used instead; 0: "
                               "none, the last epoch's weights", takes={TRAIN, TUNE, ESTIMATOR},
                               alias="validation_fraction", shown="0.1; 0 with --faithful")
+    val_every: int = option(1, "score the held-out images every N epochs and after the last (each check is a pass "
+                            "over them, two with --tta); the best of the epochs checked is kept", takes=EVERYWHERE,
+                            metavar="N")
     target_accuracy: float = option(0.0, "stop once the validation accuracy, checked every epoch, reaches this "
                                     "(0: off)", takes={TRAIN}, shown="off")
     patience: int = option(0, "stop once the validation accuracy has not improved for this many epochs (0: off)",
@@ -212,6 +215,7 @@ def check_config(config: TrainConfig, *, from_weights: bool = False, held_out: b
         (0 <= c.translate_px <= 8, f"--translate-px must be in 0..8, got {c.translate_px}"),
         (0 <= c.warmup_epochs <= c.epochs, f"--warmup-epochs must be in 0..--epochs, got {c.warmup_epochs}"),
         (0 <= c.val_split < 1, f"--val-split must be in [0, 1), got {c.val_split}"),
+        (c.val_every >= 1, f"--val-every must be a number of epochs, 1 or more, got {c.val_every}"),
         (0 <= c.target_accuracy <= 1, f"--target-accuracy must be in [0, 1], got {c.target_accuracy}"),
         (c.patience >= 0, f"--patience must be a number of epochs, 0 or more, got {c.patience}"),
         (not (c.target_accuracy or c.patience) or (held_out if held_out is not None else c.val_split > 0),

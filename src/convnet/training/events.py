@@ -21,6 +21,7 @@ from convnet.core.progress import Bar
 from convnet.data.dataset import Split
 from convnet.models.inference import infer
 from convnet.training.checkpoint import save_checkpoint
+from convnet.training.config import TrainConfig
 from convnet.training.state import Best, TrainState
 
 
@@ -66,8 +67,13 @@ def score(model: nn.Module, split: Split, state: TrainState, tta: bool) -> tuple
     return float(nn.functional.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
 
 
+def checked(config: TrainConfig, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (from 1) scores the held-out images: every ``val_every`` and the last."""
+    return epoch % config.val_every == 0 or epoch >= config.epochs
+
+
 class Validation(TrainEvents):
-    """Loss and accuracy on held-out images after every epoch (``val_loss``,
+    """Loss and accuracy on held-out images after every epoch, or every ``val_every`` (``val_loss``,
     ``val_accuracy``), and the epoch the run keeps: the best (``state.peak``), or a later
     one whose accuracy is within one standard error of the best's (``state.best``, its
     weights copied to the CPU): on a small validation set a difference that size is noise,
@@ -80,6 +86,8 @@ class Validation(TrainEvents):
 
     def on_epoch_end(self, state: TrainState) -> None:
         record, config = state.history[-1], state.config
+        if not checked(config, record.epoch):
+            return
         record.val_loss, record.val_accuracy = score(state.final_model, self.split, state, config.tta)
         if state.peak is None or state.peak.better(record.val_accuracy, record.val_loss):
             state.peak = Best(record.epoch, record.val_accuracy, record.val_loss)

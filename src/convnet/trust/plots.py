@@ -174,11 +174,13 @@ def plot_histories(histories: Sequence[Sequence[Mapping[str, Any]]], names: Sequ
         c = history_curves(history)
         prefix = "" if single else f"{name} "
         loss_ax.plot(c["epoch"], c["loss"], "o-", color=colour, label=f"{prefix}training")
-        if np.isfinite(c["val_loss"]).any():
-            loss_ax.plot(c["epoch"], c["val_loss"], "s--", color=colour, label=f"{prefix}validation")
+        scored = np.isfinite(c["val_loss"])  # every epoch, or every --val-every: the points joined
+        if scored.any():
+            loss_ax.plot(c["epoch"][scored], c["val_loss"][scored], "s--", color=colour, label=f"{prefix}validation")
         for key, style, kind in (("accuracy", "o-", "training"), ("val_accuracy", "s--", "validation")):
-            if np.isfinite(c[key]).any():
-                acc_ax.plot(c["epoch"], c[key], style, color=colour, label=f"{prefix}{kind}")
+            shown = np.isfinite(c[key])
+            if shown.any():
+                acc_ax.plot(c["epoch"][shown], c[key][shown], style, color=colour, label=f"{prefix}{kind}")
                 any_accuracy = True
     for ax, label in ((loss_ax, "cross-entropy loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
