@@ -20,6 +20,8 @@ from convnet.data.dataset import DiskImages
 from convnet.models.engine import Engine, exact_arithmetic
 from convnet.models.networks import fold_batchnorm
 
+STREAM_BATCH = 128  # images read from disk per forward pass, at most (streaming: --memory-budget)
+
 
 def infer(model: nn.Module, images: torch.Tensor | DiskImages, *, engine: Engine | None = None,
           batch_size: int | None = None, tta: bool = False) -> torch.Tensor:
@@ -31,11 +33,14 @@ def infer(model: nn.Module, images: torch.Tensor | DiskImages, *, engine: Engine
         engine: device, memory layout and batch size; defaults to the CPU fast path. The
             arithmetic is always fp32 (:func:`~convnet.models.engine.exact_arithmetic`), whatever
             precision the engine trains in: a run predicts the same everywhere.
-        batch_size: images per forward pass; defaults to ``engine.infer_batch_size``.
+        batch_size: images per forward pass; defaults to ``engine.infer_batch_size``; at most
+            :data:`STREAM_BATCH` for images on disk.
         tta: test-time augmentation: the mean of the logits of each image and its mirror.
     """
     engine = engine or Engine.fast()
     batch_size = batch_size or engine.infer_batch_size
+    if isinstance(images, DiskImages):  # streamed to keep memory bounded: read as few at a time as before
+        batch_size = min(batch_size, STREAM_BATCH)
     model.eval()
     if engine.fold_batchnorm:
         model = fold_batchnorm(model)  # a copy; the caller's model is left as it is
