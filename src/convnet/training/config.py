@@ -61,8 +61,8 @@ class TrainConfig:
     val_every: int = option(1, "score the held-out images every N epochs and after the last (each check is a pass "
                             "over them, two with --tta); the best of the epochs checked is kept", takes=EVERYWHERE,
                             metavar="N")
-    target_accuracy: float = option(0.0, "stop once the validation accuracy, checked every epoch, reaches this "
-                                    "(0: off)", takes={TRAIN}, shown="off")
+    target_accuracy: float = option(0.0, "stop once the validation accuracy, checked at every scored epoch "
+                                    "(--val-every), reaches this (0: off)", takes={TRAIN}, shown="off")
     patience: int = option(0, "stop once the validation accuracy has not improved for this many epochs (0: off)",
                            takes={TRAIN, ESTIMATOR}, alias="n_iter_no_change", shown="off")
     tta: bool = option(False, "predict with the mean of each image and its mirror", takes=EVERYWHERE)

@@ -162,8 +162,7 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     if init_record is not None:
         say(f"starting from {init_record['source']} ({'; '.join(init_record['changes']) or 'every weight kept'})")
     if dataset.val is not None and config.val_every > 1 and config.epochs > 1:
-        validation = validation.replace("; the best epoch's", f", scored every {config.val_every} epochs and after "
-                                        "the last (--val-every); the best scored epoch's")
+        validation += f"; scored every {config.val_every} epochs and after the last (--val-every)"
     say(validation)
     if dataset.pool is not None:
         say(f"unlabelled: {len(dataset.pool):,} images ({pool_name(dataset.pool_record)}), learnt from where the "
