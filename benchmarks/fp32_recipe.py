@@ -1,14 +1,17 @@
 """How the `cpu-fp32` recipe was chosen: fastnet's widths against its epochs, for CPUs that train in fp32.
 
     python benchmarks/fp32_recipe.py speed OUT.json [--repeats 3]
-    python benchmarks/fp32_recipe.py choose OUT.json WIDTHS EPOCHS [--seed 0] [--pool-first]
+    python benchmarks/fp32_recipe.py choose OUT.json WIDTHS EPOCHS [--seed 0] [--pool-first] [--unpadded 0]
+                                                              [--recipe cpu]
 
 `speed` times the fp32 training step (channels-last, batches of 128, SGD with Nesterov momentum: the engine and
 optimizer of a CPU without bfloat16) of fastnet at each candidate's widths, and of `fastnet-lean` (16-64-128, each
 stage's max-pool before its batch norm and ReLU), median of 30 steps after 5 of warm-up, `--repeats` times.
 `choose` trains the `cpu` recipe in fp32 with fastnet at WIDTHS (e.g. 16,64,128) for EPOCHS on Fashion-MNIST's
 default validation split (10 % of the training images, stratified by --seed) and records the kept epoch's
-validation accuracy: the test split is never read; `--pool-first` builds the candidate as `fastnet-lean` is. The
+validation accuracy: the test split is never read; `--pool-first` builds the candidate as `fastnet-lean` is,
+`--unpadded 0` (or `1`, `0,1`...) leaves those stages' convolutions unpadded (28x28 images: maps of 26, 13, 6 and 3
+with the first), and `--recipe cpu-fp32` lays the candidate over that recipe (validation every 3rd epoch). The
 epochs of each candidate were set so that it trains about as long as fastnet does in 13 epochs, the tutorial's
 Adam-15 script's time here (docs/performance.md, "A recipe for fp32"). Each result is appended to OUT.json (a JSON
 list).
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pool-first", action="store_true", help="conv, max-pool, batch norm, ReLU in each stage")
+    parser.add_argument("--unpadded", default="", help="stages whose convolution has no padding, e.g. 0 or 0,1")
+    parser.add_argument("--recipe", default="cpu", help="the recipe the candidate's model and epochs are laid over")
     args = parser.parse_args()
     keep_freed_memory()  # as the command line does
     cpu = {**cpu_info(), "threads": torch.get_num_threads()}
@@ -80,15 +85,24 @@ def main() -> None:
             append(args.out, {"widths": widths, "pool_first": pool_first, "images_per_s": speeds, "cpu": cpu})
         return
     widths = tuple(int(w) for w in args.widths.split(","))
-    name = "fastnet-" + "-".join(map(str, widths)) + ("-pool-first" if args.pool_first else "")
-    register_model(name, f"fastnet at widths {widths}")(
-        lambda c, i, s: FastNet(c, i, widths, pool_first=args.pool_first))  # type: ignore[arg-type]
+    name = "fastnet-" + "-".join(map(str, widths)) + ("-pool-first" if args.pool_first else "") + \
+        (f"-unpadded-{args.unpadded}" if args.unpadded else "")
+    unpadded = [int(k) for k in args.unpadded.split(",") if k]
+
+    def build(classes: int, channels: int, size: tuple[int, int]) -> nn.Module:
+        net = FastNet(classes, channels, widths, pool_first=args.pool_first)  # type: ignore[arg-type]
+        for stage in unpadded:
+            net.features[stage][0].padding = (0, 0)  # with pool_first each stage starts with its convolution
+        return net
+
+    register_model(name, f"fastnet at widths {widths}")(build)
     start = time.perf_counter()
     settings = {"model": name, "epochs": args.epochs, "seed": args.seed, "precision": "fp32"}
-    request = TrainRequest(settings, DataOptions(dataset="fashion-mnist"), recipe="cpu", device="cpu")
+    request = TrainRequest(settings, DataOptions(dataset="fashion-mnist"), recipe=args.recipe, device="cpu")
     result = train_run(request, engine=make_engine("cpu", precision="fp32")).result
     best = result.best or {}
-    record = {"widths": widths, "pool_first": args.pool_first, "epochs": args.epochs, "seed": args.seed,
+    record = {"widths": widths, "pool_first": args.pool_first, "unpadded": unpadded, "recipe": args.recipe,
+              "epochs": args.epochs, "seed": args.seed,
               "kept": best.get("epoch"),
               "val_accuracy": best.get("val_accuracy"), "seconds": round(time.perf_counter() - start),
               "val_by_epoch": [round(r.val_accuracy or 0.0, 4) for r in result.history], "cpu": cpu}

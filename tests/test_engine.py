@@ -137,7 +137,7 @@ def test_the_default_recipe_follows_the_arithmetic_a_cpu_trains_in(bf16: bool, t
     assert engine_module.recipe_kind(torch.device("cpu"), "fp32") == "cpu-fp32"  # --precision fp32: fp32's recipe
     assert engine_module.recipe_kind(torch.device("cpu"), "bf16") == "cpu"
     assert Engine(torch.device("cuda")).recipe_kind == "cuda"
-    assert RECIPES["cpu-fp32"].model == "fastnet-trim" != RECIPES["cpu"].model
+    assert RECIPES["cpu-fp32"].model == "fastnet-lean" != RECIPES["cpu"].model
     data = DataOptions(data_dir=toy_dir, subset=64)
 
     def trained(**settings: object) -> str:
@@ -145,6 +145,6 @@ def test_the_default_recipe_follows_the_arithmetic_a_cpu_trains_in(bf16: bool, t
         return train_run(request).config.model
 
     assert trained() == RECIPES[DEFAULT_RECIPE["cpu" if bf16 else "cpu-fp32"]].model
-    assert trained(precision="fp32") == "fastnet-trim"
+    assert trained(precision="fp32") == "fastnet-lean"
     explicit = TrainRequest({"epochs": 1, "precision": "fp32"}, data, recipe="cpu", device="cpu")
     assert train_run(explicit).config.model == "fastnet"  # a recipe named is the recipe taken

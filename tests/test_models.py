@@ -114,28 +114,6 @@ def test_fastnet_lean_is_fastnet_slim_with_each_pool_before_its_batch_norm() -> 
         assert not torch.allclose(lean(x), slim(x))
 
 
-@pytest.mark.parametrize(("size", "maps"), [
-    ((28, 28), [(13, 13), (6, 6), (3, 3)]), ((40, 24), [(19, 11), (9, 5), (4, 2)]),
-    ((8, 8), [(4, 4), (2, 2), (1, 1)]), ((15, 32), [(7, 16), (3, 8), (1, 4)])])
-def test_fastnet_trim_is_fastnet_lean_with_its_first_convolution_unpadded_from_16_pixels(
-        size: tuple[int, int], maps: list[tuple[int, int]]) -> None:
-    """The same parameters as fastnet-lean, and the same logits from the same weights when the image is too small to
-    trim (under 16 pixels a side); from 16 pixels on the first convolution is unpadded, so every map is smaller and
-    the logits differ. Each stage's map size is checked."""
-    torch.manual_seed(0)
-    lean = create_model("fastnet-lean", image_size=size).eval()
-    trim = create_model("fastnet-trim", image_size=size).eval()
-    trim.load_state_dict(lean.state_dict())  # the same names and shapes
-    x = torch.rand(2, 1, *size)
-    seen = []
-    for stage in trim.features:
-        stage.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape[-2:])))
-    with torch.no_grad():
-        same = torch.allclose(trim(x), lean(x))
-    assert seen == maps
-    assert same == (min(size) < 16)
-
-
 def test_resnet18_has_torchvisions_parameter_names_and_shapes() -> None:
     """So that published ImageNet weights load as they are: checked against the names and shapes that
     torchvision's own resnet.py gives (tests/fixtures/torchvision_resnet18.json)."""

@@ -26,9 +26,8 @@ _NAMES: dict[str, ModelName] = {
     "seed": ModelName("the tutorial's 3-conv CNN (no pooling, no batch norm)", 68_834),
     "fastnet": ModelName("3 conv-BN-ReLU-pool stages (32-64-128), the default on a CPU with bfloat16", 94_186),
     "fastnet-slim": ModelName("fastnet with a first stage of 16 (16-64-128)", 84_794),
-    "fastnet-lean": ModelName("fastnet-slim, each stage pooled before its BN and ReLU", 84_794),
-    "fastnet-trim": ModelName("fastnet-lean with an unpadded first convolution (from 16 px a side): the default where "
-                              "training is fp32", 84_794),
+    "fastnet-lean": ModelName("fastnet-slim, each stage pooled before its BN and ReLU: the default where training is "
+                              "fp32", 84_794),
     "airnet": ModelName("airbench-style GELU net, widths 64-128-256 (1.2 M parameters), the GPU default",
                         1_165_920),
     "airnet-wide": ModelName("airnet with widths 128-256-512 (4.7 M parameters), for the best recipe", 4_654_272),

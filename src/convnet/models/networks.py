@@ -205,18 +205,14 @@ class FastNet(nn.Module):
     max pooling and one linear layer. About 5x the seed model's compute per image at
     28x28, much better accuracy per second of training. ``pool_first``: each stage
     pools right after its convolution, before the batch norm and ReLU (fewer values to
-    normalise; batch norm is then not folded into the convolution for prediction).
-    ``pad_first=False``: the first convolution is unpadded (28x28 images give 26x26 maps),
-    which shrinks every later map (with ``pool_first`` only)."""
+    normalise; batch norm is then not folded into the convolution for prediction)."""
 
     def __init__(self, num_classes: int, in_channels: int, widths: tuple[int, int, int],
-                 pool_first: bool = False, pad_first: bool = True) -> None:
+                 pool_first: bool = False) -> None:
         super().__init__()
         w1, w2, w3 = widths
         if pool_first:  # conv -> max-pool -> batch norm -> ReLU: the batch norm and ReLU on a quarter of the values
             self.features = nn.Sequential(_conv_pool_bn(in_channels, w1), _conv_pool_bn(w1, w2), _conv_pool_bn(w2, w3))
-            if not pad_first:
-                self.features[0][0].padding = (0, 0)
         else:
             self.features = nn.Sequential(
                 _conv_bn(in_channels, w1),  # (B, w1, H, W), e.g. 28x28
@@ -249,19 +245,6 @@ def fastnet_lean(num_classes: int, in_channels: int, image_size: Size) -> nn.Mod
     # fastnet-slim with each stage's max-pool moved before its batch norm and ReLU (as airnet's stages): those then
     # see a quarter of the values, and the fp32 step is 1.18x as fast (2 cores, batch 128; docs/performance.md).
     return FastNet(num_classes, in_channels, (16, 64, 128), pool_first=True)
-
-
-TRIM_FROM = 16  # fastnet-trim leaves its first convolution unpadded for images at least this many pixels a side
-
-
-@_built_in("fastnet-trim")
-def fastnet_trim(num_classes: int, in_channels: int, image_size: Size) -> nn.Module:
-    # fastnet-lean with its first convolution unpadded: 28x28 images make maps of 26, 13, 6 and 3 instead of 28, 14,
-    # 7 and 3, so the two wide convolutions see 0.86 and 0.73 of the positions, and the fp32 step is about 1.5x as
-    # fast (2 AVX2 cores, batch 128), for the same validation accuracy (docs/performance.md). Smaller images keep
-    # the padding: an unpadded 8x8 image would pool down to nothing.
-    return FastNet(num_classes, in_channels, (16, 64, 128), pool_first=True,
-                   pad_first=min(image_size) < TRIM_FROM)
 
 
 def _conv_bn_gelu(c_in: int, c_out: int) -> list[nn.Module]:

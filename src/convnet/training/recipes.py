@@ -24,12 +24,11 @@ _CPU = TrainConfig(model="fastnet", optimizer="sgd", lr=0.1, momentum=0.9, neste
 RECIPES: dict[str, TrainConfig] = {
     "tutorial": TrainConfig(shuffle=False),
     "cpu": _CPU,
-    # The cpu recipe with fastnet-trim for 21 epochs: where training is fp32 (no native bfloat16), within the time
+    # The cpu recipe with fastnet-lean for 21 epochs: where training is fp32 (no native bfloat16), within the time
     # the tutorial's Adam-15 script takes. Chosen on the validation splits of seeds 0 and 1 (docs/performance.md,
-    # "A recipe for fp32": fastnet-lean first, then its unpadded first convolution, as accurate and 1.5x as fast).
-    # Validation scored every 3rd epoch and the last: each check costs 7 % of an epoch there, and every run
-    # measured kept its last epoch.
-    "cpu-fp32": replace(_CPU, model="fastnet-trim", epochs=21, val_every=3),
+    # "A recipe for fp32"). Validation scored every 3rd epoch and the last: each check costs 7 % of an epoch there,
+    # and every run measured kept its last epoch.
+    "cpu-fp32": replace(_CPU, model="fastnet-lean", epochs=21, val_every=3),
     "gpu": TrainConfig(model="airnet", optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
                        epochs=12, batch_size=512, label_smoothing=0.1, augment="flip-translate", translate_px=2,
                        schedule="linear", warmup_epochs=1.0, tta=True, ema=0.0),
