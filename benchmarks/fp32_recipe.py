@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--unpadded", default="", help="stages whose convolution has no padding, e.g. 0 or 0,1")
     parser.add_argument("--recipe", default="cpu", help="the recipe the candidate's model and epochs are laid over")
     args = parser.parse_args()
+    if args.unpadded and not args.pool_first:  # only fastnet-lean's layout has a convolution first in each stage
+        parser.error(f"--unpadded {args.unpadded} needs --pool-first: the stages it names are fastnet-lean's")
     keep_freed_memory()  # as the command line does
     cpu = {**cpu_info(), "threads": torch.get_num_threads()}
     if args.mode == "speed":
