@@ -211,3 +211,42 @@ def test_the_thresholds_follow_the_teachers_confidence_and_are_lower_for_classes
         later = adaptive(sure, sure.max(dim=1).values)
     assert 0.9 < float(adaptive.running[0]) < 0.97  # the global threshold: its mean confidence
     assert later[0] == later.max() and later[2] < 0.5 * later[0]  # class 2's threshold scaled down
+
+
+def test_the_strong_augmentation_cuts_out_a_square_of_the_drawn_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convnet.training import semi
+
+    x = torch.rand(2, 1, 28, 28)
+    d = semi.StrongDraws(strong_shifts=torch.full((2, 2), semi.STRONG_PAD), strong_flips=None,
+                         cutouts=torch.tensor([[2, 3], [10, 10]]), contrast=torch.ones(2), brightness=torch.zeros(2),
+                         cutout_sides=torch.tensor([5, 0]))
+    changed = ((semi.strong(x, d) - x).abs() > 1e-5).sum(dim=(1, 2, 3))
+    assert changed.tolist() == [25, 0]  # a 5x5 square filled with the image's mean; a side of 0 cuts nothing
+    gen = torch.Generator().manual_seed(0)
+    fixed = semi.draw_strong(500, (28, 28), False, gen, torch.device("cpu"))
+    assert set(fixed.cutout_sides.tolist()) == {14}  # CUTOUT of the side, every time
+    monkeypatch.setattr(semi, "CUTOUT_RANDOM", True)
+    drawn = semi.draw_strong(500, (28, 28), False, gen, torch.device("cpu"))
+    assert drawn.cutout_sides.min() >= 0 and drawn.cutout_sides.max() <= 14 and len(drawn.cutout_sides.unique()) > 10
+    centres = drawn.cutouts + drawn.cutout_sides.view(-1, 1) // 2
+    assert centres.min() >= 0 and centres.max() < 28  # each square centred inside the image
+
+
+def test_the_pool_is_labelled_by_the_moving_average_or_by_the_model_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convnet.training import loop, semi
+
+    for ema_teacher in (True, False):
+        monkeypatch.setattr(semi, "EMA_TEACHER", ema_teacher)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        ema = loop.EMA(net, 0.9)
+        calls: list[str] = []
+        net.register_forward_hook(lambda *_, calls=calls: calls.append("model"))
+        ema.module.register_forward_hook(lambda *_, calls=calls: calls.append("average"))
+        images, pool = torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(6, 1, 2, 2, dtype=torch.uint8)
+        strong = vars(semi.draw_strong(6, (2, 2), False, torch.Generator().manual_seed(0), torch.device("cpu")))
+        loop.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                        loop.make_engine("cpu"), ema, torch.zeros((), dtype=torch.int64), torch.zeros(2), None, 0,
+                        None, images, torch.tensor([0, 1]), pool=pool,
+                        **{k: v for k, v in strong.items() if v is not None})
+        # the first pass labels the pool (the moving average, or the model itself); the second trains the model
+        assert calls == (["average", "model"] if ema_teacher else ["model", "model"])

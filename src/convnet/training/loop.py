@@ -131,8 +131,8 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Mod
     else:
         u = engine.batch(pool)  # (U, C, H, W)
         with torch.no_grad(), engine.precision():  # the teacher's classes, seen lightly augmented
-            teacher = (ema.module if ema is not None else net)(augment.apply(u, augment.Draws(pool_shifts, pool_flips),
-                                                                             pad))
+            teacher = (ema.module if ema is not None and semi.EMA_TEACHER else net)(
+                augment.apply(u, augment.Draws(pool_shifts, pool_flips), pad))
         probs = teacher.float().softmax(dim=1)  # (U, num_classes)
         probs = align(probs) if align is not None else probs
         confidence, pseudo = probs.max(dim=1)  # (U,), (U,)

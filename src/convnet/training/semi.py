@@ -2,13 +2,14 @@
 moving average of the weights as the teacher.
 
 Every step also draws ``RATIO`` times as many images from the unlabelled pool as the batch
-holds. The teacher (the weights' moving average, or the model itself without one) labels
-each pool image seen with light augmentation (the recipe's shifts and flips); where its
-most probable class reaches that class's threshold (:class:`Adaptive`, FreeMatch's, which
-follow the teacher's confidence; ``THRESHOLD`` without ``ADAPTIVE``), the student learns
-that class from the same image under strong augmentation (:func:`strong`: larger shifts, a
-cut-out square, contrast and brightness), weighted by ``WEIGHT`` against the labelled loss.
-With ``ALIGN`` the teacher's probabilities are first aligned with the labels' class shares
+holds. The teacher (the weights' moving average; the model itself without one, or without
+``EMA_TEACHER``) labels each pool image seen with light augmentation (the recipe's shifts
+and flips); where its most probable class reaches that class's threshold (:class:`Adaptive`,
+FreeMatch's, which follow the teacher's confidence; ``THRESHOLD`` without ``ADAPTIVE``), the
+student learns that class from the same image under strong augmentation (:func:`strong`:
+larger shifts, a cut-out square of side ``CUTOUT``, or up to it with ``CUTOUT_RANDOM``,
+contrast and brightness), weighted by ``WEIGHT`` against the labelled loss. With ``ALIGN``
+the teacher's probabilities are first aligned with the labels' class shares
 (:class:`Alignment`). Pool images the teacher is unsure of add nothing. A run with a pool
 trains longer (``recipes.POOL_EPOCHS``).
 
@@ -28,10 +29,12 @@ WEIGHT = 1.0  # the unlabelled loss against the labelled one
 RATIO = 3  # pool images per labelled image in a step
 STRONG_PAD = 4  # largest shift of the strong augmentation, in pixels (28x28 images: a seventh)
 CUTOUT = 0.5  # the side of the square cut out, as a share of the image's side
+CUTOUT_RANDOM = False  # each square's side drawn uniformly up to CUTOUT instead (FixMatch's range, 0 to 0.5)
 ALIGN = True  # distribution alignment of the teacher's probabilities (ReMixMatch's)
 ALIGN_MOMENTUM = 0.99  # the running mean of the teacher's probabilities: about the last hundred steps
 ADAPTIVE = True  # FreeMatch's self-adaptive thresholds (Adaptive) instead of THRESHOLD
 ADAPTIVE_MOMENTUM = 0.99  # their running means: about the last hundred steps, as ALIGN_MOMENTUM
+EMA_TEACHER = True  # the weights' moving average labels the pool; False: the model being trained (FixMatch's)
 
 
 class Alignment:
@@ -72,13 +75,15 @@ class Adaptive:
 class StrongDraws:
     """One pool batch's strong augmentation: shifts ``(U, 2)`` in ``0..2*STRONG_PAD``,
     flips ``(U,)`` (None where mirrors change the class), cut-out corners ``(U, 2)``,
-    contrast factors and brightness offsets ``(U,)``; named apart from the labelled batch's draws."""
+    contrast factors and brightness offsets ``(U,)``, the cut-out squares' sides ``(U,)``; named apart
+    from the labelled batch's draws."""
 
     strong_shifts: torch.Tensor
     strong_flips: torch.Tensor | None
     cutouts: torch.Tensor
     contrast: torch.Tensor
     brightness: torch.Tensor
+    cutout_sides: torch.Tensor
 
 
 def draw_strong(batch: int, size: tuple[int, int], hflip: bool, generator: torch.Generator,
@@ -86,7 +91,7 @@ def draw_strong(batch: int, size: tuple[int, int], hflip: bool, generator: torch
     """The random numbers of the strong augmentation for ``batch`` pool images of ``size`` (H, W)."""
     h, w = size
     side = max(1, round(CUTOUT * min(h, w)))
-    return StrongDraws(
+    draws = StrongDraws(
         strong_shifts=torch.randint(0, 2 * STRONG_PAD + 1, (batch, 2), generator=generator, device=device),
         strong_flips=torch.rand(batch, generator=generator, device=device) < 0.5 if hflip else None,
         cutouts=torch.stack([torch.randint(-side // 2, h - side // 2, (batch,), generator=generator, device=device),
@@ -94,7 +99,12 @@ def draw_strong(batch: int, size: tuple[int, int], hflip: bool, generator: torch
                             dim=1),
         contrast=torch.empty(batch, device=device).uniform_(0.5, 1.5, generator=generator),
         brightness=torch.empty(batch, device=device).uniform_(-0.25, 0.25, generator=generator),
+        cutout_sides=torch.full((batch,), side, device=device),
     )
+    if CUTOUT_RANDOM:  # the square's centre anywhere in the image, its side 0 to `side`
+        draws.cutout_sides = torch.randint(0, side + 1, (batch,), generator=generator, device=device)
+        draws.cutouts = draws.cutouts + side // 2 - draws.cutout_sides.view(batch, 1) // 2
+    return draws
 
 
 def strong(x: torch.Tensor, d: StrongDraws) -> torch.Tensor:
@@ -104,7 +114,7 @@ def strong(x: torch.Tensor, d: StrongDraws) -> torch.Tensor:
     if d.strong_flips is not None:
         x = flip(x, d.strong_flips)
     u, _, h, w = x.shape
-    side = max(1, round(CUTOUT * min(h, w)))
+    side = d.cutout_sides.view(u, 1, 1)
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     top, left = d.cutouts[:, 0].view(u, 1, 1), d.cutouts[:, 1].view(u, 1, 1)
@@ -113,3 +123,4 @@ def strong(x: torch.Tensor, d: StrongDraws) -> torch.Tensor:
     x = torch.where(hole, mean, x)
     x = (x - mean) * d.contrast.view(u, 1, 1, 1) + mean + d.brightness.view(u, 1, 1, 1)
     return x.clamp(0, 1)
+
