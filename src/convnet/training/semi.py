@@ -123,4 +123,3 @@ def strong(x: torch.Tensor, d: StrongDraws) -> torch.Tensor:
     x = torch.where(hole, mean, x)
     x = (x - mean) * d.contrast.view(u, 1, 1, 1) + mean + d.brightness.view(u, 1, 1, 1)
     return x.clamp(0, 1)
-
