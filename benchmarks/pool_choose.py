@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
+from suggest_sim import judge_split
 from torch import nn
 
 from convnet.data.dataset import Dataset, Split
@@ -69,25 +70,28 @@ def main() -> int:
     overrides = {k: ast.literal_eval(v) for k, v in (t.split("=", 1) for t in a.train)}
     data = load_dataset("fashion-mnist")
     x, y = data.train.images, data.train.labels.numpy()
-    rest, judge = train_test_split(np.arange(len(y)), test_size=2_000, random_state=1234, stratify=y)
+    rest, judge = judge_split(y)
     judge_x, judge_y = x[torch.from_numpy(judge)], torch.from_numpy(y[judge])
     engine = make_engine("cpu")
+
+    def judged(model: nn.Module, tta: bool) -> float:
+        return float((infer(model, judge_x, engine=engine, tta=tta).argmax(1) == judge_y).float().mean())
+
     rows = json.loads(a.out.read_text()) if a.out.is_file() else []
     for seed in map(int, a.seeds.split(",")):
         if any((r["name"], r["n"], r["seed"]) == (a.name, a.n, seed) for r in rows):
             continue
-        labelled, pool = train_test_split(rest, train_size=a.n, random_state=seed, stratify=y[rest])
+        labelled, pool = (np.sort(r) for r in train_test_split(rest, train_size=a.n, random_state=seed,
+                                                                stratify=y[rest]))
         empty = Split(x[:0], data.train.labels[:0])
-        split = Split(x[torch.from_numpy(np.sort(labelled))], torch.from_numpy(y[np.sort(labelled)]))
-        dataset = Dataset("fashion-mnist", data.spec, split, empty, "", pool=x[torch.from_numpy(np.sort(pool))])
+        split = Split(x[torch.from_numpy(labelled)], torch.from_numpy(y[labelled]))
+        dataset = Dataset("fashion-mnist", data.spec, split, empty, "", pool=x[torch.from_numpy(pool)])
         start = time.perf_counter()
         trained = train_run(TrainRequest({"seed": seed, **overrides}, dataset), engine=engine)
         seconds = time.perf_counter() - start
         model, tta = trained.result.model, trained.config.tta
-        accuracy = float((infer(model, judge_x, engine=engine, tta=tta).argmax(1) == judge_y).float().mean())
-        seen = torch.cat([split.images, dataset.pool])  # type: ignore[list-item]
-        bn = recalibrated(model, seen, engine)
-        accuracy_bn = float((infer(bn, judge_x, engine=engine, tta=tta).argmax(1) == judge_y).float().mean())
+        accuracy = judged(model, tta)
+        accuracy_bn = judged(recalibrated(model, torch.cat([split.images, dataset.pool]), engine), tta)  # type: ignore[list-item]
         last = trained.result.history[-1]
         rows.append({"name": a.name, "n": a.n, "seed": seed, "set": a.set, "train": a.train, "accuracy": accuracy,
                      "accuracy_bn": accuracy_bn, "kept": (trained.result.best or {}).get("epoch"),

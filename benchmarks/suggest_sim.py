@@ -55,7 +55,7 @@ def main() -> int:
     x, y = data.train.images, data.train.labels.numpy()
     engine = make_engine("cpu")
     rows = json.loads(a.out.read_text()) if a.out.is_file() else []
-    rest, judge = train_test_split(np.arange(len(y)), test_size=2_000, random_state=1234, stratify=y)
+    rest, judge = judge_split(y)
     if a.score == "test":
         score_x, score_y = data.test.images, data.test.labels
     else:
@@ -110,6 +110,11 @@ def main() -> int:
         plot([r for r in rows if _key(r)[1] == a.pool], a.score, methods, sizes, a.plot)
     return 0
 
+
+def judge_split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of Fashion-MNIST's training images that may be labelled or pooled, and the 2,000 (stratified, fixed)
+    that never are: the judge images methods are chosen on (here and in pool_choose.py)."""
+    return train_test_split(np.arange(len(y)), test_size=2_000, random_state=1234, stratify=y)
 
 def _key(row: dict) -> tuple:
     """A round's identity in OUT.json: score, pool, method, seed, labels (rows before `--pool` had none)."""
