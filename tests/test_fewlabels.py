@@ -250,3 +250,26 @@ def test_the_pool_is_labelled_by_the_moving_average_or_by_the_model_itself(monke
                         **{k: v for k, v in strong.items() if v is not None})
         # the first pass labels the pool (the moving average, or the model itself); the second trains the model
         assert calls == (["average", "model"] if ema_teacher else ["model", "model"])
+
+
+def test_the_teacher_may_label_each_pool_image_with_its_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convnet.training import loop, semi
+
+    for mirror, hflip in ((False, True), (True, True), (True, False)):
+        monkeypatch.setattr(semi, "TEACHER_MIRROR", mirror)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        ema = loop.EMA(net, 0.9)
+        seen: list[torch.Tensor] = []
+        ema.module.register_forward_hook(lambda _m, inputs, _out, seen=seen: seen.append(inputs[0].clone()))
+        images = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+        pool = torch.arange(24, dtype=torch.uint8).view(6, 1, 2, 2) * 10
+        strong = vars(semi.draw_strong(6, (2, 2), hflip, torch.Generator().manual_seed(0), torch.device("cpu")))
+        light = {"pool_flips": torch.zeros(6, dtype=torch.bool)} if hflip else {}
+        loop.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                        loop.make_engine("cpu"), ema, torch.zeros((), dtype=torch.int64), torch.zeros(2), None, 0,
+                        None, images, torch.tensor([0, 1]), pool=pool, **light,
+                        **{k: v for k, v in strong.items() if v is not None})
+        if mirror and hflip:  # the pool seen twice by the teacher: as drawn, then mirrored
+            assert len(seen) == 2 and torch.equal(seen[1], seen[0].flip(3)) and not torch.equal(seen[1], seen[0])
+        else:  # once; never mirrored where mirrors change the class
+            assert len(seen) == 1

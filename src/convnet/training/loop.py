@@ -130,10 +130,14 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Mod
         loss = loss_fn(logits.float(), labels)
     else:
         u = engine.batch(pool)  # (U, C, H, W)
+        teacher = ema.module if ema is not None and semi.EMA_TEACHER else net
+        mirror = semi.TEACHER_MIRROR and pool_flips is not None  # only where mirrors keep the class
         with torch.no_grad(), engine.precision():  # the teacher's classes, seen lightly augmented
-            teacher = (ema.module if ema is not None and semi.EMA_TEACHER else net)(
-                augment.apply(u, augment.Draws(pool_shifts, pool_flips), pad))
-        probs = teacher.float().softmax(dim=1)  # (U, num_classes)
+            weak = augment.apply(u, augment.Draws(pool_shifts, pool_flips), pad)
+            seen_as_drawn, seen_mirrored = teacher(weak), teacher(weak.flip(3)) if mirror else None
+        probs = seen_as_drawn.float().softmax(dim=1)  # (U, num_classes)
+        if seen_mirrored is not None:
+            probs = (probs + seen_mirrored.float().softmax(dim=1)) / 2
         probs = align(probs) if align is not None else probs
         confidence, pseudo = probs.max(dim=1)  # (U,), (U,)
         sure = (confidence >= (adaptive(probs, confidence)[pseudo] if adaptive is not None else semi.THRESHOLD)).float()

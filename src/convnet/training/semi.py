@@ -4,7 +4,8 @@ moving average of the weights as the teacher.
 Every step also draws ``RATIO`` times as many images from the unlabelled pool as the batch
 holds. The teacher (the weights' moving average; the model itself without one, or without
 ``EMA_TEACHER``) labels each pool image seen with light augmentation (the recipe's shifts
-and flips); where its most probable class reaches that class's threshold (:class:`Adaptive`,
+and flips; with ``TEACHER_MIRROR``, its mean over the image and its mirror); where its most
+probable class reaches that class's threshold (:class:`Adaptive`,
 FreeMatch's, which follow the teacher's confidence; ``THRESHOLD`` without ``ADAPTIVE``), the
 student learns that class from the same image under strong augmentation (:func:`strong`:
 larger shifts, a cut-out square of side ``CUTOUT``, or up to it with ``CUTOUT_RANDOM``,
@@ -35,6 +36,8 @@ ALIGN_MOMENTUM = 0.99  # the running mean of the teacher's probabilities: about 
 ADAPTIVE = True  # FreeMatch's self-adaptive thresholds (Adaptive) instead of THRESHOLD
 ADAPTIVE_MOMENTUM = 0.99  # their running means: about the last hundred steps, as ALIGN_MOMENTUM
 EMA_TEACHER = True  # the weights' moving average labels the pool; False: the model being trained (FixMatch's)
+TEACHER_MIRROR = False  # the teacher's probabilities averaged over each pool image and its mirror (where mirrors
+# keep the class): one more forward pass of the teacher a step
 
 
 class Alignment:
