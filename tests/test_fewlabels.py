@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -232,43 +233,48 @@ def test_the_strong_augmentation_cuts_out_a_square_of_the_drawn_side(monkeypatch
     assert centres.min() >= 0 and centres.max() < 28  # each square centred inside the image
 
 
-def test_the_pool_is_labelled_by_the_moving_average_or_by_the_model_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+def _pool_step(pool: torch.Tensor, hflip: bool = False) -> tuple[torch.nn.Module, torch.nn.Module, Callable[[], None]]:
+    """A tiny model, its moving average and one training step with ``pool`` (six 2x2 images) to run:
+    what the teacher tests hook into."""
     from convnet.training import loop, semi
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    ema = loop.EMA(net, 0.9)
+    strong = vars(semi.draw_strong(6, (2, 2), hflip, torch.Generator().manual_seed(0), torch.device("cpu")))
+    light = {"pool_flips": torch.zeros(6, dtype=torch.bool)} if hflip else {}
+
+    def step() -> None:
+        loop.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                        loop.make_engine("cpu"), ema, torch.zeros((), dtype=torch.int64), torch.zeros(2), None, 0,
+                        None, torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]), pool=pool, **light,
+                        **{k: v for k, v in strong.items() if v is not None})
+
+    return net, ema.module, step
+
+
+def test_the_pool_is_labelled_by_the_moving_average_or_by_the_model_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convnet.training import semi
 
     for ema_teacher in (True, False):
         monkeypatch.setattr(semi, "EMA_TEACHER", ema_teacher)
-        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-        ema = loop.EMA(net, 0.9)
+        net, average, step = _pool_step(torch.zeros(6, 1, 2, 2, dtype=torch.uint8))
         calls: list[str] = []
         net.register_forward_hook(lambda *_, calls=calls: calls.append("model"))
-        ema.module.register_forward_hook(lambda *_, calls=calls: calls.append("average"))
-        images, pool = torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(6, 1, 2, 2, dtype=torch.uint8)
-        strong = vars(semi.draw_strong(6, (2, 2), False, torch.Generator().manual_seed(0), torch.device("cpu")))
-        loop.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
-                        loop.make_engine("cpu"), ema, torch.zeros((), dtype=torch.int64), torch.zeros(2), None, 0,
-                        None, images, torch.tensor([0, 1]), pool=pool,
-                        **{k: v for k, v in strong.items() if v is not None})
+        average.register_forward_hook(lambda *_, calls=calls: calls.append("average"))
+        step()
         # the first pass labels the pool (the moving average, or the model itself); the second trains the model
         assert calls == (["average", "model"] if ema_teacher else ["model", "model"])
 
 
 def test_the_teacher_may_label_each_pool_image_with_its_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
-    from convnet.training import loop, semi
+    from convnet.training import semi
 
     for mirror, hflip in ((False, True), (True, True), (True, False)):
         monkeypatch.setattr(semi, "TEACHER_MIRROR", mirror)
-        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-        ema = loop.EMA(net, 0.9)
+        _, average, step = _pool_step(torch.arange(24, dtype=torch.uint8).view(6, 1, 2, 2) * 10, hflip)
         seen: list[torch.Tensor] = []
-        ema.module.register_forward_hook(lambda _m, inputs, _out, seen=seen: seen.append(inputs[0].clone()))
-        images = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
-        pool = torch.arange(24, dtype=torch.uint8).view(6, 1, 2, 2) * 10
-        strong = vars(semi.draw_strong(6, (2, 2), hflip, torch.Generator().manual_seed(0), torch.device("cpu")))
-        light = {"pool_flips": torch.zeros(6, dtype=torch.bool)} if hflip else {}
-        loop.train_step(net, torch.optim.SGD(net.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
-                        loop.make_engine("cpu"), ema, torch.zeros((), dtype=torch.int64), torch.zeros(2), None, 0,
-                        None, images, torch.tensor([0, 1]), pool=pool, **light,
-                        **{k: v for k, v in strong.items() if v is not None})
+        average.register_forward_hook(lambda _m, inputs, _out, seen=seen: seen.append(inputs[0].clone()))
+        step()
         if mirror and hflip:  # the pool seen twice by the teacher: as drawn, then mirrored
             assert len(seen) == 2 and torch.equal(seen[1], seen[0].flip(3)) and not torch.equal(seen[1], seen[0])
         else:  # once; never mirrored where mirrors change the class

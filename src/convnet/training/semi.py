@@ -5,14 +5,13 @@ Every step also draws ``RATIO`` times as many images from the unlabelled pool as
 holds. The teacher (the weights' moving average; the model itself without one, or without
 ``EMA_TEACHER``) labels each pool image seen with light augmentation (the recipe's shifts
 and flips; with ``TEACHER_MIRROR``, its mean over the image and its mirror); where its most
-probable class reaches that class's threshold (:class:`Adaptive`,
-FreeMatch's, which follow the teacher's confidence; ``THRESHOLD`` without ``ADAPTIVE``), the
-student learns that class from the same image under strong augmentation (:func:`strong`:
-larger shifts, a cut-out square of side ``CUTOUT``, or up to it with ``CUTOUT_RANDOM``,
-contrast and brightness), weighted by ``WEIGHT`` against the labelled loss. With ``ALIGN``
-the teacher's probabilities are first aligned with the labels' class shares
-(:class:`Alignment`). Pool images the teacher is unsure of add nothing. A run with a pool
-trains longer (``recipes.POOL_EPOCHS``).
+probable class reaches that class's threshold (:class:`Adaptive`, FreeMatch's, which follow
+the teacher's confidence; ``THRESHOLD`` without ``ADAPTIVE``), the student learns that class
+from the same image under strong augmentation (:func:`strong`: larger shifts, a cut-out
+square of side ``CUTOUT``, or up to it with ``CUTOUT_RANDOM``, contrast and brightness),
+weighted by ``WEIGHT`` against the labelled loss. With ``ALIGN`` the teacher's probabilities
+are first aligned with the labels' class shares (:class:`Alignment`). Pool images the
+teacher is unsure of add nothing. A run with a pool trains longer (``recipes.POOL_EPOCHS``).
 
 The constants were chosen on validation images only (docs/small-data.md, "Few labels").
 """
