@@ -33,7 +33,7 @@ def main() -> int:
     a = p.parse_args()
     data = load_dataset("fashion-mnist")
     classes = data.spec.classes
-    recalls: dict[str, dict[str, float]] = {}
+    runs: list[Path] = []
     for seed in map(int, a.seeds.split(",")):
         folder = a.workdir / f"pool-{a.n}-{seed}"
         rows = data.draw(a.n, seed, rest_as_pool=True).pool_index
@@ -49,9 +49,9 @@ def main() -> int:
         print(f"seed {seed}: pool {right.mean():.4f} right; " + "; ".join(f">= {t}: {v}" for t, v in sure.items()))
         print(f"  {int(wrong.sum()):,} taught wrong at >= 0.95, most often: "
               + ", ".join(f"{classes[t]} -> {classes[w]} {c}" for (t, w), c in pairs))
-        recalls[folder.name] = json.loads((folder / "metrics.json").read_text())["test"]["report"]
-    for run in a.against:
-        recalls[run.name] = json.loads((run / "metrics.json").read_text())["test"]["report"]
+        runs.append(folder)
+    recalls = {run.name: json.loads((run / "metrics.json").read_text())["test"]["report"]
+               for run in [*runs, *a.against]}
     print("| test recall | " + " | ".join(recalls) + " |")
     print("| --- |" + " --- |" * len(recalls))
     for name in classes:

@@ -29,15 +29,19 @@ import torch.nn.functional as F
 
 from convnet.models.engine import cpu_info
 
-_BT = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float32)
+# The kernel transform's matrix; the input's (B^T) and output's (A^T) are applied as the sums they stand for.
 _G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float32)
-_AT = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float32)
 
 
 def _transform(rows: list[torch.Tensor]) -> list[torch.Tensor]:
     """B^T d along one axis: four slices (d0..d3) to four (d0-d2, d1+d2, d2-d1, d1-d3)."""
     d0, d1, d2, d3 = rows
     return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _untransform(m: torch.Tensor) -> torch.Tensor:
+    """A^T m along the first axis: four (m0..m3) to two stacked (m0+m1+m2, m1-m2-m3)."""
+    return torch.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]])
 
 
 def tiles(x: torch.Tensor) -> torch.Tensor:
@@ -60,9 +64,8 @@ def kernels(w: torch.Tensor) -> torch.Tensor:
 def untile(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     """The output transform A^T m A of the 16 products ``(16, N*T*S, O)``: ``(N, O, H, W)``, channels-last."""
     t, s, o = (h + 1) // 2, (w + 1) // 2, m.shape[-1]
-    m = m.reshape(4, 4, n, t, s, o)
-    rows = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]  # A^T along the first axis: 2 x (4, N, T, S, O)
-    y = torch.stack([torch.stack([r[0] + r[1] + r[2], r[1] - r[2] - r[3]]) for r in rows])  # (2, 2, N, T, S, O)
+    rows = _untransform(m.reshape(4, 4, n, t, s, o))  # (2, 4, N, T, S, O)
+    y = torch.stack([_untransform(r) for r in rows])  # (2, 2, N, T, S, O)
     y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, 2 * t, 2 * s, o)[:, :h, :w]
     return y.permute(0, 3, 1, 2)
 
