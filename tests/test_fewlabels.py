@@ -1,6 +1,7 @@
 """Few labels, many pictures: a pool of unlabelled images trained on too (never counted as
 labelled), a pool of other things that does no harm, scikit-learn's -1 for unlabelled, the
-suggestions of what to label next (never an image the run trained on), and bad pools refused."""
+suggestions of what to label next (never one of the run's labelled images), a pool that
+never holds a labelled image, and bad pools refused."""
 
 from __future__ import annotations
 
@@ -114,6 +115,30 @@ def test_a_folder_pool_is_recorded_and_resume_refuses_one_that_changed(tmp_path:
     assert "learnt from 40 unlabelled images" in err and "now holds 41 other ones" in err and err.count("\n") == 1
 
 
+def test_a_pool_never_holds_a_labelled_image_and_never_a_test_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    photos = make_dataset_dir(tmp_path / "named", n_train=60, n_test=20)
+    from convnet.data.named import load_dataset
+
+    named = load_dataset("fashion-mnist", photos)
+    pool = _write(tmp_path / "pool", named.train.images[:4, 0].numpy(), [f"train{i}.png" for i in range(4)])
+    _write(pool, named.test.images[:3, 0].numpy(), [f"test{i}.png" for i in range(3)])
+    _write(pool, np.random.default_rng(2).integers(0, 256, (10, 28, 28), dtype=np.uint8))
+    args = ["train", "--device", "cpu", "--data-dir", str(photos), "--model", "seed", "--epochs", "1", "--no-progress"]
+    assert main([*args, "--unlabeled", str(pool), "--out", str(tmp_path / "run")]) == 0
+    said = capsys.readouterr()
+    assert "left out 7 of the 17 unlabelled images: the same pixels as labelled ones (3 of them test images" in said.out
+    assert "unlabelled: 10 images" in said.out
+    recorded = json.loads((tmp_path / "run" / runfolder.CONFIG).read_text())["data"]["pool"]
+    assert recorded["images"] == 17 and recorded["labelled_left_out"] == 7
+    only_labelled = _write(tmp_path / "labelled", named.test.images[:3, 0].numpy())
+    assert main([*args, "--unlabeled", str(only_labelled), "--out", str(tmp_path / "run2")]) == 1
+    err = capsys.readouterr().err
+    assert "every image in it is one of the labelled images" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run2").exists()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--unlabeled", "{tmp}/nowhere"], "--unlabeled {tmp}/nowhere: no such folder"),
     (["--unlabeled", "rest"], "--unlabeled rest makes the training images --subset leaves out the pool"),
@@ -153,7 +178,7 @@ def test_the_estimator_takes_minus_one_for_unlabelled_images() -> None:
         ConvNetClassifier(epochs=1, device="cpu", verbose=0).fit(X, np.where(y == 1, 0, y))
 
 
-def test_suggestions_spread_over_the_data_and_never_repeat_a_training_image(tmp_path: Path, toy_dir: Path,
+def test_suggestions_spread_over_the_data_and_never_repeat_a_labelled_image(tmp_path: Path, toy_dir: Path,
                                                                             monkeypatch: pytest.MonkeyPatch,
                                                                             capsys: pytest.CaptureFixture[str]) -> None:
     # the ranking: among equally unsure images, copies of one are not all chosen
@@ -168,8 +193,10 @@ def test_suggestions_spread_over_the_data_and_never_repeat_a_training_image(tmp_
                  "--out", str(run), "--no-progress"]) == 0
     from convnet.data.named import load_dataset
 
-    train_images = load_dataset("fashion-mnist", photos).train.images[:, 0].numpy()
+    named = load_dataset("fashion-mnist", photos)
+    train_images, test_images = named.train.images[:, 0].numpy(), named.test.images[:, 0].numpy()
     pool = _write(tmp_path / "pool", train_images[:5], [f"seen{i}.png" for i in range(5)])  # pixels it trained on
+    _write(pool, test_images[:3], [f"tested{i}.png" for i in range(3)])  # and pixels it is scored on
     rng = np.random.default_rng(1)
     _write(pool, rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), [f"new{i:02d}.png" for i in range(12)])
     capsys.readouterr()
@@ -178,7 +205,7 @@ def test_suggestions_spread_over_the_data_and_never_repeat_a_training_image(tmp_
                  "--device", "cpu"]) == 0
     found = json.loads(capsys.readouterr().out)
     items = [s["item"] for s in found["suggestions"]]
-    assert len(items) == 8 and all(i.startswith("new") for i in items) and found["already_trained"] >= 5
+    assert len(items) == 8 and all(i.startswith("new") for i in items) and found["already_labelled"] >= 8
     assert table.read_text().splitlines()[0] == "path,predicted,probability,score"
     assert sheet.read_text().count("<figure>") == 8
     shutil.rmtree(pool)

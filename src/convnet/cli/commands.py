@@ -337,12 +337,13 @@ def cmd_suggest(a: argparse.Namespace) -> int:
     found = suggest(a.run, a.pool, n=a.n, device=a.device, csv_out=a.csv, html_out=a.html,
                     progress=a.progress and not a.json, data_dir=a.data_dir)
     if a.json:
-        print(json.dumps({"ranked": found.ranked, "already_trained": found.already_trained,
+        print(json.dumps({"ranked": found.ranked, "already_labelled": found.already_labelled,
                           "suggestions": [s.to_json() for s in found.suggestions]}, indent=2))
         return 0
     width = max(len(s.item) for s in found.suggestions)
     print(f"{len(found.suggestions)} of {found.ranked:,} unlabelled images to label, the most useful first"
-          + (f" ({found.already_trained:,} left out: the run trained on them)" if found.already_trained else ""))
+          + (f" ({found.already_labelled:,} left out: the run's own labelled images)"
+             if found.already_labelled else ""))
     for s in found.suggestions:
         print(f"{s.rank:>5}  {s.item:<{width}}  looks like {s.predicted:<12} {s.probability:.3f}  score {s.score:.3f}")
     for what, path in (("table", a.csv), ("contact sheet", found.html)):

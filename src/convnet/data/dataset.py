@@ -10,6 +10,7 @@ What a trained model expects of an image is its :class:`~convnet.core.inputspec.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -254,6 +255,46 @@ class Dataset:
         check_subset(subset)
         files = None if self.files is None else {**self.files, "train": self.files["train"][:subset]}
         return replace(self, train=self.train.first(subset), subset=subset, files=files)
+
+
+def pixel_digests(images: Images, batch: int = 4096) -> list[bytes]:
+    """The SHA-256 of each image's pixels (uint8, as the model sees them), in order."""
+    out: list[bytes] = []
+    for start in range(0, len(images), batch):
+        part = images[start:start + batch]
+        out.extend(hashlib.sha256(row.tobytes()).digest() for row in np.ascontiguousarray(part.numpy()))
+    return out
+
+
+def pool_without_labelled(dataset: Dataset) -> Dataset:
+    """``dataset`` with the pool images that are also among its labelled ones (training,
+    validation or test: the same pixels) left out, and a note saying how many: an image is
+    labelled or in the pool, never both, and the test images are never learnt from.
+
+    Raises:
+        DataError: every pool image is a labelled one.
+    """
+    if dataset.pool is None or dataset.pool_record is None:
+        return dataset
+    sides = [("training", dataset.train), ("test", dataset.test)] + \
+        ([("validation", dataset.val)] if dataset.val is not None else [])
+    labelled = {d: side for side, split in sides for d in pixel_digests(split.images)}
+    found = [labelled.get(d) for d in pixel_digests(dataset.pool)]
+    keep = np.array([f is None for f in found])
+    if keep.all():
+        return dataset
+    source = dataset.pool_record["source"]
+    if not keep.any():
+        raise DataError(f"--unlabeled {source}: every image in it is one of the labelled images of {dataset.source}; "
+                        "give a folder of images that are not labelled")
+    tests = sum(f == "test" for f in found)
+    dropped = len(found) - int(keep.sum())
+    note = (f"left out {dropped:,} of the {len(found):,} unlabelled images: the same pixels as labelled ones"
+            + (f" ({tests:,} of them test images, which must not be learnt from)" if tests else ""))
+    rows = np.flatnonzero(keep)
+    pool = dataset.pool.subset(rows) if isinstance(dataset.pool, DiskImages) else dataset.pool[torch.from_numpy(rows)]
+    return replace(dataset, pool=pool, pool_record={**dataset.pool_record, "labelled_left_out": dropped},
+                   notes=(*dataset.notes, note))
 
 
 def files_without(files: dict[str, list[str]] | None, side: str) -> dict[str, list[str]] | None:

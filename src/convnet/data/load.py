@@ -18,7 +18,7 @@ import torch
 from convnet.core import runfolder
 from convnet.core.errors import RunError
 from convnet.data.catalog import DATASETS
-from convnet.data.dataset import Dataset, Split, files_without
+from convnet.data.dataset import Dataset, Split, files_without, pool_without_labelled
 from convnet.data.folders import load_folder, load_pool
 from convnet.data.named import load_dataset
 from convnet.data.options import REST, DataOptions
@@ -55,7 +55,8 @@ def load_data(options: DataOptions, *, seed: int = 42, progress: bool = True,
         images, record, notes, _ = load_pool(options.unlabeled, dataset.spec,
                                              memory_budget_mb=options.memory_budget_mb, cache_dir=options.cache_dir,
                                              progress=progress)
-        dataset = replace(dataset, pool=images, pool_record=record, notes=(*dataset.notes, *notes))
+        dataset = pool_without_labelled(replace(dataset, pool=images, pool_record=record,
+                                                notes=(*dataset.notes, *notes)))
     return dataset
 
 
@@ -156,4 +157,4 @@ def _same_pool(run: runfolder.Run, dataset: Dataset, recorded: dict[str, Any], p
     if (found["images"], found["sha256"]) != (recorded.get("images"), recorded.get("sha256")):
         raise RunError(f"{run.path} learnt from {recorded.get('images'):,} unlabelled images in {folder}, which now "
                        f"holds {found['images']:,} other ones; resume needs the same pool (or start a new run)")
-    return replace(dataset, pool=images, pool_record=found)
+    return pool_without_labelled(replace(dataset, pool=images, pool_record=found))

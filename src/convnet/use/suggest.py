@@ -10,8 +10,9 @@ against the margin alone on validation images (``benchmarks/suggest_sim.py --sco
 three seeds): level on their mean, BADGE ahead on two of them, so BADGE stays for its
 spread (docs/small-data.md).
 
-Images the run trained on (the same file bytes, or the same pixels once converted to the
-run's input) are never suggested. A pool is a folder of images (any layout, as ``convnet
+The run's own labelled images, training, validation and test (the same file bytes, or the
+same pixels once converted to the run's input), are never suggested: a test image labelled
+and moved into training would flatter every score after. A pool is a folder of images (any layout, as ``convnet
 predict DIR`` reads it), or ``rest``: the training images of the run's data that it did
 not train on (``--subset``); on a named data set those are given by their index.
 """
@@ -31,7 +32,7 @@ import torch
 from convnet.core import htmlparts
 from convnet.core.durable import atomic_write, check_output_file
 from convnet.core.errors import ConvnetError
-from convnet.data.dataset import Images
+from convnet.data.dataset import Images, pixel_digests
 from convnet.data.folders import load_pool
 from convnet.data.load import run_data
 from convnet.data.options import REST
@@ -122,16 +123,6 @@ def rank(probs: np.ndarray, features: np.ndarray, n: int, *, method: str = "badg
     return pool[np.array(chosen)]
 
 
-def _pixels(images: Images, batch: int = 4096) -> set[bytes]:
-    """A digest of each image's pixels, as the model sees them."""
-    out = set()
-    for start in range(0, len(images), batch):
-        part = np.ascontiguousarray(images[start:start + batch].numpy() if isinstance(
-            images[start:start + batch], torch.Tensor) else images[start:start + batch])
-        out.update(hashlib.sha256(row.tobytes()).digest() for row in part)
-    return out
-
-
 def _file_digest(path: Path) -> bytes:
     return hashlib.sha256(path.read_bytes()).digest()
 
@@ -139,11 +130,11 @@ def _file_digest(path: Path) -> bytes:
 @dataclass
 class SuggestResult:
     """What ``convnet suggest`` found: the ranking, how many pool images it ranked and how
-    many it left out because the run trained on them."""
+    many it left out because they are the run's own labelled images (training, validation or test)."""
 
     suggestions: list[Suggestion]
     ranked: int
-    already_trained: int
+    already_labelled: int
     html: Path | None = None
 
 
@@ -179,7 +170,8 @@ def suggest(run: str | os.PathLike[str], pool: str | os.PathLike[str], *, n: int
             check_output_file(Path(out), flag)
     loaded = load_run(run, device=device)
     trained = run_data(loaded.run, data_dir, progress=progress, pool=str(pool) == REST)
-    seen_pixels = _pixels(trained.train.images) | (_pixels(trained.val.images) if trained.val is not None else set())
+    labelled = [trained.train, trained.test] + ([trained.val] if trained.val is not None else [])
+    seen_pixels = {d for split in labelled for d in pixel_digests(split.images)}  # none of them is suggested
     already = 0
     if str(pool) == REST:
         if trained.pool is None:
@@ -190,20 +182,19 @@ def suggest(run: str | os.PathLike[str], pool: str | os.PathLike[str], *, n: int
             [str(i) for i in (trained.pool_index if trained.pool_index is not None else [])]
     else:
         images, _, _, items = load_pool(pool, loaded.spec, progress=progress)
-        if trained.files is not None:  # a folder run: the files it trained on, by their bytes
+        if trained.files is not None:  # a folder run: its labelled files, by their bytes
             root, source = Path(pool).resolve(), Path(loaded.run.config["data"]["source"])
-            trained_bytes = {_file_digest(source / f) for side in ("train", "val")
+            trained_bytes = {_file_digest(source / f) for side in ("train", "val", "test")
                              for f in trained.files.get(side, []) if (source / f).is_file()}
             keep = [i for i, f in enumerate(items) if _file_digest(root / f) not in trained_bytes]
             already = len(items) - len(keep)
             images, items = images[torch.tensor(keep, dtype=torch.long)], [items[i] for i in keep]
     whole = images if isinstance(images, torch.Tensor) else images[np.arange(len(images))]
-    fresh = np.array([hashlib.sha256(np.ascontiguousarray(row).tobytes()).digest() not in seen_pixels
-                      for row in whole.numpy()], dtype=bool)  # the same pixels as a training image: left out too
+    fresh = np.array([d not in seen_pixels for d in pixel_digests(whole)], dtype=bool)  # the same pixels: left out too
     already += int((~fresh).sum())
     rows = np.flatnonzero(fresh)
     if len(rows) == 0:
-        raise ConvnetError(f"{pool}: every image in it is one the run trained on; nothing to suggest")
+        raise ConvnetError(f"{pool}: every image in it is one of the run's own labelled images; nothing to suggest")
     candidates = whole[torch.from_numpy(rows)]
     probs, feats = predict_with_features(loaded, candidates)
     order = rank(probs, feats, n, method=method)
