@@ -112,6 +112,11 @@ def test_a_table_that_cannot_be_written_is_refused_before_anything(tmp_path: Pat
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"]  # nothing written
+    (tmp_path / "note.txt").write_text("not an image")
+    for given, message in (("note.txt", "not a readable image"), ("absent.png", "no such file")):
+        assert main(["predict", "--device", "cpu", str(run), str(tmp_path / given)]) == 1  # one input, one line
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_below_min_confidence_the_answer_is_unsure_with_its_probabilities(random_run: Path, tmp_path: Path,

@@ -220,7 +220,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         print(f"{job.predicted:,} images predicted, {job.unreadable} unreadable inputs; table in {a.csv}")
     if job.explained is not None:
         print(f"{job.explained:,} heat maps (integrated gradients, the predicted class) in {a.explain}", file=rows_out)
-    if job.unreadable:
+    if job.unreadable and len(job.files) > 1:  # one input: its own line said it all
         print(f"convnet: {job.unreadable} of {len(job.files)} inputs could not be read", file=sys.stderr)
     return 1 if job.unreadable else 0
 
