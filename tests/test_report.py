@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,6 +198,13 @@ def test_compare_in_the_terminal(two_runs: tuple[Path, Path, Path], capsys: pyte
     f1 = [m["test"]["report"]["Ankle boot"]["f1-score"] for m in metrics]
     assert f"{f1[1] - f1[0]:+.3f}" in next(line for line in text.splitlines() if line.startswith("Ankle boot"))
     assert "epoch 2" in text and "adam-sgd" in text
+
+
+def test_compare_keeps_values_longer_than_the_names_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = report.Comparison(["a", "b"], [("model", ["fastnet-lean", "fastnet-lean"])], ["Bag"], [[0.5, 0.75]])
+    monkeypatch.setattr(report, "comparison", lambda summaries: found)
+    text = report.format_comparison([SimpleNamespace(history=[]), SimpleNamespace(history=[])])  # type: ignore[list-item]
+    assert text.splitlines()[1].split() == ["model", "fastnet-lean", "fastnet-lean"]
 
 
 def test_report_is_self_contained_and_redraws_missing_plots(two_runs: tuple[Path, Path, Path], tmp_path: Path,

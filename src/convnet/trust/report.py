@@ -269,7 +269,7 @@ def format_comparison(summaries: Sequence[RunSummary]) -> str:
     difference from the first run."""
     table = comparison(summaries)
     names = table.names
-    w = max(10, *(len(n) + 2 for n in names))
+    w = max(10, *(len(str(c)) + 2 for c in [*names, *(c for _, cells in table.rows for c in cells)]))  # a gap each
     dw = max([8, *(len(d) + 2 for d in table.deltas)])
 
     def row(label: str, cells: Sequence[str], extra: Sequence[str] = ()) -> str:
