@@ -60,6 +60,14 @@ def test_two_processes_share_one_study(shared_study: tuple[Path, str, Path, list
     assert (out / tune.BEST).is_file()
 
 
+def test_epochs_given_as_a_flag_are_single_passes_as_for_train_and_searched_ones_are_sized() -> None:
+    flag = tune.TuneRequest(settings={"epochs": 2, "model": "seed"})
+    given = tune.trial_config("cpu-fp32", {"epochs": 2, "model": "seed"}, flag, 200)
+    searched = tune.trial_config("cpu-fp32", {"epochs": 2, "model": "seed"}, tune.TuneRequest(), 200)
+    assert (given.epochs, given.repeats) == (2, 1)  # convnet train --epochs 2: two passes over the 180 images
+    assert (searched.epochs, searched.repeats) == (2, 56)  # the recipe's epochs: about 10,000 images each
+
+
 def test_the_recipe_reproduces_the_best_trial(shared_study: tuple[Path, str, Path, list[str]],
                                               tmp_path: Path) -> None:
     data, storage, out, _ = shared_study

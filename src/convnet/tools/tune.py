@@ -75,7 +75,8 @@ class TuneRequest:
     Attributes:
         space: settings and their search, laid over the default space (:func:`parse_param`).
         settings: settings fixed for every trial (``convnet tune --model seed``), as
-            ``--param model=seed`` fixes them; given in only one of the two.
+            ``--param model=seed`` fixes them; given in only one of the two. ``epochs``
+            here is single passes, as ``convnet train --epochs`` (``--param epochs`` sized).
         trials: the study's total of finished (complete or pruned) trials.
         timeout: seconds this process may search (None: no bound).
         storage: Optuna's storage URL; None: an in-memory study.
@@ -176,10 +177,13 @@ def trial_config(base_name: str, values: dict[str, Any], request: TuneRequest,
     """The config a trial trains with: the base recipe with the trial's values laid over
     it, sized to the data (when ``train_images`` is known) as ``convnet train --recipe
     FILE`` sizes a recipe file's: the one resolution every run goes through
-    (:func:`~convnet.training.recipes.resolve_run`)."""
+    (:func:`~convnet.training.recipes.resolve_run`). ``--epochs N`` given to the search
+    means what it means to ``convnet train``: N single passes, not sized; a searched or
+    ``--param`` epochs is the recipe's, sized."""
     trained = trained_images(train_images, request.val_split) if train_images is not None else None
+    passes = {"epochs": request.settings["epochs"]} if "epochs" in request.settings else {}  # as train's --epochs
     return resolve_run(trial_recipe(base_name, values, request),
-                       {"seed": request.seed, "val_split": request.val_split},
+                       {"seed": request.seed, "val_split": request.val_split, **passes},
                        hflip=hflip_of(request.data), train_images=trained)[0]
 
 
@@ -343,7 +347,10 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
         comment = (f"convnet recipe: the best of {finished} trials of study {study.study_name!r} (trial "
                    f"{best.number}),\nvalidation accuracy {best.value:.4f} on --val-split {request.val_split:g}, "
                    f"--seed {request.seed}" + (f"\n(95 % interval {interval[0]:.3f}-{interval[1]:.3f} on "
-                                               f"{interval[2]:,} images)" if interval else ""))
+                                               f"{interval[2]:,} images)" if interval else "")
+                   + (f"\nits trials trained {config.epochs} single passes (--epochs {config.epochs}): give "
+                      f"convnet train --epochs {config.epochs} too to train as they did" if "epochs" in request.settings
+                      else ""))
         text = recipe_text(config, comment, base=base_name if base_name in RECIPES else RECIPE_BASE).encode()
         recipe_path = out / BEST
         atomic_write(recipe_path, lambda f: f.write(text))
