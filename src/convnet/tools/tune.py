@@ -348,7 +348,8 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
                    f"{best.number}),\nvalidation accuracy {best.value:.4f} on --val-split {request.val_split:g}, "
                    f"--seed {request.seed}" + (f"\n(95 % interval {interval[0]:.3f}-{interval[1]:.3f} on "
                                                f"{interval[2]:,} images)" if interval else "")
-                   + (f"\nits trials trained {config.epochs} single passes (--epochs {config.epochs}): give "
+                   + (f"\nits trials trained {config.epochs} single pass{'es' if config.epochs > 1 else ''} (--epochs "
+                      f"{config.epochs}): give "
                       f"convnet train --epochs {config.epochs} too to train as they did" if "epochs" in request.settings
                       else ""))
         text = recipe_text(config, comment, base=base_name if base_name in RECIPES else RECIPE_BASE).encode()
