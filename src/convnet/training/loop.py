@@ -141,26 +141,15 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Mod
         probs = align(probs) if align is not None else probs
         confidence, pseudo = probs.max(dim=1)  # (U,), (U,)
         sure = (confidence >= (adaptive(probs, confidence)[pseudo] if adaptive is not None else semi.THRESHOLD)).float()
-        s = semi.strong(u, semi.StrongDraws(**{"strong_flips": None, "mix": None, **strong}))
-        mix = strong.get("mix")
-        if mix is not None:  # each image mixed with its neighbour: a share mix of its own
-            lam_u, lam_x = mix[:len(u)].view(-1, 1, 1, 1), mix[len(u):].view(-1, 1, 1, 1)
-            s = lam_u * s + (1 - lam_u) * s.roll(1, 0)
-            x = lam_x * x + (1 - lam_x) * x.roll(1, 0)
         with engine.precision():  # (B + U, num_classes): one pass, one batch norm's statistics
-            both = net(torch.cat([x, s]))
+            both = net(torch.cat([x, semi.strong(u, semi.StrongDraws(**{"strong_flips": None, **strong}))]))
         logits, pool_logits = both[:len(x)], both[len(x):]
-        if mix is None:
-            unlabelled = (nn.functional.cross_entropy(pool_logits.float(), pseudo, reduction="none") * sure).mean()
-            loss = loss_fn(logits.float(), labels) + semi.WEIGHT * unlabelled
-        else:
-            lu, lx = mix[:len(u)], mix[len(u):]
-            ce = nn.functional.cross_entropy
-            unlabelled = (lu * ce(pool_logits.float(), pseudo, reduction="none") * sure
-                          + (1 - lu) * ce(pool_logits.float(), pseudo.roll(1), reduction="none") * sure.roll(1)).mean()
-            kw = {"weight": loss_fn.weight, "label_smoothing": loss_fn.label_smoothing, "reduction": "none"}
-            labelled = (lx * ce(logits.float(), labels, **kw) + (1 - lx) * ce(logits.float(), labels.roll(1), **kw))
-            loss = labelled.mean() + semi.WEIGHT * unlabelled
+        unlabelled = (nn.functional.cross_entropy(pool_logits.float(), pseudo, reduction="none") * sure).mean()
+        loss = loss_fn(logits.float(), labels) + semi.WEIGHT * unlabelled
+        if semi.NEGATIVE:  # "not these classes", where the teacher gives them less than NEGATIVE
+            unlikely = (probs < semi.NEGATIVE).float()  # (U, num_classes)
+            absent = -torch.log1p(-pool_logits.float().softmax(dim=1).clamp(max=1 - 1e-6))
+            loss = loss + semi.WEIGHT * ((absent * unlikely).sum(1) / unlikely.sum(1).clamp_min(1)).mean()
         seen.add_(torch.stack([sure.sum(), confidence.sum()]))
     optimizer.zero_grad()
     loss.backward()

@@ -35,8 +35,8 @@ ALIGN_MOMENTUM = 0.99  # the running mean of the teacher's probabilities: about 
 ADAPTIVE = True  # FreeMatch's self-adaptive thresholds (Adaptive) instead of THRESHOLD
 ADAPTIVE_MOMENTUM = 0.99  # their running means: about the last hundred steps, as ALIGN_MOMENTUM
 EMA_TEACHER = True  # the weights' moving average labels the pool; False: the model being trained (FixMatch's)
-MIXUP = False  # each student image (labelled with labelled, pool with pool) mixed with its neighbour in the batch,
-# the share of its own drawn from 0.5 to 1 (mixup, as Arazo et al., 2020, use against confirmation bias)
+NEGATIVE = 0.0  # with a value: every pool image also learns that it is none of the classes whose aligned teacher
+# probability is below it (negative pseudo-labels, as UPS, Rizve et al., 2021); 0: off
 TEACHER_MIRROR = False  # the teacher's probabilities averaged over each pool image and its mirror (where mirrors
 # keep the class): one more forward pass of the teacher a step
 
@@ -88,7 +88,6 @@ class StrongDraws:
     contrast: torch.Tensor
     brightness: torch.Tensor
     cutout_sides: torch.Tensor
-    mix: torch.Tensor | None = None  # with MIXUP: each image's own share, from 0.5 to 1, (U + U // RATIO,)
 
 
 def draw_strong(batch: int, size: tuple[int, int], hflip: bool, generator: torch.Generator,
@@ -106,8 +105,6 @@ def draw_strong(batch: int, size: tuple[int, int], hflip: bool, generator: torch
         brightness=torch.empty(batch, device=device).uniform_(-0.25, 0.25, generator=generator),
         cutout_sides=torch.full((batch,), side, device=device),
     )
-    if MIXUP:
-        draws.mix = torch.empty(batch + batch // RATIO, device=device).uniform_(0.5, 1.0, generator=generator)
     if CUTOUT_RANDOM:  # the square's centre anywhere in the image, its side 0 to `side`
         draws.cutout_sides = torch.randint(0, side + 1, (batch,), generator=generator, device=device)
         draws.cutouts = draws.cutouts + side // 2 - draws.cutout_sides.view(batch, 1) // 2
