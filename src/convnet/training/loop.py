@@ -146,10 +146,6 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Mod
         logits, pool_logits = both[:len(x)], both[len(x):]
         unlabelled = (nn.functional.cross_entropy(pool_logits.float(), pseudo, reduction="none") * sure).mean()
         loss = loss_fn(logits.float(), labels) + semi.WEIGHT * unlabelled
-        if semi.NEGATIVE:  # "not these classes", where the teacher gives them less than NEGATIVE
-            unlikely = (probs < semi.NEGATIVE).float()  # (U, num_classes)
-            absent = -torch.log1p(-pool_logits.float().softmax(dim=1).clamp(max=1 - 1e-6))
-            loss = loss + semi.WEIGHT * ((absent * unlikely).sum(1) / unlikely.sum(1).clamp_min(1)).mean()
         seen.add_(torch.stack([sure.sum(), confidence.sum()]))
     optimizer.zero_grad()
     loss.backward()

@@ -35,8 +35,6 @@ ALIGN_MOMENTUM = 0.99  # the running mean of the teacher's probabilities: about 
 ADAPTIVE = True  # FreeMatch's self-adaptive thresholds (Adaptive) instead of THRESHOLD
 ADAPTIVE_MOMENTUM = 0.99  # their running means: about the last hundred steps, as ALIGN_MOMENTUM
 EMA_TEACHER = True  # the weights' moving average labels the pool; False: the model being trained (FixMatch's)
-NEGATIVE = 0.0  # with a value: every pool image also learns that it is none of the classes whose aligned teacher
-# probability is below it (negative pseudo-labels, as UPS, Rizve et al., 2021); 0: off
 TEACHER_MIRROR = False  # the teacher's probabilities averaged over each pool image and its mirror (where mirrors
 # keep the class): one more forward pass of the teacher a step
 
