@@ -16,6 +16,7 @@ from convnet.cli.parser import main
 from convnet.core import runfolder
 from convnet.core.errors import ConvnetError
 from convnet.data.named import load_dataset
+from convnet.data.options import DataOptions
 from convnet.tools import tune
 from convnet.tools.searchspace import Param, parse_param
 from convnet.training.config import TrainConfig
@@ -66,6 +67,9 @@ def test_epochs_given_as_a_flag_are_single_passes_as_for_train_and_searched_ones
     searched = tune.trial_config("cpu-fp32", {"epochs": 2, "model": "seed"}, tune.TuneRequest(), 200)
     assert (given.epochs, given.repeats) == (2, 1)  # convnet train --epochs 2: two passes over the 180 images
     assert (searched.epochs, searched.repeats) == (2, 56)  # the recipe's epochs: about 10,000 images each
+    pooled = tune.TuneRequest(data=DataOptions(subset=200, unlabeled="rest"))
+    with_pool = tune.trial_config("cpu-fp32", {"epochs": 4, "model": "seed"}, pooled, 200)
+    assert (with_pool.epochs, with_pool.repeats) == (10, 56)  # as convnet train --unlabeled: 2.5 times the epochs
 
 
 def test_the_recipe_reproduces_the_best_trial(shared_study: tuple[Path, str, Path, list[str]],

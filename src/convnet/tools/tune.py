@@ -179,12 +179,14 @@ def trial_config(base_name: str, values: dict[str, Any], request: TuneRequest,
     FILE`` sizes a recipe file's: the one resolution every run goes through
     (:func:`~convnet.training.recipes.resolve_run`). ``--epochs N`` given to the search
     means what it means to ``convnet train``: N single passes, not sized; a searched or
-    ``--param`` epochs is the recipe's, sized."""
+    ``--param`` epochs is the recipe's, sized (with ``--unlabeled``, times
+    :data:`~convnet.training.recipes.POOL_EPOCHS`, as ``convnet train`` trains a pool run)."""
     trained = trained_images(train_images, request.val_split) if train_images is not None else None
     passes = {"epochs": request.settings["epochs"]} if "epochs" in request.settings else {}  # as train's --epochs
     return resolve_run(trial_recipe(base_name, values, request),
                        {"seed": request.seed, "val_split": request.val_split, **passes},
-                       hflip=hflip_of(request.data), train_images=trained)[0]
+                       hflip=hflip_of(request.data), train_images=trained,
+                       pool=request.data.unlabeled is not None)[0]  # with a pool, as many epochs as train gives it
 
 
 def trial_recipe(base_name: str, values: dict[str, Any], request: TuneRequest) -> TrainConfig:
