@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "suggest", "the unlabelled images whose labels would help a run most, ranked",
                  "Rank a pool of unlabelled images by how much their labels would help the run: the ones it is least "
                  "sure of, spread over the data. Label them (move each file into its class folder under the training "
-                 "folder) and train again, with --unlabeled POOL for the rest. Images the run trained on are never "
-                 "suggested.",
+                 "folder) and train again, with --unlabeled POOL for the rest. The run's own labelled images "
+                 "(training, validation, test) are never suggested.",
                  "convnet suggest RUN unlabelled/ --n 100 --html label-these.html", "convnet suggest RUN rest --csv "
                  "next.csv")
     _run(p, onnx=False)

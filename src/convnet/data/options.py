@@ -64,7 +64,8 @@ class DataOptions:
                                 "--unlabeled rest the others are the unlabelled pool)", takes=FOLDERS, metavar="N",
                                 shown="all")
     unlabeled: str | None = option(None, "a folder of unlabelled images (any layout, searched recursively) that "
-                                   "training learns from too; or rest: the training images --subset leaves out",
+                                   "training learns from too (any image that is also a labelled one is left out); or "
+                                   "rest: the training images --subset leaves out",
                                    takes=FOLDERS, metavar="DIR|rest", shown="labelled images only")
     image_size: tuple[int, int] | None = option(None, "with --data: the size images are converted to",
                                                 takes=FOLDERS, metavar="N|HxW", parse=parse_image_size,
