@@ -72,6 +72,13 @@ def test_epochs_given_as_a_flag_are_single_passes_as_for_train_and_searched_ones
     assert (with_pool.epochs, with_pool.repeats) == (10, 56)  # as convnet train --unlabeled: 2.5 times the epochs
 
 
+def test_the_closing_line_trains_the_recipe_on_the_searchs_own_data() -> None:
+    folder = tune.TuneRequest(data=DataOptions(folder="my photos", subset=300), settings={"epochs": 3}, seed=7)
+    assert tune.train_command(folder, Path("tune/best.toml")) == (
+        "convnet train --recipe tune/best.toml --data 'my photos' --subset 300 --epochs 3 --seed 7")
+    assert tune.train_command(tune.TuneRequest(), Path("best.toml")) == "convnet train --recipe best.toml"
+
+
 def test_the_recipe_reproduces_the_best_trial(shared_study: tuple[Path, str, Path, list[str]],
                                               tmp_path: Path) -> None:
     data, storage, out, _ = shared_study

@@ -272,8 +272,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
             low, high, images = outcome.best_interval
             print(f"  95 % interval {low:.3f}-{high:.3f} on {images:,} validation images: trials closer than that "
                   "are not told apart (a larger --val-split narrows it)")
-        passes = f" --epochs {settings['epochs']}" if "epochs" in settings else ""  # single passes, as its trials
-        print(f"recipe written to {outcome.recipe_path}: convnet train --recipe {outcome.recipe_path}{passes}")
+        print(f"recipe written to {outcome.recipe_path}: {outcome.train_command}")
     if outcome.report_path is not None:
         print(f"report written to {outcome.report_path}")
     return 0

@@ -24,6 +24,7 @@ import io
 import math
 import os
 import random
+import shlex
 import signal
 import socket
 import sys
@@ -113,6 +114,7 @@ class TuneOutcome:
     recipe_path: Path | None
     report_path: Path | None
     best_interval: tuple[float, float, int] | None = None  # 95 % interval of best_value, and the images scored
+    train_command: str | None = None  # the `convnet train` that trains the best recipe on the search's data
 
 
 class Pruning(TrainEvents):
@@ -362,7 +364,24 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
         report_path = out / REPORT
         atomic_write(report_path, lambda f: f.write(page))
     return TuneOutcome(study.study_name, finished, ran, best.value if best else None, best.number if best else None,
-                       dict(best.params) if best else {}, recipe_path, report_path, interval)
+                       dict(best.params) if best else {}, recipe_path, report_path, interval,
+                       train_command(request, recipe_path) if recipe_path is not None else None)
+
+
+def train_command(request: TuneRequest, recipe: Path) -> str:
+    """The ``convnet train`` command that trains ``recipe`` on the data the search was
+    scored on, as its trials trained: the same data flags, seed and ``--epochs``."""
+    d = request.data
+    size = f"{d.image_size[0]}x{d.image_size[1]}" if d.image_size else None
+    flags = [("--recipe", recipe), ("--data", d.folder), ("--dataset", d.dataset), ("--data-dir", d.data_dir),
+             ("--subset", d.subset), ("--unlabeled", d.unlabeled), ("--image-size", size),
+             ("--channels", d.channels), ("--epochs", request.settings.get("epochs")),
+             ("--seed", request.seed if request.seed != TrainConfig().seed else None)]
+    argv = ["convnet", "train"]
+    for flag, value in flags:
+        if value is not None:
+            argv += [flag, str(value)]
+    return shlex.join(argv)
 
 
 def accuracy_interval(accuracy: float | None, images: int | None) -> tuple[float, float, int] | None:
