@@ -40,6 +40,7 @@ from typing import Any, TextIO
 from convnet.core import htmlparts
 from convnet.core.durable import atomic_write
 from convnet.core.errors import ConvnetError, TrainingDiverged
+from convnet.core.options import declared
 from convnet.core.version import install_hint
 from convnet.data.load import load_data
 from convnet.data.options import DataOptions
@@ -353,9 +354,8 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
                    f"--seed {request.seed}" + (f"\n(95 % interval {interval[0]:.3f}-{interval[1]:.3f} on "
                                                f"{interval[2]:,} images)" if interval else "")
                    + (f"\nits trials trained {config.epochs} single pass{'es' if config.epochs > 1 else ''} (--epochs "
-                      f"{config.epochs}): give "
-                      f"convnet train --epochs {config.epochs} too to train as they did" if "epochs" in request.settings
-                      else ""))
+                      f"{config.epochs}): give convnet train --epochs {config.epochs} too to train as they did"
+                      if "epochs" in request.settings else ""))
         text = recipe_text(config, comment, base=base_name if base_name in RECIPES else RECIPE_BASE).encode()
         recipe_path = out / BEST
         atomic_write(recipe_path, lambda f: f.write(text))
@@ -371,16 +371,17 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
 def train_command(request: TuneRequest, recipe: Path) -> str:
     """The ``convnet train`` command that trains ``recipe`` on the data the search was
     scored on, as its trials trained: the same data flags, seed and ``--epochs``."""
+    flag = {o.name: o.flag_name for o in declared(DataOptions, TrainConfig)}  # as the options declare them
     d = request.data
     size = f"{d.image_size[0]}x{d.image_size[1]}" if d.image_size else None
-    flags = [("--recipe", recipe), ("--data", d.folder), ("--dataset", d.dataset), ("--data-dir", d.data_dir),
-             ("--subset", d.subset), ("--unlabeled", d.unlabeled), ("--image-size", size),
-             ("--channels", d.channels), ("--epochs", request.settings.get("epochs")),
-             ("--seed", request.seed if request.seed != TrainConfig().seed else None)]
-    argv = ["convnet", "train"]
-    for flag, value in flags:
+    given = {"folder": d.folder, "dataset": d.dataset, "data_dir": d.data_dir, "subset": d.subset,
+             "unlabeled": d.unlabeled, "image_size": size, "channels": d.channels,
+             "epochs": request.settings.get("epochs"), "seed": request.seed if request.seed != TrainConfig().seed
+             else None}
+    argv = ["convnet", "train", "--recipe", str(recipe)]
+    for name, value in given.items():
         if value is not None:
-            argv += [flag, str(value)]
+            argv += [flag[name], str(value)]
     return shlex.join(argv)
 
 
