@@ -133,3 +133,12 @@ def test_help_and_the_tables_load_no_torch(args: list[str]) -> None:
             "if m in sys.modules]\nprint('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out
+
+
+def test_training_and_scoring_load_no_matplotlib() -> None:
+    """matplotlib (about half a second) is imported only to draw: the modules `convnet train`, `evaluate` and
+    `inspect` start from do not load it."""
+    code = ("import sys\nimport convnet.cli.commands, convnet.tools.experiment, convnet.trust.report, "
+            "convnet.trust.inspection\nprint('MATPLOTLIB', 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "MATPLOTLIB False" in out, out

@@ -38,7 +38,6 @@ from convnet.models.engine import single_process
 from convnet.training.config import TrainConfig, TrainRequest
 from convnet.training.events import fit_temperature
 from convnet.training.run import train_run
-from convnet.trust import plots
 from convnet.use.explain import explained
 from convnet.use.loadrun import LoadedRun, load_run, run_temperature
 
@@ -337,6 +336,8 @@ def explained_mistakes(loaded: LoadedRun, images: Any, probs: np.ndarray, labels
                        ) -> dict[str, np.ndarray]:
     """The most confidently wrong test images, each with the heat map of the class it was
     given laid over it (:mod:`convnet.use.explain`), for the grid ``convnet inspect`` draws."""
+    from convnet.trust import plots  # imported here: matplotlib only when drawing
+
     rows = plots.top_mistakes(probs, labels, SHOWN)
     predicted = probs.argmax(1)
     none = torch.zeros((0, *loaded.spec.shape), dtype=torch.uint8)  # a model without a mistake
@@ -373,6 +374,8 @@ def inspect_and_plot(path: PathLike, *, train_folds: int | None = None, calibrat
         check_output_file(Path(csv), "--csv")
     found = inspect_run(path, train_folds=train_folds, calibrate=calibrate, data_dir=data_dir, device=device,
                         progress=progress)
+    from convnet.trust import plots  # imported here: matplotlib only when drawing
+
     c = found.calibration
     diagram = runfolder.write_plot(found.run, DIAGRAM, plots.save(plots.plot_reliability(c.bins, c.ece, c.low, c.high,
                                                                                      found.run.name)))
