@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from probe_output import write_rows
 
 from convnet.data.named import load_dataset
-from convnet.models.engine import cpu_info
 from convnet.use.loadrun import load_run
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -102,9 +102,7 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row))
     bf16_products(False)
-    info = cpu_info()
-    a.out.write_text(json.dumps({"cpu": info, "threads": torch.get_num_threads(), "rows": rows}, indent=1))
-    print(f"CPU: {info}; {torch.get_num_threads()} threads")
+    write_rows(a.out, rows)
     return 0
 
 

@@ -17,7 +17,6 @@ prints a table with the CPU's flags.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,8 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from convnet.models.engine import cpu_info
+from probe_output import write_rows
 
 # The kernel transform's matrix; the input's (B^T) and output's (A^T) are applied as the sums they stand for.
 _G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float32)
@@ -138,9 +136,7 @@ def main() -> int:
     torch.manual_seed(0)
     # fastnet-lean's second and third convolutions, batch 128
     rows = [r for c, o, size in ((16, 64, 14), (64, 128, 7)) for r in measure(c, o, size, a.repeats, a.compile)]
-    info = cpu_info()
-    a.out.write_text(json.dumps({"cpu": info, "threads": torch.get_num_threads(), "rows": rows}, indent=1))
-    print(f"CPU: {info}; {torch.get_num_threads()} threads")
+    write_rows(a.out, rows)
     return 0
 
 
