@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +82,12 @@ def test_predict_png_and_both_layouts(trained: tuple[Path, Path], tmp_path: Path
     assert [r["label"] for r in rows[:6]] == [r["label"] for r in rows[6:12]]
     assert rows[12]["input"].endswith("one.png") and rows[12]["label"] == rows[0]["label"]
     assert all(0 <= r["probability"] <= 1 for r in rows)
-    plain = convnet("predict", "--device", "cpu", str(run), str(tmp_path / "one.png"))
+    plain = convnet("predict", "--device", "cpu", str(run), str(tmp_path / "one.png"), "--top-k", "2")
     assert plain.returncode == 0 and "one.png" in plain.stdout
+    second = rows[12]["top"][1]  # the text shows the --top-k classes too, in the JSON's order
+    assert plain.stdout.rstrip().endswith(f"{second['class']} {second['probability']:.3f}"), plain.stdout
+    single = convnet("predict", "--device", "cpu", str(run), str(tmp_path / "one.png"), "--top-k", "1")
+    assert len(re.findall(r"\b[01]\.\d{3}\b", single.stdout)) == 1, single.stdout
 
 
 def test_predict_bad_input_is_named_and_others_still_predicted(trained: tuple[Path, Path], tmp_path: Path) -> None:

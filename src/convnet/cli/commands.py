@@ -208,8 +208,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
                 json_text = json.dumps(row.to_json(), indent=2).replace("\n", "\n  ")
                 print("[\n  " if not printed else ",\n  ", json_text, sep="", end="")
             else:
+                others = row.top if row.unsure else row.top[1:]  # the rest of the --top-k classes, in order
                 print(f"{row.input:<{width}}  {'-' if row.label is None else row.label}  {row.cls:<12}  "
-                      f"{row.probability:.3f}")
+                      f"{row.probability:.3f}" + "".join(f"   {c} {q:.3f}" for _, c, q in others))
             printed += 1
     if a.json and a.csv is None:
         print("\n]" if printed else "[]")
