@@ -41,3 +41,18 @@ def test_confusion_matrix() -> None:
     assert cm.shape == (10, 10) and cm.sum() == 500
     np.testing.assert_array_equal(np.diag(cm), [int(((p == y) & (y == k)).sum()) for k in range(10)])
     np.testing.assert_array_equal(cm.sum(axis=1), np.bincount(y.numpy(), minlength=10))
+
+
+def test_classes_absent_from_images_and_predictions_stay_out_of_the_macro_average() -> None:
+    """Scoring a folder of 2 of a run's 4 classes, perfectly: macro average 1.0, not 0.5 pulled down by two rows
+    of zeros; the text table shows the 2 and names the others; every class keeps its row in the dict."""
+    names = ("cat", "dog", "fox", "owl")
+    y = np.array([0, 0, 1, 1, 1])
+    ours = classification_report(y, y, names)
+    assert ours["macro avg"]["f1-score"] == 1.0 and ours["fox"]["support"] == 0
+    assert ours["macro avg"] == skm.classification_report(y, y, output_dict=True)["macro avg"]  # sklearn's own rule
+    text = format_report(y, y, names)
+    assert "fox" not in text.split("\n\n")[1] and text.rstrip().endswith("left out: fox, owl")
+    wrong = np.array([0, 0, 1, 1, 3])  # a class predicted but absent from the images is present: precision 0
+    assert classification_report(wrong, y, names)["macro avg"] == skm.classification_report(
+        y, wrong, labels=[0, 1, 3], output_dict=True, zero_division=0)["macro avg"]
