@@ -157,7 +157,9 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
     procs = f" x {world} processes" if world > 1 else ""
     folder = f"; run folder {run_dir}" if run_dir is not None else ""
     say(arithmetic_line(request.recipe if isinstance(request.recipe, str) else None, config, engine))
-    say(f"training {config.model} on {len(dataset.train):,} {dataset.name} images ({c}x{h}x{w}), "
+    what = {"folder": f"images of {dataset.source}", "arrays": "images given as arrays"}.get(
+        dataset.name, f"{dataset.name} images")  # "54,000 fashion-mnist images", "864 images of /home/me/photos"
+    say(f"training {config.model} on {len(dataset.train):,} {what} ({c}x{h}x{w}), "
         f"{engine.device}{procs}{folder}")
     if init_record is not None:
         say(f"starting from {init_record['source']} ({'; '.join(init_record['changes']) or 'every weight kept'})")
