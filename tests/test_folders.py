@@ -276,9 +276,9 @@ def test_evaluate_gives_the_same_numbers_from_the_recorded_split(tmp_path: Path,
     out = tmp_path / "run"
     assert main(["train", "--device", "cpu",
                  "--data", str(root), "--out", str(out), "--recipe", "tutorial", "--model", "fastnet",
-                 "--epochs", "3", "--batch-size", "8", "--no-progress"]) == 0
+                 "--epochs", "3", "--batch-size", "8"]) == 0
     trained = json.loads((out / runfolder.METRICS).read_text())
-    assert f"training fastnet on 40 images of {root} (" in capsys.readouterr().out  # the folder named, as read
+    assert f"training fastnet on 48 images of {root} (" in capsys.readouterr().out  # the folder named, as read
     assert main(["evaluate", "--device", "cpu", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == trained
     assert len(list(cache.iterdir())) == 1, "evaluate decoded the folder again instead of reading the run's cache"
