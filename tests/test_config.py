@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from convnet.core.errors import ConvnetError, RunError
-from convnet.training.config import TrainConfig, check_config, lr_at
+from convnet.training.config import TrainConfig, check_config, lr_at, warmup_steps
 from convnet.training.recipes import RECIPES, recipe, resolve_config
 
 
@@ -70,13 +70,22 @@ def test_config_validation_names_the_flag() -> None:
 
 
 def test_schedules() -> None:
-    c = TrainConfig(lr=1.0, epochs=10, schedule="linear", warmup_epochs=1.0)
+    c = TrainConfig(lr=1.0, epochs=10, schedule="linear", warmup_epochs=1.0, batch_size=1000)  # 10 steps: 10,000
     lrs = [lr_at(c, s, 10) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[-1] < 0.02
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     cos = replace(c, schedule="cosine")
     assert lr_at(cos, 9, 10) == 1.0 and abs(lr_at(cos, 54, 10) - 0.5) < 0.02
     assert lr_at(replace(c, schedule="constant"), 50, 10) == 1.0
+
+
+def test_a_warm_up_is_never_a_handful_of_steps() -> None:
+    """One warm-up epoch of 8 steps (960 images, batches of 128) lasts 79 steps, the steps of 10,000 images, as a
+    sized epoch's; at most half a short run; a long epoch is its own length, and no warm-up stays none."""
+    c = TrainConfig(lr=1.0, epochs=25, schedule="linear", warmup_epochs=1.0, batch_size=128)
+    assert warmup_steps(c, 8) == 79 and lr_at(c, 7, 8) < 0.11 and lr_at(c, 78, 8) == 1.0
+    assert warmup_steps(replace(c, epochs=4), 8) == 16  # half of 32 steps
+    assert warmup_steps(c, 422) == 422 and warmup_steps(replace(c, warmup_epochs=0.0), 8) == 0
 
 
 def test_recipes_are_valid_and_named() -> None:
