@@ -10,6 +10,7 @@ inspect --train-folds`` all train through it; scoring the result is for the call
 from __future__ import annotations
 
 import secrets
+import shlex
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -197,6 +198,9 @@ def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine:
     if not (run.path / runfolder.CHECKPOINT).is_file():
         raise RunError(f"{run.path}: no checkpoint yet (it stopped before its first epoch ended); start it again")
     config = TrainConfig.from_dict(run.config["train"])
+    if len(run.history) >= config.epochs:  # refused before any data is read
+        raise RunComplete(f"{run.path} is complete ({len(run.history)} of {config.epochs} epochs); to train on from "
+                          f"its weights, start a new run: {init_from_command(run)}")
     rank, world = (distributed.rank, distributed.world_size) if distributed else (0, 1)
     device = resolve_device(request.device)
     if distributed is not None and device.type == "cuda":
@@ -307,6 +311,21 @@ def hflip_of(data: DataOptions | Dataset) -> bool:
     if data.hflip is not None:
         return data.hflip
     return True if data.folder is not None else DATASETS[data.name].hflip if data.name in DATASETS else True
+
+
+def init_from_command(run: runfolder.Run) -> str:
+    """The ``convnet train`` command that starts a new run from ``run``'s weights on the data it was trained on (a
+    folder's path, a named data set, its subset); a run of arrays (the estimator's) names no data."""
+    data = run.config.get("data", {})
+    argv = ["convnet", "train"]
+    if data.get("name") == "folder" and data.get("source"):
+        argv += ["--data", str(data["source"])]
+    elif data.get("name") in DATASETS:
+        argv += ["--dataset", str(data["name"])]
+    if data.get("subset"):  # the same stratified draw: the same --seed
+        seed = run.config.get("train", {}).get("seed", TrainConfig().seed)
+        argv += ["--subset", str(data["subset"]), *(["--seed", str(seed)] if seed != TrainConfig().seed else [])]
+    return shlex.join([*argv, "--init-from", str(run.path)])
 
 
 def data_record(dataset: Dataset) -> dict[str, Any]:
