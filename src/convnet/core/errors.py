@@ -33,7 +33,14 @@ class RunError(ConvnetError):
 
 
 class RunComplete(RunError):
-    """A run asked to resume has trained all its epochs: nothing is left to do."""
+    """A run asked to resume has trained all its epochs: nothing is left to do. ``done`` says
+    so (which run, how many epochs); the message adds how to train on from its weights,
+    ``command`` (default: ``convnet train --init-from RUN``)."""
+
+    def __init__(self, done: str, run: str = "", command: str | None = None) -> None:
+        self.done, self.run = done, run
+        super().__init__(f"{done}; to train on from its weights, start a new run: "
+                         f"{command or f'convnet train --init-from {run}'}")
 
 
 class TrainingDiverged(ConvnetError):

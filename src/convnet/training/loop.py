@@ -272,8 +272,7 @@ def train(
         checkpoint.load_checkpoint(run_dir / runfolder.CHECKPOINT, state)
         if state.epoch >= config.epochs:
             kept = f", the weights of epoch {state.best.epoch} kept" if state.best is not None else ""
-            raise RunComplete(f"{run_dir} is complete ({state.epoch} of {config.epochs} epochs{kept}); to train on "
-                              f"from its weights, start a new run: convnet train --init-from {run_dir}")
+            raise RunComplete(f"{run_dir} is complete ({state.epoch} of {config.epochs} epochs{kept})", str(run_dir))
     elif run_dir is not None and engine.is_main:
         runfolder.write_config(run_dir, asdict(config), spec, engine.describe(), count_parameters(model),
                           data_record or {"name": "arrays", "train_images": len(data)}, init_record)

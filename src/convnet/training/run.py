@@ -198,9 +198,6 @@ def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine:
     if not (run.path / runfolder.CHECKPOINT).is_file():
         raise RunError(f"{run.path}: no checkpoint yet (it stopped before its first epoch ended); start it again")
     config = TrainConfig.from_dict(run.config["train"])
-    if len(run.history) >= config.epochs:  # refused before any data is read
-        raise RunComplete(f"{run.path} is complete ({len(run.history)} of {config.epochs} epochs); to train on from "
-                          f"its weights, start a new run: {init_from_command(run)}")
     rank, world = (distributed.rank, distributed.world_size) if distributed else (0, 1)
     device = resolve_device(request.device)
     if distributed is not None and device.type == "cuda":
@@ -215,9 +212,12 @@ def _resume(request: TrainRequest, events: Sequence[TrainEvents | None], engine:
     dataset = run_data(run, data_dir, progress=request.progress and rank == 0 and stream is not None, pool=True)
     dataset, _ = dataset.held_out(config.val_split, config.seed)  # the validation split it had
     printer = ConsolePrinter(stream, progress=request.progress) if stream is not None and rank == 0 else None
-    result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, val=dataset.val, pool=dataset.pool,
-                                            engine=engine, events=[*events, printer, tracker], run_dir=run.path,
-                                            resume=True))
+    try:
+        result = tracked(tracker, lambda: train(config, dataset.train, dataset.spec, val=dataset.val,
+                                                pool=dataset.pool, engine=engine, events=[*events, printer, tracker],
+                                                run_dir=run.path, resume=True))
+    except RunComplete as e:  # the new run it points to trains on this run's data
+        raise RunComplete(e.done, e.run, init_from_command(run)) from None
     return TrainedRun(result, dataset, engine, tracker)
 
 
