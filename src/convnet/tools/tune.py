@@ -24,7 +24,6 @@ import io
 import math
 import os
 import random
-import shlex
 import signal
 import socket
 import sys
@@ -40,7 +39,6 @@ from typing import Any, TextIO
 from convnet.core import htmlparts
 from convnet.core.durable import atomic_write
 from convnet.core.errors import ConvnetError, TrainingDiverged
-from convnet.core.options import declared
 from convnet.core.version import install_hint
 from convnet.data.load import load_data
 from convnet.data.options import DataOptions
@@ -58,7 +56,7 @@ from convnet.training.recipes import (
     resolve_run,
     trained_images,
 )
-from convnet.training.run import hflip_of, train_run
+from convnet.training.run import hflip_of, train_command_line, train_run
 from convnet.training.state import TrainState
 
 INSTALL = install_hint("tune")
@@ -371,18 +369,12 @@ def _finish(study: Any, request: TuneRequest, out: Path, base: TrainConfig, base
 def train_command(request: TuneRequest, recipe: Path) -> str:
     """The ``convnet train`` command that trains ``recipe`` on the data the search was
     scored on, as its trials trained: the same data flags, seed and ``--epochs``."""
-    flag = {o.name: o.flag_name for o in declared(DataOptions, TrainConfig)}  # as the options declare them
     d = request.data
-    size = f"{d.image_size[0]}x{d.image_size[1]}" if d.image_size else None
-    given = {"folder": d.folder, "dataset": d.dataset, "data_dir": d.data_dir, "subset": d.subset,
-             "unlabeled": d.unlabeled, "image_size": size, "channels": d.channels,
-             "epochs": request.settings.get("epochs"), "seed": request.seed if request.seed != TrainConfig().seed
-             else None}
-    argv = ["convnet", "train", "--recipe", str(recipe)]
-    for name, value in given.items():
-        if value is not None:
-            argv += [flag[name], str(value)]
-    return shlex.join(argv)
+    return train_command_line({"recipe": recipe, "folder": d.folder, "dataset": d.dataset, "data_dir": d.data_dir,
+                               "subset": d.subset, "unlabeled": d.unlabeled,
+                               "image_size": f"{d.image_size[0]}x{d.image_size[1]}" if d.image_size else None,
+                               "channels": d.channels, "epochs": request.settings.get("epochs"),
+                               "seed": request.seed if request.seed != TrainConfig().seed else None})
 
 
 def accuracy_interval(accuracy: float | None, images: int | None) -> tuple[float, float, int] | None:

@@ -21,6 +21,7 @@ import torch
 
 from convnet.core import runfolder
 from convnet.core.errors import ConvnetError, RunComplete, RunError
+from convnet.core.options import declared
 from convnet.data.catalog import DATASETS
 from convnet.data.dataset import Dataset
 from convnet.data.load import load_data, run_data
@@ -313,19 +314,26 @@ def hflip_of(data: DataOptions | Dataset) -> bool:
     return True if data.folder is not None else DATASETS[data.name].hflip if data.name in DATASETS else True
 
 
+def train_command_line(given: Mapping[str, object]) -> str:
+    """The ``convnet train`` command line of the settings ``given`` by option name, in order, each as the flag its
+    option declares (None: left out)."""
+    flag = {o.name: o.flag_name for o in declared(DataOptions, TrainConfig, TrainRequest)}
+    return shlex.join(["convnet", "train", *(a for name, value in given.items() if value is not None
+                                             for a in (flag[name], str(value)))])
+
+
 def init_from_command(run: runfolder.Run) -> str:
     """The ``convnet train`` command that starts a new run from ``run``'s weights on the data it was trained on (a
-    folder's path, a named data set, its subset); a run of arrays (the estimator's) names no data."""
+    folder's path, a named data set, its subset and the seed of its draw); a run of arrays (the estimator's) names
+    no data."""
     data = run.config.get("data", {})
-    argv = ["convnet", "train"]
-    if data.get("name") == "folder" and data.get("source"):
-        argv += ["--data", str(data["source"])]
-    elif data.get("name") in DATASETS:
-        argv += ["--dataset", str(data["name"])]
-    if data.get("subset"):  # the same stratified draw: the same --seed
-        seed = run.config.get("train", {}).get("seed", TrainConfig().seed)
-        argv += ["--subset", str(data["subset"]), *(["--seed", str(seed)] if seed != TrainConfig().seed else [])]
-    return shlex.join([*argv, "--init-from", str(run.path)])
+    name, seed = data.get("name"), run.config.get("train", {}).get("seed", TrainConfig().seed)
+    return train_command_line({
+        "folder": data.get("source") if name == "folder" else None,
+        "dataset": name if name in DATASETS else None,
+        "subset": data.get("subset") or None,
+        "seed": seed if data.get("subset") and seed != TrainConfig().seed else None,  # the same stratified draw
+        "init_from": run.path})
 
 
 def data_record(dataset: Dataset) -> dict[str, Any]:
