@@ -279,7 +279,8 @@ def test_evaluate_gives_the_same_numbers_from_the_recorded_split(tmp_path: Path,
                  "--epochs", "3", "--batch-size", "8"]) == 0
     trained = json.loads((out / runfolder.METRICS).read_text())
     assert f"training fastnet on 48 images of {root} (" in capsys.readouterr().out  # the folder named, as read
-    assert main(["train", "--resume", str(out)]) == 1  # complete: the new run it points to trains on the folder
+    assert main(["train", "--device", "cpu", "--resume", str(out)]) == 1  # complete: the new run it suggests
+    # trains on the folder
     assert capsys.readouterr().err.rstrip().endswith(f"convnet train --data {root} --init-from {out}")
     assert main(["evaluate", "--device", "cpu", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == trained
