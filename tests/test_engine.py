@@ -28,6 +28,7 @@ def test_faithful_is_the_tutorials_plain_arithmetic() -> None:
     e = make_engine("cpu", faithful=True)
     assert e == Engine(torch.device("cpu"))
     assert not e.channels_last and e.autocast is None and not e.fold_batchnorm and e.infer_batch_size == 128
+    assert not e.fuse_relu
 
 
 @pytest.mark.parametrize("bf16", [True, False])
@@ -35,9 +36,18 @@ def test_the_fast_cpu_path_uses_bfloat16_only_where_the_cpu_has_it(bf16: bool,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: bf16)
     e = make_engine("cpu")
-    assert e.channels_last and e.fold_batchnorm and not e.graphs
+    assert e.channels_last and e.fold_batchnorm and e.fuse_relu and not e.graphs
     assert e.autocast == (torch.bfloat16 if bf16 else None)
     assert e.describe()["autocast"] == ("bfloat16" if bf16 else None)
+
+
+@pytest.mark.parametrize(("amx", "batch"), [(True, 128), (False, 512)])
+def test_the_cpus_prediction_batch_is_the_one_measured_fastest_for_its_kind(amx: bool, batch: int,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "cpu_has_amx", lambda: amx)
+    e = make_engine("cpu")
+    assert e.infer_batch_size == batch and e.describe()["infer_batch_size"] == batch
+    assert make_engine("cpu", precision="fp32").infer_batch_size == batch  # predicting is fp32 either way
 
 
 @pytest.mark.parametrize("bf16", [True, False])

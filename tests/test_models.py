@@ -5,7 +5,15 @@ import torch
 from torch import nn
 
 from convnet.core.errors import ConvnetError
-from convnet.models.networks import count_parameters, create_model, fold_batchnorm, list_models
+from convnet.models import networks
+from convnet.models.networks import (
+    ConvReLU,
+    count_parameters,
+    create_model,
+    fold_batchnorm,
+    fuse_conv_relu,
+    list_models,
+)
 
 
 class TutorialConvNet(nn.Module):
@@ -75,14 +83,19 @@ def test_unknown_model_lists_the_valid_ones() -> None:
         create_model("fastnet", image_size=(7, 28))
 
 
-@pytest.mark.parametrize("name", sorted(list_models()))
-def test_folding_batchnorm_keeps_the_logits_and_the_model(name: str) -> None:
+def with_statistics(name: str) -> nn.Module:
+    """Model ``name`` for 3x24x24 images in eval mode, its batch norms' running statistics not the identity."""
     torch.manual_seed(0)
     model = create_model(name, 10, 3, (24, 24)).train()
     with torch.no_grad():
-        for _ in range(3):  # running statistics that are not the identity
+        for _ in range(3):
             model(torch.rand(32, 3, 24, 24) * 2)
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(list_models()))
+def test_folding_batchnorm_keeps_the_logits_and_the_model(name: str) -> None:
+    model = with_statistics(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_batchnorm(model)
     x = torch.rand(16, 3, 24, 24)
@@ -94,6 +107,49 @@ def test_folding_batchnorm_keeps_the_logits_and_the_model(name: str) -> None:
     kept = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert kept == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - len(followed)
     assert (folded is model) == (not followed)
+
+
+@pytest.mark.parametrize("name", sorted(list_models()))
+def test_fusing_each_convolution_with_its_relu_keeps_the_logits_and_the_model(name: str) -> None:
+    model = with_statistics(name).to(memory_format=torch.channels_last)
+    folded = fold_batchnorm(model)
+    before = {k: v.clone() for k, v in folded.state_dict().items()}
+    fused = fuse_conv_relu(folded)
+    x = torch.rand(16, 3, 24, 24).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), folded(x), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, folded.state_dict()[k]) for k, v in before.items()), "the model itself was changed"
+    followed = [m for m in folded.modules() if isinstance(m, nn.Sequential)
+                for a, b in zip(m, [c for c in m if not isinstance(c, nn.Identity)][1:], strict=False)
+                if type(a) is nn.Conv2d and type(b) is nn.ReLU]
+    assert sum(isinstance(m, ConvReLU) for m in fused.modules()) == len(followed)
+    assert (fused is folded) == (not followed)
+
+
+def test_the_seed_model_predicts_with_its_convolutions_and_relus_fused() -> None:
+    torch.manual_seed(0)
+    model = create_model("seed").eval()  # padding "same": resolved to 1 pixel for the fused call
+    fused = fuse_conv_relu(model)
+    assert [type(m).__name__ for m in fused.seq][:6] == ["ConvReLU", "Identity"] * 3
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_without_onednn_nothing_is_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(networks, "_fused_op", lambda: None)
+    model = create_model("seed").eval()
+    assert fuse_conv_relu(model) is model
+
+
+@pytest.mark.parametrize(("padding", "dilation", "expected"), [
+    ("same", 1, [1, 1]), ("same", 2, [2, 2]), ("valid", 1, [0, 0]), (2, 1, [2, 2]), ((1, 0), 1, [1, 0])])
+def test_a_convolutions_padding_is_written_out_for_the_fused_call(padding: object, dilation: int,
+                                                                  expected: list[int]) -> None:
+    conv = nn.Conv2d(2, 4, 3, padding=padding, dilation=dilation)  # type: ignore[arg-type]
+    assert networks._explicit_padding(conv) == expected
+    assert networks._explicit_padding(nn.Conv2d(2, 4, 4, padding="same")) is None  # one side more: not fused
+    assert networks._explicit_padding(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")) is None
 
 
 def test_fastnet_lean_is_fastnet_slim_with_each_pool_before_its_batch_norm() -> None:

@@ -18,7 +18,7 @@ from convnet.core.errors import InputError
 from convnet.data.arrays import as_images
 from convnet.data.dataset import DiskImages
 from convnet.models.engine import Engine, exact_arithmetic
-from convnet.models.networks import fold_batchnorm
+from convnet.models.networks import fold_batchnorm, fuse_conv_relu
 
 STREAM_BATCH = 128  # images read from disk per forward pass, at most (streaming: --memory-budget)
 
@@ -44,6 +44,8 @@ def infer(model: nn.Module, images: torch.Tensor | DiskImages, *, engine: Engine
     model.eval()
     if engine.fold_batchnorm:
         model = fold_batchnorm(model)  # a copy; the caller's model is left as it is
+    if engine.fuse_relu:
+        model = fuse_conv_relu(model)  # the same, each convolution and its ReLU as one call
     out = []
     with torch.inference_mode(), exact_arithmetic(engine.device):
         for start in range(0, len(images), batch_size):
