@@ -270,6 +270,19 @@ def test_colour_is_kept_where_it_is_the_only_cue(tmp_path: Path, cache: Path) ->
     assert scores["1"][0] == 1 and scores["1"][1] <= 0.75, scores
 
 
+@pytest.mark.parametrize(("flags", "said"), [([], True), (["--hflip"], False), (["--no-hflip"], False),
+                                            (["--recipe", "tutorial"], False)])
+def test_a_folder_trained_on_mirrored_images_says_so_unless_told(flags: list[str], said: bool, tmp_path: Path,
+                                                                 cache: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder's images may or may not keep their class when mirrored (photos do, digits do not): where the user
+    did not say, the run says which way it read them."""
+    root = _folder(tmp_path / "d", per_class=10)
+    assert main(["train", "--device", "cpu", "--data", str(root), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--batch-size", "8", "--no-progress", *flags]) == 0
+    assert ("mirrored images are trained on and predicted with" in capsys.readouterr().out) == said
+
+
 def test_evaluate_gives_the_same_numbers_from_the_recorded_split(tmp_path: Path, cache: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     root = _folder(tmp_path / "d", per_class=20)

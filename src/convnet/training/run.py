@@ -163,6 +163,10 @@ def train_run(request: TrainRequest, *, write: bool = False, events: Sequence[Tr
         dataset.name, f"{dataset.name} images")  # "54,000 fashion-mnist images", "864 images of /home/me/photos"
     say(f"training {config.model} on {len(dataset.train):,} {what} ({c}x{h}x{w}), "
         f"{engine.device}{procs}{folder}")
+    if isinstance(request.data, DataOptions) and request.data.folder is not None and request.data.hflip is None \
+            and config.flips:  # a folder can be read two ways: say which
+        say("convnet: mirrored images are trained on and predicted with, as suits photos of things; if a mirror "
+            "changes an image's class (digits, letters), pass --no-hflip")
     if init_record is not None:
         say(f"starting from {init_record['source']} ({'; '.join(init_record['changes']) or 'every weight kept'})")
     if dataset.val is not None and config.val_every > 1 and config.epochs > 1:
