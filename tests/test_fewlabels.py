@@ -208,6 +208,11 @@ def test_suggestions_spread_over_the_data_and_never_repeat_a_labelled_image(tmp_
     assert len(items) == 8 and all(i.startswith("new") for i in items) and found["already_labelled"] >= 8
     assert table.read_text().splitlines()[0] == "path,predicted,probability,score"
     assert sheet.read_text().count("<figure>") == 8
+    assert main(["suggest", str(run), str(pool), "--n", "3", "--device", "cpu", "--no-progress"]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()  # the terminal's table says what its order and score mean
+    assert head.startswith("3 of 12 unlabelled images") and "spread over the data" in head
+    assert "score: how unsure" in head
+    assert "8 left out: the run's own labelled images" in head and len(rows) == 3
     shutil.rmtree(pool)
     assert main(["suggest", str(run), "rest", "--device", "cpu"]) == 1
     assert "trained on all of its training images" in capsys.readouterr().err

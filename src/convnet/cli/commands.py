@@ -342,9 +342,10 @@ def cmd_suggest(a: argparse.Namespace) -> int:
                           "suggestions": [s.to_json() for s in found.suggestions]}, indent=2))
         return 0
     width = max(len(s.item) for s in found.suggestions)
-    print(f"{len(found.suggestions)} of {found.ranked:,} unlabelled images to label, the most useful first"
-          + (f" ({found.already_labelled:,} left out: the run's own labelled images)"
-             if found.already_labelled else ""))
+    print(f"{len(found.suggestions)} of {found.ranked:,} unlabelled images to label, the most useful first: the "
+          "least sure, spread over the data, so a sure one may come early (score: how unsure, 1 - the gap between "
+          "the two likeliest classes)" + (f"; {found.already_labelled:,} left out: the run's own labelled images"
+                                          if found.already_labelled else ""))
     for s in found.suggestions:
         print(f"{s.rank:>5}  {s.item:<{width}}  looks like {s.predicted:<12} {s.probability:.3f}  score {s.score:.3f}")
     for what, path in (("table", a.csv), ("contact sheet", found.html)):
