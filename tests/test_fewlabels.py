@@ -144,6 +144,8 @@ def test_a_pool_never_holds_a_labelled_image_and_never_a_test_one(tmp_path: Path
     (["--unlabeled", "rest"], "--unlabeled rest makes the training images --subset leaves out the pool"),
     (["--unlabeled", "{tmp}/empty"], "no image files in it or below it"),
     (["--unlabeled", "{tmp}/photos/inner", "--data", "{tmp}/photos"], "lies inside --data"),
+    (["--unlabeled", "{tmp}/photos", "--data", "{tmp}/photos"], "is --data itself, whose images are labelled"),
+    (["--unlabeled", "{tmp}/pool/0000.png"], "--unlabeled {tmp}/pool/0000.png: a file, not a folder"),
     (["--unlabeled", "{tmp}/pool", "--faithful"], "--faithful trains on the tutorial's labelled images alone"),
 ])
 def test_bad_pools_are_refused_in_one_line_and_leave_nothing(args: list[str], message: str, tmp_path: Path,

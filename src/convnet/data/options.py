@@ -109,9 +109,12 @@ class DataOptions:
         if self.unlabeled not in (None, REST):
             pool = Path(self.unlabeled)
             if not pool.is_dir():
-                raise DataError(f"--unlabeled {pool}: no such folder (give a folder of images, or rest)")
-            if self.folder is not None and (pool.resolve() == Path(self.folder).resolve()
-                                            or Path(self.folder).resolve() in pool.resolve().parents):
+                what = "a file, not a folder" if pool.exists() else "no such folder"
+                raise DataError(f"--unlabeled {pool}: {what} (give a folder of images, or rest)")
+            if self.folder is not None and pool.resolve() == Path(self.folder).resolve():
+                raise DataError(f"--unlabeled {pool} is --data itself, whose images are labelled by their class "
+                                "folders; put the unlabelled images in a folder of their own, beside it")
+            if self.folder is not None and Path(self.folder).resolve() in pool.resolve().parents:
                 raise DataError(f"--unlabeled {pool} lies inside --data {self.folder}, where it would be read as a "
                                 "class; put the unlabelled images beside the labelled folder, not in it")
         if self.channels not in (None, 1, 3):
