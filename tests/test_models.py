@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from convnet.core.errors import ConvnetError
-from convnet.models import networks
+from convnet.models import inference, networks
+from convnet.models.engine import Engine
 from convnet.models.networks import (
     ConvReLU,
     count_parameters,
@@ -204,3 +205,18 @@ def test_the_listing_counts_each_models_parameters_as_built(name: str) -> None:
 
     listed = model_name(name)
     assert listed is not None and listed.parameters == count_parameters(create_model(name))
+
+
+def test_prediction_fuses_only_in_calls_large_enough_to_pay_for_the_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    fused: list[int] = []
+    real = inference.fuse_conv_relu
+    monkeypatch.setattr(inference, "fuse_conv_relu", lambda m: fused.append(1) or real(m))
+    torch.manual_seed(0)
+    model = create_model("seed").eval()
+    images = torch.randint(0, 256, (inference.FUSE_FROM, 1, 28, 28), dtype=torch.uint8)
+    engine = Engine.fast(torch.device("cpu"))
+    few = inference.infer(model, images[:3], engine=engine)
+    assert not fused, "a call of 3 images made a fused copy"
+    many = inference.infer(model, images, engine=engine)
+    assert fused == [1]
+    torch.testing.assert_close(few, many[:3], rtol=1e-5, atol=1e-5)

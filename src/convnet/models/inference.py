@@ -21,6 +21,10 @@ from convnet.models.engine import Engine, exact_arithmetic
 from convnet.models.networks import fold_batchnorm, fuse_conv_relu
 
 STREAM_BATCH = 128  # images read from disk per forward pass, at most (streaming: --memory-budget)
+# Images in one call from which each ReLU is fused into its convolution (Engine.fuse_relu): making the fused copy
+# costs 1-3 ms a call (2 AMX cores: one image took 0.64 ms apart and 1.78 fused with the seed model, 4.15 and 7.5 with
+# fastnet) and saves 5-17 us an image (docs/performance.md), so it pays from some hundreds of images.
+FUSE_FROM = 1024
 
 
 def infer(model: nn.Module, images: torch.Tensor | DiskImages, *, engine: Engine | None = None,
@@ -44,7 +48,7 @@ def infer(model: nn.Module, images: torch.Tensor | DiskImages, *, engine: Engine
     model.eval()
     if engine.fold_batchnorm:
         model = fold_batchnorm(model)  # a copy; the caller's model is left as it is
-    if engine.fuse_relu:
+    if engine.fuse_relu and len(images) >= FUSE_FROM:
         model = fuse_conv_relu(model)  # the same, each convolution and its ReLU as one call
     out = []
     with torch.inference_mode(), exact_arithmetic(engine.device):
