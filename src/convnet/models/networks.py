@@ -184,9 +184,9 @@ def _explicit_padding(conv: nn.Conv2d) -> list[int] | None:
 def fuse_conv_relu(model: nn.Module) -> nn.Module:
     """For inference on the CPU: a copy of ``model`` in which each ``Conv2d`` that a ``ReLU``
     follows in an ``nn.Sequential`` (after any ``Identity`` that :func:`fold_batchnorm`
-    left) is a :class:`ConvReLU`: the same logits to rounding, 1.1–1.9x the prediction speed
-    on the CPUs measured (docs/performance.md). ``model`` itself when there is nothing to
-    fuse, or where PyTorch has no oneDNN."""
+    left) is a :class:`ConvReLU`: the same logits to rounding, 1.0–1.6x the prediction speed
+    measured (the seed model most, where each ReLU is a pass of its own; docs/performance.md).
+    ``model`` itself when there is nothing to fuse, or where PyTorch has no oneDNN."""
 
     def pairs(m: nn.Module) -> list[tuple[str, int, int, list[int]]]:
         found = []
