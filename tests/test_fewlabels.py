@@ -209,7 +209,7 @@ def test_suggestions_spread_over_the_data_and_never_repeat_a_labelled_image(tmp_
     items = [s["item"] for s in found["suggestions"]]
     assert len(items) == 8 and all(i.startswith("new") for i in items) and found["already_labelled"] >= 8
     assert table.read_text().splitlines()[0] == "path,predicted,probability,score"
-    assert sheet.read_text().count("<figure>") == 8
+    assert sheet.read_text().count("<figure>") == 8 and "least sure of, spread over the data" in sheet.read_text()
     assert main(["suggest", str(run), str(pool), "--n", "3", "--device", "cpu", "--no-progress"]) == 0
     head, *rows = capsys.readouterr().out.splitlines()  # the terminal's table says what its order and score mean
     assert head.startswith("3 of 12 unlabelled images") and "spread over the data" in head

@@ -243,6 +243,8 @@ def contact_sheet(suggestions: Sequence[Suggestion], images: np.ndarray, run: Pa
              "img{image-rendering:pixelated;max-width:128px}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{style}</style></head><body><h1>{title}</h1><p>Label them in this order: move each file "
-            "into its class folder under the training folder, then train again.</p>" + "".join(cells)
+            "into its class folder under the training folder, then train again. The order: the images the model is "
+            "least sure of, spread over the data, so an image it is sure of may come early; a sure guess can still "
+            "be wrong.</p>" + "".join(cells)
             + "</body></html>\n")
 
