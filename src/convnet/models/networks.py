@@ -9,6 +9,7 @@ model knows which device it runs on.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -139,9 +140,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+@functools.cache
 def _fused_op() -> Callable[..., torch.Tensor] | None:
     """oneDNN's convolution with a post-op (``torch.ops.mkldnn._convolution_pointwise``, what
-    inductor's CPU backend calls); None where this build of PyTorch has none."""
+    inductor's CPU backend calls); None where this build of PyTorch has none. Looked up once:
+    every fused layer calls it at every batch."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
